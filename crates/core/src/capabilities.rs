@@ -1,0 +1,67 @@
+//! What this berth can do: which drivers work, and which sandbox providers are installed.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use crate::environment::Driver;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SupportStatus {
+    Supported,
+    Unsupported,
+}
+
+impl SupportStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SupportStatus::Supported => "supported",
+            SupportStatus::Unsupported => "unsupported",
+        }
+    }
+}
+
+/// What one driver supports in this build.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DriverCapability {
+    pub status: SupportStatus,
+    pub supports_saved_probe: bool,
+    pub supports_unsaved_probe: bool,
+    pub supports_run_execution: bool,
+    /// Why the driver is unsupported, or a caveat, for people reading the capabilities.
+    pub note: Option<&'static str>,
+}
+
+/// Where a sandbox provider comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProviderSource {
+    Builtin,
+    Plugin,
+}
+
+impl ProviderSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderSource::Builtin => "builtin",
+            ProviderSource::Plugin => "plugin",
+        }
+    }
+}
+
+/// One installed sandbox provider.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SandboxProviderCapability {
+    pub status: SupportStatus,
+    pub display_name: String,
+    pub description: String,
+    pub source: ProviderSource,
+    pub supports_reusable_leases: bool,
+    pub supports_run_execution: bool,
+    pub config_schema: Value,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Capabilities {
+    pub drivers: BTreeMap<Driver, DriverCapability>,
+    pub sandbox_providers: BTreeMap<String, SandboxProviderCapability>,
+}

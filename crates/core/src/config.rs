@@ -1,0 +1,441 @@
+//! Per-driver environment configs: parsing with strict validation, the stored shape, and PATCH merging.
+//!
+//! A config arrives as JSON. [`DriverConfig::parse`] checks it against its driver's rules, reports every problem with
+//! its path (`config.port`), applies defaults, and yields a typed config. [`DriverConfig::to_stored`] renders the
+//! shape that is persisted and returned: secrets appear there only as references (`privateKeySecretRef`), never as
+//! values. Secrets given inline (`privateKey`, `password`) must be stored by the caller and bound with
+//! [`DriverConfig::bind_secret`] before the config can be persisted.
+
+use std::fmt;
+use std::str::FromStr;
+
+use secrecy::SecretString;
+use serde_json::{Map, Value};
+
+use crate::company::{UnknownVariant, parse_variant};
+use crate::environment::Driver;
+use crate::ids::SecretId;
+use crate::provider::{ProviderCatalog, is_valid_key};
+use crate::validation::{ObjectReader, ValidationErrors, join_path};
+
+/// Where the config sits in a request body; every path reported starts here.
+pub const CONFIG_PATH: &str = "config";
+
+/// Longest accepted sandbox timeout: one day.
+pub const MAX_SANDBOX_TIMEOUT_MS: i64 = 86_400_000;
+
+/// A validated environment config.
+#[derive(Debug)]
+pub enum DriverConfig {
+    Local,
+    Ssh(SshConfig),
+    Sandbox(SandboxConfig),
+    Plugin(PluginConfig),
+}
+
+/// How an SSH environment lays out workspaces on the remote host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkspaceMode {
+    /// A fresh directory under `remoteWorkspacePath` for every run.
+    PerRun,
+    /// One directory per environment, reused by every run.
+    Persistent,
+}
+
+impl WorkspaceMode {
+    pub const ALL: [WorkspaceMode; 2] = [WorkspaceMode::PerRun, WorkspaceMode::Persistent];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkspaceMode::PerRun => "per_run",
+            WorkspaceMode::Persistent => "persistent",
+        }
+    }
+}
+
+impl FromStr for WorkspaceMode {
+    type Err = UnknownVariant;
+
+    fn from_str(value: &str) -> Result<Self, UnknownVariant> {
+        parse_variant(value, &Self::ALL, WorkspaceMode::as_str)
+    }
+}
+
+/// A secret-bearing field: either a reference to a stored secret, or a value given inline that is yet to be stored.
+pub enum SecretSlot {
+    Stored(SecretId),
+    Inline(SecretString),
+}
+
+impl fmt::Debug for SecretSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretSlot::Stored(id) => f.debug_tuple("Stored").field(id).finish(),
+            SecretSlot::Inline(_) => f.write_str("Inline([redacted])"),
+        }
+    }
+}
+
+/// The secret-bearing fields of configs. Each has a write-only value key and a stored reference key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SecretField {
+    SshPrivateKey,
+    SshPassword,
+}
+
+impl SecretField {
+    /// The write-only key that carries the value in requests.
+    pub fn value_key(self) -> &'static str {
+        match self {
+            SecretField::SshPrivateKey => "privateKey",
+            SecretField::SshPassword => "password",
+        }
+    }
+
+    /// The key that carries the reference in the stored shape.
+    pub fn ref_key(self) -> &'static str {
+        match self {
+            SecretField::SshPrivateKey => "privateKeySecretRef",
+            SecretField::SshPassword => "passwordSecretRef",
+        }
+    }
+}
+
+/// Write-only keys and the reference keys they replace, for every driver.
+const WRITE_ONLY_KEYS: [SecretField; 2] = [SecretField::SshPrivateKey, SecretField::SshPassword];
+
+#[derive(Debug)]
+pub struct SshConfig {
+    pub host: String,
+    pub port: u16,
+    pub username: String,
+    /// Absolute path on the remote host under which workspaces live.
+    pub remote_workspace_path: String,
+    pub private_key: Option<SecretSlot>,
+    pub password: Option<SecretSlot>,
+    /// `known_hosts` lines that pin the host key.
+    pub known_hosts: Option<String>,
+    pub strict_host_key_checking: bool,
+    pub workspace_mode: WorkspaceMode,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SandboxConfig {
+    pub provider: String,
+    pub reuse_lease: bool,
+    pub timeout_ms: Option<u64>,
+    /// The provider's own fields, validated against its schema, defaults applied.
+    pub fields: Map<String, Value>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PluginConfig {
+    pub plugin_key: String,
+    pub driver_key: String,
+    pub driver_config: Map<String, Value>,
+}
+
+impl DriverConfig {
+    /// Parses and validates `config` for `driver`, reporting every problem under the `config` path.
+    pub fn parse(
+        driver: Driver,
+        config: &Value,
+        catalog: &dyn ProviderCatalog,
+    ) -> Result<Self, ValidationErrors> {
+        let mut errors = ValidationErrors::new();
+        let Some(reader) = ObjectReader::new(CONFIG_PATH, config, &mut errors) else {
+            return Err(errors);
+        };
+        let parsed = match driver {
+            Driver::Local => {
+                reader.finish();
+                DriverConfig::Local
+            }
+            Driver::Ssh => DriverConfig::Ssh(parse_ssh(reader)),
+            Driver::Sandbox => {
+                let (mut sandbox, provider_fields) = parse_sandbox_envelope(reader);
+                validate_provider_fields(&mut sandbox, provider_fields, catalog, &mut errors);
+                DriverConfig::Sandbox(sandbox)
+            }
+            Driver::Plugin => DriverConfig::Plugin(parse_plugin(reader)),
+        };
+        errors.into_result(parsed)
+    }
+
+    pub fn driver(&self) -> Driver {
+        match self {
+            DriverConfig::Local => Driver::Local,
+            DriverConfig::Ssh(_) => Driver::Ssh,
+            DriverConfig::Sandbox(_) => Driver::Sandbox,
+            DriverConfig::Plugin(_) => Driver::Plugin,
+        }
+    }
+
+    /// Secrets given inline, which the caller must store and [`bind`](Self::bind_secret) before persisting.
+    pub fn inline_secrets(&self) -> Vec<(SecretField, &SecretString)> {
+        self.secret_slots()
+            .into_iter()
+            .filter_map(|(field, slot)| match slot {
+                SecretSlot::Inline(value) => Some((field, value)),
+                SecretSlot::Stored(_) => None,
+            })
+            .collect()
+    }
+
+    /// References to stored secrets this config holds.
+    pub fn secret_refs(&self) -> Vec<(SecretField, SecretId)> {
+        self.secret_slots()
+            .into_iter()
+            .filter_map(|(field, slot)| match slot {
+                SecretSlot::Stored(id) => Some((field, *id)),
+                SecretSlot::Inline(_) => None,
+            })
+            .collect()
+    }
+
+    /// Replaces the inline value of `field` with a reference to the stored secret `id`.
+    pub fn bind_secret(&mut self, field: SecretField, id: SecretId) {
+        if let DriverConfig::Ssh(ssh) = self {
+            let slot = match field {
+                SecretField::SshPrivateKey => &mut ssh.private_key,
+                SecretField::SshPassword => &mut ssh.password,
+            };
+            *slot = Some(SecretSlot::Stored(id));
+        }
+    }
+
+    /// The stored (and returned) shape. `None` while an inline secret is still unbound: such a config must never be
+    /// persisted, and this makes that impossible to do by accident.
+    pub fn to_stored(&self) -> Option<Map<String, Value>> {
+        if !self.inline_secrets().is_empty() {
+            return None;
+        }
+        let mut stored = Map::new();
+        match self {
+            DriverConfig::Local => {}
+            DriverConfig::Ssh(ssh) => {
+                stored.insert("host".to_owned(), ssh.host.clone().into());
+                stored.insert("port".to_owned(), ssh.port.into());
+                stored.insert("username".to_owned(), ssh.username.clone().into());
+                stored.insert(
+                    "remoteWorkspacePath".to_owned(),
+                    ssh.remote_workspace_path.clone().into(),
+                );
+                for (field, id) in self.secret_refs() {
+                    stored.insert(field.ref_key().to_owned(), id.to_string().into());
+                }
+                if let Some(known_hosts) = &ssh.known_hosts {
+                    stored.insert("knownHosts".to_owned(), known_hosts.clone().into());
+                }
+                stored.insert(
+                    "strictHostKeyChecking".to_owned(),
+                    ssh.strict_host_key_checking.into(),
+                );
+                stored.insert(
+                    "workspaceMode".to_owned(),
+                    ssh.workspace_mode.as_str().into(),
+                );
+            }
+            DriverConfig::Sandbox(sandbox) => {
+                stored.insert("provider".to_owned(), sandbox.provider.clone().into());
+                stored.insert("reuseLease".to_owned(), sandbox.reuse_lease.into());
+                if let Some(timeout_ms) = sandbox.timeout_ms {
+                    stored.insert("timeoutMs".to_owned(), timeout_ms.into());
+                }
+                stored.extend(sandbox.fields.clone());
+            }
+            DriverConfig::Plugin(plugin) => {
+                stored.insert("pluginKey".to_owned(), plugin.plugin_key.clone().into());
+                stored.insert("driverKey".to_owned(), plugin.driver_key.clone().into());
+                stored.insert(
+                    "driverConfig".to_owned(),
+                    Value::Object(plugin.driver_config.clone()),
+                );
+            }
+        }
+        Some(stored)
+    }
+
+    fn secret_slots(&self) -> Vec<(SecretField, &SecretSlot)> {
+        match self {
+            DriverConfig::Ssh(ssh) => [
+                (SecretField::SshPrivateKey, ssh.private_key.as_ref()),
+                (SecretField::SshPassword, ssh.password.as_ref()),
+            ]
+            .into_iter()
+            .filter_map(|(field, slot)| slot.map(|slot| (field, slot)))
+            .collect(),
+            DriverConfig::Local | DriverConfig::Sandbox(_) | DriverConfig::Plugin(_) => Vec::new(),
+        }
+    }
+}
+
+/// Merges a PATCH's config over the stored one (same driver). Keys in `patch` replace stored keys; a `null` removes
+/// the key; a write-only secret value replaces the stored reference it stands for, so the two never coexist.
+pub fn merge_config(stored: &Map<String, Value>, patch: &Map<String, Value>) -> Map<String, Value> {
+    let mut merged = stored.clone();
+    for field in WRITE_ONLY_KEYS {
+        if patch
+            .get(field.value_key())
+            .is_some_and(|value| !value.is_null())
+        {
+            merged.remove(field.ref_key());
+        }
+    }
+    for (key, value) in patch {
+        if value.is_null() {
+            merged.remove(key);
+        } else {
+            merged.insert(key.clone(), value.clone());
+        }
+    }
+    merged
+}
+
+fn parse_ssh(mut reader: ObjectReader<'_>) -> SshConfig {
+    let host = reader.required_string("host").unwrap_or_default();
+    if host.chars().any(|c| c.is_whitespace() || c.is_control()) || host.starts_with('-') {
+        reader.error(
+            "host",
+            "must be a host name or address without spaces, and must not start with '-'",
+        );
+    }
+    let port = reader.optional_integer("port", 1, 65_535).unwrap_or(22);
+    let username = reader.required_string("username").unwrap_or_default();
+    if username
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control())
+        || username.starts_with('-')
+    {
+        reader.error(
+            "username",
+            "must not contain spaces and must not start with '-'",
+        );
+    }
+    let remote_workspace_path = reader
+        .required_string("remoteWorkspacePath")
+        .unwrap_or_default();
+    if !remote_workspace_path.is_empty() && !remote_workspace_path.starts_with('/') {
+        reader.error("remoteWorkspacePath", "must be an absolute path");
+    } else if remote_workspace_path
+        .split('/')
+        .any(|segment| segment == "..")
+    {
+        reader.error("remoteWorkspacePath", "must not contain '..' segments");
+    } else if remote_workspace_path.chars().any(char::is_control) {
+        reader.error("remoteWorkspacePath", "must not contain control characters");
+    }
+    let private_key = read_secret_slot(&mut reader, SecretField::SshPrivateKey);
+    let password = read_secret_slot(&mut reader, SecretField::SshPassword);
+    let known_hosts = reader.optional_raw_string("knownHosts");
+    let strict_host_key_checking = reader.bool_or("strictHostKeyChecking", true);
+    let workspace_mode = match reader.optional_string("workspaceMode") {
+        None => WorkspaceMode::PerRun,
+        Some(text) => text.parse().unwrap_or_else(|err: UnknownVariant| {
+            reader.error("workspaceMode", err.to_string());
+            WorkspaceMode::PerRun
+        }),
+    };
+    reader.finish();
+    SshConfig {
+        host,
+        port: u16::try_from(port).unwrap_or(22),
+        username,
+        remote_workspace_path,
+        private_key,
+        password,
+        known_hosts,
+        strict_host_key_checking,
+        workspace_mode,
+    }
+}
+
+fn read_secret_slot(reader: &mut ObjectReader<'_>, field: SecretField) -> Option<SecretSlot> {
+    let inline = reader.optional_raw_string(field.value_key());
+    let reference = reader.optional_string(field.ref_key());
+    match (inline, reference) {
+        (Some(_), Some(_)) => {
+            let message = format!(
+                "give either {} or {}, not both",
+                field.value_key(),
+                field.ref_key()
+            );
+            reader.error(field.value_key(), message);
+            None
+        }
+        (Some(value), None) => Some(SecretSlot::Inline(SecretString::from(value))),
+        (None, Some(reference)) => match reference.parse::<SecretId>() {
+            Ok(id) => Some(SecretSlot::Stored(id)),
+            Err(_) => {
+                reader.error(field.ref_key(), "must be a secret id");
+                None
+            }
+        },
+        (None, None) => None,
+    }
+}
+
+/// Reads the envelope every sandbox config shares; returns it with the remaining (provider) fields.
+fn parse_sandbox_envelope(mut reader: ObjectReader<'_>) -> (SandboxConfig, Map<String, Value>) {
+    let provider = reader.required_string("provider").unwrap_or_default();
+    let reuse_lease = reader.bool_or("reuseLease", false);
+    let timeout_ms = reader
+        .optional_integer("timeoutMs", 1, MAX_SANDBOX_TIMEOUT_MS)
+        .and_then(|ms| u64::try_from(ms).ok());
+    let provider_fields = reader.into_remaining();
+    (
+        SandboxConfig {
+            provider,
+            reuse_lease,
+            timeout_ms,
+            fields: Map::new(),
+        },
+        provider_fields,
+    )
+}
+
+/// Checks the provider fields against the provider's schema; unknown providers are reported at `config.provider`.
+fn validate_provider_fields(
+    sandbox: &mut SandboxConfig,
+    provider_fields: Map<String, Value>,
+    catalog: &dyn ProviderCatalog,
+    errors: &mut ValidationErrors,
+) {
+    match catalog.provider(&sandbox.provider) {
+        Some(descriptor) => {
+            sandbox.fields = descriptor.validate_fields(CONFIG_PATH, provider_fields, errors)
+        }
+        None if sandbox.provider.is_empty() => {}
+        None => {
+            let installed = catalog.provider_keys().join(", ");
+            errors.push(
+                join_path(CONFIG_PATH, "provider"),
+                format!(
+                    "unknown sandbox provider `{}` (installed: {installed})",
+                    sandbox.provider
+                ),
+            );
+        }
+    }
+}
+
+fn parse_plugin(mut reader: ObjectReader<'_>) -> PluginConfig {
+    let plugin_key = reader.required_string("pluginKey").unwrap_or_default();
+    let driver_key = reader.required_string("driverKey").unwrap_or_default();
+    if !driver_key.is_empty() && !is_valid_key(&driver_key) {
+        reader.error(
+            "driverKey",
+            "must match ^[a-z0-9][a-z0-9._-]*$ (at most 64 characters)",
+        );
+    }
+    let driver_config = reader.optional_object("driverConfig").unwrap_or_default();
+    reader.finish();
+    PluginConfig {
+        plugin_key,
+        driver_key,
+        driver_config,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,202 @@
+use secrecy::ExposeSecret;
+use serde_json::json;
+
+use super::*;
+use crate::provider::{ProviderDescriptor, ProviderSpec};
+
+struct Catalog(Vec<ProviderDescriptor>);
+
+impl ProviderCatalog for Catalog {
+    fn provider(&self, key: &str) -> Option<&ProviderDescriptor> {
+        self.0.iter().find(|descriptor| descriptor.key() == key)
+    }
+
+    fn provider_keys(&self) -> Vec<String> {
+        self.0
+            .iter()
+            .map(|descriptor| descriptor.key().to_owned())
+            .collect()
+    }
+}
+
+fn catalog() -> Catalog {
+    let fake = ProviderDescriptor::new(ProviderSpec {
+        key: "fake".to_owned(),
+        display_name: "Fake".to_owned(),
+        description: "test".to_owned(),
+        config_schema: json!({
+            "type": "object",
+            "additionalProperties": false,
+            "properties": {"image": {"type": "string", "minLength": 1, "default": "fake:latest"}}
+        }),
+        supports_reusable_leases: true,
+        supports_run_execution: true,
+    })
+    .unwrap();
+    Catalog(vec![fake])
+}
+
+fn paths(errors: &ValidationErrors) -> Vec<&str> {
+    errors
+        .errors()
+        .iter()
+        .map(|error| error.path.as_str())
+        .collect()
+}
+
+fn ssh_base() -> serde_json::Value {
+    json!({"host": "example.internal", "username": "agent", "remoteWorkspacePath": "/srv/work"})
+}
+
+#[test]
+fn local_accepts_only_an_empty_object() {
+    assert!(matches!(
+        DriverConfig::parse(Driver::Local, &json!({}), &catalog()),
+        Ok(DriverConfig::Local)
+    ));
+    let errors = DriverConfig::parse(Driver::Local, &json!({"x": 1}), &catalog()).unwrap_err();
+    assert_eq!(paths(&errors), ["config.x"]);
+}
+
+#[test]
+fn ssh_defaults_are_applied_in_the_stored_shape() {
+    let config = DriverConfig::parse(Driver::Ssh, &ssh_base(), &catalog()).unwrap();
+    let stored = config.to_stored().unwrap();
+    assert_eq!(stored["port"], 22);
+    assert_eq!(stored["strictHostKeyChecking"], true);
+    assert_eq!(stored["workspaceMode"], "per_run");
+    assert!(!stored.contains_key("privateKey"));
+}
+
+#[test]
+fn ssh_reports_every_problem_at_once() {
+    let config = json!({
+        "host": "",
+        "port": 70000,
+        "remoteWorkspacePath": "relative/path",
+        "strictHostKeyChecking": "no",
+        "workspaceMode": "sometimes",
+        "surprise": true
+    });
+    let errors = DriverConfig::parse(Driver::Ssh, &config, &catalog()).unwrap_err();
+    assert_eq!(
+        paths(&errors),
+        [
+            "config.host",
+            "config.port",
+            "config.username",
+            "config.remoteWorkspacePath",
+            "config.strictHostKeyChecking",
+            "config.workspaceMode",
+            "config.surprise"
+        ]
+    );
+}
+
+#[test]
+fn ssh_port_zero_and_fractions_are_rejected() {
+    for port in [json!(0), json!(22.5), json!(-1), json!("22")] {
+        let mut config = ssh_base();
+        config["port"] = port;
+        let errors = DriverConfig::parse(Driver::Ssh, &config, &catalog()).unwrap_err();
+        assert_eq!(paths(&errors), ["config.port"]);
+    }
+}
+
+#[test]
+fn ssh_rejects_option_injection_and_dot_dot() {
+    let mut config = ssh_base();
+    config["host"] = json!("-oProxyCommand=evil");
+    config["remoteWorkspacePath"] = json!("/srv/../etc");
+    let errors = DriverConfig::parse(Driver::Ssh, &config, &catalog()).unwrap_err();
+    assert_eq!(
+        paths(&errors),
+        ["config.host", "config.remoteWorkspacePath"]
+    );
+}
+
+#[test]
+fn inline_secrets_block_storing_until_bound() {
+    let mut config = ssh_base();
+    config["privateKey"] = json!("-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n");
+    let mut parsed = DriverConfig::parse(Driver::Ssh, &config, &catalog()).unwrap();
+    assert!(parsed.to_stored().is_none());
+    let inline = parsed.inline_secrets();
+    assert_eq!(inline.len(), 1);
+    assert_eq!(inline[0].0, SecretField::SshPrivateKey);
+    assert!(inline[0].1.expose_secret().starts_with("-----BEGIN"));
+    assert!(!format!("{parsed:?}").contains("BEGIN"));
+
+    let id = SecretId::new();
+    parsed.bind_secret(SecretField::SshPrivateKey, id);
+    let stored = parsed.to_stored().unwrap();
+    assert_eq!(stored["privateKeySecretRef"], id.to_string());
+    assert!(!serde_json::to_string(&stored).unwrap().contains("BEGIN"));
+}
+
+#[test]
+fn a_secret_value_and_its_reference_are_mutually_exclusive() {
+    let mut config = ssh_base();
+    config["password"] = json!("hunter2");
+    config["passwordSecretRef"] = json!(SecretId::new().to_string());
+    let errors = DriverConfig::parse(Driver::Ssh, &config, &catalog()).unwrap_err();
+    assert_eq!(paths(&errors), ["config.password"]);
+    assert!(!errors.to_string().contains("hunter2"));
+}
+
+#[test]
+fn merge_replaces_a_reference_with_a_new_inline_secret() {
+    let stored = json!({"host": "a", "privateKeySecretRef": "x", "knownHosts": "line"});
+    let patch = json!({"privateKey": "new", "knownHosts": null, "port": 2222});
+    let merged = merge_config(stored.as_object().unwrap(), patch.as_object().unwrap());
+    assert_eq!(
+        json!(merged),
+        json!({"host": "a", "privateKey": "new", "port": 2222})
+    );
+}
+
+#[test]
+fn sandbox_applies_provider_defaults_and_checks_fields() {
+    let config =
+        DriverConfig::parse(Driver::Sandbox, &json!({"provider": "fake"}), &catalog()).unwrap();
+    let stored = config.to_stored().unwrap();
+    assert_eq!(
+        json!(stored),
+        json!({"provider": "fake", "reuseLease": false, "image": "fake:latest"})
+    );
+
+    let errors = DriverConfig::parse(
+        Driver::Sandbox,
+        &json!({"provider": "fake", "image": 7, "timeoutMs": 0}),
+        &catalog(),
+    )
+    .unwrap_err();
+    assert_eq!(paths(&errors), ["config.timeoutMs", "config.image"]);
+}
+
+#[test]
+fn sandbox_names_unknown_providers_and_the_installed_ones() {
+    let errors =
+        DriverConfig::parse(Driver::Sandbox, &json!({"provider": "e2b"}), &catalog()).unwrap_err();
+    assert_eq!(paths(&errors), ["config.provider"]);
+    assert!(errors.errors()[0].message.contains("installed: fake"));
+    let errors = DriverConfig::parse(Driver::Sandbox, &json!({}), &catalog()).unwrap_err();
+    assert_eq!(paths(&errors), ["config.provider"]);
+}
+
+#[test]
+fn plugin_keys_are_checked() {
+    let ok = json!({"pluginKey": "acme.sandbox", "driverKey": "acme-vm"});
+    let parsed = DriverConfig::parse(Driver::Plugin, &ok, &catalog()).unwrap();
+    assert_eq!(parsed.to_stored().unwrap()["driverConfig"], json!({}));
+    let bad = json!({"pluginKey": "", "driverKey": "Bad Key", "driverConfig": []});
+    let errors = DriverConfig::parse(Driver::Plugin, &bad, &catalog()).unwrap_err();
+    assert_eq!(
+        paths(&errors),
+        [
+            "config.pluginKey",
+            "config.driverKey",
+            "config.driverConfig"
+        ]
+    );
+}
