@@ -3,6 +3,11 @@
 //! Store tests run against SQLite and PostgreSQL alike; PostgreSQL comes from `BERTH_TEST_POSTGRES_URL`, which the
 //! README's test command sets after starting a throwaway cluster.
 
+// A test binary has no public API: `pub` in support modules means "shared between test modules".
+#![allow(unreachable_pub)]
+// In tests a panic is a failed assertion: unwrap and expect say exactly what went wrong.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 mod api;

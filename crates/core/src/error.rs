@@ -15,6 +15,8 @@ pub enum ErrorKind {
     /// A valid credential without the right to do this.
     Forbidden,
     NotFound,
+    /// The route exists but not with this method.
+    MethodNotAllowed,
     /// The request conflicts with the current state (a second local environment, a duplicate name).
     Conflict,
     PayloadTooLarge,

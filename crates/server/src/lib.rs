@@ -1,1 +1,17 @@
+//! berth-server: the berth control plane.
+//!
+//! The REST API ([`api`]), persistence on SQLite or PostgreSQL ([`store`]), secrets at rest ([`secrets`],
+//! [`vault`]), start-up and shutdown ([`serve`]) and the `berth` command line ([`cli`], [`client`]).
+//!
+//! Architecture invariant: SQL lives only in [`store`], and JSON wire types only in [`api::dto`] (and the CLI's
+//! rendering of them).
 
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod secrets;
+pub mod serve;
+pub mod state;
+pub mod store;
+pub mod telemetry;
+pub mod vault;

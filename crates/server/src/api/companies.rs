@@ -1,0 +1,159 @@
+//! Companies and their API keys (admin only), and `whoami` (any token).
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use berth_core::company::{ApiKey, ApiKeyRole, Company};
+use berth_core::environment::normalize_name;
+use berth_core::ids::{ApiKeyId, CompanyId};
+use berth_core::time::Timestamp;
+use berth_core::validation::ValidationErrors;
+use serde_json::json;
+
+use super::auth::{Principal, token_digest_hex};
+use super::dto::{
+    ApiKeyResponse, CompanyResponse, CreateApiKeyRequest, CreateCompanyRequest, DeletedResponse,
+    WhoAmIResponse,
+};
+use super::error::ApiError;
+use super::json::ApiJson;
+use super::{load_company, parse_path_id, record_activity};
+use crate::state::AppState;
+
+/// Prefix of company API key tokens, so a leaked one is recognisable (and greppable by secret scanners).
+pub const API_KEY_PREFIX: &str = "berth_key_";
+
+pub async fn list(
+    State(state): State<AppState>,
+    principal: Principal,
+) -> Result<Json<Vec<CompanyResponse>>, ApiError> {
+    principal.require_admin()?;
+    let companies = state.store().list_companies().await?;
+    Ok(Json(companies.iter().map(CompanyResponse::from).collect()))
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiJson(request): ApiJson<CreateCompanyRequest>,
+) -> Result<(StatusCode, Json<CompanyResponse>), ApiError> {
+    principal.require_admin()?;
+    let name = normalize_name(&request.name)
+        .map_err(|message| ApiError::validation(ValidationErrors::single("name", message)))?;
+    let company = Company {
+        id: CompanyId::new(),
+        name,
+        created_at: Timestamp::now(),
+    };
+    state.store().insert_company(&company).await?;
+    // Every company can run on this machine from the start.
+    state.store().ensure_local_environment(company.id).await?;
+    tracing::info!(company.id = %company.id, "company created");
+    record_activity(
+        &state,
+        &principal,
+        Some(company.id),
+        "company",
+        company.id.to_string(),
+        "company.created",
+        json!({"name": company.name}),
+    )
+    .await;
+    Ok((StatusCode::CREATED, Json(CompanyResponse::from(&company))))
+}
+
+pub async fn create_api_key(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(company_id): Path<String>,
+    ApiJson(request): ApiJson<CreateApiKeyRequest>,
+) -> Result<(StatusCode, Json<ApiKeyResponse>), ApiError> {
+    principal.require_admin()?;
+    let company_id: CompanyId = parse_path_id(&company_id, "company")?;
+    let mut errors = ValidationErrors::new();
+    let name = normalize_name(&request.name)
+        .map_err(|message| errors.push("name", message))
+        .ok();
+    let role = request
+        .role
+        .parse::<ApiKeyRole>()
+        .map_err(|error| errors.push("role", error.to_string()))
+        .ok();
+    let (Some(name), Some(role)) = (name, role) else {
+        return Err(ApiError::validation(errors));
+    };
+    load_company(&state, company_id).await?;
+
+    let token = format!(
+        "{API_KEY_PREFIX}{}",
+        URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>())
+    );
+    let key = ApiKey {
+        id: ApiKeyId::new(),
+        company_id,
+        name,
+        role,
+        created_at: Timestamp::now(),
+    };
+    state
+        .store()
+        .insert_api_key(&key, &token_digest_hex(&token))
+        .await?;
+    tracing::info!(company.id = %company_id, api_key.id = %key.id, role = %role, "api key created");
+    record_activity(
+        &state,
+        &principal,
+        Some(company_id),
+        "api_key",
+        key.id.to_string(),
+        "api_key.created",
+        json!({"name": key.name, "role": role.as_str()}),
+    )
+    .await;
+    Ok((
+        StatusCode::CREATED,
+        Json(ApiKeyResponse::new(&key, Some(token))),
+    ))
+}
+
+pub async fn delete_api_key(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Json<DeletedResponse>, ApiError> {
+    principal.require_admin()?;
+    let id: ApiKeyId = parse_path_id(&id, "api key")?;
+    if !state.store().delete_api_key(id).await? {
+        return Err(ApiError::not_found("api key"));
+    }
+    tracing::info!(api_key.id = %id, "api key deleted");
+    record_activity(
+        &state,
+        &principal,
+        None,
+        "api_key",
+        id.to_string(),
+        "api_key.deleted",
+        json!({}),
+    )
+    .await;
+    Ok(Json(DeletedResponse {
+        id: id.to_string(),
+        deleted: true,
+    }))
+}
+
+pub async fn whoami(principal: Principal) -> Json<WhoAmIResponse> {
+    Json(match principal {
+        Principal::Admin => WhoAmIResponse {
+            kind: "admin",
+            api_key: None,
+        },
+        Principal::ApiKey(key) => WhoAmIResponse {
+            kind: "apiKey",
+            api_key: Some(ApiKeyResponse::new(&key, None)),
+        },
+    })
+}

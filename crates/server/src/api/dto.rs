@@ -1,0 +1,330 @@
+//! JSON wire types of the REST API, and their conversions from the domain model.
+//!
+//! Architecture invariant: only this module decides what the API's JSON looks like. Domain types in `berth-core`
+//! carry no serde derives for the wire; they are converted here, field by field.
+
+use std::collections::BTreeMap;
+
+use berth_core::capabilities::{Capabilities, DriverCapability, SandboxProviderCapability};
+use berth_core::company::{ApiKey, Company};
+use berth_core::environment::Environment;
+use berth_core::lease::Lease;
+use berth_core::probe::ProbeResult;
+use berth_core::time::Timestamp;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use super::json::Patch;
+
+/// RFC 3339 in UTC with millisecond precision, e.g. `2026-11-22T12:41:36.123Z`.
+pub fn rfc3339(timestamp: Timestamp) -> String {
+    let nanos = i128::from(timestamp.unix_millis()) * 1_000_000;
+    OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|moment| moment.format(&Rfc3339).ok())
+        .unwrap_or_else(|| timestamp.unix_millis().to_string())
+}
+
+// === Companies and keys ===
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CreateCompanyRequest {
+    pub name: String,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CompanyResponse {
+    pub id: String,
+    pub name: String,
+    pub created_at: String,
+}
+
+impl From<&Company> for CompanyResponse {
+    fn from(company: &Company) -> Self {
+        Self {
+            id: company.id.to_string(),
+            name: company.name.clone(),
+            created_at: rfc3339(company.created_at),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CreateApiKeyRequest {
+    pub name: String,
+    pub role: String,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiKeyResponse {
+    pub id: String,
+    pub company_id: String,
+    pub name: String,
+    pub role: &'static str,
+    pub created_at: String,
+    /// Only in the creation response: the key's secret, shown once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+impl ApiKeyResponse {
+    pub fn new(key: &ApiKey, token: Option<String>) -> Self {
+        Self {
+            id: key.id.to_string(),
+            company_id: key.company_id.to_string(),
+            name: key.name.clone(),
+            role: key.role.as_str(),
+            created_at: rfc3339(key.created_at),
+            token,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeletedResponse {
+    pub id: String,
+    pub deleted: bool,
+}
+
+/// `GET /api/whoami`: who the token belongs to, so clients can find their company.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WhoAmIResponse {
+    pub kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<ApiKeyResponse>,
+}
+
+// === Environments ===
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CreateEnvironmentRequest {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    pub driver: String,
+    #[serde(default)]
+    pub status: Option<String>,
+    #[serde(default)]
+    pub config: Option<Value>,
+    #[serde(default)]
+    pub metadata: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PatchEnvironmentRequest {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub description: Patch<String>,
+    #[serde(default)]
+    pub driver: Option<String>,
+    #[serde(default)]
+    pub status: Option<String>,
+    #[serde(default)]
+    pub config: Option<Value>,
+    #[serde(default)]
+    pub metadata: Patch<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ProbeConfigRequest {
+    pub driver: String,
+    #[serde(default)]
+    pub config: Option<Value>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub metadata: Option<Value>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvironmentResponse {
+    pub id: String,
+    pub company_id: String,
+    pub name: String,
+    pub description: Option<String>,
+    pub driver: &'static str,
+    pub status: &'static str,
+    pub config: Map<String, Value>,
+    pub metadata: Option<Map<String, Value>>,
+    pub config_redacted: bool,
+    pub metadata_redacted: bool,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl EnvironmentResponse {
+    /// The full view, for admins and managers.
+    pub fn full(environment: &Environment) -> Self {
+        Self {
+            id: environment.id.to_string(),
+            company_id: environment.company_id.to_string(),
+            name: environment.name.clone(),
+            description: environment.description.clone(),
+            driver: environment.driver.as_str(),
+            status: environment.status.as_str(),
+            config: environment.config.clone(),
+            metadata: environment.metadata.clone(),
+            config_redacted: false,
+            metadata_redacted: false,
+            created_at: rfc3339(environment.created_at),
+            updated_at: rfc3339(environment.updated_at),
+        }
+    }
+
+    /// The reader's view: config and metadata withheld.
+    pub fn redacted(environment: &Environment) -> Self {
+        Self {
+            config: Map::new(),
+            metadata: None,
+            config_redacted: true,
+            metadata_redacted: true,
+            ..Self::full(environment)
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProbeResponse {
+    pub ok: bool,
+    pub driver: &'static str,
+    pub summary: String,
+    pub details: Map<String, Value>,
+}
+
+impl From<&ProbeResult> for ProbeResponse {
+    fn from(result: &ProbeResult) -> Self {
+        Self {
+            ok: result.ok,
+            driver: result.driver.as_str(),
+            summary: result.summary.clone(),
+            details: result.details.clone(),
+        }
+    }
+}
+
+// === Capabilities ===
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CapabilitiesResponse {
+    pub drivers: BTreeMap<&'static str, DriverCapabilityResponse>,
+    pub sandbox_providers: BTreeMap<String, SandboxProviderResponse>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DriverCapabilityResponse {
+    pub status: &'static str,
+    pub supports_saved_probe: bool,
+    pub supports_unsaved_probe: bool,
+    pub supports_run_execution: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<&'static str>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxProviderResponse {
+    pub status: &'static str,
+    pub display_name: String,
+    pub description: String,
+    pub source: &'static str,
+    pub supports_reusable_leases: bool,
+    pub supports_run_execution: bool,
+    pub config_schema: Value,
+}
+
+impl From<&Capabilities> for CapabilitiesResponse {
+    fn from(capabilities: &Capabilities) -> Self {
+        let driver = |capability: &DriverCapability| DriverCapabilityResponse {
+            status: capability.status.as_str(),
+            supports_saved_probe: capability.supports_saved_probe,
+            supports_unsaved_probe: capability.supports_unsaved_probe,
+            supports_run_execution: capability.supports_run_execution,
+            note: capability.note,
+        };
+        let provider = |capability: &SandboxProviderCapability| SandboxProviderResponse {
+            status: capability.status.as_str(),
+            display_name: capability.display_name.clone(),
+            description: capability.description.clone(),
+            source: capability.source.as_str(),
+            supports_reusable_leases: capability.supports_reusable_leases,
+            supports_run_execution: capability.supports_run_execution,
+            config_schema: capability.config_schema.clone(),
+        };
+        Self {
+            drivers: capabilities
+                .drivers
+                .iter()
+                .map(|(kind, capability)| (kind.as_str(), driver(capability)))
+                .collect(),
+            sandbox_providers: capabilities
+                .sandbox_providers
+                .iter()
+                .map(|(key, capability)| (key.clone(), provider(capability)))
+                .collect(),
+        }
+    }
+}
+
+// === Leases ===
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaseResponse {
+    pub id: String,
+    pub company_id: String,
+    pub environment_id: String,
+    pub run_id: Option<String>,
+    pub status: &'static str,
+    pub lease_policy: &'static str,
+    pub driver: &'static str,
+    pub provider: Option<String>,
+    pub provider_lease_id: Option<String>,
+    pub acquired_at: String,
+    pub last_used_at: String,
+    pub expires_at: Option<String>,
+    pub released_at: Option<String>,
+    pub failure_reason: Option<String>,
+    pub cleanup_status: Option<&'static str>,
+    pub metadata: Option<Map<String, Value>>,
+}
+
+impl From<&Lease> for LeaseResponse {
+    fn from(lease: &Lease) -> Self {
+        Self {
+            id: lease.id.to_string(),
+            company_id: lease.company_id.to_string(),
+            environment_id: lease.environment_id.to_string(),
+            run_id: lease.run_id.map(|id| id.to_string()),
+            status: lease.status.as_str(),
+            lease_policy: lease.lease_policy.as_str(),
+            driver: lease.driver.as_str(),
+            provider: lease.provider.clone(),
+            provider_lease_id: lease.provider_lease_id.clone(),
+            acquired_at: rfc3339(lease.acquired_at),
+            last_used_at: rfc3339(lease.last_used_at),
+            expires_at: lease.expires_at.map(rfc3339),
+            released_at: lease.released_at.map(rfc3339),
+            failure_reason: lease.failure_reason.clone(),
+            cleanup_status: lease.cleanup_status.map(|status| status.as_str()),
+            metadata: lease.metadata.clone(),
+        }
+    }
+}

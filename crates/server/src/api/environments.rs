@@ -1,0 +1,501 @@
+//! Environment routes: CRUD, probes and capabilities.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use berth_core::config::{CONFIG_PATH, DriverConfig, merge_config};
+use berth_core::environment::{
+    Driver, Environment, EnvironmentStatus, MAX_DESCRIPTION_CHARS, normalize_name,
+};
+use berth_core::ids::{CompanyId, EnvironmentId};
+use berth_core::probe::ProbeResult;
+use berth_core::time::Timestamp;
+use berth_core::validation::{ValidationErrors, json_type_name};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::auth::{CompanyAccess, Principal};
+use super::dto::{
+    CapabilitiesResponse, CreateEnvironmentRequest, EnvironmentResponse, PatchEnvironmentRequest,
+    ProbeConfigRequest, ProbeResponse,
+};
+use super::error::ApiError;
+use super::json::{ApiJson, Patch};
+use super::{load_company, load_environment, parse_path_id, query_or_400};
+use crate::state::AppState;
+use crate::store::EnvironmentFilter;
+use crate::vault;
+
+#[derive(Debug, Default, Deserialize)]
+pub struct ListQuery {
+    status: Option<String>,
+    driver: Option<String>,
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(company_id): Path<String>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<EnvironmentResponse>>, ApiError> {
+    let company_id: CompanyId = parse_path_id(&company_id, "company")?;
+    let access = principal.access(company_id)?;
+    let query = query_or_400(query)?;
+    load_company(&state, company_id).await?;
+    let mut errors = ValidationErrors::new();
+    let filter = EnvironmentFilter {
+        status: non_empty(query.status.as_deref())
+            .and_then(|text| parse_or_record(text, "status", &mut errors)),
+        driver: non_empty(query.driver.as_deref())
+            .and_then(|text| parse_or_record(text, "driver", &mut errors)),
+    };
+    errors.into_result(()).map_err(ApiError::validation)?;
+    let environments = state.store().list_environments(company_id, &filter).await?;
+    Ok(Json(
+        environments
+            .iter()
+            .map(|environment| view(environment, access))
+            .collect(),
+    ))
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(company_id): Path<String>,
+    ApiJson(request): ApiJson<CreateEnvironmentRequest>,
+) -> Result<(StatusCode, Json<EnvironmentResponse>), ApiError> {
+    let company_id: CompanyId = parse_path_id(&company_id, "company")?;
+    principal.manage(company_id)?;
+    load_company(&state, company_id).await?;
+
+    let mut errors = ValidationErrors::new();
+    let name = record(normalize_name(&request.name), "name", &mut errors);
+    let description = normalize_description(request.description, &mut errors);
+    let driver = parse_or_record::<Driver>(&request.driver, "driver", &mut errors);
+    let status = match request.status.as_deref() {
+        None => Some(EnvironmentStatus::Active),
+        Some(text) => parse_or_record(text, "status", &mut errors),
+    };
+    let metadata = parse_metadata(request.metadata, &mut errors);
+    let config_value = request.config.unwrap_or_else(|| json!({}));
+    let config = driver.and_then(|driver| parse_config(&state, driver, &config_value, &mut errors));
+    let (Some(name), Some(driver), Some(status), Some(mut config), true) =
+        (name, driver, status, config, errors.is_empty())
+    else {
+        return Err(ApiError::validation(errors));
+    };
+    // A new environment owns no secrets yet, so any reference here names someone else's: refused.
+    let id = EnvironmentId::new();
+    vault::check_secret_refs(&state, company_id, Some(id), &config).await?;
+    let sealed = vault::seal_inline_secrets(&state, company_id, id, &mut config).await?;
+    let now = Timestamp::now();
+    let environment = Environment {
+        id,
+        company_id,
+        name,
+        description,
+        driver,
+        status,
+        config: stored_shape(&config)?,
+        metadata,
+        created_at: now,
+        updated_at: now,
+        revision: 0,
+    };
+    if let Err(error) = state.store().insert_environment(&environment).await {
+        vault::forget(&state, &sealed).await;
+        return Err(error.into());
+    }
+    tracing::info!(env.id = %environment.id, driver = %driver, "environment created");
+    record_activity(
+        &state,
+        &principal,
+        &environment,
+        "environment.created",
+        json!({"name": environment.name, "driver": driver.as_str(), "status": status.as_str()}),
+    )
+    .await;
+    Ok((
+        StatusCode::CREATED,
+        Json(EnvironmentResponse::full(&environment)),
+    ))
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Json<EnvironmentResponse>, ApiError> {
+    let environment = load_environment(&state, &id).await?;
+    let access = principal.access(environment.company_id)?;
+    Ok(Json(view(&environment, access)))
+}
+
+pub async fn patch(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    ApiJson(request): ApiJson<PatchEnvironmentRequest>,
+) -> Result<Json<EnvironmentResponse>, ApiError> {
+    let current = load_environment(&state, &id).await?;
+    principal.manage(current.company_id)?;
+
+    let mut errors = ValidationErrors::new();
+    let name = match &request.name {
+        None => Some(current.name.clone()),
+        Some(name) => record(normalize_name(name), "name", &mut errors),
+    };
+    let description = match request.description {
+        Patch::Missing => current.description.clone(),
+        Patch::Null => None,
+        Patch::Value(text) => normalize_description(Some(text), &mut errors),
+    };
+    let driver = match request.driver.as_deref() {
+        None => Some(current.driver),
+        Some(text) => parse_or_record::<Driver>(text, "driver", &mut errors),
+    };
+    let status = match request.status.as_deref() {
+        None => Some(current.status),
+        Some(text) => parse_or_record(text, "status", &mut errors),
+    };
+    let metadata = match request.metadata {
+        Patch::Missing => current.metadata.clone(),
+        Patch::Null => None,
+        Patch::Value(value) => parse_metadata(Some(value), &mut errors),
+    };
+    let config = driver.and_then(|driver| {
+        // Same driver: the patch is merged over the stored config. A new driver starts from the patch alone, so
+        // nothing — above all no secret reference — is inherited from the old driver's config.
+        let config_value = if driver != current.driver {
+            request.config.clone().unwrap_or_else(|| json!({}))
+        } else {
+            match &request.config {
+                None => Value::Object(current.config.clone()),
+                Some(Value::Object(patch)) => Value::Object(merge_config(&current.config, patch)),
+                Some(other) => {
+                    errors.push(
+                        CONFIG_PATH,
+                        format!("must be an object, not {}", json_type_name(other)),
+                    );
+                    return None;
+                }
+            }
+        };
+        parse_config(&state, driver, &config_value, &mut errors)
+    });
+    let (Some(name), Some(driver), Some(status), Some(mut config), true) =
+        (name, driver, status, config, errors.is_empty())
+    else {
+        return Err(ApiError::validation(errors));
+    };
+    vault::check_secret_refs(&state, current.company_id, Some(current.id), &config).await?;
+    let old_refs: Vec<_> = parse_stored(&state, &current)
+        .map(|old| old.secret_refs())
+        .unwrap_or_default();
+
+    let sealed =
+        vault::seal_inline_secrets(&state, current.company_id, current.id, &mut config).await?;
+    let new_refs = config.secret_refs();
+    let updated = Environment {
+        name,
+        description,
+        driver,
+        status,
+        config: stored_shape(&config)?,
+        metadata,
+        updated_at: Timestamp::now().max(current.updated_at),
+        ..current.clone()
+    };
+    let stored = match state.store().update_environment(&updated).await {
+        Ok(Some(stored)) => stored,
+        Ok(None) => {
+            vault::forget(&state, &sealed).await;
+            return Err(ApiError::not_found("environment"));
+        }
+        Err(error) => {
+            vault::forget(&state, &sealed).await;
+            return Err(error.into());
+        }
+    };
+    let orphaned: Vec<_> = old_refs
+        .into_iter()
+        .filter(|old| !new_refs.iter().any(|new| new.1 == old.1))
+        .map(|(_, id)| id)
+        .collect();
+    vault::forget(&state, &orphaned).await;
+
+    let summary = change_summary(&current, &stored);
+    tracing::info!(env.id = %stored.id, "environment updated");
+    record_activity(&state, &principal, &stored, "environment.updated", summary).await;
+    Ok(Json(EnvironmentResponse::full(&stored)))
+}
+
+pub async fn delete(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Json<EnvironmentResponse>, ApiError> {
+    let environment = load_environment(&state, &id).await?;
+    principal.manage(environment.company_id)?;
+    let removed = state
+        .store()
+        .delete_environment(environment.id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("environment"))?;
+    if let Err(error) = state
+        .store()
+        .delete_secrets_of_environment(removed.id)
+        .await
+    {
+        tracing::warn!(env.id = %removed.id, error = %super::error::DisplayChain(&error), "could not delete secrets");
+    }
+    tracing::info!(env.id = %removed.id, "environment deleted");
+    record_activity(
+        &state,
+        &principal,
+        &removed,
+        "environment.deleted",
+        json!({"name": removed.name, "driver": removed.driver.as_str()}),
+    )
+    .await;
+    Ok(Json(EnvironmentResponse::full(&removed)))
+}
+
+pub async fn probe(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Json<ProbeResponse>, ApiError> {
+    let environment = load_environment(&state, &id).await?;
+    principal.manage(environment.company_id)?;
+    let result = match parse_stored(&state, &environment) {
+        Ok(config) => run_probe(&state, &config).await,
+        Err(errors) => ProbeResult::failed(
+            environment.driver,
+            format!("the stored config is no longer valid ({errors}); update the environment"),
+        ),
+    };
+    tracing::info!(env.id = %environment.id, ok = result.ok, "environment probed");
+    record_activity(
+        &state,
+        &principal,
+        &environment,
+        "environment.probed",
+        json!({"driver": result.driver.as_str(), "ok": result.ok}),
+    )
+    .await;
+    Ok(Json(ProbeResponse::from(&result)))
+}
+
+pub async fn probe_config(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(company_id): Path<String>,
+    ApiJson(request): ApiJson<ProbeConfigRequest>,
+) -> Result<Json<ProbeResponse>, ApiError> {
+    let company_id: CompanyId = parse_path_id(&company_id, "company")?;
+    principal.manage(company_id)?;
+    load_company(&state, company_id).await?;
+    let mut errors = ValidationErrors::new();
+    if let Some(name) = &request.name {
+        record(normalize_name(name), "name", &mut errors);
+    }
+    normalize_description(request.description, &mut errors);
+    parse_metadata(request.metadata, &mut errors);
+    let driver = parse_or_record::<Driver>(&request.driver, "driver", &mut errors);
+    let config_value = request.config.unwrap_or_else(|| json!({}));
+    let config = driver.and_then(|driver| parse_config(&state, driver, &config_value, &mut errors));
+    let Some(config) = config.filter(|_| errors.is_empty()) else {
+        return Err(ApiError::validation(errors));
+    };
+    // An unsaved config may use the company's stored secrets, and inline ones in memory only: nothing is persisted.
+    vault::check_secret_refs(&state, company_id, None, &config).await?;
+    let result = run_probe(&state, &config).await;
+    let details = json!({
+        "driver": result.driver.as_str(),
+        "ok": result.ok,
+        "configTopLevelKeyCount": config_value.as_object().map_or(0, Map::len),
+    });
+    super::record_activity(
+        &state,
+        &principal,
+        Some(company_id),
+        "environment",
+        "unsaved".to_owned(),
+        "environment.probed_unsaved",
+        details,
+    )
+    .await;
+    Ok(Json(ProbeResponse::from(&result)))
+}
+
+pub async fn capabilities(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(company_id): Path<String>,
+) -> Result<Json<CapabilitiesResponse>, ApiError> {
+    let company_id: CompanyId = parse_path_id(&company_id, "company")?;
+    principal.access(company_id)?;
+    load_company(&state, company_id).await?;
+    Ok(Json(CapabilitiesResponse::from(
+        &state.providers().capabilities(),
+    )))
+}
+
+// === helpers ===
+
+fn view(environment: &Environment, access: CompanyAccess) -> EnvironmentResponse {
+    match access {
+        CompanyAccess::Manage => EnvironmentResponse::full(environment),
+        CompanyAccess::Read => EnvironmentResponse::redacted(environment),
+    }
+}
+
+async fn run_probe(state: &AppState, config: &DriverConfig) -> ProbeResult {
+    berth_drivers::probe::probe(config, state.local_driver(), state.providers()).await
+}
+
+fn parse_config(
+    state: &AppState,
+    driver: Driver,
+    value: &Value,
+    errors: &mut ValidationErrors,
+) -> Option<DriverConfig> {
+    DriverConfig::parse(driver, value, state.providers())
+        .map_err(|problems| errors.extend(problems))
+        .ok()
+}
+
+/// Re-reads a stored config into its typed form (stored configs passed validation when written).
+fn parse_stored(
+    state: &AppState,
+    environment: &Environment,
+) -> Result<DriverConfig, ValidationErrors> {
+    DriverConfig::parse(
+        environment.driver,
+        &Value::Object(environment.config.clone()),
+        state.providers(),
+    )
+}
+
+fn stored_shape(config: &DriverConfig) -> Result<Map<String, Value>, ApiError> {
+    config.to_stored().ok_or_else(|| {
+        // Unreachable by construction: every inline secret was sealed just before. Refuse rather than persist one.
+        ApiError::new(
+            berth_core::ErrorKind::Internal,
+            "internal_error",
+            "internal error",
+        )
+    })
+}
+
+fn non_empty(value: Option<&str>) -> Option<&str> {
+    value.map(str::trim).filter(|text| !text.is_empty())
+}
+
+fn parse_or_record<T>(text: &str, path: &str, errors: &mut ValidationErrors) -> Option<T>
+where
+    T: std::str::FromStr<Err = berth_core::company::UnknownVariant>,
+{
+    text.parse::<T>()
+        .map_err(|error| errors.push(path, error.to_string()))
+        .ok()
+}
+
+fn record<T>(
+    result: Result<T, &'static str>,
+    path: &str,
+    errors: &mut ValidationErrors,
+) -> Option<T> {
+    result.map_err(|message| errors.push(path, message)).ok()
+}
+
+fn normalize_description(
+    description: Option<String>,
+    errors: &mut ValidationErrors,
+) -> Option<String> {
+    let description = description
+        .map(|text| text.trim().to_owned())
+        .filter(|text| !text.is_empty())?;
+    if description.chars().count() > MAX_DESCRIPTION_CHARS {
+        errors.push(
+            "description",
+            format!("must be at most {MAX_DESCRIPTION_CHARS} characters"),
+        );
+        return None;
+    }
+    Some(description)
+}
+
+/// Metadata is free-form but must be an object (or null); it is bounded by the request size limit.
+fn parse_metadata(
+    value: Option<Value>,
+    errors: &mut ValidationErrors,
+) -> Option<Map<String, Value>> {
+    match value? {
+        Value::Null => None,
+        Value::Object(object) => Some(object),
+        other => {
+            errors.push(
+                "metadata",
+                format!("must be an object or null, not {}", json_type_name(&other)),
+            );
+            None
+        }
+    }
+}
+
+/// What changed, without a single config or metadata value: activity rows never hold config.
+fn change_summary(before: &Environment, after: &Environment) -> Value {
+    let mut changed = Vec::new();
+    if before.name != after.name {
+        changed.push("name");
+    }
+    if before.description != after.description {
+        changed.push("description");
+    }
+    if before.driver != after.driver {
+        changed.push("driver");
+    }
+    if before.status != after.status {
+        changed.push("status");
+    }
+    let config_changed = before.config != after.config;
+    if config_changed {
+        changed.push("config");
+    }
+    let metadata_changed = before.metadata != after.metadata;
+    if metadata_changed {
+        changed.push("metadata");
+    }
+    json!({
+        "changedFields": changed,
+        "name": after.name,
+        "driver": after.driver.as_str(),
+        "status": after.status.as_str(),
+        "configChanged": config_changed,
+        "configTopLevelKeyCount": after.config.len(),
+        "metadataChanged": metadata_changed,
+        "metadataTopLevelKeyCount": after.metadata.as_ref().map_or(0, Map::len),
+    })
+}
+
+async fn record_activity(
+    state: &AppState,
+    principal: &Principal,
+    environment: &Environment,
+    action: &str,
+    details: Value,
+) {
+    super::record_activity(
+        state,
+        principal,
+        Some(environment.company_id),
+        "environment",
+        environment.id.to_string(),
+        action,
+        details,
+    )
+    .await;
+}

@@ -1,0 +1,199 @@
+//! The one place where errors become HTTP responses.
+//!
+//! Every error that can reach a client is classified by an [`ErrorKind`]; [`status_for`] maps kinds onto statuses.
+//! Internal errors are logged with their full chain and answered with a generic message: no SQL, no paths, no
+//! secrets ever reach a response body.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use berth_core::ErrorKind;
+use berth_core::validation::{FieldError, ValidationErrors};
+use serde::Serialize;
+
+use crate::secrets::SecretsError;
+use crate::store::StoreError;
+
+/// An error on its way to the client.
+#[derive(Debug)]
+pub struct ApiError {
+    kind: ErrorKind,
+    code: &'static str,
+    message: String,
+    details: Vec<FieldError>,
+}
+
+/// The status for each kind of error: the single mapping between the domain and HTTP.
+pub fn status_for(kind: ErrorKind) -> StatusCode {
+    match kind {
+        ErrorKind::InvalidRequest => StatusCode::BAD_REQUEST,
+        ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
+        ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        ErrorKind::Conflict => StatusCode::CONFLICT,
+        ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorKind::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ErrorKind::Validation => StatusCode::UNPROCESSABLE_ENTITY,
+        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            code,
+            message: message.into(),
+            details: Vec::new(),
+        }
+    }
+
+    pub fn unauthenticated(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Unauthenticated, "unauthenticated", message)
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Forbidden, "forbidden", message)
+    }
+
+    pub fn not_found(what: &str) -> Self {
+        Self::new(
+            ErrorKind::NotFound,
+            "not_found",
+            format!("{what} not found"),
+        )
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::InvalidRequest, code, message)
+    }
+
+    pub fn validation(errors: ValidationErrors) -> Self {
+        Self {
+            kind: ErrorKind::Validation,
+            code: "validation_failed",
+            message: errors.to_string(),
+            details: errors.errors().to_vec(),
+        }
+    }
+
+    /// An unexpected failure. The cause is logged here and never sent.
+    pub fn internal(cause: &(dyn std::error::Error + 'static)) -> Self {
+        tracing::error!(error = %DisplayChain(cause), "internal error");
+        Self::new(ErrorKind::Internal, "internal_error", "internal error")
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorPayload<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorPayload<'a> {
+    code: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    details: Vec<DetailPayload<'a>>,
+}
+
+#[derive(Serialize)]
+struct DetailPayload<'a> {
+    path: &'a str,
+    message: &'a str,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = status_for(self.kind);
+        let body = ErrorBody {
+            error: ErrorPayload {
+                code: self.code,
+                message: &self.message,
+                details: self
+                    .details
+                    .iter()
+                    .map(|detail| DetailPayload {
+                        path: &detail.path,
+                        message: &detail.message,
+                    })
+                    .collect(),
+            },
+        };
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<ValidationErrors> for ApiError {
+    fn from(errors: ValidationErrors) -> Self {
+        ApiError::validation(errors)
+    }
+}
+
+impl From<berth_core::Error> for ApiError {
+    fn from(error: berth_core::Error) -> Self {
+        match error {
+            berth_core::Error::Validation(errors) => ApiError::validation(errors),
+            other if other.kind() == ErrorKind::Internal => ApiError::internal(&other),
+            other => ApiError::new(other.kind(), other.code(), other.to_string()),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        match error.kind() {
+            ErrorKind::Internal => ApiError::internal(&error),
+            ErrorKind::Unavailable => {
+                tracing::warn!(error = %DisplayChain(&error), "database unavailable");
+                ApiError::new(
+                    ErrorKind::Unavailable,
+                    error.code(),
+                    "the database is unavailable; retry later",
+                )
+            }
+            kind => ApiError::new(kind, error.code(), error.to_string()),
+        }
+    }
+}
+
+impl From<SecretsError> for ApiError {
+    fn from(error: SecretsError) -> Self {
+        match error.kind() {
+            ErrorKind::Internal => ApiError::internal(&error),
+            kind => ApiError::new(kind, error.code(), error.to_string()),
+        }
+    }
+}
+
+/// Renders an error with its whole `source()` chain, for logs.
+#[derive(Debug)]
+pub struct DisplayChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for DisplayChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,417 @@
+//! The `berth` command line: `serve`, and client subcommands that talk to a running server (API.md §1).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Value, json};
+use zeroize::Zeroizing;
+
+use crate::client::ApiClient;
+use crate::serve::{ADMIN_TOKEN_FILE, ServeOptions};
+use crate::telemetry::LogFormat;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "berth",
+    version,
+    about = "berth: where AI-agent work runs",
+    propagate_version = true
+)]
+pub struct Cli {
+    /// Log line format (logs go to stderr).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Pretty, env = "BERTH_LOG_FORMAT")]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the berth server.
+    Serve(ServeArgs),
+    /// Manage environments.
+    #[command(subcommand)]
+    Env(EnvCommand),
+    /// Inspect leases.
+    #[command(subcommand)]
+    Lease(LeaseCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on; port 0 picks a free port.
+    #[arg(long, env = "BERTH_LISTEN", default_value = "127.0.0.1:7420")]
+    pub listen: String,
+    /// Where berth keeps its database, keys and workspaces [default: $XDG_DATA_HOME/berth or ~/.local/share/berth].
+    #[arg(long, env = "BERTH_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// `sqlite://PATH` or `postgres://…` [default: sqlite://<data-dir>/berth.db].
+    #[arg(long, env = "BERTH_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+}
+
+/// How client subcommands find the server, the token and the company.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// Base URL of the berth server.
+    #[arg(long, env = "BERTH_URL", default_value = "http://127.0.0.1:7420")]
+    pub server: String,
+    /// API token [default: the admin token in <data-dir>/admin-token]. Prefer BERTH_TOKEN: argv is visible to others.
+    #[arg(long, env = "BERTH_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Company id or name [default: the company named `default`, or the API key's own company].
+    #[arg(long, env = "BERTH_COMPANY")]
+    pub company: Option<String>,
+    /// Data dir holding the admin token [default: as for `berth serve`].
+    #[arg(long, env = "BERTH_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EnvCommand {
+    /// List the company's environments, newest update first.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show one environment.
+    Get {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Create an environment.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// local, ssh, sandbox or plugin.
+        #[arg(long)]
+        driver: String,
+        /// Driver config as JSON, or @FILE to read it from a file.
+        #[arg(long)]
+        config: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Check that berth can reach and use an environment (exit 1 when it cannot).
+    Probe {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Delete an environment (its active leases are released first).
+    Rm {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LeaseCommand {
+    /// List an environment's leases.
+    List {
+        #[arg(long)]
+        env: String,
+        /// Only leases in this status.
+        #[arg(long)]
+        status: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+impl Cli {
+    /// The log filter when `BERTH_LOG` is unset: the server narrates, client commands stay quiet.
+    pub fn default_log_filter(&self) -> &'static str {
+        match self.command {
+            Command::Serve(_) => "info",
+            _ => "warn",
+        }
+    }
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Env(command) => env(command).await,
+        Command::Lease(command) => lease(command).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let options = ServeOptions {
+        listen: args.listen,
+        data_dir: match args.data_dir {
+            Some(dir) => dir,
+            None => default_data_dir()?,
+        },
+        database_url: args.database_url,
+        admin_token: secret_env("BERTH_ADMIN_TOKEN"),
+        master_key: secret_env("BERTH_MASTER_KEY"),
+    };
+    crate::serve::serve(options, crate::serve::shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn secret_env(name: &str) -> Option<Zeroizing<String>> {
+    std::env::var(name)
+        .ok()
+        .filter(|value| !value.trim().is_empty())
+        .map(Zeroizing::new)
+}
+
+/// `$XDG_DATA_HOME/berth`, else `~/.local/share/berth`.
+pub fn default_data_dir() -> anyhow::Result<PathBuf> {
+    if let Some(data_home) = std::env::var_os("XDG_DATA_HOME").filter(|value| !value.is_empty()) {
+        return Ok(PathBuf::from(data_home).join("berth"));
+    }
+    let home = std::env::var_os("HOME")
+        .filter(|value| !value.is_empty())
+        .context("neither XDG_DATA_HOME nor HOME is set; pass --data-dir")?;
+    Ok(PathBuf::from(home).join(".local/share/berth"))
+}
+
+/// A connected client plus the company it acts for.
+struct Session {
+    api: ApiClient,
+    company_id: String,
+    json: bool,
+}
+
+impl Session {
+    async fn open(args: ClientArgs) -> anyhow::Result<Self> {
+        let token = match args.token.filter(|token| !token.trim().is_empty()) {
+            Some(token) => Zeroizing::new(token),
+            None => {
+                let data_dir = match args.data_dir {
+                    Some(dir) => dir,
+                    None => default_data_dir()?,
+                };
+                let path = data_dir.join(ADMIN_TOKEN_FILE);
+                let contents = std::fs::read_to_string(&path).with_context(|| {
+                    format!("no token: set BERTH_TOKEN or --token, or start `berth serve` so that {} exists", path.display())
+                })?;
+                Zeroizing::new(contents.trim().to_owned())
+            }
+        };
+        let api = ApiClient::new(&args.server, token);
+        let company_id = resolve_company(&api, args.company.as_deref()).await?;
+        Ok(Self {
+            api,
+            company_id,
+            json: args.json,
+        })
+    }
+}
+
+/// Finds the company id: given as an id, by name (admin), or the API key's own company.
+async fn resolve_company(api: &ApiClient, company: Option<&str>) -> anyhow::Result<String> {
+    if let Some(id) = company.filter(|text| text.parse::<berth_core::ids::CompanyId>().is_ok()) {
+        return Ok(id.to_owned());
+    }
+    let whoami = api.get("/api/whoami").await?;
+    if let Some(key) = whoami.get("apiKey") {
+        let own = key["companyId"].as_str().unwrap_or_default().to_owned();
+        return Ok(own);
+    }
+    let name = company.unwrap_or(berth_core::company::DEFAULT_COMPANY_NAME);
+    let companies = api.get("/api/companies").await?;
+    companies
+        .as_array()
+        .and_then(|list| list.iter().find(|entry| entry["name"] == name))
+        .and_then(|entry| entry["id"].as_str())
+        .map(str::to_owned)
+        .with_context(|| format!("no company named `{name}`"))
+}
+
+async fn env(command: EnvCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        EnvCommand::List { client } => {
+            let session = Session::open(client).await?;
+            let list = session
+                .api
+                .get(&format!(
+                    "/api/companies/{}/environments",
+                    session.company_id
+                ))
+                .await?;
+            if session.json {
+                print_json(&list);
+            } else {
+                print_environment_table(&list);
+            }
+        }
+        EnvCommand::Get { id, client } => {
+            let session = Session::open(client).await?;
+            let environment = session
+                .api
+                .get(&format!("/api/environments/{}", path_segment(&id)?))
+                .await?;
+            print_json(&environment);
+        }
+        EnvCommand::Create {
+            name,
+            driver,
+            config,
+            description,
+            client,
+        } => {
+            let config = match config.as_deref() {
+                None => json!({}),
+                Some(text) => parse_config_argument(text)?,
+            };
+            let session = Session::open(client).await?;
+            let mut body = json!({"name": name, "driver": driver, "config": config});
+            if let Some(description) = description {
+                body["description"] = Value::String(description);
+            }
+            let created = session
+                .api
+                .post(
+                    &format!("/api/companies/{}/environments", session.company_id),
+                    &body,
+                )
+                .await?;
+            if session.json {
+                print_json(&created);
+            } else {
+                println!("{}", created["id"].as_str().unwrap_or_default());
+            }
+        }
+        EnvCommand::Probe { id, client } => {
+            let session = Session::open(client).await?;
+            let result = session
+                .api
+                .post(
+                    &format!("/api/environments/{}/probe", path_segment(&id)?),
+                    &json!({}),
+                )
+                .await;
+            let result = result?;
+            let ok = result["ok"].as_bool().unwrap_or(false);
+            if session.json {
+                print_json(&result);
+            } else {
+                println!(
+                    "{}: {}",
+                    if ok { "ok" } else { "failed" },
+                    result["summary"].as_str().unwrap_or_default()
+                );
+            }
+            if !ok {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        EnvCommand::Rm { id, client } => {
+            let session = Session::open(client).await?;
+            let removed = session
+                .api
+                .delete(&format!("/api/environments/{}", path_segment(&id)?))
+                .await?;
+            if session.json {
+                print_json(&removed);
+            } else {
+                println!("removed {}", removed["id"].as_str().unwrap_or_default());
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn lease(command: LeaseCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        LeaseCommand::List {
+            env,
+            status,
+            client,
+        } => {
+            let session = Session::open(client).await?;
+            let mut path = format!("/api/environments/{}/leases", path_segment(&env)?);
+            if let Some(status) = status {
+                path.push_str(&format!("?status={}", path_segment(&status)?));
+            }
+            let leases = session.api.get(&path).await?;
+            if session.json {
+                print_json(&leases);
+            } else {
+                println!(
+                    "{:<36}  {:<9}  {:<20}  {:<36}  ACQUIRED",
+                    "ID", "STATUS", "POLICY", "RUN"
+                );
+                for lease in leases.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<36}  {:<9}  {:<20}  {:<36}  {}",
+                        text(&lease["id"]),
+                        text(&lease["status"]),
+                        text(&lease["leasePolicy"]),
+                        text(&lease["runId"]),
+                        text(&lease["acquiredAt"]),
+                    );
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--config '{"k": 1}'` or `--config @file.json`.
+fn parse_config_argument(text: &str) -> anyhow::Result<Value> {
+    let (source, contents) = match text.strip_prefix('@') {
+        Some(path) => (
+            path.to_owned(),
+            std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?,
+        ),
+        None => ("--config".to_owned(), text.to_owned()),
+    };
+    serde_json::from_str(&contents).with_context(|| format!("{source} is not valid JSON"))
+}
+
+/// Ids go into URL paths; anything that is not a plain id token is refused rather than escaped into another route.
+fn path_segment(text: &str) -> anyhow::Result<&str> {
+    if text.is_empty()
+        || !text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        bail!("`{text}` is not a valid id");
+    }
+    Ok(text)
+}
+
+fn print_json(value: &Value) {
+    match serde_json::to_string_pretty(value) {
+        Ok(rendered) => println!("{rendered}"),
+        Err(_) => println!("{value}"),
+    }
+}
+
+fn text(value: &Value) -> &str {
+    value.as_str().unwrap_or("-")
+}
+
+fn print_environment_table(list: &Value) {
+    println!(
+        "{:<36}  {:<24}  {:<8}  {:<8}  UPDATED",
+        "ID", "NAME", "DRIVER", "STATUS"
+    );
+    for environment in list.as_array().into_iter().flatten() {
+        println!(
+            "{:<36}  {:<24}  {:<8}  {:<8}  {}",
+            text(&environment["id"]),
+            text(&environment["name"]),
+            text(&environment["driver"]),
+            text(&environment["status"]),
+            text(&environment["updatedAt"]),
+        );
+    }
+}

@@ -1,0 +1,220 @@
+//! `berth serve`: start-up, the accept loop and graceful shutdown (API.md §1).
+
+use std::fs::{self, OpenOptions};
+use std::future::Future;
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use berth_core::company::DEFAULT_COMPANY_NAME;
+use berth_drivers::local::LocalDriver;
+use berth_drivers::registry::ProviderRegistry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use zeroize::Zeroizing;
+
+use crate::secrets::{SecretCipher, SecretsError};
+use crate::state::AppState;
+use crate::store::{Store, StoreError};
+
+/// How long in-flight requests get to finish after SIGINT/SIGTERM; the contract allows 10 s in all.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
+
+/// Name of the admin token file in the data dir.
+pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+
+#[derive(Debug)]
+pub struct ServeOptions {
+    pub listen: String,
+    pub data_dir: PathBuf,
+    /// Defaults to `sqlite://<data-dir>/berth.db`.
+    pub database_url: Option<String>,
+    /// `BERTH_ADMIN_TOKEN`: when set, no token file is written.
+    pub admin_token: Option<Zeroizing<String>>,
+    /// `BERTH_MASTER_KEY`: when set, no master key file is written.
+    pub master_key: Option<Zeroizing<String>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot prepare the data dir {path}")]
+    DataDir { path: PathBuf, source: io::Error },
+    #[error("cannot read or write the admin token at {path}")]
+    AdminToken { path: PathBuf, source: io::Error },
+    #[error("the admin token must not be empty")]
+    EmptyAdminToken,
+    #[error("cannot load the master key")]
+    Secrets(#[from] SecretsError),
+    #[error("cannot open the database")]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {address}")]
+    Bind { address: String, source: io::Error },
+    #[error("the server failed")]
+    Serve(#[source] io::Error),
+    #[error("cannot set up the sandbox providers")]
+    Providers(#[from] berth_drivers::DriverError),
+}
+
+/// Starts berth and serves until `shutdown` resolves, then drains for up to [`SHUTDOWN_GRACE`].
+pub async fn serve(
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let state = prepare(&options).await?;
+    let listener = TcpListener::bind(&options.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            address: options.listen.clone(),
+            source,
+        })?;
+    let address = listener.local_addr().map_err(ServeError::Serve)?;
+    announce(address).map_err(ServeError::Serve)?;
+    tracing::info!(%address, backend = ?state.store().backend(), "berth listening");
+
+    let store = state.store().clone();
+    let stopping = CancellationToken::new();
+    let server = axum::serve(listener, crate::api::router(state))
+        .with_graceful_shutdown(stopping.clone().cancelled_owned());
+    let mut server = tokio::spawn(async move { server.await });
+    tokio::select! {
+        finished = &mut server => return finish(finished, &store).await,
+        () = shutdown => tracing::info!("shutting down"),
+    }
+    stopping.cancel();
+    match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+        Ok(finished) => finish(finished, &store).await,
+        Err(_) => {
+            tracing::warn!("connections still open after the grace period; closing them");
+            server.abort();
+            store.close().await;
+            Ok(())
+        }
+    }
+}
+
+async fn finish(
+    finished: Result<Result<(), io::Error>, tokio::task::JoinError>,
+    store: &Store,
+) -> Result<(), ServeError> {
+    store.close().await;
+    match finished {
+        Ok(result) => result.map_err(ServeError::Serve),
+        Err(join_error) => Err(ServeError::Serve(io::Error::other(join_error))),
+    }
+}
+
+/// Everything before accepting connections: data dir, keys, database, the default company.
+pub async fn prepare(options: &ServeOptions) -> Result<AppState, ServeError> {
+    create_private_dir(&options.data_dir)?;
+    let cipher = SecretCipher::load_or_create(
+        &options.data_dir,
+        options.master_key.as_deref().map(String::as_str),
+    )?;
+    let database_url = match &options.database_url {
+        Some(url) => url.clone(),
+        None => format!("sqlite://{}", options.data_dir.join("berth.db").display()),
+    };
+    let store = Store::connect(&database_url).await?;
+    let company = store.ensure_company(DEFAULT_COMPANY_NAME).await?;
+    store.ensure_local_environment(company.id).await?;
+    let admin_token = load_or_create_admin_token(&options.data_dir, options.admin_token.as_ref())?;
+    let providers = ProviderRegistry::with_builtins()?;
+    let local = LocalDriver::new(options.data_dir.join("workspaces"));
+    Ok(AppState::new(store, cipher, &admin_token, providers, local))
+}
+
+/// The one line tests and scripts wait for, on stdout.
+fn announce(address: SocketAddr) -> io::Result<()> {
+    let mut stdout = io::stdout().lock();
+    writeln!(stdout, "berth listening on http://{address}")?;
+    stdout.flush()
+}
+
+fn create_private_dir(path: &Path) -> Result<(), ServeError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|source| ServeError::DataDir {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// `BERTH_ADMIN_TOKEN` if set; else the token file; else a fresh token written to the file with mode 0600.
+fn load_or_create_admin_token(
+    data_dir: &Path,
+    from_env: Option<&Zeroizing<String>>,
+) -> Result<Zeroizing<String>, ServeError> {
+    if let Some(token) = from_env {
+        let token = token.trim();
+        return if token.is_empty() {
+            Err(ServeError::EmptyAdminToken)
+        } else {
+            Ok(Zeroizing::new(token.to_owned()))
+        };
+    }
+    let path = data_dir.join(ADMIN_TOKEN_FILE);
+    let error = |source| ServeError::AdminToken {
+        path: path.clone(),
+        source,
+    };
+    match fs::read_to_string(&path) {
+        Ok(contents) => {
+            let token = contents.trim();
+            if token.is_empty() {
+                Err(ServeError::EmptyAdminToken)
+            } else {
+                Ok(Zeroizing::new(token.to_owned()))
+            }
+        }
+        Err(read_error) if read_error.kind() == io::ErrorKind::NotFound => {
+            let token = Zeroizing::new(format!(
+                "berth_admin_{}",
+                URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>())
+            ));
+            // create_new + 0600 from the first byte: the token is never readable by others, and a concurrent start
+            // cannot overwrite a token already handed out.
+            match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+            {
+                Ok(mut file) => {
+                    file.write_all(token.as_bytes())
+                        .and_then(|()| file.write_all(b"\n"))
+                        .map_err(error)?;
+                    file.sync_all().map_err(error)?;
+                    tracing::info!(path = %path.display(), "wrote a new admin token");
+                    Ok(token)
+                }
+                Err(create_error) if create_error.kind() == io::ErrorKind::AlreadyExists => {
+                    load_or_create_admin_token(data_dir, None)
+                }
+                Err(create_error) => Err(error(create_error)),
+            }
+        }
+        Err(read_error) => Err(error(read_error)),
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut interrupt), Ok(mut terminate)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop berth with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = interrupt.recv() => {}
+        _ = terminate.recv() => {}
+    }
+}

@@ -1,0 +1,75 @@
+//! Everything a request handler may need, shared by all of them.
+
+use std::fmt;
+use std::sync::Arc;
+
+use berth_drivers::local::LocalDriver;
+use berth_drivers::registry::ProviderRegistry;
+
+use crate::api::auth::token_digest;
+use crate::secrets::SecretCipher;
+use crate::store::Store;
+
+/// Cheap to clone: one `Arc` around the shared parts.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    cipher: SecretCipher,
+    admin_token_digest: [u8; 32],
+    providers: ProviderRegistry,
+    local: LocalDriver,
+}
+
+impl AppState {
+    pub fn new(
+        store: Store,
+        cipher: SecretCipher,
+        admin_token: &str,
+        providers: ProviderRegistry,
+        local: LocalDriver,
+    ) -> Self {
+        let admin_token_digest = token_digest(admin_token);
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                cipher,
+                admin_token_digest,
+                providers,
+                local,
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn cipher(&self) -> &SecretCipher {
+        &self.inner.cipher
+    }
+
+    pub fn providers(&self) -> &ProviderRegistry {
+        &self.inner.providers
+    }
+
+    pub fn local_driver(&self) -> &LocalDriver {
+        &self.inner.local
+    }
+
+    /// The SHA-256 of the admin token; the token itself is not kept in memory.
+    pub fn admin_token_digest(&self) -> &[u8; 32] {
+        &self.inner.admin_token_digest
+    }
+}
+
+impl fmt::Debug for AppState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AppState")
+            .field("backend", &self.inner.store.backend())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# berth's whole test suite, for a fresh Debian machine (run as root) or a developer's box.
+#
+# Installs what the tests need, starts a throwaway PostgreSQL cluster on 127.0.0.1 so the store suite runs against
+# both backends, runs fmt, clippy and every test, and stops the cluster whatever happens.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+as_root() { [ "$(id -u)" -eq 0 ]; }
+
+# --- packages -------------------------------------------------------------------------------------------------
+missing=()
+command -v jq >/dev/null 2>&1 || missing+=(jq)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+if [ ${#missing[@]} -gt 0 ]; then
+  if as_root; then
+    log "installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "missing packages: ${missing[*]} (run as root to install them)" >&2
+    exit 1
+  fi
+fi
+
+# --- PostgreSQL -------------------------------------------------------------------------------------------------
+# fsync off: a throwaway test cluster trades durability for speed.
+export BERTH_PG_EXTRA_OPTIONS="-c fsync=off -c synchronous_commit=off"
+# shellcheck source=scripts/lib/postgres.sh
+. scripts/lib/postgres.sh
+start_throwaway_postgres
+
+# --- checks and tests ---------------------------------------------------------------------------------------------
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+log "building the berth binary the tests run"
+cargo build --locked -p berth-server --bin berth
+export BERTH_BIN="$PWD/target/debug/berth"
+log "tests (SQLite and PostgreSQL)"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast
+else
+  cargo test --workspace --locked --no-fail-fast
+fi
+cargo test --doc --workspace --locked

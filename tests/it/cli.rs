@@ -1,0 +1,296 @@
+//! The `berth` client subcommands, and the README's quickstart, against a real server.
+
+use std::process::Output;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::support::server::{TestServer, berth_bin};
+
+/// Runs `berth ARGS` against `server` with a clean environment; the token comes from the data dir unless given.
+async fn berth(server: &TestServer, args: &[&str], extra_env: &[(&str, &str)]) -> Output {
+    let mut command = tokio::process::Command::new(berth_bin());
+    command
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", &server.data_dir)
+        .env("BERTH_URL", &server.url)
+        .env("BERTH_DATA_DIR", &server.data_dir);
+    for (key, value) in extra_env {
+        command.env(key, value);
+    }
+    command.output().await.expect("run berth")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn json_out(output: &Output) -> Value {
+    assert!(
+        output.status.success(),
+        "stdout: {}\nstderr: {}",
+        stdout(output),
+        stderr(output)
+    );
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|_| panic!("not JSON: {}", stdout(output)))
+}
+
+#[tokio::test]
+async fn env_subcommands_create_list_get_probe_and_remove() {
+    let server = TestServer::start().await;
+    let created = berth(
+        &server,
+        &[
+            "env",
+            "create",
+            "--name",
+            "fake box",
+            "--driver",
+            "sandbox",
+            "--config",
+            r#"{"provider":"fake"}"#,
+        ],
+        &[],
+    )
+    .await;
+    assert!(created.status.success(), "{}", stderr(&created));
+    let id = stdout(&created).trim().to_owned();
+    assert_eq!(id.len(), 36, "{id}");
+
+    let list = berth(&server, &["env", "list"], &[]).await;
+    assert!(
+        stdout(&list).contains("fake box") && stdout(&list).contains("Local"),
+        "{}",
+        stdout(&list)
+    );
+    let listed = json_out(&berth(&server, &["env", "list", "--json"], &[]).await);
+    assert_eq!(listed.as_array().unwrap().len(), 2);
+    let fetched = json_out(&berth(&server, &["env", "get", &id], &[]).await);
+    assert_eq!(fetched["config"]["image"], "fake:latest");
+
+    let probe = berth(&server, &["env", "probe", &id], &[]).await;
+    assert!(probe.status.success());
+    assert!(stdout(&probe).starts_with("ok: "), "{}", stdout(&probe));
+
+    let removed = berth(&server, &["env", "rm", &id, "--json"], &[]).await;
+    assert_eq!(json_out(&removed)["id"], id.as_str());
+    let gone = berth(&server, &["env", "get", &id], &[]).await;
+    assert_eq!(gone.status.code(), Some(1));
+    assert!(stderr(&gone).contains("not found"), "{}", stderr(&gone));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn config_from_a_file_and_clear_errors() {
+    let server = TestServer::start().await;
+    let file = server.data_dir.join("ssh.json");
+    std::fs::write(
+        &file,
+        r#"{"host": "h", "username": "u", "remoteWorkspacePath": "relative", "port": 0}"#,
+    )
+    .unwrap();
+    let rejected = berth(
+        &server,
+        &[
+            "env",
+            "create",
+            "--name",
+            "x",
+            "--driver",
+            "ssh",
+            "--config",
+            &format!("@{}", file.display()),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(rejected.status.code(), Some(1));
+    let message = stderr(&rejected);
+    assert!(
+        message.contains("config.remoteWorkspacePath") && message.contains("config.port"),
+        "{message}"
+    );
+
+    let bad_json = berth(
+        &server,
+        &[
+            "env", "create", "--name", "x", "--driver", "ssh", "--config", "{nope",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(bad_json.status.code(), Some(1));
+    assert!(
+        stderr(&bad_json).contains("not valid JSON"),
+        "{}",
+        stderr(&bad_json)
+    );
+
+    // A probe that fails exits 1 with the summary.
+    let ssh = berth(
+        &server,
+        &[
+            "env",
+            "create",
+            "--name",
+            "s",
+            "--driver",
+            "ssh",
+            "--config",
+            r#"{"host":"h","username":"u","remoteWorkspacePath":"/w"}"#,
+        ],
+        &[],
+    )
+    .await;
+    let id = stdout(&ssh).trim().to_owned();
+    let probe = berth(&server, &["env", "probe", &id], &[]).await;
+    assert_eq!(probe.status.code(), Some(1));
+    assert!(stdout(&probe).starts_with("failed: "), "{}", stdout(&probe));
+
+    let path_trick = berth(&server, &["env", "get", "../companies"], &[]).await;
+    assert_eq!(path_trick.status.code(), Some(1));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn keys_from_the_environment_act_for_their_own_company() {
+    let server = TestServer::start().await;
+    let acme = server.create_company("acme").await;
+    let manager = server.create_key(&acme, "manager").await;
+    let created = berth(
+        &server,
+        &[
+            "env",
+            "create",
+            "--name",
+            "acme box",
+            "--driver",
+            "sandbox",
+            "--config",
+            r#"{"provider":"fake"}"#,
+        ],
+        &[("BERTH_TOKEN", &manager)],
+    )
+    .await;
+    assert!(created.status.success(), "{}", stderr(&created));
+    let (status, list) = server
+        .get(&format!("/api/companies/{acme}/environments"))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|env| env["name"] == "acme box")
+    );
+
+    // The admin picks a company by name.
+    let by_name = json_out(
+        &berth(
+            &server,
+            &["env", "list", "--json", "--company", "acme"],
+            &[],
+        )
+        .await,
+    );
+    assert_eq!(by_name.as_array().unwrap().len(), 2);
+    let unknown = berth(&server, &["env", "list", "--company", "nobody"], &[]).await;
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(stderr(&unknown).contains("no company named `nobody`"));
+    let forged = berth(&server, &["env", "list"], &[("BERTH_TOKEN", "forged")]).await;
+    assert_eq!(forged.status.code(), Some(1));
+    assert!(stderr(&forged).contains("401"), "{}", stderr(&forged));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_named() {
+    let server = TestServer::start().await;
+    let output = berth(
+        &server,
+        &["env", "list"],
+        &[("BERTH_URL", "http://127.0.0.1:9")],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("cannot reach berth at http://127.0.0.1:9"),
+        "{}",
+        stderr(&output)
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_readme_quickstart_works() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let start = readme
+        .find("<!-- quickstart -->")
+        .expect("quickstart marker");
+    let end = readme
+        .find("<!-- /quickstart -->")
+        .expect("quickstart end marker");
+    let block = &readme[start..end];
+    let script: String = block
+        .split("```bash")
+        .skip(1)
+        .map(|fenced| fenced.split("```").next().unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        script.contains("berth env create") && script.contains("curl"),
+        "{script}"
+    );
+
+    let server = TestServer::start().await;
+    let bin_dir = berth_bin().parent().unwrap().to_owned();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let output = tokio::process::Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &script])
+        .env_clear()
+        .env("PATH", path)
+        .env("HOME", &server.data_dir)
+        .env("BERTH_URL", &server.url)
+        .env("BERTH_DATA_DIR", &server.data_dir)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "quickstart failed\nstdout: {}\nstderr: {}",
+        stdout(&output),
+        stderr(&output)
+    );
+    let company = server.default_company().await;
+    let (_, list) = server
+        .get(&format!("/api/companies/{company}/environments"))
+        .await;
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|env| env["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"build-box"), "{names:?}");
+    assert_eq!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .filter(|env| env["driver"] == json!("local"))
+            .count(),
+        1
+    );
+    server.stop().await;
+}
