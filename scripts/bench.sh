@@ -9,7 +9,7 @@ if [ -z "${BERTH_TEST_POSTGRES_URL:-}" ]; then
   start_throwaway_postgres
 fi
 cargo build --release --locked -p berth-server --bin berth
-export BERTH_BIN="$PWD/target/release/berth"
+export BERTH_BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/berth"
 benches=("$@")
 [ ${#benches[@]} -gt 0 ] || benches=(api)
 for bench in "${benches[@]}"; do

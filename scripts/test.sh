@@ -40,7 +40,7 @@ log "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 log "building the berth binary the tests run"
 cargo build --locked -p berth-server --bin berth
-export BERTH_BIN="$PWD/target/debug/berth"
+export BERTH_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/berth"
 log "tests (SQLite and PostgreSQL)"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast

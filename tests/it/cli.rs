@@ -294,3 +294,120 @@ async fn the_readme_quickstart_works() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn berth_run_streams_output_and_exits_with_the_command_code() {
+    let server = TestServer::start().await;
+    let output = berth(
+        &server,
+        &[
+            "run",
+            "--",
+            "sh",
+            "-c",
+            "echo to-out; echo to-err >&2; exit 7",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(7), "{}", stderr(&output));
+    assert_eq!(stdout(&output), "to-out\n");
+    assert!(stderr(&output).contains("to-err\n"), "{}", stderr(&output));
+
+    let workspace = tempfile::tempdir().unwrap();
+    let ok = berth(
+        &server,
+        &[
+            "run",
+            "--workspace",
+            workspace.path().to_str().unwrap(),
+            "-e",
+            "WHO=berth",
+            "--",
+            "sh",
+            "-c",
+            "echo hi $WHO > greeting; cat greeting",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(ok.status.code(), Some(0), "{}", stderr(&ok));
+    assert_eq!(stdout(&ok), "hi berth\n");
+    assert!(workspace.path().join("greeting").exists());
+
+    let timed_out = berth(
+        &server,
+        &["run", "--timeout", "0.3", "--", "sleep", "100"],
+        &[],
+    )
+    .await;
+    assert_eq!(timed_out.status.code(), Some(124), "{}", stderr(&timed_out));
+
+    let missing = berth(
+        &server,
+        &[
+            "run",
+            "--env",
+            &uuid::Uuid::now_v7().to_string(),
+            "--",
+            "true",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(missing.status.code(), Some(125));
+    assert!(
+        stderr(&missing).contains("environmentId"),
+        "{}",
+        stderr(&missing)
+    );
+    let no_program = berth(&server, &["run", "--", "/nonexistent/program"], &[]).await;
+    assert_eq!(
+        no_program.status.code(),
+        Some(125),
+        "{}",
+        stderr(&no_program)
+    );
+
+    // The sandbox too.
+    let created = berth(
+        &server,
+        &[
+            "env",
+            "create",
+            "--name",
+            "sb",
+            "--driver",
+            "sandbox",
+            "--config",
+            r#"{"provider":"fake"}"#,
+        ],
+        &[],
+    )
+    .await;
+    let env_id = stdout(&created).trim().to_owned();
+    let sandboxed = berth(
+        &server,
+        &[
+            "run",
+            "--env",
+            &env_id,
+            "--json",
+            "--",
+            "echo",
+            "from the sandbox",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(sandboxed.status.code(), Some(0), "{}", stderr(&sandboxed));
+    let events: Vec<Value> = stdout(&sandboxed)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert!(events.iter().any(|event| event["type"] == "stdout" && event["data"]["text"] == "from the sandbox\n"));
+    let leases =
+        json_out(&berth(&server, &["lease", "list", "--env", &env_id, "--json"], &[]).await);
+    assert_eq!(leases.as_array().unwrap().len(), 1);
+    server.stop().await;
+}

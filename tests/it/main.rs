@@ -12,4 +12,5 @@ mod support;
 
 mod api;
 mod cli;
+mod runs;
 mod store;

@@ -10,12 +10,14 @@
 pub mod capabilities;
 pub mod company;
 pub mod config;
+pub mod driver;
 pub mod environment;
 pub mod error;
 pub mod ids;
 pub mod lease;
 pub mod probe;
 pub mod provider;
+pub mod run;
 pub mod time;
 pub mod validation;
 

@@ -10,6 +10,10 @@ use std::pin::Pin;
 use serde_json::{Map, Value};
 
 use crate::config::SandboxConfig;
+use crate::driver::{
+    CancelSignal, DriverError, ExecOutcome, ExecRequest, LeaseHandle, LeaseRequest, OutputSink,
+    RealizedWorkspace, SyncReport, WorkspaceRequest,
+};
 use crate::error::Error;
 use crate::probe::ProbeResult;
 use crate::validation::{ValidationErrors, join_path};
@@ -128,12 +132,65 @@ pub trait ProviderCatalog {
     fn provider_keys(&self) -> Vec<String>;
 }
 
-/// A sandbox provider. The `sandbox` driver hosts these.
+/// A sandbox provider. The `sandbox` driver hosts these: it validates configs against the descriptor's schema, then
+/// delegates every lease and run operation here. Leases are [`LeaseHandle`]s whose `provider` is this provider's key.
 pub trait SandboxProvider: Send + Sync + fmt::Debug + 'static {
     fn descriptor(&self) -> &ProviderDescriptor;
 
     /// Checks that the provider can serve `config`. Never errs: failures are `ok: false` results.
     fn probe<'a>(&'a self, config: &'a SandboxConfig) -> BoxFuture<'a, ProbeResult>;
+
+    /// Creates a sandbox for a run.
+    fn acquire<'a>(
+        &'a self,
+        config: &'a SandboxConfig,
+        request: &'a LeaseRequest,
+    ) -> BoxFuture<'a, Result<LeaseHandle, DriverError>>;
+
+    /// Whether a sandbox kept by an earlier run (`lease`) can serve `config`.
+    fn matches_reusable_lease(&self, config: &SandboxConfig, lease: &LeaseHandle) -> bool;
+
+    /// Takes over a kept sandbox. `Ok(None)`: it is gone.
+    fn resume<'a>(
+        &'a self,
+        config: &'a SandboxConfig,
+        lease: &'a LeaseHandle,
+        request: &'a LeaseRequest,
+    ) -> BoxFuture<'a, Result<Option<LeaseHandle>, DriverError>>;
+
+    /// Ends a run's use of the sandbox: `keep` leaves it for reuse or inspection, otherwise it is removed.
+    fn release<'a>(
+        &'a self,
+        lease: &'a LeaseHandle,
+        keep: bool,
+    ) -> BoxFuture<'a, Result<(), DriverError>>;
+
+    /// Removes the sandbox whatever it holds.
+    fn destroy<'a>(&'a self, lease: &'a LeaseHandle) -> BoxFuture<'a, Result<(), DriverError>>;
+
+    /// Copies the workspace in (or creates an empty one) and returns where commands run.
+    fn prepare_workspace<'a>(
+        &'a self,
+        lease: &'a LeaseHandle,
+        request: &'a WorkspaceRequest,
+    ) -> BoxFuture<'a, Result<RealizedWorkspace, DriverError>>;
+
+    /// Runs a command in the sandbox; see [`crate::driver::EnvironmentDriver::execute`].
+    fn execute<'a>(
+        &'a self,
+        lease: &'a LeaseHandle,
+        workspace: &'a RealizedWorkspace,
+        request: ExecRequest,
+        sink: &'a dyn OutputSink,
+        cancel: CancelSignal,
+    ) -> BoxFuture<'a, Result<ExecOutcome, DriverError>>;
+
+    /// Copies what changed in the sandbox's workspace back to the host.
+    fn sync_back<'a>(
+        &'a self,
+        lease: &'a LeaseHandle,
+        workspace: &'a RealizedWorkspace,
+    ) -> BoxFuture<'a, Result<SyncReport, DriverError>>;
 }
 
 #[cfg(test)]

@@ -1,15 +1,20 @@
-//! berth-drivers: the places runs execute, behind one interface per concern.
+//! berth-drivers: the places runs execute, behind one interface ([`EnvironmentDriver`](berth_core::driver)).
 //!
-//! - [`local`]: this machine, under a workspace root.
-//! - [`registry`]: the installed sandbox providers (the fake is built in), which also serves as the provider
-//!   catalog for config validation and answers "what can this build do?".
-//! - [`probe`]: one entry point that probes any validated config with the right driver.
+//! - [`local`]: this machine, in run-private directories under a workspace root, or in place.
+//! - [`sandbox`]: hosts the sandbox providers and delegates to them.
+//! - [`unsupported`]: ssh and plugin, whose configs validate but which cannot run commands in this build yet.
+//! - [`registry`]: the installed sandbox providers (also the provider catalog for config validation), one driver
+//!   per driver kind, probing, and "what can this build do?".
+//! - [`process`]: the one way berth spawns a command on this host.
+//! - [`sync`]: copying workspaces into sandboxes and their changes back.
 //!
-//! The SSH driver and the plugin host come later; until then their configs validate but probe as unavailable.
+//! This crate depends on no provider: the built-in fake (`berth-fake-provider`) depends on it and registers itself.
 
-pub mod error;
 pub mod local;
-pub mod probe;
+pub mod process;
 pub mod registry;
+pub mod sandbox;
+pub mod sync;
+pub mod unsupported;
 
-pub use error::DriverError;
+pub use berth_core::driver::DriverError;

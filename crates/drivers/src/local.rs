@@ -1,13 +1,28 @@
-//! The local driver: runs commands on the machine berth runs on, in directories under a workspace root.
+//! The local driver: runs commands on the machine berth runs on.
 //!
-//! Only the probe exists so far; runs arrive with the run orchestrator.
+//! A lease is a run-private directory `<workspace root>/<run id>` (mode 0700), removed at release. A run that names a
+//! host directory (`workspace.localPath`) runs in place there instead: nothing is copied, so there is nothing to
+//! sync back. Commands go through [`crate::process::run_process`], with exactly the environment the run asked for.
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
+use berth_core::config::DriverConfig;
+use berth_core::driver::{
+    BoxFuture, CancelSignal, DriverError, EnvironmentDriver, ExecOutcome, ExecRequest, LeaseHandle,
+    LeaseRequest, OutputSink, RealizedWorkspace, SyncReport, WorkspaceRequest,
+};
 use berth_core::environment::Driver;
+use berth_core::ids::RunId;
 use berth_core::probe::ProbeResult;
-use serde_json::Map;
+use serde_json::{Map, Value};
+
+use crate::process::{ProcessSpec, command_cwd, run_process};
+
+/// Lease metadata key: the run-private directory.
+pub const WORKSPACE_DIR_KEY: &str = "workspaceDir";
+/// Lease metadata key: the host the lease is on.
+pub const HOST_KEY: &str = "host";
 
 /// Bytes in a GiB, for human summaries.
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
@@ -42,7 +57,7 @@ impl LocalDriver {
 
     /// Checks that runs could execute here: the workspace root exists (it is created if missing) and is writable,
     /// and reports the host name, free disk, OS and architecture. Never errs: failures are `ok: false`.
-    pub async fn probe(&self) -> ProbeResult {
+    async fn probe_host(&self) -> ProbeResult {
         let root = self.workspace_root.clone();
         // Filesystem calls block; keep them off the async workers.
         let facts = tokio::task::spawn_blocking(move || gather_facts(&root)).await;
@@ -61,6 +76,305 @@ impl LocalDriver {
             }
         }
     }
+
+    /// Creates `<root>/<run id>` for a run.
+    async fn create_lease_dir(&self, run_id: RunId) -> Result<PathBuf, DriverError> {
+        let root = self.workspace_root.clone();
+        blocking(move || {
+            std::fs::create_dir_all(&root).map_err(io_error(format!(
+                "creating the workspace root {}",
+                root.display()
+            )))?;
+            let root = std::fs::canonicalize(&root).map_err(io_error(format!(
+                "resolving the workspace root {}",
+                root.display()
+            )))?;
+            let dir = root.join(run_id.to_string());
+            create_private_dir(&dir)?;
+            Ok(dir)
+        })
+        .await
+    }
+
+    /// The lease's run directory, checked to be `<root>/<run id>`: lease metadata travels through storage, and a
+    /// tampered path must never make berth run in, or delete, anything else. `Ok(None)`: the lease names none.
+    async fn lease_dir(&self, lease: &LeaseHandle) -> Result<Option<PathBuf>, DriverError> {
+        let Some(value) = lease.metadata.get(WORKSPACE_DIR_KEY) else {
+            return Ok(None);
+        };
+        let Some(dir) = value.as_str().map(PathBuf::from) else {
+            return Err(DriverError::failed(
+                "the lease's workspaceDir is not a path",
+            ));
+        };
+        let root = self.workspace_root.clone();
+        let checked = dir.clone();
+        let inside = blocking(move || {
+            // A root that does not exist holds no lease directories.
+            match std::fs::canonicalize(&root) {
+                Ok(root) => Ok(is_run_dir_of(&root, &checked)),
+                Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
+                Err(err) => Err(io_error(format!(
+                    "resolving the workspace root {}",
+                    root.display()
+                ))(err)),
+            }
+        })
+        .await?;
+        if inside {
+            Ok(Some(dir))
+        } else {
+            tracing::warn!(lease.dir = %dir.display(), "refusing a lease directory outside the workspace root");
+            Err(DriverError::failed(format!(
+                "the lease's workspace directory {} is not a run directory under the workspace root {}",
+                dir.display(),
+                self.workspace_root.display()
+            )))
+        }
+    }
+
+    async fn remove_lease_dir(&self, lease: &LeaseHandle) -> Result<(), DriverError> {
+        let Some(dir) = self.lease_dir(lease).await? else {
+            tracing::debug!("local lease has no workspace directory; nothing to remove");
+            return Ok(());
+        };
+        blocking(move || {
+            // Processes still working there (a crashed berth's commands) go with the workspace.
+            crate::process::kill_processes_in(&dir);
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => {
+                    tracing::debug!(lease.dir = %dir.display(), "local lease directory removed");
+                    Ok(())
+                }
+                Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(err) => Err(io_error(format!("removing {}", dir.display()))(err)),
+            }
+        })
+        .await
+    }
+}
+
+impl EnvironmentDriver for LocalDriver {
+    fn driver(&self) -> Driver {
+        Driver::Local
+    }
+
+    fn probe<'a>(&'a self, config: &'a DriverConfig) -> BoxFuture<'a, ProbeResult> {
+        Box::pin(async move {
+            match config {
+                DriverConfig::Local => self.probe_host().await,
+                other => ProbeResult::failed(
+                    Driver::Local,
+                    format!("the local driver cannot probe a {} config", other.driver()),
+                ),
+            }
+        })
+    }
+
+    fn acquire<'a>(
+        &'a self,
+        config: &'a DriverConfig,
+        request: &'a LeaseRequest,
+    ) -> BoxFuture<'a, Result<LeaseHandle, DriverError>> {
+        Box::pin(async move {
+            if !matches!(config, DriverConfig::Local) {
+                return Err(DriverError::failed(format!(
+                    "the local driver cannot take a lease for a {} config",
+                    config.driver()
+                )));
+            }
+            let dir = self.create_lease_dir(request.run_id).await?;
+            let Some(dir_text) = dir.to_str().map(str::to_owned) else {
+                return Err(DriverError::failed(format!(
+                    "the workspace root {} is not a UTF-8 path",
+                    self.workspace_root.display()
+                )));
+            };
+            tracing::debug!(run.id = %request.run_id, lease.dir = %dir_text, "local lease acquired");
+            let mut metadata = Map::new();
+            metadata.insert(HOST_KEY.to_owned(), hostname().into());
+            metadata.insert(WORKSPACE_DIR_KEY.to_owned(), dir_text.into());
+            Ok(LeaseHandle {
+                provider: None,
+                provider_lease_id: None,
+                metadata,
+                expires_at: None,
+            })
+        })
+    }
+
+    /// Local leases are never reused: each run gets its own directory.
+    fn matches_reusable_lease(&self, _config: &DriverConfig, _lease: &LeaseHandle) -> bool {
+        false
+    }
+
+    fn resume<'a>(
+        &'a self,
+        _config: &'a DriverConfig,
+        _lease: &'a LeaseHandle,
+        _request: &'a LeaseRequest,
+    ) -> BoxFuture<'a, Result<Option<LeaseHandle>, DriverError>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    /// Removes the run directory unless `keep` (kept for inspection; a later [`destroy`](Self::destroy) removes it).
+    fn release<'a>(
+        &'a self,
+        lease: &'a LeaseHandle,
+        keep: bool,
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            if keep {
+                tracing::debug!("local lease kept");
+                return Ok(());
+            }
+            self.remove_lease_dir(lease).await
+        })
+    }
+
+    fn destroy<'a>(&'a self, lease: &'a LeaseHandle) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(self.remove_lease_dir(lease))
+    }
+
+    fn realize_workspace<'a>(
+        &'a self,
+        lease: &'a LeaseHandle,
+        request: &'a WorkspaceRequest,
+    ) -> BoxFuture<'a, Result<RealizedWorkspace, DriverError>> {
+        Box::pin(async move {
+            let (dir, local_path, ephemeral) = match &request.local_path {
+                Some(path) => {
+                    let path = path.clone();
+                    let dir = blocking(move || {
+                        let resolved = std::fs::canonicalize(&path).map_err(|err| {
+                            DriverError::failed(format!(
+                                "the workspace path {} is not usable: {err}",
+                                path.display()
+                            ))
+                        })?;
+                        if !resolved.is_dir() {
+                            return Err(DriverError::failed(format!(
+                                "the workspace path {} is not a directory",
+                                path.display()
+                            )));
+                        }
+                        Ok(resolved)
+                    })
+                    .await?;
+                    (dir.clone(), Some(dir), false)
+                }
+                None => {
+                    let Some(dir) = self.lease_dir(lease).await? else {
+                        return Err(DriverError::failed(
+                            "the local lease has no workspace directory",
+                        ));
+                    };
+                    (dir, None, true)
+                }
+            };
+            let Some(cwd) = dir.to_str().map(str::to_owned) else {
+                return Err(DriverError::failed(format!(
+                    "the workspace path {} is not UTF-8",
+                    dir.display()
+                )));
+            };
+            tracing::debug!(run.id = %request.run_id, workspace.cwd = %cwd, ephemeral, "local workspace ready");
+            let mut metadata = Map::new();
+            metadata.insert("inPlace".to_owned(), Value::Bool(!ephemeral));
+            Ok(RealizedWorkspace {
+                cwd,
+                local_path,
+                ephemeral,
+                metadata,
+            })
+        })
+    }
+
+    fn execute<'a>(
+        &'a self,
+        _lease: &'a LeaseHandle,
+        workspace: &'a RealizedWorkspace,
+        request: ExecRequest,
+        sink: &'a dyn OutputSink,
+        cancel: CancelSignal,
+    ) -> BoxFuture<'a, Result<ExecOutcome, DriverError>> {
+        Box::pin(async move {
+            let cwd = command_cwd(Path::new(&workspace.cwd), &request)?;
+            let spec = ProcessSpec {
+                argv: request.argv,
+                env: request.env,
+                cwd,
+                stdin: request.stdin,
+                timeout: request.timeout,
+            };
+            run_process(spec, sink, cancel).await
+        })
+    }
+
+    /// In-place workspaces hold the command's changes already; run-private ones have no host directory.
+    fn sync_back<'a>(
+        &'a self,
+        _lease: &'a LeaseHandle,
+        _workspace: &'a RealizedWorkspace,
+    ) -> BoxFuture<'a, Result<SyncReport, DriverError>> {
+        Box::pin(async { Ok(SyncReport::default()) })
+    }
+}
+
+/// Whether `dir` is exactly `<root>/<a run id>`, judged on the path's text (no symlink resolution).
+fn is_run_dir_of(root: &Path, dir: &Path) -> bool {
+    let plain = dir
+        .components()
+        .all(|component| matches!(component, Component::RootDir | Component::Normal(_)));
+    plain
+        && dir.parent() == Some(root)
+        && dir
+            .file_name()
+            .and_then(|name| name.to_str())
+            .is_some_and(|name| name.parse::<RunId>().is_ok())
+}
+
+/// Creates a directory only its owner can enter. An existing directory (not a symlink) is accepted, so a retried
+/// acquire for the same run succeeds.
+fn create_private_dir(dir: &Path) -> Result<(), DriverError> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {
+            let meta = std::fs::symlink_metadata(dir)
+                .map_err(io_error(format!("reading {}", dir.display())))?;
+            if meta.is_dir() {
+                Ok(())
+            } else {
+                Err(DriverError::failed(format!(
+                    "{} exists and is not a directory",
+                    dir.display()
+                )))
+            }
+        }
+        Err(err) => Err(io_error(format!("creating {}", dir.display()))(err)),
+    }
+}
+
+fn hostname() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn io_error(context: String) -> impl FnOnce(io::Error) -> DriverError {
+    move |source| DriverError::Io { context, source }
+}
+
+/// Runs filesystem work off the async workers.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, DriverError> + Send + 'static,
+) -> Result<T, DriverError> {
+    tokio::task::spawn_blocking(work).await.map_err(|err| {
+        tracing::warn!(driver = "local", error = %err, "local driver task did not finish");
+        DriverError::failed("the local driver could not finish: its worker task failed")
+    })?
 }
 
 fn ready(facts: HostFacts) -> ProbeResult {
@@ -111,10 +425,7 @@ fn gather_facts(root: &Path) -> Result<HostFacts, String> {
         )
     })?;
     let free_disk_bytes = stats.f_bavail.saturating_mul(stats.f_frsize);
-    let hostname = rustix::system::uname()
-        .nodename()
-        .to_string_lossy()
-        .into_owned();
+    let hostname = hostname();
     Ok(HostFacts {
         hostname,
         cwd,
@@ -124,14 +435,56 @@ fn gather_facts(root: &Path) -> Result<HostFacts, String> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    use berth_core::driver::OutputStream;
+    use berth_core::ids::EnvironmentId;
+
     use super::*;
+
+    #[derive(Debug, Default)]
+    struct Collect(Mutex<Vec<u8>>);
+
+    impl OutputSink for Collect {
+        fn output<'a>(&'a self, _stream: OutputStream, data: &'a [u8]) -> BoxFuture<'a, ()> {
+            Box::pin(async move { self.0.lock().unwrap().extend_from_slice(data) })
+        }
+    }
+
+    impl Collect {
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    fn never() -> CancelSignal {
+        Box::pin(std::future::pending())
+    }
+
+    fn lease_request() -> LeaseRequest {
+        LeaseRequest {
+            environment_id: EnvironmentId::new(),
+            run_id: RunId::new(),
+        }
+    }
+
+    fn exec(argv: &[&str]) -> ExecRequest {
+        ExecRequest {
+            argv: argv.iter().map(|arg| (*arg).to_owned()).collect(),
+            env: BTreeMap::new(),
+            cwd: None,
+            stdin: None,
+            timeout: None,
+        }
+    }
 
     #[tokio::test]
     async fn probe_creates_the_root_and_reports_the_host() {
         let temp = tempfile::tempdir().unwrap();
         let root = temp.path().join("workspaces").join("nested");
         let driver = LocalDriver::new(&root);
-        let result = driver.probe().await;
+        let result = driver.probe(&DriverConfig::Local).await;
 
         assert!(result.ok, "{result:?}");
         assert_eq!(result.driver, Driver::Local);
@@ -165,7 +518,9 @@ mod tests {
     #[tokio::test]
     async fn probe_of_an_existing_root_is_ok() {
         let temp = tempfile::tempdir().unwrap();
-        let result = LocalDriver::new(temp.path()).probe().await;
+        let result = LocalDriver::new(temp.path())
+            .probe(&DriverConfig::Local)
+            .await;
         assert!(result.ok, "{result:?}");
     }
 
@@ -175,7 +530,7 @@ mod tests {
         let file = temp.path().join("plain-file");
         std::fs::write(&file, b"not a directory").unwrap();
         let root = file.join("workspaces");
-        let result = LocalDriver::new(&root).probe().await;
+        let result = LocalDriver::new(&root).probe(&DriverConfig::Local).await;
 
         assert!(!result.ok);
         assert_eq!(result.driver, Driver::Local);
@@ -195,12 +550,255 @@ mod tests {
         let temp = tempfile::tempdir().unwrap();
         let file = temp.path().join("plain-file");
         std::fs::write(&file, b"x").unwrap();
-        let result = LocalDriver::new(&file).probe().await;
+        let result = LocalDriver::new(&file).probe(&DriverConfig::Local).await;
         assert!(!result.ok);
         assert!(
             result.summary.contains("workspace root"),
             "{}",
             result.summary
         );
+    }
+
+    #[tokio::test]
+    async fn a_run_private_workspace_lives_from_acquire_to_release() {
+        let temp = tempfile::tempdir().unwrap();
+        let root = temp.path().join("root");
+        let driver = LocalDriver::new(&root);
+        let request = lease_request();
+        let lease = driver
+            .acquire(&DriverConfig::Local, &request)
+            .await
+            .unwrap();
+
+        let dir = std::fs::canonicalize(&root)
+            .unwrap()
+            .join(request.run_id.to_string());
+        assert_eq!(lease.provider, None);
+        assert_eq!(lease.provider_lease_id, None);
+        assert_eq!(lease.expires_at, None);
+        assert_eq!(
+            lease.metadata[WORKSPACE_DIR_KEY],
+            dir.display().to_string().as_str()
+        );
+        assert_eq!(lease.metadata[HOST_KEY], hostname().as_str());
+        assert!(dir.is_dir());
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+
+        let workspace = driver
+            .realize_workspace(
+                &lease,
+                &WorkspaceRequest {
+                    run_id: request.run_id,
+                    local_path: None,
+                },
+            )
+            .await
+            .unwrap();
+        assert!(workspace.ephemeral);
+        assert_eq!(workspace.local_path, None);
+        assert_eq!(workspace.cwd, dir.display().to_string());
+
+        let sink = Collect::default();
+        let mut command = exec(&["/bin/sh", "-c", "echo made > file.txt; pwd; echo $HOME"]);
+        command.env.insert("ONLY".to_owned(), "this".to_owned());
+        let outcome = driver
+            .execute(&lease, &workspace, command, &sink, never())
+            .await
+            .unwrap();
+        assert_eq!(outcome.exit_code, Some(0));
+        let cwd = dir.display().to_string();
+        assert_eq!(sink.text(), format!("{cwd}\n{cwd}\n"));
+        assert_eq!(
+            std::fs::read_to_string(dir.join("file.txt")).unwrap(),
+            "made\n"
+        );
+        assert_eq!(
+            driver.sync_back(&lease, &workspace).await.unwrap(),
+            SyncReport::default()
+        );
+
+        assert!(!driver.matches_reusable_lease(&DriverConfig::Local, &lease));
+        assert_eq!(
+            driver
+                .resume(&DriverConfig::Local, &lease, &request)
+                .await
+                .unwrap(),
+            None
+        );
+
+        driver.release(&lease, true).await.unwrap();
+        assert!(dir.is_dir(), "keep leaves the directory for inspection");
+        driver.release(&lease, false).await.unwrap();
+        assert!(!dir.exists());
+        // Releasing twice, or destroying what is gone, is fine.
+        driver.release(&lease, false).await.unwrap();
+        driver.destroy(&lease).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_local_path_runs_in_place() {
+        let temp = tempfile::tempdir().unwrap();
+        let project = temp.path().join("project");
+        std::fs::create_dir_all(project.join("sub")).unwrap();
+        std::fs::write(project.join("sub/in.txt"), "input").unwrap();
+        let driver = LocalDriver::new(temp.path().join("root"));
+        let request = lease_request();
+        let lease = driver
+            .acquire(&DriverConfig::Local, &request)
+            .await
+            .unwrap();
+        let workspace = driver
+            .realize_workspace(
+                &lease,
+                &WorkspaceRequest {
+                    run_id: request.run_id,
+                    // Resolved: the command runs in the real directory.
+                    local_path: Some(project.join("sub").join("..")),
+                },
+            )
+            .await
+            .unwrap();
+        let project = std::fs::canonicalize(&project).unwrap();
+        assert!(!workspace.ephemeral);
+        assert_eq!(workspace.local_path.as_deref(), Some(project.as_path()));
+        assert_eq!(workspace.cwd, project.display().to_string());
+
+        let sink = Collect::default();
+        let mut command = exec(&["/bin/sh", "-c", "cat in.txt; echo out > out.txt"]);
+        command.cwd = Some("sub".to_owned());
+        let outcome = driver
+            .execute(&lease, &workspace, command, &sink, never())
+            .await
+            .unwrap();
+        assert_eq!(outcome.exit_code, Some(0));
+        assert_eq!(sink.text(), "input");
+        assert_eq!(
+            std::fs::read_to_string(project.join("sub/out.txt")).unwrap(),
+            "out\n"
+        );
+
+        // Release removes the run directory, never the project.
+        driver.destroy(&lease).await.unwrap();
+        assert!(project.join("sub/in.txt").exists());
+
+        let missing = driver
+            .realize_workspace(
+                &lease,
+                &WorkspaceRequest {
+                    run_id: request.run_id,
+                    local_path: Some(temp.path().join("nope")),
+                },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(missing.code(), "driver_failed");
+        assert!(missing.to_string().contains("nope"), "{missing}");
+    }
+
+    #[tokio::test]
+    async fn command_cwds_stay_inside_the_workspace() {
+        let temp = tempfile::tempdir().unwrap();
+        let driver = LocalDriver::new(temp.path());
+        let request = lease_request();
+        let lease = driver
+            .acquire(&DriverConfig::Local, &request)
+            .await
+            .unwrap();
+        let workspace = driver
+            .realize_workspace(
+                &lease,
+                &WorkspaceRequest {
+                    run_id: request.run_id,
+                    local_path: None,
+                },
+            )
+            .await
+            .unwrap();
+        for bad in ["/etc", "..", "a/../../b"] {
+            let mut command = exec(&["pwd"]);
+            command.cwd = Some(bad.to_owned());
+            let err = driver
+                .execute(&lease, &workspace, command, &Collect::default(), never())
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), "spawn_failed", "{bad}");
+            assert!(
+                err.to_string()
+                    .contains("relative path inside the workspace"),
+                "{err}"
+            );
+        }
+        let mut command = exec(&["pwd"]);
+        command.cwd = Some("missing".to_owned());
+        let err = driver
+            .execute(&lease, &workspace, command, &Collect::default(), never())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "spawn_failed");
+    }
+
+    #[tokio::test]
+    async fn tampered_lease_metadata_never_deletes_outside_the_root() {
+        let temp = tempfile::tempdir().unwrap();
+        let victim = temp.path().join("victim");
+        std::fs::create_dir(&victim).unwrap();
+        std::fs::write(victim.join("precious"), "x").unwrap();
+        let root = temp.path().join("root");
+        let driver = LocalDriver::new(&root);
+        let lease = driver
+            .acquire(&DriverConfig::Local, &lease_request())
+            .await
+            .unwrap();
+        let canonical_root = std::fs::canonicalize(&root).unwrap();
+
+        // A sibling of the run directories that is not one.
+        let not_a_run = canonical_root.join("shared");
+        std::fs::create_dir(&not_a_run).unwrap();
+        for bad in [
+            victim.display().to_string(),
+            format!("{}/../victim", canonical_root.display()),
+            not_a_run.display().to_string(),
+            canonical_root.display().to_string(),
+            format!("{}/{}/..", canonical_root.display(), RunId::new()),
+        ] {
+            let mut tampered = lease.clone();
+            tampered
+                .metadata
+                .insert(WORKSPACE_DIR_KEY.to_owned(), bad.clone().into());
+            let err = driver.destroy(&tampered).await.unwrap_err();
+            assert_eq!(err.code(), "driver_failed", "{bad}");
+            assert!(driver.release(&tampered, false).await.is_err(), "{bad}");
+        }
+        assert!(victim.join("precious").exists());
+        assert!(not_a_run.exists());
+
+        let mut no_dir = lease.clone();
+        no_dir.metadata.remove(WORKSPACE_DIR_KEY);
+        driver.destroy(&no_dir).await.unwrap();
+        let mut not_text = lease.clone();
+        not_text
+            .metadata
+            .insert(WORKSPACE_DIR_KEY.to_owned(), 7.into());
+        assert!(driver.destroy(&not_text).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn other_configs_are_refused() {
+        let temp = tempfile::tempdir().unwrap();
+        let driver = LocalDriver::new(temp.path());
+        let config = DriverConfig::Sandbox(berth_core::config::SandboxConfig {
+            provider: "fake".to_owned(),
+            reuse_lease: false,
+            timeout_ms: None,
+            fields: Map::new(),
+        });
+        let result = driver.probe(&config).await;
+        assert!(!result.ok);
+        assert!(driver.acquire(&config, &lease_request()).await.is_err());
+        assert_eq!(driver.driver(), Driver::Local);
     }
 }

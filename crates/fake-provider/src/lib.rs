@@ -1,15 +1,36 @@
 //! berth-fake-provider: a deterministic sandbox provider, built in as `fake`.
 //!
 //! The fake exists so that every path through berth that involves a sandbox provider (config validation, probes,
-//! capabilities, and later leases and runs) can be exercised in tests and demos without a cloud account. It behaves
-//! the same way every time, and its [`FakeFaults`] knobs make it fail on purpose, so tests can check how berth treats
-//! a misbehaving provider.
+//! capabilities, leases, workspace sync and runs) can be exercised in tests and demos without a cloud account.
+//!
+//! A fake sandbox is a private directory (mode 0700) under the provider's root; its workspace is a copy of the run's
+//! host directory at `<sandbox>/workspace`, commands run there through berth's own process runner with only the
+//! environment the run asked for, and changes are synced back like a remote sandbox's would be. It is *not*
+//! isolation: commands run on the berth host as berth's user.
+//!
+//! It behaves the same way every time: lease ids come from the environment id (reusable leases) or the run id and a
+//! counter that starts at the builder's seed, so a given sequence of calls always yields the same ids. Its
+//! [`FakeFaults`] knobs make it fail on purpose, so tests can check how berth treats a misbehaving provider.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use berth_core::config::SandboxConfig;
+use berth_core::driver::{
+    CancelSignal, DriverError, ExecOutcome, ExecRequest, LeaseHandle, LeaseRequest, OutputSink,
+    OutputStream, RealizedWorkspace, SyncReport, WorkspaceRequest,
+};
 use berth_core::environment::Driver;
 use berth_core::error::Error;
+use berth_core::ids::{EnvironmentId, RunId};
 use berth_core::probe::ProbeResult;
 use berth_core::provider::{BoxFuture, ProviderDescriptor, ProviderSpec, SandboxProvider};
+use berth_drivers::process::{ProcessSpec, command_cwd, run_process};
+use berth_drivers::registry::ProviderRegistry;
+use berth_drivers::sync::{self, Manifest};
 use serde_json::{Map, Value, json};
 
 /// The value of `config.provider` that selects the fake.
@@ -19,31 +40,102 @@ pub const FAKE_PROVIDER_KEY: &str = "fake";
 /// always carry it.
 pub const DEFAULT_IMAGE: &str = "fake:latest";
 
-/// A sandbox provider that needs no outside service: sandboxes are private temporary directories on this machine.
+/// Every fake lease id starts with this.
+pub const LEASE_ID_PREFIX: &str = "sandbox://fake/";
+
+/// Workspace metadata key of the manifest taken at copy-in, which sync-back diffs against.
+pub const MANIFEST_KEY: &str = "manifest";
+
+/// Registers the built-in fake (default root, no faults) in `registry`.
+pub fn register_builtin(registry: &mut ProviderRegistry) -> Result<(), DriverError> {
+    registry.register(Arc::new(FakeProvider::new()?))
+}
+
+/// A sandbox provider that needs no outside service: sandboxes are private directories on this machine.
 #[derive(Debug)]
 pub struct FakeProvider {
     descriptor: ProviderDescriptor,
     faults: FakeFaults,
+    root: PathBuf,
+    /// The `n` of the next `sandbox://fake/<runId>/<n>` lease id.
+    next_lease: AtomicU64,
 }
 
 /// Failures the fake injects on purpose. Every knob defaults to "behave".
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FakeFaults {
-    /// When set, every probe fails with this summary.
+    /// Every probe fails with this summary.
     pub fail_probe: Option<String>,
+    /// Every acquire fails with this message (after `acquire_delay`).
+    pub fail_acquire: Option<String>,
+    /// Every release and destroy fails with this message, leaving the sandbox in place.
+    pub fail_release: Option<String>,
+    /// Every acquire takes at least this long.
+    pub acquire_delay: Option<Duration>,
+    /// Commands' output is discarded instead of forwarded: a provider that loses output.
+    pub drop_output: bool,
 }
 
-/// Builds a [`FakeProvider`] with fault knobs: `FakeProvider::builder().fail_probe("down").build()`.
+/// Builds a [`FakeProvider`]: `FakeProvider::builder().root(dir).seed(7).fail_probe("down").build()`.
 #[derive(Clone, Debug, Default)]
 #[must_use]
 pub struct FakeProviderBuilder {
     faults: FakeFaults,
+    root: Option<PathBuf>,
+    seed: u64,
+}
+
+/// Which sandbox a lease id names. Parsed strictly, so a lease id read back from storage can only ever name a
+/// directory directly under the provider's root.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LeaseKey {
+    /// `sandbox://fake/<environmentId>`: reusable by the environment's later runs.
+    Environment(EnvironmentId),
+    /// `sandbox://fake/<runId>/<n>`: one run's.
+    Run(RunId, u64),
+}
+
+impl LeaseKey {
+    fn parse(id: &str) -> Option<Self> {
+        let rest = id.strip_prefix(LEASE_ID_PREFIX)?;
+        let key = match rest.split_once('/') {
+            None => LeaseKey::Environment(rest.parse().ok()?),
+            Some((run, n)) => LeaseKey::Run(run.parse().ok()?, n.parse().ok()?),
+        };
+        // One spelling per id (no `+1`, `01` or upper-case uuids): only what `id` would have made.
+        (key.id() == id).then_some(key)
+    }
+
+    fn id(self) -> String {
+        match self {
+            LeaseKey::Environment(environment) => format!("{LEASE_ID_PREFIX}{environment}"),
+            LeaseKey::Run(run, n) => format!("{LEASE_ID_PREFIX}{run}/{n}"),
+        }
+    }
+
+    /// The sandbox directory's name under the root.
+    fn dir_name(self) -> String {
+        match self {
+            LeaseKey::Environment(environment) => format!("env-{environment}"),
+            LeaseKey::Run(run, n) => format!("run-{run}-{n}"),
+        }
+    }
+}
+
+/// Discards output: the `drop_output` fault.
+#[derive(Debug)]
+struct Discard;
+
+impl OutputSink for Discard {
+    fn output<'a>(&'a self, _stream: OutputStream, _data: &'a [u8]) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
 }
 
 // === impl FakeProvider ===
 
 impl FakeProvider {
-    /// A well-behaved fake.
+    /// A well-behaved fake with its sandboxes under `<temp dir>/berth-fake`.
     ///
     /// Fallible only because [`ProviderDescriptor::new`] compiles the config schema; the schema is a constant, so an
     /// error here is a bug in this crate, which the tests catch. Returning it (rather than panicking) lets the
@@ -60,6 +152,16 @@ impl FakeProvider {
         &self.faults
     }
 
+    /// Where the sandboxes live.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The root used when the builder names none.
+    pub fn default_root() -> PathBuf {
+        std::env::temp_dir().join("berth-fake")
+    }
+
     /// The registration spec of the fake: key, names and config schema.
     pub fn spec() -> ProviderSpec {
         ProviderSpec {
@@ -70,8 +172,7 @@ impl FakeProvider {
                 .to_owned(),
             config_schema: config_schema(),
             supports_reusable_leases: true,
-            // Runs on the fake arrive together with the run orchestrator.
-            supports_run_execution: false,
+            supports_run_execution: true,
         }
     }
 
@@ -89,12 +190,7 @@ impl FakeProvider {
                 ),
             );
         }
-        let image = config
-            .fields
-            .get("image")
-            .and_then(Value::as_str)
-            .unwrap_or(DEFAULT_IMAGE)
-            .to_owned();
+        let image = image_of(config);
         let mut details = Map::new();
         details.insert("provider".to_owned(), FAKE_PROVIDER_KEY.into());
         details.insert("image".to_owned(), image.clone().into());
@@ -104,6 +200,84 @@ impl FakeProvider {
             format!("fake sandbox provider ready (image {image})"),
             details,
         )
+    }
+
+    /// The sandbox directory a lease names, derived from its id (never from metadata, which is only informative):
+    /// always directly under the root, whatever was stored.
+    fn sandbox_dir(&self, lease: &LeaseHandle) -> Result<(LeaseKey, PathBuf), DriverError> {
+        let id = lease.provider_lease_id.as_deref().unwrap_or_default();
+        let Some(key) = LeaseKey::parse(id) else {
+            tracing::warn!(lease.id = %id, "refusing a lease id the fake provider did not make");
+            return Err(DriverError::failed(format!(
+                "`{id}` is not a fake sandbox lease id"
+            )));
+        };
+        Ok((key, self.root.join(key.dir_name())))
+    }
+
+    /// The workspace directory of `workspace`, checked to be `<sandbox>/workspace` of this lease.
+    fn workspace_dir(
+        &self,
+        lease: &LeaseHandle,
+        workspace: &RealizedWorkspace,
+    ) -> Result<PathBuf, DriverError> {
+        let (_, sandbox) = self.sandbox_dir(lease)?;
+        let expected = sandbox.join("workspace");
+        if Path::new(&workspace.cwd) != expected {
+            return Err(DriverError::failed(format!(
+                "the workspace {} is not this fake sandbox's workspace",
+                workspace.cwd
+            )));
+        }
+        Ok(expected)
+    }
+
+    fn lease_handle(
+        &self,
+        key: LeaseKey,
+        dir: &Path,
+        image: String,
+        reuse_lease: bool,
+    ) -> LeaseHandle {
+        let mut metadata = Map::new();
+        metadata.insert("provider".to_owned(), FAKE_PROVIDER_KEY.into());
+        metadata.insert("image".to_owned(), image.into());
+        metadata.insert("reuseLease".to_owned(), reuse_lease.into());
+        metadata.insert("sandboxDir".to_owned(), dir.display().to_string().into());
+        LeaseHandle {
+            provider: Some(FAKE_PROVIDER_KEY.to_owned()),
+            provider_lease_id: Some(key.id()),
+            metadata,
+            expires_at: None,
+        }
+    }
+
+    async fn remove_sandbox(
+        &self,
+        lease: &LeaseHandle,
+        operation: &'static str,
+    ) -> Result<(), DriverError> {
+        let (key, dir) = self.sandbox_dir(lease)?;
+        if let Some(message) = &self.faults.fail_release {
+            tracing::debug!(lease.id = %key.id(), operation, "fake release fault injected");
+            return Err(DriverError::failed(message.clone()));
+        }
+        blocking(move || {
+            // Processes still working in the sandbox (a crashed berth's commands) go with it.
+            berth_drivers::process::kill_processes_in(&dir);
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => {
+                    tracing::debug!(lease.id = %key.id(), operation, "fake sandbox removed");
+                    Ok(())
+                }
+                Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(err) => Err(io_error(format!(
+                    "removing the fake sandbox {}",
+                    dir.display()
+                ))(err)),
+            }
+        })
+        .await
     }
 }
 
@@ -115,14 +289,284 @@ impl SandboxProvider for FakeProvider {
     fn probe<'a>(&'a self, config: &'a SandboxConfig) -> BoxFuture<'a, ProbeResult> {
         Box::pin(async move { self.probe_now(config) })
     }
+
+    fn acquire<'a>(
+        &'a self,
+        config: &'a SandboxConfig,
+        request: &'a LeaseRequest,
+    ) -> BoxFuture<'a, Result<LeaseHandle, DriverError>> {
+        Box::pin(async move {
+            if let Some(delay) = self.faults.acquire_delay {
+                tokio::time::sleep(delay).await;
+            }
+            if let Some(message) = &self.faults.fail_acquire {
+                tracing::debug!(run.id = %request.run_id, "fake acquire fault injected");
+                return Err(DriverError::failed(message.clone()));
+            }
+            if config.provider != FAKE_PROVIDER_KEY {
+                return Err(DriverError::failed(format!(
+                    "the fake provider was asked for a lease for provider `{}`",
+                    config.provider
+                )));
+            }
+            let key = if config.reuse_lease {
+                LeaseKey::Environment(request.environment_id)
+            } else {
+                LeaseKey::Run(
+                    request.run_id,
+                    self.next_lease.fetch_add(1, Ordering::Relaxed),
+                )
+            };
+            let root = self.root.clone();
+            let dir = self.root.join(key.dir_name());
+            let created = dir.clone();
+            blocking(move || {
+                ensure_private_root(&root)?;
+                // A reusable sandbox that survived an earlier run is taken as it is.
+                create_private_dir(&created)
+            })
+            .await?;
+            tracing::debug!(run.id = %request.run_id, lease.id = %key.id(), "fake sandbox acquired");
+            Ok(self.lease_handle(key, &dir, image_of(config), config.reuse_lease))
+        })
+    }
+
+    fn matches_reusable_lease(&self, config: &SandboxConfig, lease: &LeaseHandle) -> bool {
+        lease
+            .provider_lease_id
+            .as_deref()
+            .is_some_and(|id| !id.is_empty())
+            && lease.metadata.get("provider").and_then(Value::as_str) == Some(FAKE_PROVIDER_KEY)
+            && lease.metadata.get("reuseLease") == Some(&Value::Bool(true))
+            && lease.metadata.get("image").and_then(Value::as_str)
+                == Some(image_of(config).as_str())
+    }
+
+    fn resume<'a>(
+        &'a self,
+        config: &'a SandboxConfig,
+        lease: &'a LeaseHandle,
+        request: &'a LeaseRequest,
+    ) -> BoxFuture<'a, Result<Option<LeaseHandle>, DriverError>> {
+        Box::pin(async move {
+            let (key, dir) = self.sandbox_dir(lease)?;
+            let checked = dir.clone();
+            let exists = blocking(move || match std::fs::symlink_metadata(&checked) {
+                Ok(meta) => Ok(meta.is_dir()),
+                Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
+                Err(err) => Err(io_error(format!("reading {}", checked.display()))(err)),
+            })
+            .await?;
+            if !exists {
+                tracing::debug!(run.id = %request.run_id, lease.id = %key.id(), "kept fake sandbox is gone");
+                return Ok(None);
+            }
+            let mut resumed = self.lease_handle(key, &dir, image_of(config), config.reuse_lease);
+            resumed
+                .metadata
+                .insert("resumedLease".to_owned(), true.into());
+            tracing::debug!(run.id = %request.run_id, lease.id = %key.id(), "fake sandbox resumed");
+            Ok(Some(resumed))
+        })
+    }
+
+    fn release<'a>(
+        &'a self,
+        lease: &'a LeaseHandle,
+        keep: bool,
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            if keep {
+                let (key, _) = self.sandbox_dir(lease)?;
+                if let Some(message) = &self.faults.fail_release {
+                    return Err(DriverError::failed(message.clone()));
+                }
+                tracing::debug!(lease.id = %key.id(), "fake sandbox kept");
+                return Ok(());
+            }
+            self.remove_sandbox(lease, "release").await
+        })
+    }
+
+    fn destroy<'a>(&'a self, lease: &'a LeaseHandle) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(self.remove_sandbox(lease, "destroy"))
+    }
+
+    fn prepare_workspace<'a>(
+        &'a self,
+        lease: &'a LeaseHandle,
+        request: &'a WorkspaceRequest,
+    ) -> BoxFuture<'a, Result<RealizedWorkspace, DriverError>> {
+        Box::pin(async move {
+            let (key, sandbox) = self.sandbox_dir(lease)?;
+            let workspace = sandbox.join("workspace");
+            let cwd = workspace.to_str().map(str::to_owned).ok_or_else(|| {
+                DriverError::failed("the fake provider's root is not a UTF-8 path")
+            })?;
+            let local_path = request.local_path.clone();
+            let local_path = blocking(move || {
+                if !std::fs::symlink_metadata(&sandbox).is_ok_and(|meta| meta.is_dir()) {
+                    return Err(DriverError::failed(format!(
+                        "the fake sandbox {} is gone",
+                        key.id()
+                    )));
+                }
+                // Without a host workspace, a reused sandbox keeps what earlier runs left: that state is what reuse
+                // is for. With one, the sandbox mirrors the host: a fresh copy, no stale files from earlier runs.
+                let Some(local_path) = local_path else {
+                    if !workspace.is_dir() {
+                        create_private_dir(&workspace)?;
+                    }
+                    return Ok(None);
+                };
+                match std::fs::remove_dir_all(&workspace) {
+                    Ok(()) => {}
+                    Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                    Err(err) => {
+                        return Err(io_error(format!("clearing {}", workspace.display()))(err));
+                    }
+                }
+                create_private_dir(&workspace)?;
+                let resolved = std::fs::canonicalize(&local_path).map_err(|err| {
+                    DriverError::failed(format!(
+                        "the workspace path {} is not usable: {err}",
+                        local_path.display()
+                    ))
+                })?;
+                if !resolved.is_dir() {
+                    return Err(DriverError::failed(format!(
+                        "the workspace path {} is not a directory",
+                        local_path.display()
+                    )));
+                }
+                Ok(Some(resolved))
+            })
+            .await?;
+            let mut metadata = Map::new();
+            if let Some(from) = &local_path {
+                let manifest = sync::copy_tree(from, Path::new(&cwd)).await?;
+                metadata.insert("files".to_owned(), manifest.len().into());
+                metadata.insert("bytes".to_owned(), manifest.total_file_bytes().into());
+                metadata.insert(MANIFEST_KEY.to_owned(), manifest.to_value());
+            }
+            tracing::debug!(
+                run.id = %request.run_id,
+                lease.id = %key.id(),
+                workspace.cwd = %cwd,
+                copied = local_path.is_some(),
+                "fake workspace ready"
+            );
+            Ok(RealizedWorkspace {
+                cwd,
+                local_path,
+                ephemeral: true,
+                metadata,
+            })
+        })
+    }
+
+    fn execute<'a>(
+        &'a self,
+        lease: &'a LeaseHandle,
+        workspace: &'a RealizedWorkspace,
+        request: ExecRequest,
+        sink: &'a dyn OutputSink,
+        cancel: CancelSignal,
+    ) -> BoxFuture<'a, Result<ExecOutcome, DriverError>> {
+        Box::pin(async move {
+            let (key, sandbox) = self.sandbox_dir(lease)?;
+            let workspace_dir = self.workspace_dir(lease, workspace)?;
+            let cwd = command_cwd(&workspace_dir, &request)?;
+            let mut env = request.env;
+            env.entry("HOME".to_owned())
+                .or_insert_with(|| sandbox.display().to_string());
+            let spec = ProcessSpec {
+                argv: request.argv,
+                env,
+                cwd,
+                stdin: request.stdin,
+                timeout: request.timeout,
+            };
+            let sink: &dyn OutputSink = if self.faults.drop_output {
+                tracing::debug!(lease.id = %key.id(), "fake drop-output fault injected");
+                &Discard
+            } else {
+                sink
+            };
+            run_process(spec, sink, cancel).await
+        })
+    }
+
+    fn sync_back<'a>(
+        &'a self,
+        lease: &'a LeaseHandle,
+        workspace: &'a RealizedWorkspace,
+    ) -> BoxFuture<'a, Result<SyncReport, DriverError>> {
+        Box::pin(async move {
+            let Some(host_dir) = &workspace.local_path else {
+                return Ok(SyncReport::default());
+            };
+            let workspace_dir = self.workspace_dir(lease, workspace)?;
+            let Some(manifest) = workspace.metadata.get(MANIFEST_KEY) else {
+                return Err(DriverError::failed(
+                    "the workspace has no manifest from its copy-in; cannot tell what changed",
+                ));
+            };
+            let manifest = Manifest::from_value(manifest)?;
+            let report = sync::sync_back(&workspace_dir, host_dir, &manifest).await?;
+            tracing::debug!(
+                lease.id = ?lease.provider_lease_id,
+                files_written = report.files_written,
+                files_deleted = report.files_deleted,
+                "fake workspace synced back"
+            );
+            Ok(report)
+        })
+    }
 }
 
 // === impl FakeProviderBuilder ===
 
 impl FakeProviderBuilder {
+    /// Where sandboxes live (created with mode 0700 when first needed). Default: [`FakeProvider::default_root`].
+    pub fn root(mut self, root: impl Into<PathBuf>) -> Self {
+        self.root = Some(root.into());
+        self
+    }
+
+    /// The first `n` of `sandbox://fake/<runId>/<n>` lease ids. Default 0.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
     /// Makes every probe fail with `summary`.
     pub fn fail_probe(mut self, summary: impl Into<String>) -> Self {
         self.faults.fail_probe = Some(summary.into());
+        self
+    }
+
+    /// Makes every acquire fail with `message`.
+    pub fn fail_acquire(mut self, message: impl Into<String>) -> Self {
+        self.faults.fail_acquire = Some(message.into());
+        self
+    }
+
+    /// Makes every release and destroy fail with `message`.
+    pub fn fail_release(mut self, message: impl Into<String>) -> Self {
+        self.faults.fail_release = Some(message.into());
+        self
+    }
+
+    /// Makes every acquire take at least `delay`.
+    pub fn acquire_delay(mut self, delay: Duration) -> Self {
+        self.faults.acquire_delay = Some(delay);
+        self
+    }
+
+    /// Discards commands' output instead of forwarding it.
+    pub fn drop_output(mut self, drop: bool) -> Self {
+        self.faults.drop_output = drop;
         self
     }
 
@@ -131,8 +575,99 @@ impl FakeProviderBuilder {
         Ok(FakeProvider {
             descriptor: ProviderDescriptor::new(FakeProvider::spec())?,
             faults: self.faults,
+            root: self.root.unwrap_or_else(FakeProvider::default_root),
+            next_lease: AtomicU64::new(self.seed),
         })
     }
+}
+
+fn image_of(config: &SandboxConfig) -> String {
+    config
+        .fields
+        .get("image")
+        .and_then(Value::as_str)
+        .unwrap_or(DEFAULT_IMAGE)
+        .to_owned()
+}
+
+/// Creates the root if needed and makes sure only this user can enter it: the default root sits in the shared temp
+/// directory, where another user could have made it first, or made it a symlink to somewhere of theirs.
+fn ensure_private_root(root: &Path) -> Result<(), DriverError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    match std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(root)
+    {
+        Ok(()) => {}
+        Err(err) => {
+            return Err(io_error(format!(
+                "creating the fake provider root {}",
+                root.display()
+            ))(err));
+        }
+    }
+    let meta = std::fs::symlink_metadata(root).map_err(io_error(format!(
+        "reading the fake provider root {}",
+        root.display()
+    )))?;
+    if !meta.is_dir() {
+        return Err(DriverError::failed(format!(
+            "the fake provider root {} is not a directory (a symlink?)",
+            root.display()
+        )));
+    }
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(DriverError::failed(format!(
+            "the fake provider root {} belongs to another user",
+            root.display()
+        )));
+    }
+    if meta.mode() & 0o077 != 0 {
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700)).map_err(
+            io_error(format!(
+                "securing the fake provider root {}",
+                root.display()
+            )),
+        )?;
+    }
+    Ok(())
+}
+
+/// Creates a directory only its owner can enter; an existing directory (not a symlink) is accepted.
+fn create_private_dir(dir: &Path) -> Result<(), DriverError> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {
+            let meta = std::fs::symlink_metadata(dir)
+                .map_err(io_error(format!("reading {}", dir.display())))?;
+            if meta.is_dir() {
+                Ok(())
+            } else {
+                Err(DriverError::failed(format!(
+                    "{} exists and is not a directory",
+                    dir.display()
+                )))
+            }
+        }
+        Err(err) => Err(io_error(format!("creating {}", dir.display()))(err)),
+    }
+}
+
+fn io_error(context: String) -> impl FnOnce(io::Error) -> DriverError {
+    move |source| DriverError::Io { context, source }
+}
+
+/// Runs filesystem work off the async workers.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, DriverError> + Send + 'static,
+) -> Result<T, DriverError> {
+    tokio::task::spawn_blocking(work).await.map_err(|err| {
+        tracing::warn!(provider = FAKE_PROVIDER_KEY, error = %err, "fake provider task did not finish");
+        DriverError::failed("the fake provider could not finish: its worker task failed")
+    })?
 }
 
 fn config_schema() -> Value {
@@ -200,7 +735,7 @@ mod tests {
         assert!(spec.description.contains("tests and demos"));
         assert!(spec.description.contains("temporary directory"));
         assert!(spec.supports_reusable_leases);
-        assert!(!spec.supports_run_execution);
+        assert!(spec.supports_run_execution);
         assert_eq!(spec.config_schema["additionalProperties"], false);
         assert_eq!(
             spec.config_schema["properties"]["image"]["default"],
@@ -282,5 +817,649 @@ mod tests {
         let result = block_on(fake.probe(&config));
         assert!(!result.ok);
         assert!(result.summary.contains("`e2b`"), "{}", result.summary);
+    }
+
+    // --- leases, workspaces and runs: real directories, real processes ---
+
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+    use std::time::Instant;
+
+    #[derive(Debug, Default)]
+    struct Collect(Mutex<Vec<(OutputStream, Vec<u8>)>>);
+
+    impl OutputSink for Collect {
+        fn output<'a>(&'a self, stream: OutputStream, data: &'a [u8]) -> BoxFuture<'a, ()> {
+            Box::pin(async move { self.0.lock().unwrap().push((stream, data.to_vec())) })
+        }
+    }
+
+    impl Collect {
+        fn stdout(&self) -> String {
+            let chunks = self.0.lock().unwrap();
+            let bytes: Vec<u8> = chunks
+                .iter()
+                .filter(|(stream, _)| *stream == OutputStream::Stdout)
+                .flat_map(|(_, data)| data.clone())
+                .collect();
+            String::from_utf8(bytes).unwrap()
+        }
+
+        fn is_empty(&self) -> bool {
+            self.0.lock().unwrap().is_empty()
+        }
+    }
+
+    fn never() -> CancelSignal {
+        Box::pin(std::future::pending())
+    }
+
+    fn fake_in(root: &Path) -> FakeProvider {
+        FakeProvider::builder().root(root).build().unwrap()
+    }
+
+    fn request() -> LeaseRequest {
+        LeaseRequest {
+            environment_id: EnvironmentId::new(),
+            run_id: RunId::new(),
+        }
+    }
+
+    fn exec(argv: &[&str]) -> ExecRequest {
+        ExecRequest {
+            argv: argv.iter().map(|arg| (*arg).to_owned()).collect(),
+            env: BTreeMap::new(),
+            cwd: None,
+            stdin: None,
+            timeout: None,
+        }
+    }
+
+    fn mode_of(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    fn sandbox_path(lease: &LeaseHandle) -> PathBuf {
+        PathBuf::from(lease.metadata["sandboxDir"].as_str().unwrap())
+    }
+
+    #[tokio::test]
+    async fn lease_ids_are_deterministic_for_a_seed() {
+        let temp = tempfile::tempdir().unwrap();
+        let config = sandbox_config(json!({"provider": "fake"}));
+        let requests = [request(), request(), request()];
+        let mut runs = Vec::new();
+        for root in ["a", "b"] {
+            let fake = FakeProvider::builder()
+                .root(temp.path().join(root))
+                .seed(7)
+                .build()
+                .unwrap();
+            let mut ids = Vec::new();
+            for request in &requests {
+                let lease = fake.acquire(&config, request).await.unwrap();
+                ids.push(lease.provider_lease_id.unwrap());
+            }
+            runs.push(ids);
+        }
+        assert_eq!(runs[0], runs[1]);
+        assert_eq!(
+            runs[0],
+            [
+                format!("sandbox://fake/{}/7", requests[0].run_id),
+                format!("sandbox://fake/{}/8", requests[1].run_id),
+                format!("sandbox://fake/{}/9", requests[2].run_id),
+            ]
+        );
+        // Without a seed, the counter starts at 0.
+        let fake = fake_in(&temp.path().join("c"));
+        let lease = fake.acquire(&config, &requests[0]).await.unwrap();
+        assert_eq!(
+            lease.provider_lease_id.unwrap(),
+            format!("sandbox://fake/{}/0", requests[0].run_id)
+        );
+    }
+
+    #[tokio::test]
+    async fn leases_name_a_private_sandbox() {
+        let temp = tempfile::tempdir().unwrap();
+        let root = temp.path().join("fake-root");
+        let fake = fake_in(&root);
+        let config = sandbox_config(json!({"provider": "fake", "image": "demo:3"}));
+        let request = request();
+        let lease = fake.acquire(&config, &request).await.unwrap();
+
+        let dir = root.join(format!("run-{}-0", request.run_id));
+        assert_eq!(lease.provider.as_deref(), Some("fake"));
+        assert_eq!(lease.expires_at, None);
+        assert_eq!(
+            Value::Object(lease.metadata.clone()),
+            json!({
+                "provider": "fake",
+                "image": "demo:3",
+                "reuseLease": false,
+                "sandboxDir": dir.display().to_string(),
+            })
+        );
+        assert!(dir.is_dir());
+        assert_eq!(mode_of(&root), 0o700);
+        assert_eq!(mode_of(&dir), 0o700);
+        // Not reusable: the config does not reuse, so the lease says so.
+        assert!(!fake.matches_reusable_lease(&config, &lease));
+    }
+
+    #[tokio::test]
+    async fn reusable_leases_are_per_environment_and_survive_keep() {
+        let temp = tempfile::tempdir().unwrap();
+        let fake = fake_in(temp.path());
+        let config = sandbox_config(json!({"provider": "fake", "reuseLease": true}));
+        let first = request();
+        let lease = fake.acquire(&config, &first).await.unwrap();
+        assert_eq!(
+            lease.provider_lease_id.as_deref(),
+            Some(format!("sandbox://fake/{}", first.environment_id).as_str())
+        );
+        assert_eq!(lease.metadata["reuseLease"], true);
+        let dir = sandbox_path(&lease);
+        assert_eq!(
+            dir,
+            temp.path().join(format!("env-{}", first.environment_id))
+        );
+        std::fs::write(dir.join("left-by-run-1"), "x").unwrap();
+
+        assert!(fake.matches_reusable_lease(&config, &lease));
+        let other_image =
+            sandbox_config(json!({"provider": "fake", "reuseLease": true, "image": "other:1"}));
+        assert!(!fake.matches_reusable_lease(&other_image, &lease));
+        let mut not_reusable = lease.clone();
+        not_reusable
+            .metadata
+            .insert("reuseLease".to_owned(), false.into());
+        assert!(!fake.matches_reusable_lease(&config, &not_reusable));
+        let mut other_provider = lease.clone();
+        other_provider
+            .metadata
+            .insert("provider".to_owned(), "e2b".into());
+        assert!(!fake.matches_reusable_lease(&config, &other_provider));
+        let mut no_id = lease.clone();
+        no_id.provider_lease_id = Some(String::new());
+        assert!(!fake.matches_reusable_lease(&config, &no_id));
+
+        // Kept, then taken over by the environment's next run.
+        fake.release(&lease, true).await.unwrap();
+        assert!(dir.is_dir());
+        let second = LeaseRequest {
+            environment_id: first.environment_id,
+            run_id: RunId::new(),
+        };
+        let resumed = fake
+            .resume(&config, &lease, &second)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(resumed.provider_lease_id, lease.provider_lease_id);
+        assert_eq!(resumed.metadata["resumedLease"], true);
+        assert!(dir.join("left-by-run-1").exists());
+
+        // Acquiring the same environment's sandbox again takes it as it is.
+        let again = fake.acquire(&config, &second).await.unwrap();
+        assert_eq!(again.provider_lease_id, lease.provider_lease_id);
+        assert!(dir.join("left-by-run-1").exists());
+
+        // Released without keep: gone, and resume says so.
+        fake.release(&resumed, false).await.unwrap();
+        assert!(!dir.exists());
+        assert_eq!(fake.resume(&config, &lease, &second).await.unwrap(), None);
+        // Releasing or destroying what is gone is fine.
+        fake.release(&lease, false).await.unwrap();
+        fake.destroy(&lease).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn destroy_removes_whatever_the_sandbox_holds() {
+        let temp = tempfile::tempdir().unwrap();
+        let fake = fake_in(temp.path());
+        let config = sandbox_config(json!({"provider": "fake", "reuseLease": true}));
+        let lease = fake.acquire(&config, &request()).await.unwrap();
+        let dir = sandbox_path(&lease);
+        std::fs::create_dir_all(dir.join("deep/er")).unwrap();
+        std::fs::write(dir.join("deep/er/file"), "x").unwrap();
+        fake.destroy(&lease).await.unwrap();
+        assert!(!dir.exists());
+        assert!(temp.path().exists());
+    }
+
+    #[tokio::test]
+    async fn workspaces_round_trip_through_the_sandbox() {
+        let temp = tempfile::tempdir().unwrap();
+        let fake = fake_in(&temp.path().join("root"));
+        let host = temp.path().join("project");
+        std::fs::create_dir(&host).unwrap();
+        std::fs::write(host.join("in.txt"), "from the host\n").unwrap();
+        std::fs::write(host.join("doomed.txt"), "delete me").unwrap();
+
+        let config = sandbox_config(json!({"provider": "fake"}));
+        let request = request();
+        let lease = fake.acquire(&config, &request).await.unwrap();
+        let workspace = fake
+            .prepare_workspace(
+                &lease,
+                &WorkspaceRequest {
+                    run_id: request.run_id,
+                    local_path: Some(host.clone()),
+                },
+            )
+            .await
+            .unwrap();
+        let sandbox_workspace = sandbox_path(&lease).join("workspace");
+        assert_eq!(workspace.cwd, sandbox_workspace.display().to_string());
+        assert_eq!(workspace.local_path, Some(host.canonicalize().unwrap()));
+        assert!(workspace.ephemeral);
+        assert_eq!(workspace.metadata["files"], 2);
+        assert!(workspace.metadata[MANIFEST_KEY]["in.txt"].is_object());
+        assert_eq!(
+            std::fs::read_to_string(sandbox_workspace.join("in.txt")).unwrap(),
+            "from the host\n"
+        );
+
+        let sink = Collect::default();
+        let outcome = fake
+            .execute(
+                &lease,
+                &workspace,
+                exec(&["sh", "-c", "echo hi > out.txt; rm doomed.txt; cat in.txt"]),
+                &sink,
+                never(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(outcome.exit_code, Some(0));
+        assert_eq!(sink.stdout(), "from the host\n");
+        // Nothing reached the host yet: the command ran on the copy.
+        assert!(!host.join("out.txt").exists());
+        assert!(host.join("doomed.txt").exists());
+
+        let report = fake.sync_back(&lease, &workspace).await.unwrap();
+        assert_eq!(
+            report,
+            SyncReport {
+                files_written: 1,
+                files_deleted: 1,
+                bytes_written: 3,
+            }
+        );
+        assert_eq!(
+            std::fs::read_to_string(host.join("out.txt")).unwrap(),
+            "hi\n"
+        );
+        assert!(!host.join("doomed.txt").exists());
+        assert_eq!(
+            std::fs::read_to_string(host.join("in.txt")).unwrap(),
+            "from the host\n"
+        );
+
+        // A second prepare starts from a fresh copy of the host.
+        std::fs::write(sandbox_workspace.join("stale"), "x").unwrap();
+        let again = fake
+            .prepare_workspace(
+                &lease,
+                &WorkspaceRequest {
+                    run_id: request.run_id,
+                    local_path: Some(host.clone()),
+                },
+            )
+            .await
+            .unwrap();
+        assert!(!sandbox_workspace.join("stale").exists());
+        assert!(sandbox_workspace.join("out.txt").exists());
+        assert_eq!(
+            fake.sync_back(&lease, &again).await.unwrap(),
+            SyncReport::default()
+        );
+
+        fake.release(&lease, false).await.unwrap();
+        assert!(!sandbox_path(&lease).exists());
+        assert!(host.join("out.txt").exists());
+    }
+
+    #[tokio::test]
+    async fn workspaces_without_a_host_path_are_empty_and_sync_nothing() {
+        let temp = tempfile::tempdir().unwrap();
+        let fake = fake_in(temp.path());
+        let config = sandbox_config(json!({"provider": "fake"}));
+        let request = request();
+        let lease = fake.acquire(&config, &request).await.unwrap();
+        let workspace = fake
+            .prepare_workspace(
+                &lease,
+                &WorkspaceRequest {
+                    run_id: request.run_id,
+                    local_path: None,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(workspace.local_path, None);
+        assert!(Path::new(&workspace.cwd).is_dir());
+        assert_eq!(std::fs::read_dir(&workspace.cwd).unwrap().count(), 0);
+        let sink = Collect::default();
+        let mut command = exec(&["sh", "-c", "mkdir sub; cd sub; pwd"]);
+        command.cwd = Some(".".to_owned());
+        fake.execute(&lease, &workspace, command, &sink, never())
+            .await
+            .unwrap();
+        assert_eq!(sink.stdout(), format!("{}/sub\n", workspace.cwd));
+        assert_eq!(
+            fake.sync_back(&lease, &workspace).await.unwrap(),
+            SyncReport::default()
+        );
+
+        // Escaping the workspace with the command's cwd is refused.
+        let mut command = exec(&["pwd"]);
+        command.cwd = Some("../..".to_owned());
+        let err = fake
+            .execute(&lease, &workspace, command, &Collect::default(), never())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "spawn_failed");
+
+        // And a workspace that is not this lease's is refused outright.
+        let mut elsewhere = workspace.clone();
+        elsewhere.cwd = temp.path().display().to_string();
+        let err = fake
+            .execute(
+                &lease,
+                &elsewhere,
+                exec(&["true"]),
+                &Collect::default(),
+                never(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "driver_failed");
+
+        // A sandbox that is gone cannot get a workspace.
+        fake.destroy(&lease).await.unwrap();
+        let err = fake
+            .prepare_workspace(
+                &lease,
+                &WorkspaceRequest {
+                    run_id: request.run_id,
+                    local_path: None,
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("is gone"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn commands_see_only_the_environment_they_were_given() {
+        let temp = tempfile::tempdir().unwrap();
+        let fake = fake_in(temp.path());
+        let config = sandbox_config(json!({"provider": "fake"}));
+        let request = request();
+        let lease = fake.acquire(&config, &request).await.unwrap();
+        let workspace = fake
+            .prepare_workspace(
+                &lease,
+                &WorkspaceRequest {
+                    run_id: request.run_id,
+                    local_path: None,
+                },
+            )
+            .await
+            .unwrap();
+        let sink = Collect::default();
+        let mut command = exec(&["/usr/bin/env"]);
+        command.env.insert("ONLY_THIS".to_owned(), "yes".to_owned());
+        fake.execute(&lease, &workspace, command, &sink, never())
+            .await
+            .unwrap();
+        let env: BTreeMap<String, String> = sink
+            .stdout()
+            .lines()
+            .map(|line| {
+                let (key, value) = line.split_once('=').unwrap();
+                (key.to_owned(), value.to_owned())
+            })
+            .collect();
+        assert_eq!(
+            env.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["HOME", "ONLY_THIS", "PATH"]
+        );
+        assert_eq!(env["HOME"], sandbox_path(&lease).display().to_string());
+        assert_eq!(env["PATH"], berth_drivers::process::DEFAULT_PATH);
+        assert_eq!(env["ONLY_THIS"], "yes");
+    }
+
+    #[tokio::test]
+    async fn timeouts_reach_commands_in_the_sandbox() {
+        let temp = tempfile::tempdir().unwrap();
+        let fake = fake_in(temp.path());
+        let config = sandbox_config(json!({"provider": "fake"}));
+        let request = request();
+        let lease = fake.acquire(&config, &request).await.unwrap();
+        let workspace = fake
+            .prepare_workspace(
+                &lease,
+                &WorkspaceRequest {
+                    run_id: request.run_id,
+                    local_path: None,
+                },
+            )
+            .await
+            .unwrap();
+        let sink = Collect::default();
+        let mut command = exec(&["sh", "-c", "echo partial; sleep 1000"]);
+        command.timeout = Some(Duration::from_millis(300));
+        let started = Instant::now();
+        let outcome = fake
+            .execute(&lease, &workspace, command, &sink, never())
+            .await
+            .unwrap();
+        assert!(outcome.timed_out);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(sink.stdout(), "partial\n");
+    }
+
+    #[tokio::test]
+    async fn acquire_faults_fail_without_a_sandbox() {
+        let temp = tempfile::tempdir().unwrap();
+        let fake = FakeProvider::builder()
+            .root(temp.path().join("root"))
+            .fail_acquire("no capacity")
+            .build()
+            .unwrap();
+        assert_eq!(fake.faults().fail_acquire.as_deref(), Some("no capacity"));
+        let err = fake
+            .acquire(&sandbox_config(json!({"provider": "fake"})), &request())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "driver_failed");
+        assert_eq!(err.to_string(), "no capacity");
+        assert!(!temp.path().join("root").exists());
+    }
+
+    #[tokio::test]
+    async fn acquire_delays_hold_the_acquire() {
+        let temp = tempfile::tempdir().unwrap();
+        let fake = FakeProvider::builder()
+            .root(temp.path())
+            .acquire_delay(Duration::from_millis(250))
+            .build()
+            .unwrap();
+        let started = Instant::now();
+        fake.acquire(&sandbox_config(json!({"provider": "fake"})), &request())
+            .await
+            .unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(250));
+    }
+
+    #[tokio::test]
+    async fn release_faults_leave_the_sandbox_in_place() {
+        let temp = tempfile::tempdir().unwrap();
+        let fake = FakeProvider::builder()
+            .root(temp.path())
+            .fail_release("provider API down")
+            .build()
+            .unwrap();
+        let lease = fake
+            .acquire(&sandbox_config(json!({"provider": "fake"})), &request())
+            .await
+            .unwrap();
+        for keep in [false, true] {
+            let err = fake.release(&lease, keep).await.unwrap_err();
+            assert_eq!(err.to_string(), "provider API down");
+        }
+        assert_eq!(
+            fake.destroy(&lease).await.unwrap_err().to_string(),
+            "provider API down"
+        );
+        assert!(sandbox_path(&lease).is_dir());
+    }
+
+    #[tokio::test]
+    async fn dropped_output_never_reaches_the_sink() {
+        let temp = tempfile::tempdir().unwrap();
+        let fake = FakeProvider::builder()
+            .root(temp.path())
+            .drop_output(true)
+            .build()
+            .unwrap();
+        assert!(fake.faults().drop_output);
+        let config = sandbox_config(json!({"provider": "fake"}));
+        let request = request();
+        let lease = fake.acquire(&config, &request).await.unwrap();
+        let workspace = fake
+            .prepare_workspace(
+                &lease,
+                &WorkspaceRequest {
+                    run_id: request.run_id,
+                    local_path: None,
+                },
+            )
+            .await
+            .unwrap();
+        let sink = Collect::default();
+        let outcome = fake
+            .execute(
+                &lease,
+                &workspace,
+                exec(&["sh", "-c", "echo lost; echo lost too >&2; echo ran > proof"]),
+                &sink,
+                never(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(outcome.exit_code, Some(0));
+        assert!(sink.is_empty());
+        // The command did run.
+        assert!(Path::new(&workspace.cwd).join("proof").exists());
+    }
+
+    #[tokio::test]
+    async fn tampered_lease_ids_never_reach_outside_the_root() {
+        let temp = tempfile::tempdir().unwrap();
+        let root = temp.path().join("root");
+        let victim = temp.path().join("victim");
+        std::fs::create_dir(&victim).unwrap();
+        let fake = fake_in(&root);
+        let config = sandbox_config(json!({"provider": "fake"}));
+        let lease = fake.acquire(&config, &request()).await.unwrap();
+        for bad in [
+            "sandbox://fake/../victim".to_owned(),
+            "sandbox://fake/../../victim/1".to_owned(),
+            format!("sandbox://fake/{}/+1", RunId::new()),
+            format!("sandbox://fake/{}/1/2", RunId::new()),
+            format!("sandbox://e2b/{}", EnvironmentId::new()),
+            String::new(),
+        ] {
+            let mut tampered = lease.clone();
+            tampered.provider_lease_id = Some(bad.clone());
+            // The metadata is ignored for paths, whatever it says.
+            tampered
+                .metadata
+                .insert("sandboxDir".to_owned(), victim.display().to_string().into());
+            let err = fake.destroy(&tampered).await.unwrap_err();
+            assert_eq!(err.code(), "driver_failed", "{bad}");
+            assert!(
+                fake.resume(&config, &tampered, &request()).await.is_err(),
+                "{bad}"
+            );
+        }
+        let mut tampered = lease.clone();
+        tampered
+            .metadata
+            .insert("sandboxDir".to_owned(), victim.display().to_string().into());
+        fake.destroy(&tampered).await.unwrap();
+        assert!(victim.is_dir());
+        assert!(!sandbox_path(&lease).exists());
+        let mut no_id = lease.clone();
+        no_id.provider_lease_id = None;
+        assert!(fake.destroy(&no_id).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_shared_root_is_made_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let temp = tempfile::tempdir().unwrap();
+        let root = temp.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let fake = fake_in(&root);
+        fake.acquire(&sandbox_config(json!({"provider": "fake"})), &request())
+            .await
+            .unwrap();
+        assert_eq!(mode_of(&root), 0o700);
+
+        // A root that is a symlink is refused.
+        let link = temp.path().join("link");
+        std::os::unix::fs::symlink(&root, &link).unwrap();
+        let err = fake_in(&link)
+            .acquire(&sandbox_config(json!({"provider": "fake"})), &request())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("not a directory"), "{err}");
+    }
+
+    #[test]
+    fn the_default_root_is_in_the_temp_dir() {
+        let fake = FakeProvider::new().unwrap();
+        assert_eq!(fake.root(), std::env::temp_dir().join("berth-fake"));
+        let mut registry = ProviderRegistry::new();
+        register_builtin(&mut registry).unwrap();
+        assert!(registry.get("fake").is_some());
+        assert_eq!(
+            register_builtin(&mut registry).unwrap_err().code(),
+            "duplicate_provider"
+        );
+    }
+
+    #[test]
+    fn lease_ids_parse_strictly() {
+        let run = RunId::new();
+        let environment = EnvironmentId::new();
+        for key in [
+            LeaseKey::Run(run, 0),
+            LeaseKey::Run(run, 42),
+            LeaseKey::Environment(environment),
+        ] {
+            assert_eq!(LeaseKey::parse(&key.id()), Some(key));
+        }
+        for bad in [
+            format!("sandbox://fake/{run}/"),
+            format!("sandbox://fake/{run}/-1"),
+            format!("sandbox://fake/{run}/1x"),
+            format!("sandbox://fake/{run}/01"),
+            format!("sandbox://fake/{run}/+1"),
+            format!("sandbox://fake/{}", environment.to_string().to_uppercase()),
+            format!("sandbox://fake//{run}"),
+            format!("sandbox://fake/{environment}/"),
+            "sandbox://fake/".to_owned(),
+        ] {
+            assert_eq!(LeaseKey::parse(&bad), None, "{bad}");
+        }
     }
 }

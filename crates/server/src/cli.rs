@@ -35,6 +35,9 @@ pub enum Command {
     /// Manage environments.
     #[command(subcommand)]
     Env(EnvCommand),
+    /// Run a command in an environment and stream its output; exits with the command's exit code (124 on
+    /// timeout, 125 when berth failed before the command ran).
+    Run(crate::run_command::RunArgs),
     /// Inspect leases.
     #[command(subcommand)]
     Lease(LeaseCommand),
@@ -145,6 +148,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => serve(args).await,
         Command::Env(command) => env(command).await,
         Command::Lease(command) => lease(command).await,
+        Command::Run(args) => crate::run_command::run(args).await,
     }
 }
 
@@ -158,6 +162,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         database_url: args.database_url,
         admin_token: secret_env("BERTH_ADMIN_TOKEN"),
         master_key: secret_env("BERTH_MASTER_KEY"),
+        sweep_interval: std::env::var("BERTH_SWEEP_INTERVAL_MS")
+            .ok()
+            .and_then(|value| value.parse::<u64>().ok())
+            .filter(|millis| *millis > 0)
+            .map(std::time::Duration::from_millis),
     };
     crate::serve::serve(options, crate::serve::shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
@@ -182,14 +191,14 @@ pub fn default_data_dir() -> anyhow::Result<PathBuf> {
 }
 
 /// A connected client plus the company it acts for.
-struct Session {
-    api: ApiClient,
-    company_id: String,
+pub(crate) struct Session {
+    pub(crate) api: ApiClient,
+    pub(crate) company_id: String,
     json: bool,
 }
 
 impl Session {
-    async fn open(args: ClientArgs) -> anyhow::Result<Self> {
+    pub(crate) async fn open(args: ClientArgs) -> anyhow::Result<Self> {
         let token = match args.token.filter(|token| !token.trim().is_empty()) {
             Some(token) => Zeroizing::new(token),
             None => {

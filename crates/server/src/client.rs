@@ -75,6 +75,33 @@ impl ApiClient {
         self.send(Method::DELETE, path, None).await
     }
 
+    /// Opens a live event stream (`text/event-stream`); the caller reads the body as it arrives.
+    pub async fn stream(&self, path: &str) -> Result<reqwest::Response, ClientError> {
+        let url = format!("{}{path}", self.base_url);
+        let response = self
+            .http
+            .get(&url)
+            .bearer_auth(self.token.as_str())
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .send()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                url: self.base_url.clone(),
+                source,
+            })?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let body: Value = response
+            .json()
+            .await
+            .map_err(|_| ClientError::UnexpectedResponse {
+                status: status.as_u16(),
+            })?;
+        Err(api_error(status, &body))
+    }
+
     async fn send(
         &self,
         method: Method,

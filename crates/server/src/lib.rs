@@ -9,6 +9,8 @@
 pub mod api;
 pub mod cli;
 pub mod client;
+pub mod run_command;
+pub mod runs;
 pub mod secrets;
 pub mod serve;
 pub mod state;

@@ -11,12 +11,16 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use berth_core::company::DEFAULT_COMPANY_NAME;
+use std::sync::Arc;
+
 use berth_drivers::local::LocalDriver;
-use berth_drivers::registry::ProviderRegistry;
+use berth_drivers::registry::{DriverRegistry, ProviderRegistry};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
 
+use crate::runs::RunManager;
+use crate::runs::manager::DEFAULT_SWEEP_INTERVAL;
 use crate::secrets::{SecretCipher, SecretsError};
 use crate::state::AppState;
 use crate::store::{Store, StoreError};
@@ -26,6 +30,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
 
 /// Name of the admin token file in the data dir.
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+/// Name of the file holding this node's id: stable across restarts, so a restarted node knows its earlier runs died.
+pub const NODE_ID_FILE: &str = "node-id";
+/// How long live runs get to cancel and release their leases at shutdown, within the contract's 10 s.
+const RUN_SHUTDOWN_GRACE: Duration = Duration::from_secs(6);
 
 #[derive(Debug)]
 pub struct ServeOptions {
@@ -37,6 +45,8 @@ pub struct ServeOptions {
     pub admin_token: Option<Zeroizing<String>>,
     /// `BERTH_MASTER_KEY`: when set, no master key file is written.
     pub master_key: Option<Zeroizing<String>>,
+    /// `BERTH_SWEEP_INTERVAL_MS`: how often orphaned runs and leases and expired leases are swept.
+    pub sweep_interval: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +67,8 @@ pub enum ServeError {
     Serve(#[source] io::Error),
     #[error("cannot set up the sandbox providers")]
     Providers(#[from] berth_drivers::DriverError),
+    #[error("cannot read or write the node id at {path}")]
+    NodeId { path: PathBuf, source: io::Error },
 }
 
 /// Starts berth and serves until `shutdown` resolves, then drains for up to [`SHUTDOWN_GRACE`].
@@ -76,6 +88,8 @@ pub async fn serve(
     tracing::info!(%address, backend = ?state.store().backend(), "berth listening");
 
     let store = state.store().clone();
+    let runs = state.runs().clone();
+    runs.spawn_background();
     let stopping = CancellationToken::new();
     let server = axum::serve(listener, crate::api::router(state))
         .with_graceful_shutdown(stopping.clone().cancelled_owned());
@@ -85,6 +99,8 @@ pub async fn serve(
         () = shutdown => tracing::info!("shutting down"),
     }
     stopping.cancel();
+    // Cancel live runs first: each kills its process tree and releases its lease while the database is still open.
+    runs.shutdown(RUN_SHUTDOWN_GRACE).await;
     match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
         Ok(finished) => finish(finished, &store).await,
         Err(_) => {
@@ -122,9 +138,19 @@ pub async fn prepare(options: &ServeOptions) -> Result<AppState, ServeError> {
     let company = store.ensure_company(DEFAULT_COMPANY_NAME).await?;
     store.ensure_local_environment(company.id).await?;
     let admin_token = load_or_create_admin_token(&options.data_dir, options.admin_token.as_ref())?;
-    let providers = ProviderRegistry::with_builtins()?;
+    let mut providers = ProviderRegistry::new();
+    berth_fake_provider::register_builtin(&mut providers)?;
     let local = LocalDriver::new(options.data_dir.join("workspaces"));
-    Ok(AppState::new(store, cipher, &admin_token, providers, local))
+    let drivers = Arc::new(DriverRegistry::new(local, Arc::new(providers)));
+    let node_id = load_or_create_node_id(&options.data_dir)?;
+    let runs = RunManager::new(
+        store.clone(),
+        drivers.clone(),
+        node_id,
+        options.sweep_interval.unwrap_or(DEFAULT_SWEEP_INTERVAL),
+    );
+    runs.startup_sweep().await;
+    Ok(AppState::new(store, cipher, &admin_token, drivers, runs))
 }
 
 /// The one line tests and scripts wait for, on stdout.
@@ -195,6 +221,41 @@ fn load_or_create_admin_token(
                 }
                 Err(create_error) if create_error.kind() == io::ErrorKind::AlreadyExists => {
                     load_or_create_admin_token(data_dir, None)
+                }
+                Err(create_error) => Err(error(create_error)),
+            }
+        }
+        Err(read_error) => Err(error(read_error)),
+    }
+}
+
+/// This node's id from `<data-dir>/node-id`, created on first start.
+fn load_or_create_node_id(data_dir: &Path) -> Result<String, ServeError> {
+    let path = data_dir.join(NODE_ID_FILE);
+    let error = |source| ServeError::NodeId {
+        path: path.clone(),
+        source,
+    };
+    match fs::read_to_string(&path) {
+        Ok(contents) if !contents.trim().is_empty() => Ok(contents.trim().to_owned()),
+        Ok(_) => Err(error(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the node id file is empty",
+        ))),
+        Err(read_error) if read_error.kind() == io::ErrorKind::NotFound => {
+            let node_id = uuid::Uuid::new_v4().to_string();
+            match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+            {
+                Ok(mut file) => {
+                    file.write_all(node_id.as_bytes()).map_err(error)?;
+                    Ok(node_id)
+                }
+                Err(create_error) if create_error.kind() == io::ErrorKind::AlreadyExists => {
+                    load_or_create_node_id(data_dir)
                 }
                 Err(create_error) => Err(error(create_error)),
             }

@@ -3,10 +3,10 @@
 use std::fmt;
 use std::sync::Arc;
 
-use berth_drivers::local::LocalDriver;
-use berth_drivers::registry::ProviderRegistry;
+use berth_drivers::registry::DriverRegistry;
 
 use crate::api::auth::token_digest;
+use crate::runs::RunManager;
 use crate::secrets::SecretCipher;
 use crate::store::Store;
 
@@ -20,8 +20,8 @@ struct Inner {
     store: Store,
     cipher: SecretCipher,
     admin_token_digest: [u8; 32],
-    providers: ProviderRegistry,
-    local: LocalDriver,
+    drivers: Arc<DriverRegistry>,
+    runs: RunManager,
 }
 
 impl AppState {
@@ -29,8 +29,8 @@ impl AppState {
         store: Store,
         cipher: SecretCipher,
         admin_token: &str,
-        providers: ProviderRegistry,
-        local: LocalDriver,
+        drivers: Arc<DriverRegistry>,
+        runs: RunManager,
     ) -> Self {
         let admin_token_digest = token_digest(admin_token);
         Self {
@@ -38,8 +38,8 @@ impl AppState {
                 store,
                 cipher,
                 admin_token_digest,
-                providers,
-                local,
+                drivers,
+                runs,
             }),
         }
     }
@@ -52,12 +52,14 @@ impl AppState {
         &self.inner.cipher
     }
 
-    pub fn providers(&self) -> &ProviderRegistry {
-        &self.inner.providers
+    /// Every driver, and through it the installed sandbox providers.
+    pub fn drivers(&self) -> &DriverRegistry {
+        &self.inner.drivers
     }
 
-    pub fn local_driver(&self) -> &LocalDriver {
-        &self.inner.local
+    /// This node's runs.
+    pub fn runs(&self) -> &RunManager {
+        &self.inner.runs
     }
 
     /// The SHA-256 of the admin token; the token itself is not kept in memory.

@@ -250,6 +250,24 @@ impl TestServer {
 
     /// Sends SIGTERM and waits for a clean exit within the contract's 10 s. Returns the logs.
     pub async fn stop(mut self) -> String {
+        self.terminate().await;
+        self.logs()
+    }
+
+    /// Like [`stop`](Self::stop), but hands back the data dir's owner so the caller can restart on it.
+    pub async fn stop_keeping_data(mut self) -> Option<TempDir> {
+        self.terminate().await;
+        self._temp.take()
+    }
+
+    /// SIGKILL — the crash case — keeping the data dir for a restart.
+    pub async fn kill_keeping_data(mut self) -> Option<TempDir> {
+        let mut child = self.child.take().expect("running");
+        child.kill().await.unwrap();
+        self._temp.take()
+    }
+
+    async fn terminate(&mut self) {
         let mut child = self.child.take().expect("running");
         let pid = child.id().expect("pid");
         let status = std::process::Command::new("kill")
@@ -266,7 +284,6 @@ impl TestServer {
             "berth exited with {exit}; logs:\n{}",
             self.logs()
         );
-        self.logs()
     }
 }
 

@@ -14,16 +14,19 @@ use berth_core::time::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 
 use super::json::Patch;
 
-/// RFC 3339 in UTC with millisecond precision, e.g. `2026-11-22T12:41:36.123Z`.
+/// RFC 3339 in UTC with exactly three fractional digits, e.g. `2026-11-22T12:41:36.120Z`. A fixed width keeps the
+/// strings sortable as text.
 pub fn rfc3339(timestamp: Timestamp) -> String {
+    const FORMAT: &[time::format_description::BorrowedFormatItem<'_>] = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
     let nanos = i128::from(timestamp.unix_millis()) * 1_000_000;
     OffsetDateTime::from_unix_timestamp_nanos(nanos)
         .ok()
-        .and_then(|moment| moment.format(&Rfc3339).ok())
+        .and_then(|moment| moment.format(FORMAT).ok())
         .unwrap_or_else(|| timestamp.unix_millis().to_string())
 }
 
@@ -326,5 +329,107 @@ impl From<&Lease> for LeaseResponse {
             cleanup_status: lease.cleanup_status.map(|status| status.as_str()),
             metadata: lease.metadata.clone(),
         }
+    }
+}
+
+// === Runs ===
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CreateRunRequest {
+    #[serde(default)]
+    pub environment_id: Option<String>,
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    #[serde(default)]
+    pub stdin: Option<String>,
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub workspace: Option<RunWorkspaceRequest>,
+    #[serde(default)]
+    pub bridge: Option<bool>,
+    /// Extension: `ephemeral`, `retain_on_failure` or `reuse_by_environment` (default: reuse when the sandbox config
+    /// says `reuseLease`, else ephemeral).
+    #[serde(default)]
+    pub lease_policy: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RunWorkspaceRequest {
+    pub local_path: String,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunResponse {
+    pub id: String,
+    pub company_id: String,
+    pub environment_id: String,
+    pub lease_id: Option<String>,
+    pub status: &'static str,
+    pub command: Vec<String>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<String>,
+    pub error: Option<String>,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+}
+
+impl From<&berth_core::run::Run> for RunResponse {
+    fn from(run: &berth_core::run::Run) -> Self {
+        Self {
+            id: run.id.to_string(),
+            company_id: run.company_id.to_string(),
+            environment_id: run.environment_id.to_string(),
+            lease_id: run.lease_id.map(|id| id.to_string()),
+            status: run.status.as_str(),
+            command: run.command.clone(),
+            exit_code: run.exit_code,
+            signal: run.signal.clone(),
+            error: run.error.clone(),
+            created_at: rfc3339(run.created_at),
+            started_at: run.started_at.map(rfc3339),
+            finished_at: run.finished_at.map(rfc3339),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventResponse {
+    pub seq: i64,
+    pub run_id: String,
+    pub at: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub data: Value,
+}
+
+impl From<&berth_core::run::RunEvent> for EventResponse {
+    fn from(event: &berth_core::run::RunEvent) -> Self {
+        Self {
+            seq: event.seq,
+            run_id: event.run_id.to_string(),
+            at: rfc3339(event.at),
+            kind: event.kind.as_str(),
+            data: event.data.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_have_a_fixed_width_utc_form() {
+        assert_eq!(rfc3339(Timestamp::from_unix_millis(0)), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(Timestamp::from_unix_millis(1_795_000_000_120)), "2026-11-18T11:06:40.120Z");
     }
 }

@@ -238,6 +238,7 @@ pub async fn delete(
 ) -> Result<Json<EnvironmentResponse>, ApiError> {
     let environment = load_environment(&state, &id).await?;
     principal.manage(environment.company_id)?;
+    crate::runs::leases::retire_environment(&state, &environment).await?;
     let removed = state
         .store()
         .delete_environment(environment.id)
@@ -339,7 +340,7 @@ pub async fn capabilities(
     principal.access(company_id)?;
     load_company(&state, company_id).await?;
     Ok(Json(CapabilitiesResponse::from(
-        &state.providers().capabilities(),
+        &state.drivers().capabilities(),
     )))
 }
 
@@ -353,7 +354,7 @@ fn view(environment: &Environment, access: CompanyAccess) -> EnvironmentResponse
 }
 
 async fn run_probe(state: &AppState, config: &DriverConfig) -> ProbeResult {
-    berth_drivers::probe::probe(config, state.local_driver(), state.providers()).await
+    state.drivers().probe(config).await
 }
 
 fn parse_config(
@@ -362,7 +363,7 @@ fn parse_config(
     value: &Value,
     errors: &mut ValidationErrors,
 ) -> Option<DriverConfig> {
-    DriverConfig::parse(driver, value, state.providers())
+    DriverConfig::parse(driver, value, state.drivers().providers())
         .map_err(|problems| errors.extend(problems))
         .ok()
 }
@@ -375,7 +376,7 @@ fn parse_stored(
     DriverConfig::parse(
         environment.driver,
         &Value::Object(environment.config.clone()),
-        state.providers(),
+        state.drivers().providers(),
     )
 }
 

@@ -11,6 +11,7 @@ pub mod error;
 pub mod health;
 pub mod json;
 pub mod leases;
+pub mod runs;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -61,6 +62,13 @@ pub fn router(state: AppState) -> Router {
         .route("/environments/{id}/probe", post(environments::probe))
         .route("/environments/{id}/leases", get(leases::list))
         .route("/environment-leases/{id}", get(leases::get))
+        .route(
+            "/companies/{company_id}/runs",
+            get(runs::list).post(runs::create),
+        )
+        .route("/runs/{id}", get(runs::get))
+        .route("/runs/{id}/events", get(runs::events))
+        .route("/runs/{id}/cancel", post(runs::cancel))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed);
     Router::new()

@@ -1,7 +1,15 @@
 //! Environment leases.
+//!
+//! Several replicas may share one PostgreSQL database and race to release, expire or reclaim the same lease. Every
+//! status change therefore goes through [`Store::transition_lease`], a compare-and-set on the stored status: of any
+//! number of concurrent callers, exactly one sees the transition succeed and owns the follow-up (provider cleanup,
+//! reuse). The sweeper queries below are plain reads; the transition is what decides.
+
+use serde_json::{Map, Value};
 
 use berth_core::ids::{EnvironmentId, LeaseId};
-use berth_core::lease::{Lease, LeaseStatus};
+use berth_core::lease::{CleanupStatus, Lease, LeaseStatus};
+use berth_core::time::Timestamp;
 
 use super::Store;
 use super::error::StoreError;
@@ -30,6 +38,45 @@ const LIST_LEASES: &str = concat!(
     lease_columns!(),
     " FROM environment_leases WHERE environment_id = $1 AND ($2 IS NULL OR status = $2) \
      ORDER BY last_used_at DESC, id DESC"
+);
+/// One parameter per [`LeaseStatus`] variant, `NULL` for those not asked for (`status IN (.., NULL, ..)` never matches
+/// through a `NULL`), so that any subset is one static statement.
+const LEASES_IN_STATUSES: &str = concat!(
+    "SELECT ",
+    lease_columns!(),
+    " FROM environment_leases WHERE environment_id = $1 AND status IN ($2, $3, $4, $5, $6) \
+     ORDER BY last_used_at DESC, id DESC"
+);
+const _: () = assert!(
+    LeaseStatus::ALL.len() == 5,
+    "LEASES_IN_STATUSES takes one parameter per lease status"
+);
+const UPDATE_LEASE_HANDLE: &str = "UPDATE environment_leases SET provider = $2, provider_lease_id = $3, \
+     metadata = $4, expires_at = $5, last_used_at = $6 WHERE id = $1";
+/// The compare-and-set behind every lease status change: it only matches while the status is still `$2`. On
+/// PostgreSQL a concurrent writer of the same row waits for this one to commit and then re-checks the condition
+/// against the new status, so it matches nothing; on SQLite writes are serialized outright.
+const TRANSITION_LEASE: &str = concat!(
+    "UPDATE environment_leases SET status = $3, released_at = $4, failure_reason = $5, cleanup_status = $6, \
+     last_used_at = $7 WHERE id = $1 AND status = $2 RETURNING ",
+    lease_columns!()
+);
+const SET_LEASE_CLEANUP_STATUS: &str =
+    "UPDATE environment_leases SET cleanup_status = $2 WHERE id = $1";
+/// Active leases without a live run: the run id is `NULL`, names no row, or names a run in a final status.
+const ORPHANED_LEASES: &str = concat!(
+    "SELECT ",
+    lease_columns!(),
+    " FROM environment_leases WHERE status = 'active' AND NOT EXISTS (SELECT 1 FROM runs \
+     WHERE runs.id = environment_leases.run_id AND runs.status IN ('queued', 'running')) \
+     ORDER BY acquired_at, id LIMIT $1"
+);
+/// `expires_at < $1` is never true for a `NULL` expiry: leases without one do not expire.
+const EXPIRED_LEASES: &str = concat!(
+    "SELECT ",
+    lease_columns!(),
+    " FROM environment_leases WHERE status IN ('active', 'retained') AND expires_at < $1 \
+     ORDER BY expires_at, id LIMIT $2"
 );
 
 // === impl Store ===
@@ -84,6 +131,137 @@ impl Store {
                 .bind(status)
                 .fetch_all(pool)
                 .await?
+        });
+        convert_all(rows)
+    }
+
+    /// Records what the driver returned for the lease (the provider, its id for the resource, metadata, expiry) and
+    /// touches last_used_at. Not a status change, so no compare-and-set; a missing lease is not an error (its
+    /// environment was deleted meanwhile, and the lease with it).
+    pub async fn update_lease_handle(
+        &self,
+        id: LeaseId,
+        provider: Option<&str>,
+        provider_lease_id: Option<&str>,
+        metadata: Option<&Map<String, Value>>,
+        expires_at: Option<Timestamp>,
+        last_used_at: Timestamp,
+    ) -> Result<(), StoreError> {
+        let metadata = json_text_or_null(metadata)?;
+        on_pool!(&self.db, |pool| {
+            sqlx::query(UPDATE_LEASE_HANDLE)
+                .bind(id.to_string())
+                .bind(provider)
+                .bind(provider_lease_id)
+                .bind(metadata.as_deref())
+                .bind(expires_at.map(Timestamp::unix_millis))
+                .bind(last_used_at.unix_millis())
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// Moves the lease from status `from` to `to`, iff its stored status is still `from`. Sets released_at (`now`
+    /// when `to` ends the lease: released, expired or failed; cleared for active and retained), failure_reason and
+    /// cleanup_status (both exactly as given, `None` clearing them) and last_used_at = `now`.
+    ///
+    /// Returns the updated lease if this call made the transition, `None` if the lease is missing or no longer in
+    /// `from`. Concurrent callers on any replica cannot both get `Some`: that is what makes release, expiry and
+    /// reclaiming a retained lease happen exactly once.
+    pub async fn transition_lease(
+        &self,
+        id: LeaseId,
+        from: LeaseStatus,
+        to: LeaseStatus,
+        failure_reason: Option<&str>,
+        cleanup_status: Option<CleanupStatus>,
+        now: Timestamp,
+    ) -> Result<Option<Lease>, StoreError> {
+        let released_at = match to {
+            LeaseStatus::Released | LeaseStatus::Expired | LeaseStatus::Failed => Some(now),
+            LeaseStatus::Active | LeaseStatus::Retained => None,
+        };
+        let row: Option<LeaseRow> = on_pool!(&self.db, |pool| {
+            sqlx::query_as(TRANSITION_LEASE)
+                .bind(id.to_string())
+                .bind(from.as_str())
+                .bind(to.as_str())
+                .bind(released_at.map(Timestamp::unix_millis))
+                .bind(failure_reason)
+                .bind(cleanup_status.map(CleanupStatus::as_str))
+                .bind(now.unix_millis())
+                .fetch_optional(pool)
+                .await?
+        });
+        row.map(Lease::try_from).transpose()
+    }
+
+    /// Records the outcome of the provider cleanup that a release started. A missing lease is not an error.
+    pub async fn set_lease_cleanup_status(
+        &self,
+        id: LeaseId,
+        cleanup_status: CleanupStatus,
+    ) -> Result<(), StoreError> {
+        on_pool!(&self.db, |pool| {
+            sqlx::query(SET_LEASE_CLEANUP_STATUS)
+                .bind(id.to_string())
+                .bind(cleanup_status.as_str())
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// Active leases whose run is missing or final (or that have no run): nobody will release them, so the sweeper
+    /// must. Oldest acquisition first, at most `limit`. A plain read: the sweeper then releases each through
+    /// [`Store::transition_lease`], which lets exactly one replica win.
+    pub async fn orphaned_leases(&self, limit: u32) -> Result<Vec<Lease>, StoreError> {
+        let rows: Vec<LeaseRow> = on_pool!(&self.db, |pool| {
+            sqlx::query_as(ORPHANED_LEASES)
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await?
+        });
+        convert_all(rows)
+    }
+
+    /// Active or retained leases whose expires_at is before `now`, soonest expiry first, at most `limit`.
+    pub async fn expired_leases(
+        &self,
+        now: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<Lease>, StoreError> {
+        let rows: Vec<LeaseRow> = on_pool!(&self.db, |pool| {
+            sqlx::query_as(EXPIRED_LEASES)
+                .bind(now.unix_millis())
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await?
+        });
+        convert_all(rows)
+    }
+
+    /// The environment's leases in any of `statuses`, most recently used first (ties broken by id, newest first).
+    pub async fn leases_in_statuses(
+        &self,
+        environment_id: EnvironmentId,
+        statuses: &[LeaseStatus],
+    ) -> Result<Vec<Lease>, StoreError> {
+        // Positional: parameter $2 + i is variant i of LeaseStatus::ALL, bound only if asked for.
+        let wanted: Vec<Option<&str>> = LeaseStatus::ALL
+            .iter()
+            .map(|status| statuses.contains(status).then_some(status.as_str()))
+            .collect();
+        if wanted.iter().all(Option::is_none) {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<LeaseRow> = on_pool!(&self.db, |pool| {
+            let mut query = sqlx::query_as(LEASES_IN_STATUSES).bind(environment_id.to_string());
+            for status in &wanted {
+                query = query.bind(*status);
+            }
+            query.fetch_all(pool).await?
         });
         convert_all(rows)
     }

@@ -22,6 +22,10 @@
 //! environment updates are conditional on the stored revision. On SQLite, read-modify-write transactions start with
 //! `BEGIN IMMEDIATE` so that they take the write lock up front: a deferred transaction that reads and then writes can
 //! fail with `SQLITE_BUSY` without ever waiting on the busy timeout.
+//!
+//! Several server replicas may share one PostgreSQL database, so nothing relies on in-process locks. Run and lease
+//! state changes are single conditional statements (`UPDATE .. WHERE status = <expected>`) that exactly one concurrent
+//! caller wins, and appending run events locks the run's row (`SELECT .. FOR UPDATE`) so seqs stay dense.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -82,6 +86,7 @@ mod environments;
 mod error;
 mod leases;
 mod rows;
+mod runs;
 mod secrets;
 
 /// The SQLite schema, embedded at compile time.
@@ -98,7 +103,8 @@ const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long to wait for a pooled connection (which includes connecting) before reporting the database unavailable.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The berth database: companies, keys, environments, leases, the activity log and encrypted secrets.
+/// The berth database: companies, keys, environments, leases, runs and their events, the activity log and encrypted
+/// secrets.
 ///
 /// Cheap to clone: clones share one connection pool.
 #[derive(Clone, Debug)]

@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 use berth_core::company::{ApiKey, Company};
 use berth_core::environment::Environment;
 use berth_core::lease::Lease;
+use berth_core::run::{Run, RunEvent};
 use berth_core::time::Timestamp;
 
 use super::error::StoreError;
@@ -64,6 +65,41 @@ pub(super) struct LeaseRow {
     failure_reason: Option<String>,
     cleanup_status: Option<String>,
     metadata: Option<String>,
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub(super) struct RunRow {
+    id: String,
+    company_id: String,
+    environment_id: String,
+    lease_id: Option<String>,
+    status: String,
+    command: String,
+    exit_code: Option<i64>,
+    signal: Option<String>,
+    error: Option<String>,
+    owner_node: String,
+    created_at: i64,
+    started_at: Option<i64>,
+    finished_at: Option<i64>,
+    heartbeat_at: i64,
+    cancel_requested: i64,
+}
+
+/// What [`heartbeat_runs`](super::Store::heartbeat_runs) reads back from the runs it refreshed.
+#[derive(Debug, sqlx::FromRow)]
+pub(super) struct HeartbeatRow {
+    pub(super) id: String,
+    pub(super) cancel_requested: i64,
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub(super) struct RunEventRow {
+    run_id: String,
+    seq: i64,
+    at: i64,
+    kind: String,
+    data: String,
 }
 
 #[derive(Debug, sqlx::FromRow)]
@@ -166,6 +202,50 @@ impl TryFrom<LeaseRow> for Lease {
     }
 }
 
+impl TryFrom<RunRow> for Run {
+    type Error = StoreError;
+
+    fn try_from(row: RunRow) -> Result<Self, StoreError> {
+        const TABLE: &str = "runs";
+        Ok(Run {
+            id: parse(&row.id, TABLE, "id")?,
+            company_id: parse(&row.company_id, TABLE, "company_id")?,
+            environment_id: parse(&row.environment_id, TABLE, "environment_id")?,
+            lease_id: parse_optional(row.lease_id.as_deref(), TABLE, "lease_id")?,
+            status: parse(&row.status, TABLE, "status")?,
+            command: serde_json::from_str(&row.command).map_err(|_| corrupt(TABLE, "command"))?,
+            exit_code: row
+                .exit_code
+                .map(i32::try_from)
+                .transpose()
+                .map_err(|_| corrupt(TABLE, "exit_code"))?,
+            signal: row.signal,
+            error: row.error,
+            owner_node: row.owner_node,
+            created_at: Timestamp::from_unix_millis(row.created_at),
+            started_at: row.started_at.map(Timestamp::from_unix_millis),
+            finished_at: row.finished_at.map(Timestamp::from_unix_millis),
+            heartbeat_at: Timestamp::from_unix_millis(row.heartbeat_at),
+            cancel_requested: flag(row.cancel_requested, TABLE, "cancel_requested")?,
+        })
+    }
+}
+
+impl TryFrom<RunEventRow> for RunEvent {
+    type Error = StoreError;
+
+    fn try_from(row: RunEventRow) -> Result<Self, StoreError> {
+        const TABLE: &str = "run_events";
+        Ok(RunEvent {
+            run_id: parse(&row.run_id, TABLE, "run_id")?,
+            seq: row.seq,
+            at: Timestamp::from_unix_millis(row.at),
+            kind: parse(&row.kind, TABLE, "kind")?,
+            data: serde_json::from_str(&row.data).map_err(|_| corrupt(TABLE, "data"))?,
+        })
+    }
+}
+
 impl TryFrom<ActivityRow> for ActivityEntry {
     type Error = StoreError;
 
@@ -218,6 +298,20 @@ pub(super) fn json_text(map: &Map<String, Value>) -> Result<String, StoreError> 
         .map_err(|err| StoreError::Database(sqlx::Error::Encode(Box::new(err))))
 }
 
+/// The stored text of any serializable value as JSON (a run's argv, an event's data).
+pub(super) fn json_value_text<T: serde::Serialize + ?Sized>(
+    value: &T,
+) -> Result<String, StoreError> {
+    // Cannot fail for the types stored (strings, JSON values); kept fallible rather than unwrapped.
+    serde_json::to_string(value)
+        .map_err(|err| StoreError::Database(sqlx::Error::Encode(Box::new(err))))
+}
+
+/// The stored form of a boolean: `0` or `1` in an integer column, the one type both backends decode alike.
+pub(super) fn flag_value(value: bool) -> i64 {
+    i64::from(value)
+}
+
 /// The stored text of an optional JSON object: SQL `NULL` for `None`.
 pub(super) fn json_text_or_null(
     map: Option<&Map<String, Value>>,
@@ -246,6 +340,15 @@ fn parse_optional<T: FromStr>(
     column: &'static str,
 ) -> Result<Option<T>, StoreError> {
     value.map(|value| parse(value, table, column)).transpose()
+}
+
+/// An integer column holding a boolean as `0` or `1` (see [`flag_value`]).
+fn flag(value: i64, table: &'static str, column: &'static str) -> Result<bool, StoreError> {
+    match value {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(corrupt(table, column)),
+    }
 }
 
 /// A column that must hold a JSON object.

@@ -1,0 +1,270 @@
+//! The driver contract: what every environment driver (local, ssh, sandbox, plugin) does for a run.
+//!
+//! A run goes: [`EnvironmentDriver::acquire`] (or [`resume`](EnvironmentDriver::resume) a kept lease) →
+//! [`realize_workspace`](EnvironmentDriver::realize_workspace) → [`execute`](EnvironmentDriver::execute), streaming
+//! output into an [`OutputSink`] → [`sync_back`](EnvironmentDriver::sync_back) →
+//! [`release`](EnvironmentDriver::release). Drivers are chosen at run time, so the trait is object safe and its async
+//! methods return [`BoxFuture`]s.
+//!
+//! Architecture invariant: drivers never see the database. They get typed configs with secrets resolved, and return
+//! typed results; the server persists them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use crate::ErrorKind;
+use crate::config::DriverConfig;
+use crate::environment::Driver;
+use crate::ids::{EnvironmentId, RunId};
+use crate::probe::ProbeResult;
+pub use crate::provider::BoxFuture;
+use crate::time::Timestamp;
+
+/// What a run asks of the environment when it takes a lease.
+#[derive(Clone, Debug)]
+pub struct LeaseRequest {
+    pub environment_id: EnvironmentId,
+    pub run_id: RunId,
+}
+
+/// A lease as a driver sees it: which provider resource it names and what the driver noted about it. The server
+/// stores it on the lease row; `metadata` must never hold a secret.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LeaseHandle {
+    pub provider: Option<String>,
+    pub provider_lease_id: Option<String>,
+    pub metadata: Map<String, Value>,
+    pub expires_at: Option<Timestamp>,
+}
+
+/// Where the run's files come from.
+#[derive(Clone, Debug)]
+pub struct WorkspaceRequest {
+    pub run_id: RunId,
+    /// A directory on the berth host to run in (local) or to copy in and back (remote drivers). `None`: an empty,
+    /// run-private workspace.
+    pub local_path: Option<PathBuf>,
+}
+
+/// A workspace ready for commands.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RealizedWorkspace {
+    /// The working directory inside the environment.
+    pub cwd: String,
+    /// The host directory synced in, if any; sync-back writes here.
+    pub local_path: Option<PathBuf>,
+    /// Whether the driver created the workspace for this run (and removes it at release).
+    pub ephemeral: bool,
+    /// Driver notes (e.g. the content manifest taken at sync-in). Never a secret.
+    pub metadata: Map<String, Value>,
+}
+
+/// What sync-back did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub files_written: u64,
+    pub files_deleted: u64,
+    pub bytes_written: u64,
+}
+
+/// One command to run.
+#[derive(Clone, Debug)]
+pub struct ExecRequest {
+    /// Program and arguments. Never passed through a shell.
+    pub argv: Vec<String>,
+    /// The command's environment, complete: the driver adds only defaults for `PATH` and `HOME` when absent, and
+    /// never anything of berth's own environment.
+    pub env: BTreeMap<String, String>,
+    /// Working directory relative to the workspace (`None`: the workspace itself).
+    pub cwd: Option<String>,
+    /// Bytes written to the command's stdin, which is then closed. `None`: stdin is empty.
+    pub stdin: Option<Vec<u8>>,
+    /// Kill the whole process tree after this long.
+    pub timeout: Option<Duration>,
+}
+
+/// Which of the command's output streams a chunk came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
+impl OutputStream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutputStream::Stdout => "stdout",
+            OutputStream::Stderr => "stderr",
+        }
+    }
+}
+
+/// Receives a command's output as it arrives, in order within each stream. The future completes when the chunk is
+/// taken care of; a slow sink slows the command down (backpressure) rather than buffering without bound.
+pub trait OutputSink: Send + Sync {
+    fn output<'a>(&'a self, stream: OutputStream, data: &'a [u8]) -> BoxFuture<'a, ()>;
+}
+
+/// Resolves when the run is cancelled. Drivers select on it and kill the process tree.
+pub type CancelSignal = BoxFuture<'static, ()>;
+
+/// How a command ended.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExecOutcome {
+    /// The exit code, when the command exited on its own.
+    pub exit_code: Option<i32>,
+    /// The terminating signal's name (`SIGKILL`), when a signal ended it.
+    pub signal: Option<String>,
+    /// Killed because the timeout passed.
+    pub timed_out: bool,
+    /// Killed because the run was cancelled.
+    pub cancelled: bool,
+}
+
+/// An environment driver.
+pub trait EnvironmentDriver: Send + Sync + fmt::Debug + 'static {
+    fn driver(&self) -> Driver;
+
+    /// Checks that berth can reach and use the environment. Never errs: failures are `ok: false`.
+    fn probe<'a>(&'a self, config: &'a DriverConfig) -> BoxFuture<'a, ProbeResult>;
+
+    /// Takes a fresh lease.
+    fn acquire<'a>(
+        &'a self,
+        config: &'a DriverConfig,
+        request: &'a LeaseRequest,
+    ) -> BoxFuture<'a, Result<LeaseHandle, DriverError>>;
+
+    /// Whether a lease kept by an earlier run can serve a run with `config` (reuse by environment).
+    fn matches_reusable_lease(&self, config: &DriverConfig, lease: &LeaseHandle) -> bool;
+
+    /// Takes over a lease kept by an earlier run. `Ok(None)`: the resource is gone; acquire a fresh one.
+    fn resume<'a>(
+        &'a self,
+        config: &'a DriverConfig,
+        lease: &'a LeaseHandle,
+        request: &'a LeaseRequest,
+    ) -> BoxFuture<'a, Result<Option<LeaseHandle>, DriverError>>;
+
+    /// Gives the lease back after a run. `keep`: the resource stays for reuse or inspection; otherwise it is cleaned
+    /// up. Dispatched on the driver captured on the lease, which may differ from the environment's current one.
+    fn release<'a>(
+        &'a self,
+        lease: &'a LeaseHandle,
+        keep: bool,
+    ) -> BoxFuture<'a, Result<(), DriverError>>;
+
+    /// Destroys the lease's resource whatever it holds (expired or orphaned kept leases).
+    fn destroy<'a>(&'a self, lease: &'a LeaseHandle) -> BoxFuture<'a, Result<(), DriverError>>;
+
+    /// Makes the workspace ready: in place (local) or copied in (remote).
+    fn realize_workspace<'a>(
+        &'a self,
+        lease: &'a LeaseHandle,
+        request: &'a WorkspaceRequest,
+    ) -> BoxFuture<'a, Result<RealizedWorkspace, DriverError>>;
+
+    /// Runs one command, streaming its output into `sink`, until it exits, times out or `cancel` fires. Timeouts and
+    /// cancels kill the whole process tree and keep the output produced so far.
+    fn execute<'a>(
+        &'a self,
+        lease: &'a LeaseHandle,
+        workspace: &'a RealizedWorkspace,
+        request: ExecRequest,
+        sink: &'a dyn OutputSink,
+        cancel: CancelSignal,
+    ) -> BoxFuture<'a, Result<ExecOutcome, DriverError>>;
+
+    /// Copies what the command changed back to `workspace.local_path` (no-op for in-place workspaces).
+    fn sync_back<'a>(
+        &'a self,
+        lease: &'a LeaseHandle,
+        workspace: &'a RealizedWorkspace,
+    ) -> BoxFuture<'a, Result<SyncReport, DriverError>>;
+}
+
+/// Failures of drivers and providers.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("sandbox provider `{key}` is not installed (installed: {})", list_or_none(.installed))]
+    ProviderNotInstalled { key: String, installed: Vec<String> },
+
+    #[error("a sandbox provider with key `{key}` is already registered")]
+    DuplicateProvider { key: String },
+
+    /// A provider's own spec is broken (bad key, schema that does not compile).
+    #[error("invalid sandbox provider")]
+    InvalidProvider(#[source] crate::Error),
+
+    /// The driver cannot do this (yet): e.g. runs on a driver that only probes.
+    #[error("the {driver} driver cannot {operation}")]
+    Unsupported {
+        driver: Driver,
+        operation: &'static str,
+    },
+
+    /// The environment or provider refused or failed; the message is for people and holds no secret.
+    #[error("{message}")]
+    Failed { message: String },
+
+    /// The command could not be started (missing program, bad cwd).
+    #[error("cannot start `{program}`: {message}")]
+    Spawn { program: String, message: String },
+
+    #[error("{context}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl DriverError {
+    /// The stable, snake_case code of this error: part of the API contract.
+    pub fn code(&self) -> &'static str {
+        match self {
+            DriverError::ProviderNotInstalled { .. } => "provider_not_installed",
+            DriverError::DuplicateProvider { .. } => "duplicate_provider",
+            DriverError::InvalidProvider(_) => "invalid_provider",
+            DriverError::Unsupported { .. } => "driver_unsupported",
+            DriverError::Failed { .. } => "driver_failed",
+            DriverError::Spawn { .. } => "spawn_failed",
+            DriverError::Io { .. } => "driver_io_error",
+        }
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            DriverError::ProviderNotInstalled { .. } | DriverError::Failed { .. } => {
+                ErrorKind::Unavailable
+            }
+            DriverError::DuplicateProvider { .. } => ErrorKind::Conflict,
+            DriverError::Unsupported { .. } | DriverError::Spawn { .. } => ErrorKind::Validation,
+            DriverError::InvalidProvider(_) | DriverError::Io { .. } => ErrorKind::Internal,
+        }
+    }
+
+    pub fn failed(message: impl Into<String>) -> Self {
+        DriverError::Failed {
+            message: message.into(),
+        }
+    }
+}
+
+impl From<crate::Error> for DriverError {
+    fn from(error: crate::Error) -> Self {
+        DriverError::InvalidProvider(error)
+    }
+}
+
+fn list_or_none(items: &[String]) -> String {
+    if items.is_empty() {
+        "none".to_owned()
+    } else {
+        items.join(", ")
+    }
+}

@@ -1,0 +1,971 @@
+//! Running one command on this host: the only way berth spawns a process (the local driver and the fake provider both
+//! come through here), so the guarantees of the API contract hold in one place:
+//!
+//! - the command gets exactly the environment it is given (plus `PATH`/`HOME` defaults), nothing of berth's own;
+//! - it is never run through a shell;
+//! - it leads its own process group, so timeouts, cancels and the end of the run reach the whole tree;
+//! - its output is streamed as it arrives, with the sink's pace as backpressure, and is kept on a timeout or cancel.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Component, Path, PathBuf};
+use std::pin::pin;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use berth_core::driver::{
+    CancelSignal, DriverError, ExecOutcome, ExecRequest, OutputSink, OutputStream,
+};
+use rustix::process::{Pid, Signal};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::watch;
+
+/// `PATH` for commands that bring none: the usual system directories, so `sh`, `env` and friends resolve.
+pub const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin";
+
+/// How long a command may take to exit after SIGTERM (timeout or cancel) before its process group is SIGKILLed.
+pub const KILL_GRACE: Duration = Duration::from_secs(2);
+
+/// How long output is still read after the command is gone. Everything in its process group is dead by then, so the
+/// pipes normally reach EOF at once; only a process that left the group (`setsid`) can hold them open, and it must
+/// not hold the run with them.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(2);
+
+/// The largest chunk handed to the sink at once.
+pub const CHUNK_SIZE: usize = 64 * 1024;
+
+/// One command to run on this host.
+#[derive(Clone, Debug)]
+pub struct ProcessSpec {
+    /// Program and arguments; the program is looked up in the command's own `PATH`.
+    pub argv: Vec<String>,
+    /// The complete environment. `PATH` ([`DEFAULT_PATH`]) and `HOME` (`cwd`) are added only when absent.
+    pub env: BTreeMap<String, String>,
+    pub cwd: PathBuf,
+    /// Written to stdin, which is then closed. `None`: stdin is `/dev/null`.
+    pub stdin: Option<Vec<u8>>,
+    /// Kill the process group after this long.
+    pub timeout: Option<Duration>,
+}
+
+/// Why berth ended the command itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Termination {
+    TimedOut,
+    Cancelled,
+}
+
+/// SIGKILLs the process group if the run is abandoned midway (its future dropped): `kill_on_drop` only reaches the
+/// direct child, and a run must never leave processes behind. Disarmed once the group has been killed on purpose,
+/// because by then its id may be reused.
+#[derive(Debug)]
+struct GroupGuard {
+    pgid: Option<Pid>,
+}
+
+impl GroupGuard {
+    fn kill(&mut self) {
+        if let Some(pgid) = self.pgid.take() {
+            signal_group(pgid, Signal::KILL);
+        }
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs `spec` to completion, streaming its output into `sink`.
+///
+/// Ends when the command exits, its timeout passes or `cancel` resolves. Timeouts and cancels SIGTERM the command's
+/// whole process group, then SIGKILL it after [`KILL_GRACE`]. When the command exits by itself, whatever it left
+/// running in its group is SIGKILLed too: background processes never outlive the run. Output is then drained to EOF
+/// for at most [`DRAIN_DEADLINE`].
+///
+/// Errors only when the command cannot be started ([`DriverError::Spawn`]) or cannot be waited for.
+pub async fn run_process(
+    spec: ProcessSpec,
+    sink: &dyn OutputSink,
+    cancel: CancelSignal,
+) -> Result<ExecOutcome, DriverError> {
+    let ProcessSpec {
+        argv,
+        mut env,
+        cwd,
+        stdin,
+        timeout,
+    } = spec;
+    let Some(program) = argv.first().cloned() else {
+        return Err(DriverError::Spawn {
+            program: String::new(),
+            message: "the command is empty".to_owned(),
+        });
+    };
+    // A missing cwd surfaces from spawn as a bare ENOENT, which reads as "no such program"; say what is missing.
+    match tokio::fs::metadata(&cwd).await {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => {
+            return Err(DriverError::Spawn {
+                program,
+                message: format!("the working directory {} is not a directory", cwd.display()),
+            });
+        }
+        Err(err) => {
+            return Err(DriverError::Spawn {
+                program,
+                message: format!(
+                    "the working directory {} is not usable: {err}",
+                    cwd.display()
+                ),
+            });
+        }
+    }
+    env.entry("PATH".to_owned())
+        .or_insert_with(|| DEFAULT_PATH.to_owned());
+    env.entry("HOME".to_owned())
+        .or_insert_with(|| cwd.display().to_string());
+
+    let mut command = Command::new(&program);
+    command
+        .args(&argv[1..])
+        .env_clear()
+        .envs(&env)
+        .current_dir(&cwd)
+        .process_group(0)
+        .kill_on_drop(true)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().map_err(|err| DriverError::Spawn {
+        program: program.clone(),
+        message: err.to_string(),
+    })?;
+    // `process_group(0)`: the child's pid is its process group id.
+    let pgid = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .and_then(Pid::from_raw);
+    let mut guard = GroupGuard { pgid };
+    tracing::debug!(program = %program, pid = ?pgid, cwd = %cwd.display(), "command started");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let child_stdin = child.stdin.take();
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let mut io = pin!(async {
+        tokio::join!(
+            feed_stdin(child_stdin, stdin, stop_rx.clone()),
+            pump(stdout, OutputStream::Stdout, sink, stop_rx.clone()),
+            pump(stderr, OutputStream::Stderr, sink, stop_rx.clone()),
+        )
+    });
+    let mut io_done = false;
+
+    let waited = {
+        let mut supervised = pin!(supervise(&mut child, pgid, timeout, cancel));
+        loop {
+            tokio::select! {
+                _ = &mut io, if !io_done => io_done = true,
+                waited = &mut supervised => break waited,
+            }
+        }
+    };
+    // The direct child is gone; nothing else of its group may stay, and any member still holding the pipes would
+    // keep the drain below from ever seeing EOF.
+    guard.kill();
+    let (status, termination) = waited.map_err(|source| DriverError::Io {
+        context: format!("waiting for `{program}`"),
+        source,
+    })?;
+
+    if !io_done {
+        let drained = tokio::time::timeout(DRAIN_DEADLINE, &mut io).await;
+        if drained.is_err() {
+            tracing::warn!(
+                program = %program,
+                "the command's output was still open {}s after it ended (a process left its group?); stopped reading",
+                DRAIN_DEADLINE.as_secs()
+            );
+            // Readers stop at their next read; a chunk already being delivered is delivered.
+            let _ = stop_tx.send(true);
+            io.await;
+        }
+    }
+
+    let outcome = ExecOutcome {
+        exit_code: status.code(),
+        signal: status.signal().map(signal_name),
+        timed_out: termination == Some(Termination::TimedOut),
+        cancelled: termination == Some(Termination::Cancelled),
+    };
+    tracing::debug!(program = %program, ?outcome, "command finished");
+    Ok(outcome)
+}
+
+/// The command's working directory: the workspace, or `request.cwd` inside it. Absolute paths and `..` segments are
+/// refused, so the run names a place inside its workspace.
+pub fn command_cwd(workspace: &Path, request: &ExecRequest) -> Result<PathBuf, DriverError> {
+    let Some(relative) = request.cwd.as_deref() else {
+        return Ok(workspace.to_path_buf());
+    };
+    let relative_path = Path::new(relative);
+    let clean = relative_path
+        .components()
+        .all(|component| matches!(component, Component::Normal(_) | Component::CurDir));
+    if !clean {
+        return Err(DriverError::Spawn {
+            program: request.argv.first().cloned().unwrap_or_default(),
+            message: format!(
+                "the working directory `{relative}` must be a relative path inside the workspace, without `..`"
+            ),
+        });
+    }
+    Ok(workspace.join(relative_path))
+}
+
+/// Waits for the direct child, ending its process group on timeout or cancel.
+async fn supervise(
+    child: &mut Child,
+    pgid: Option<Pid>,
+    timeout: Option<Duration>,
+    cancel: CancelSignal,
+) -> io::Result<(ExitStatus, Option<Termination>)> {
+    let deadline = async {
+        match timeout {
+            Some(timeout) => tokio::time::sleep(timeout).await,
+            None => std::future::pending().await,
+        }
+    };
+    let termination = tokio::select! {
+        status = child.wait() => return Ok((status?, None)),
+        () = deadline => Termination::TimedOut,
+        () = cancel => Termination::Cancelled,
+    };
+    tracing::debug!(pid = ?pgid, ?termination, "ending the command's process group");
+    if let Some(pgid) = pgid {
+        signal_group(pgid, Signal::TERM);
+    }
+    let status = match tokio::time::timeout(KILL_GRACE, child.wait()).await {
+        Ok(status) => status?,
+        Err(_elapsed) => {
+            if let Some(pgid) = pgid {
+                signal_group(pgid, Signal::KILL);
+            }
+            // The group kill reached the child unless it is already gone; make sure either way.
+            let _ = child.start_kill();
+            child.wait().await?
+        }
+    };
+    Ok((status, Some(termination)))
+}
+
+/// Writes `input` to the command's stdin, then closes it. A command that exits without reading it all is not an
+/// error (broken pipe): reading stdin is up to the command.
+async fn feed_stdin(
+    stdin: Option<ChildStdin>,
+    input: Option<Vec<u8>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let (Some(mut stdin), Some(input)) = (stdin, input) else {
+        return;
+    };
+    tokio::select! {
+        biased;
+        _ = stop.wait_for(|stop| *stop) => {}
+        written = stdin.write_all(&input) => {
+            if let Err(err) = written {
+                tracing::debug!(error = %err, "the command did not take all of its stdin");
+            }
+        }
+    }
+    drop(stdin);
+}
+
+/// Reads one output stream to EOF (or until told to stop), handing each chunk to the sink as it arrives.
+async fn pump<R: AsyncRead + Unpin>(
+    reader: Option<R>,
+    stream: OutputStream,
+    sink: &dyn OutputSink,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Some(mut reader) = reader else {
+        return;
+    };
+    let mut buffer = vec![0_u8; CHUNK_SIZE];
+    loop {
+        let read = tokio::select! {
+            biased;
+            _ = stop.wait_for(|stop| *stop) => return,
+            read = reader.read(&mut buffer) => read,
+        };
+        match read {
+            Ok(0) => return,
+            Ok(n) => sink.output(stream, &buffer[..n]).await,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => {
+                tracing::warn!(stream = stream.as_str(), error = %err, "reading the command's output failed");
+                return;
+            }
+        }
+    }
+}
+
+/// Signals every process in the group. ESRCH (the group is already empty) is the normal case at the end of a run.
+fn signal_group(pgid: Pid, signal: Signal) {
+    if let Err(err) = rustix::process::kill_process_group(pgid, signal)
+        && err != rustix::io::Errno::SRCH
+    {
+        tracing::warn!(pgid = pgid.as_raw_nonzero().get(), error = %err, "cannot signal the command's process group");
+    }
+}
+
+/// SIGKILLs every process whose working directory is `dir` or lies below it, and returns how many.
+///
+/// A workspace outlives the berth process that started commands in it when that process crashes; the orphan sweep
+/// then removes the workspace, and the commands still running there must go too. Nothing else records them after a
+/// crash, but the kernel still knows their working directory. Processes whose `cwd` cannot be read (another
+/// user's, or already gone) are skipped, and berth never kills itself.
+pub fn kill_processes_in(dir: &Path) -> usize {
+    let Ok(dir) = std::fs::canonicalize(dir) else {
+        return 0;
+    };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let own_pid = std::process::id();
+    let mut killed = 0;
+    for entry in entries.flatten() {
+        let Some(raw_pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if u32::try_from(raw_pid).is_ok_and(|pid| pid == own_pid) {
+            continue;
+        }
+        let Ok(cwd) = std::fs::read_link(entry.path().join("cwd")) else {
+            continue;
+        };
+        if cwd.starts_with(&dir)
+            && let Some(pid) = Pid::from_raw(raw_pid)
+            && rustix::process::kill_process(pid, Signal::KILL).is_ok()
+        {
+            killed += 1;
+        }
+    }
+    if killed > 0 {
+        tracing::info!(dir = %dir.display(), killed, "killed processes left in a workspace");
+    }
+    killed
+}
+
+/// The conventional name of a signal number: `SIGKILL`; `SIG<n>` for those without one here.
+pub fn signal_name(number: i32) -> String {
+    const NAMES: [(Signal, &str); 22] = [
+        (Signal::HUP, "SIGHUP"),
+        (Signal::INT, "SIGINT"),
+        (Signal::QUIT, "SIGQUIT"),
+        (Signal::ILL, "SIGILL"),
+        (Signal::TRAP, "SIGTRAP"),
+        (Signal::ABORT, "SIGABRT"),
+        (Signal::BUS, "SIGBUS"),
+        (Signal::FPE, "SIGFPE"),
+        (Signal::KILL, "SIGKILL"),
+        (Signal::USR1, "SIGUSR1"),
+        (Signal::SEGV, "SIGSEGV"),
+        (Signal::USR2, "SIGUSR2"),
+        (Signal::PIPE, "SIGPIPE"),
+        (Signal::ALARM, "SIGALRM"),
+        (Signal::TERM, "SIGTERM"),
+        (Signal::CHILD, "SIGCHLD"),
+        (Signal::CONT, "SIGCONT"),
+        (Signal::STOP, "SIGSTOP"),
+        (Signal::TSTP, "SIGTSTP"),
+        (Signal::XCPU, "SIGXCPU"),
+        (Signal::XFSZ, "SIGXFSZ"),
+        (Signal::SYS, "SIGSYS"),
+    ];
+    NAMES
+        .iter()
+        .find(|(signal, _)| signal.as_raw() == number)
+        .map_or_else(|| format!("SIG{number}"), |(_, name)| (*name).to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Instant;
+
+    use berth_core::driver::BoxFuture;
+    use sha2::{Digest, Sha256};
+
+    use super::*;
+
+    /// Records every chunk with the stream it came from and when it arrived.
+    #[derive(Debug, Default)]
+    struct Recorder {
+        chunks: Mutex<Vec<(OutputStream, Vec<u8>, Instant)>>,
+    }
+
+    impl Recorder {
+        fn text(&self, stream: OutputStream) -> String {
+            let chunks = self.chunks.lock().unwrap();
+            let bytes: Vec<u8> = chunks
+                .iter()
+                .filter(|(s, _, _)| *s == stream)
+                .flat_map(|(_, data, _)| data.clone())
+                .collect();
+            String::from_utf8(bytes).unwrap()
+        }
+    }
+
+    impl OutputSink for Recorder {
+        fn output<'a>(&'a self, stream: OutputStream, data: &'a [u8]) -> BoxFuture<'a, ()> {
+            Box::pin(async move {
+                self.chunks
+                    .lock()
+                    .unwrap()
+                    .push((stream, data.to_vec(), Instant::now()));
+            })
+        }
+    }
+
+    /// Counts and hashes stdout without keeping it.
+    #[derive(Debug, Default)]
+    struct Hasher {
+        state: Mutex<(u64, Sha256, usize)>,
+    }
+
+    impl OutputSink for Hasher {
+        fn output<'a>(&'a self, _stream: OutputStream, data: &'a [u8]) -> BoxFuture<'a, ()> {
+            Box::pin(async move {
+                let mut state = self.state.lock().unwrap();
+                state.0 += data.len() as u64;
+                state.1.update(data);
+                state.2 = state.2.max(data.len());
+            })
+        }
+    }
+
+    fn never() -> CancelSignal {
+        Box::pin(std::future::pending())
+    }
+
+    fn command(cwd: &std::path::Path, argv: &[&str]) -> ProcessSpec {
+        ProcessSpec {
+            argv: argv.iter().map(|arg| (*arg).to_owned()).collect(),
+            env: BTreeMap::new(),
+            cwd: cwd.to_path_buf(),
+            stdin: None,
+            timeout: None,
+        }
+    }
+
+    fn sh(cwd: &std::path::Path, script: &str) -> ProcessSpec {
+        command(cwd, &["/bin/sh", "-c", script])
+    }
+
+    /// Whether a process dies within a second: no `/proc` entry, or a zombie nobody has reaped yet (dead all the
+    /// same; in a container, pid 1 may not reap orphans). SIGKILL is delivered at once but takes a moment to finish.
+    fn is_dead(pid: u32) -> bool {
+        let dead_now = || match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => true,
+            Ok(stat) => {
+                let after_name = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start());
+                after_name.is_some_and(|rest| rest.starts_with('Z') || rest.starts_with('X'))
+            }
+        };
+        for _ in 0..100 {
+            if dead_now() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn output_streams_in_order_as_it_arrives() {
+        let temp = tempfile::tempdir().unwrap();
+        let sink = Recorder::default();
+        let started = Instant::now();
+        let outcome = run_process(
+            sh(
+                temp.path(),
+                "echo one; sleep 0.2; echo two >&2; sleep 0.2; echo three; sleep 0.2",
+            ),
+            &sink,
+            never(),
+        )
+        .await
+        .unwrap();
+        let finished = Instant::now();
+        assert_eq!(
+            outcome,
+            ExecOutcome {
+                exit_code: Some(0),
+                ..ExecOutcome::default()
+            }
+        );
+
+        let chunks = sink.chunks.lock().unwrap();
+        let seen: Vec<(OutputStream, &[u8])> = chunks
+            .iter()
+            .map(|(stream, data, _)| (*stream, data.as_slice()))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (OutputStream::Stdout, &b"one\n"[..]),
+                (OutputStream::Stderr, &b"two\n"[..]),
+                (OutputStream::Stdout, &b"three\n"[..]),
+            ]
+        );
+        // Streamed, not collected at the end: the first chunk came well before the command finished.
+        assert!(finished.duration_since(chunks[0].2) >= Duration::from_millis(400));
+        assert!(chunks[0].2.duration_since(started) < Duration::from_millis(400));
+    }
+
+    #[tokio::test]
+    async fn stdin_is_fed_then_closed() {
+        let temp = tempfile::tempdir().unwrap();
+        let sink = Recorder::default();
+        let mut spec = command(temp.path(), &["cat"]);
+        spec.stdin = Some(b"hello\nworld\n".to_vec());
+        let outcome = run_process(spec, &sink, never()).await.unwrap();
+        assert_eq!(outcome.exit_code, Some(0));
+        assert_eq!(sink.text(OutputStream::Stdout), "hello\nworld\n");
+
+        // No stdin: the command reads EOF at once instead of hanging.
+        let sink = Recorder::default();
+        let mut spec = spec_with_timeout(temp.path(), &["cat"], Duration::from_secs(10));
+        spec.stdin = None;
+        let outcome = run_process(spec, &sink, never()).await.unwrap();
+        assert!(!outcome.timed_out);
+        assert_eq!(outcome.exit_code, Some(0));
+        assert_eq!(sink.text(OutputStream::Stdout), "");
+    }
+
+    fn spec_with_timeout(cwd: &std::path::Path, argv: &[&str], timeout: Duration) -> ProcessSpec {
+        let mut spec = command(cwd, argv);
+        spec.timeout = Some(timeout);
+        spec
+    }
+
+    #[tokio::test]
+    async fn large_stdin_that_is_never_read_does_not_hang() {
+        let temp = tempfile::tempdir().unwrap();
+        let sink = Recorder::default();
+        let mut spec = sh(temp.path(), "echo ignored-stdin");
+        spec.stdin = Some(vec![b'x'; 4 * 1024 * 1024]);
+        spec.timeout = Some(Duration::from_secs(20));
+        let outcome = run_process(spec, &sink, never()).await.unwrap();
+        assert_eq!(outcome.exit_code, Some(0));
+        assert!(!outcome.timed_out);
+        assert_eq!(sink.text(OutputStream::Stdout), "ignored-stdin\n");
+    }
+
+    #[tokio::test]
+    async fn env_is_exactly_what_was_given_plus_defaults() {
+        let temp = tempfile::tempdir().unwrap();
+        let sink = Recorder::default();
+        let mut spec = command(temp.path(), &["/usr/bin/env"]);
+        spec.env.insert("ALPHA".to_owned(), "1".to_owned());
+        spec.env.insert("BETA".to_owned(), "two words".to_owned());
+        run_process(spec, &sink, never()).await.unwrap();
+        let mut lines: Vec<String> = sink
+            .text(OutputStream::Stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        lines.sort();
+        assert_eq!(
+            lines,
+            [
+                "ALPHA=1".to_owned(),
+                "BETA=two words".to_owned(),
+                format!("HOME={}", temp.path().display()),
+                format!("PATH={DEFAULT_PATH}"),
+            ]
+        );
+
+        // Given PATH and HOME win over the defaults.
+        let sink = Recorder::default();
+        let mut spec = command(temp.path(), &["/usr/bin/env"]);
+        spec.env.insert("PATH".to_owned(), "/bin".to_owned());
+        spec.env.insert("HOME".to_owned(), "/nowhere".to_owned());
+        run_process(spec, &sink, never()).await.unwrap();
+        let mut lines: Vec<String> = sink
+            .text(OutputStream::Stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        lines.sort();
+        assert_eq!(lines, ["HOME=/nowhere", "PATH=/bin"]);
+    }
+
+    #[tokio::test]
+    async fn runs_in_the_given_directory_without_a_shell() {
+        let temp = tempfile::tempdir().unwrap();
+        let sink = Recorder::default();
+        // A shell would expand these; argv passes them through as they are.
+        run_process(
+            command(temp.path(), &["echo", "$HOME", "*", "a;b"]),
+            &sink,
+            never(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(sink.text(OutputStream::Stdout), "$HOME * a;b\n");
+
+        let sink = Recorder::default();
+        run_process(command(temp.path(), &["pwd"]), &sink, never())
+            .await
+            .unwrap();
+        assert_eq!(
+            sink.text(OutputStream::Stdout).trim_end(),
+            temp.path().canonicalize().unwrap().display().to_string()
+        );
+    }
+
+    #[tokio::test]
+    async fn non_zero_exit_codes_are_reported() {
+        let temp = tempfile::tempdir().unwrap();
+        let sink = Recorder::default();
+        let outcome = run_process(sh(temp.path(), "echo oops >&2; exit 3"), &sink, never())
+            .await
+            .unwrap();
+        assert_eq!(
+            outcome,
+            ExecOutcome {
+                exit_code: Some(3),
+                ..ExecOutcome::default()
+            }
+        );
+        assert_eq!(sink.text(OutputStream::Stderr), "oops\n");
+    }
+
+    #[tokio::test]
+    async fn signals_are_reported_by_name() {
+        let temp = tempfile::tempdir().unwrap();
+        let sink = Recorder::default();
+        let outcome = run_process(sh(temp.path(), "kill -KILL $$"), &sink, never())
+            .await
+            .unwrap();
+        assert_eq!(outcome.exit_code, None);
+        assert_eq!(outcome.signal.as_deref(), Some("SIGKILL"));
+        assert!(!outcome.timed_out && !outcome.cancelled);
+
+        let outcome = run_process(sh(temp.path(), "kill -SEGV $$"), &sink, never())
+            .await
+            .unwrap();
+        assert_eq!(outcome.signal.as_deref(), Some("SIGSEGV"));
+
+        assert_eq!(signal_name(15), "SIGTERM");
+        assert_eq!(signal_name(200), "SIG200");
+    }
+
+    #[tokio::test]
+    async fn missing_programs_and_directories_fail_to_spawn() {
+        let temp = tempfile::tempdir().unwrap();
+        let sink = Recorder::default();
+        let err = run_process(
+            command(temp.path(), &["no-such-program-berth"]),
+            &sink,
+            never(),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.code(), "spawn_failed");
+        assert!(err.to_string().contains("no-such-program-berth"), "{err}");
+
+        let missing = temp.path().join("missing");
+        let err = run_process(command(&missing, &["true"]), &sink, never())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "spawn_failed");
+        assert!(err.to_string().contains("working directory"), "{err}");
+
+        let err = run_process(command(temp.path(), &[]), &sink, never())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "spawn_failed");
+    }
+
+    #[tokio::test]
+    async fn timeouts_kill_the_whole_group_and_keep_partial_output() {
+        let temp = tempfile::tempdir().unwrap();
+        let sink = Recorder::default();
+        let started = Instant::now();
+        let outcome = run_process(
+            spec_with_timeout(
+                temp.path(),
+                &["/bin/sh", "-c", "sleep 1000 & echo $!; echo started; wait"],
+                Duration::from_millis(500),
+            ),
+            &sink,
+            never(),
+        )
+        .await
+        .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(outcome.timed_out && !outcome.cancelled, "{outcome:?}");
+        assert_eq!(outcome.exit_code, None);
+        assert_eq!(outcome.signal.as_deref(), Some("SIGTERM"));
+        let text = sink.text(OutputStream::Stdout);
+        let mut lines = text.lines();
+        let sleeper: u32 = lines.next().unwrap().parse().unwrap();
+        assert_eq!(lines.next(), Some("started"));
+        assert!(
+            is_dead(sleeper),
+            "the background sleep {sleeper} survived the timeout"
+        );
+    }
+
+    #[tokio::test]
+    async fn commands_that_ignore_sigterm_are_killed_after_the_grace() {
+        let temp = tempfile::tempdir().unwrap();
+        let sink = Recorder::default();
+        let started = Instant::now();
+        let outcome = run_process(
+            spec_with_timeout(
+                temp.path(),
+                &[
+                    "/bin/sh",
+                    "-c",
+                    "trap '' TERM; echo armed; while :; do sleep 0.05; done",
+                ],
+                Duration::from_millis(300),
+            ),
+            &sink,
+            never(),
+        )
+        .await
+        .unwrap();
+        let elapsed = started.elapsed();
+        assert!(outcome.timed_out);
+        assert_eq!(outcome.signal.as_deref(), Some("SIGKILL"));
+        assert!(elapsed >= KILL_GRACE, "{elapsed:?}");
+        assert!(elapsed < KILL_GRACE + Duration::from_secs(3), "{elapsed:?}");
+        assert_eq!(sink.text(OutputStream::Stdout), "armed\n");
+    }
+
+    #[tokio::test]
+    async fn background_processes_do_not_outlive_the_run_or_hold_its_pipes() {
+        let temp = tempfile::tempdir().unwrap();
+        let sink = Recorder::default();
+        let started = Instant::now();
+        let outcome = run_process(sh(temp.path(), "(sleep 1000) & echo hi"), &sink, never())
+            .await
+            .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            outcome,
+            ExecOutcome {
+                exit_code: Some(0),
+                ..ExecOutcome::default()
+            }
+        );
+        assert_eq!(sink.text(OutputStream::Stdout), "hi\n");
+
+        let sink = Recorder::default();
+        run_process(
+            sh(temp.path(), "sleep 1000 >/dev/null 2>&1 & echo $!"),
+            &sink,
+            never(),
+        )
+        .await
+        .unwrap();
+        let sleeper: u32 = sink.text(OutputStream::Stdout).trim().parse().unwrap();
+        assert!(
+            is_dead(sleeper),
+            "the background sleep {sleeper} outlived the run"
+        );
+    }
+
+    #[tokio::test]
+    async fn processes_that_leave_the_group_stop_being_read_after_the_deadline() {
+        if !std::path::Path::new("/usr/bin/setsid").exists() {
+            return;
+        }
+        let temp = tempfile::tempdir().unwrap();
+        let sink = Recorder::default();
+        let started = Instant::now();
+        let outcome = run_process(
+            sh(
+                temp.path(),
+                "setsid sh -c 'echo $$; sleep 1000' & sleep 0.2; echo parent-done",
+            ),
+            &sink,
+            never(),
+        )
+        .await
+        .unwrap();
+        let elapsed = started.elapsed();
+        assert_eq!(outcome.exit_code, Some(0));
+        assert!(elapsed >= DRAIN_DEADLINE, "{elapsed:?}");
+        assert!(
+            elapsed < DRAIN_DEADLINE + Duration::from_secs(2),
+            "{elapsed:?}"
+        );
+        let text = sink.text(OutputStream::Stdout);
+        assert!(text.contains("parent-done"), "{text}");
+        // Clean up the escapee ourselves: it leads its own group, outside anything berth controls.
+        for pid in text.lines().filter_map(|line| line.parse::<i32>().ok()) {
+            if let Some(pid) = Pid::from_raw(pid) {
+                let _ = rustix::process::kill_process_group(pid, Signal::KILL);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn cancel_kills_the_command_and_keeps_its_output() {
+        let temp = tempfile::tempdir().unwrap();
+        let sink = Recorder::default();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let cancel: CancelSignal = Box::pin(async move {
+            // Only an explicit send cancels; a dropped sender means "never".
+            if rx.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        });
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let _ = tx.send(());
+        });
+        let started = Instant::now();
+        let outcome = run_process(sh(temp.path(), "echo started; sleep 1000"), &sink, cancel)
+            .await
+            .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(outcome.cancelled && !outcome.timed_out, "{outcome:?}");
+        assert_eq!(sink.text(OutputStream::Stdout), "started\n");
+    }
+
+    /// A run abandoned midway (its future dropped, e.g. the server shutting down) still takes its tree with it.
+    #[tokio::test]
+    async fn dropping_a_run_kills_its_process_group() {
+        let temp = tempfile::tempdir().unwrap();
+        let sink = Recorder::default();
+        let abandoned = tokio::time::timeout(
+            Duration::from_millis(500),
+            run_process(
+                sh(temp.path(), "sleep 1000 & echo $!; wait"),
+                &sink,
+                never(),
+            ),
+        )
+        .await;
+        assert!(abandoned.is_err(), "the run should still have been going");
+        let sleeper: u32 = sink.text(OutputStream::Stdout).trim().parse().unwrap();
+        assert!(
+            is_dead(sleeper),
+            "the background sleep {sleeper} outlived the dropped run"
+        );
+    }
+
+    #[tokio::test]
+    async fn ten_megabytes_arrive_intact() {
+        let temp = tempfile::tempdir().unwrap();
+        let path = temp.path().join("big.bin");
+        let mut data = Vec::with_capacity(10_000_000);
+        let mut x: u32 = 0x1234_5678;
+        while data.len() < 10_000_000 {
+            // xorshift: cheap bytes that are not one repeated pattern.
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            data.extend_from_slice(&x.to_le_bytes());
+        }
+        data.truncate(10_000_000);
+        std::fs::write(&path, &data).unwrap();
+
+        let sink = Hasher::default();
+        let outcome = run_process(command(temp.path(), &["cat", "big.bin"]), &sink, never())
+            .await
+            .unwrap();
+        assert_eq!(outcome.exit_code, Some(0));
+        let state = sink.state.lock().unwrap();
+        assert_eq!(state.0, 10_000_000);
+        assert!(state.2 <= CHUNK_SIZE);
+        assert_eq!(state.1.clone().finalize(), Sha256::digest(&data));
+    }
+
+    /// A slow sink slows the command rather than letting output pile up; nothing is lost.
+    #[tokio::test]
+    async fn a_slow_sink_applies_backpressure() {
+        #[derive(Debug, Default)]
+        struct Slow(Mutex<u64>);
+
+        impl OutputSink for Slow {
+            fn output<'a>(&'a self, _stream: OutputStream, data: &'a [u8]) -> BoxFuture<'a, ()> {
+                Box::pin(async move {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    *self.0.lock().unwrap() += data.len() as u64;
+                })
+            }
+        }
+
+        let temp = tempfile::tempdir().unwrap();
+        let sink = Slow::default();
+        let outcome = run_process(sh(temp.path(), "head -c 2000000 /dev/zero"), &sink, never())
+            .await
+            .unwrap();
+        assert_eq!(outcome.exit_code, Some(0));
+        assert_eq!(*sink.0.lock().unwrap(), 2_000_000);
+    }
+}
+
+#[cfg(test)]
+mod kill_in_dir_tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::kill_processes_in;
+
+    #[test]
+    fn processes_working_in_a_directory_are_killed_and_others_are_not() {
+        let inside = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::create_dir(inside.path().join("deeper")).unwrap();
+        let mut doomed = std::process::Command::new("sleep")
+            .arg("100")
+            .current_dir(inside.path().join("deeper"))
+            .spawn()
+            .unwrap();
+        let mut spared = std::process::Command::new("sleep")
+            .arg("100")
+            .current_dir(outside.path())
+            .spawn()
+            .unwrap();
+        assert_eq!(kill_processes_in(inside.path()), 1);
+        assert_eq!(doomed.wait().unwrap().signal(), Some(9));
+        assert!(
+            spared.try_wait().unwrap().is_none(),
+            "a process elsewhere was killed"
+        );
+        spared.kill().unwrap();
+        spared.wait().unwrap();
+    }
+}

@@ -1,0 +1,469 @@
+//! Run routes: start a command, follow its events (JSON or a live SSE stream), cancel it.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use berth_core::ErrorKind;
+use berth_core::config::DriverConfig;
+use berth_core::driver::ExecRequest;
+use berth_core::environment::{Environment, EnvironmentStatus};
+use berth_core::ids::{CompanyId, EnvironmentId, RunId};
+use berth_core::lease::LeasePolicy;
+use berth_core::run::{EventKind, Run, RunEvent, RunStatus, check_env_name, check_no_nul};
+use berth_core::time::Timestamp;
+use berth_core::validation::ValidationErrors;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use super::auth::Principal;
+use super::dto::{CreateRunRequest, EventResponse, RunResponse};
+use super::error::ApiError;
+use super::json::ApiJson;
+use super::{load_company, parse_path_id, query_or_400};
+use crate::runs::RunPlan;
+use crate::runs::events::EventWriter;
+use crate::state::AppState;
+
+/// Longest accepted run timeout: one day.
+const MAX_TIMEOUT_MS: u64 = 86_400_000;
+/// Variables the callback bridge sets; a request may not set them itself.
+const RESERVED_ENV: [&str; 3] = ["BERTH_API_URL", "BERTH_API_TOKEN", "BERTH_RUN_ID"];
+const DEFAULT_PAGE: u32 = 1000;
+const MAX_PAGE: u32 = 10_000;
+
+pub async fn create(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(company_id): Path<String>,
+    ApiJson(request): ApiJson<CreateRunRequest>,
+) -> Result<(StatusCode, Json<RunResponse>), ApiError> {
+    let company_id: CompanyId = parse_path_id(&company_id, "company")?;
+    principal.manage(company_id)?;
+    load_company(&state, company_id).await?;
+
+    let (plan, environment_id, bridge) = validate(request)?;
+    let environment = resolve_environment(&state, company_id, environment_id).await?;
+    let config = runnable_config(&state, &environment)?;
+
+    let now = Timestamp::now();
+    let mut plan = plan;
+    let run = Run {
+        id: RunId::new(),
+        company_id,
+        environment_id: environment.id,
+        lease_id: None,
+        status: RunStatus::Queued,
+        command: plan.exec.argv.clone(),
+        exit_code: None,
+        signal: None,
+        error: None,
+        owner_node: state.runs().node_id().to_owned(),
+        created_at: now,
+        started_at: None,
+        finished_at: None,
+        heartbeat_at: now,
+        cancel_requested: false,
+    };
+    if bridge {
+        plan.exec
+            .env
+            .insert("BERTH_RUN_ID".to_owned(), run.id.to_string());
+    }
+    state.store().insert_run(&run).await?;
+    let events = EventWriter::new(state.store().clone(), run.id);
+    events
+        .emit(EventKind::Status, json!({"status": "queued"}))
+        .await;
+    tracing::info!(run.id = %run.id, env.id = %environment.id, "run accepted");
+    let response = RunResponse::from(&run);
+    state.runs().start(run, environment, config, plan, events);
+    Ok((StatusCode::CREATED, Json(response)))
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct ListQuery {
+    status: Option<String>,
+    limit: Option<u32>,
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(company_id): Path<String>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<RunResponse>>, ApiError> {
+    let company_id: CompanyId = parse_path_id(&company_id, "company")?;
+    principal.access(company_id)?;
+    let query = query_or_400(query)?;
+    load_company(&state, company_id).await?;
+    let status = match query
+        .status
+        .as_deref()
+        .map(str::trim)
+        .filter(|text| !text.is_empty())
+    {
+        None => None,
+        Some(text) => Some(text.parse::<RunStatus>().map_err(|error| {
+            ApiError::validation(ValidationErrors::single("status", error.to_string()))
+        })?),
+    };
+    let limit = query.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
+    let runs = state.store().list_runs(company_id, status, limit).await?;
+    Ok(Json(runs.iter().map(RunResponse::from).collect()))
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Json<RunResponse>, ApiError> {
+    let run = load_run(&state, &id).await?;
+    principal.access(run.company_id)?;
+    Ok(Json(RunResponse::from(&run)))
+}
+
+pub async fn cancel(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Json<RunResponse>, ApiError> {
+    let run = load_run(&state, &id).await?;
+    principal.manage(run.company_id)?;
+    if run.status.is_terminal() {
+        return Ok(Json(RunResponse::from(&run)));
+    }
+    // Recorded in the database so the owning node acts on it even when that node is another replica.
+    let stored = state
+        .store()
+        .request_cancel(run.id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("run"))?;
+    if state.runs().cancel_local(run.id) {
+        tracing::info!(run.id = %run.id, "run cancelled");
+    }
+    Ok(Json(RunResponse::from(&stored)))
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct EventsQuery {
+    after: Option<i64>,
+    limit: Option<u32>,
+}
+
+pub async fn events(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let run = load_run(&state, &id).await?;
+    principal.access(run.company_id)?;
+    let query = query_or_400(query)?;
+    let after = query.after.unwrap_or(0).max(0);
+    if wants_event_stream(&headers) {
+        let follower = Follower {
+            state: state.clone(),
+            run_id: run.id,
+            after,
+            buffer: VecDeque::new(),
+            latest: state.runs().follow(run.id),
+            finished: false,
+        };
+        let stream = futures::stream::unfold(follower, Follower::next);
+        return Ok(Sse::new(stream)
+            .keep_alive(KeepAlive::default())
+            .into_response());
+    }
+    let limit = query.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
+    let events = state.store().list_events(run.id, after, limit).await?;
+    Ok(Json(events.iter().map(EventResponse::from).collect::<Vec<_>>()).into_response())
+}
+
+fn wants_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .any(|value| {
+            value
+                .split(',')
+                .any(|part| part.trim().starts_with("text/event-stream"))
+        })
+}
+
+/// Replays a run's events after a seq, then follows new ones until the final status event.
+struct Follower {
+    state: AppState,
+    run_id: RunId,
+    after: i64,
+    buffer: VecDeque<RunEvent>,
+    /// Wake-ups from the local writer; `None` when another node runs it (then we poll the database).
+    latest: Option<watch::Receiver<i64>>,
+    finished: bool,
+}
+
+impl Follower {
+    async fn next(mut self) -> Option<(Result<Event, Infallible>, Self)> {
+        let mut idle_checks = 0;
+        loop {
+            if let Some(event) = self.buffer.pop_front() {
+                self.after = event.seq;
+                self.finished = is_final(&event);
+                return Some((Ok(sse_event(&event)), self));
+            }
+            if self.finished {
+                return None;
+            }
+            let batch = match self
+                .state
+                .store()
+                .list_events(self.run_id, self.after, 500)
+                .await
+            {
+                Ok(batch) => batch,
+                Err(error) => {
+                    tracing::warn!(run.id = %self.run_id, error = %super::error::DisplayChain(&error), "event stream ended");
+                    return None;
+                }
+            };
+            if !batch.is_empty() {
+                self.buffer.extend(batch);
+                continue;
+            }
+            // Nothing new. A final run has written its final event already (it goes out first), so stop; give an
+            // orphan sweep that is writing it right now one more look.
+            if let Ok(Some(run)) = self.state.store().get_run(self.run_id).await
+                && run.status.is_terminal()
+            {
+                idle_checks += 1;
+                if idle_checks > 2 {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            match self.latest.as_mut() {
+                Some(latest) => {
+                    // Closed means the run's writers are gone: re-read once more, then the final-row check ends us.
+                    if tokio::time::timeout(Duration::from_secs(1), latest.changed())
+                        .await
+                        .is_ok_and(|r| r.is_err())
+                    {
+                        self.latest = None;
+                    }
+                }
+                None => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        }
+    }
+}
+
+fn is_final(event: &RunEvent) -> bool {
+    event.kind == EventKind::Status
+        && event
+            .data
+            .get("status")
+            .and_then(Value::as_str)
+            .and_then(|status| status.parse::<RunStatus>().ok())
+            .is_some_and(RunStatus::is_terminal)
+}
+
+fn sse_event(event: &RunEvent) -> Event {
+    let payload =
+        serde_json::to_string(&EventResponse::from(event)).unwrap_or_else(|_| "{}".to_owned());
+    Event::default()
+        .id(event.seq.to_string())
+        .event(event.kind.as_str())
+        .data(payload)
+}
+
+async fn load_run(state: &AppState, id: &str) -> Result<Run, ApiError> {
+    let id = parse_path_id(id, "run")?;
+    state
+        .store()
+        .get_run(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("run"))
+}
+
+/// Checks the request field by field, reporting every problem.
+fn validate(request: CreateRunRequest) -> Result<(RunPlan, Option<String>, bool), ApiError> {
+    let mut errors = ValidationErrors::new();
+    if request.command.is_empty() || request.command[0].is_empty() {
+        errors.push(
+            "command",
+            "must name a program: a non-empty array whose first entry is not empty",
+        );
+    }
+    for (index, argument) in request.command.iter().enumerate() {
+        if let Err(message) = check_no_nul(argument) {
+            errors.push(format!("command.{index}"), message);
+        }
+    }
+    let env = request.env.unwrap_or_default();
+    for (name, value) in &env {
+        let path = format!("env.{}", name.escape_debug());
+        if let Err(message) = check_env_name(name) {
+            errors.push(path.clone(), message);
+        } else if RESERVED_ENV.contains(&name.as_str()) {
+            errors.push(
+                path.clone(),
+                "is set by the callback bridge and cannot be given",
+            );
+        }
+        if let Err(message) = check_no_nul(value) {
+            errors.push(path, format!("value {message}"));
+        }
+    }
+    let cwd = request.cwd.filter(|cwd| !cwd.is_empty());
+    if let Some(cwd) = &cwd
+        && (cwd.starts_with('/')
+            || cwd.split('/').any(|segment| segment == "..")
+            || cwd.contains('\0'))
+    {
+        errors.push(
+            "cwd",
+            "must be a path inside the workspace: relative, without '..'",
+        );
+    }
+    let timeout = match request.timeout_ms {
+        Some(ms) if !(1..=MAX_TIMEOUT_MS).contains(&ms) => {
+            errors.push(
+                "timeoutMs",
+                format!("must be between 1 and {MAX_TIMEOUT_MS}"),
+            );
+            None
+        }
+        other => other.map(Duration::from_millis),
+    };
+    let workspace = request.workspace.and_then(|workspace| {
+        let path = PathBuf::from(&workspace.local_path);
+        if !path.is_absolute()
+            || workspace
+                .local_path
+                .split('/')
+                .any(|segment| segment == "..")
+        {
+            errors.push(
+                "workspace.localPath",
+                "must be an absolute path without '..'",
+            );
+            None
+        } else if !path.is_dir() {
+            errors.push(
+                "workspace.localPath",
+                "is not a directory on the berth host",
+            );
+            None
+        } else {
+            Some(path)
+        }
+    });
+    let lease_policy = request.lease_policy.as_deref().and_then(|text| {
+        text.parse::<LeasePolicy>()
+            .map_err(|error| errors.push("leasePolicy", error.to_string()))
+            .ok()
+    });
+    errors.into_result(()).map_err(ApiError::validation)?;
+    let exec = ExecRequest {
+        argv: request.command,
+        env: env.into_iter().collect::<BTreeMap<_, _>>(),
+        cwd,
+        stdin: request.stdin.map(String::into_bytes),
+        timeout,
+    };
+    Ok((
+        RunPlan {
+            exec,
+            workspace,
+            lease_policy,
+        },
+        request.environment_id,
+        request.bridge.unwrap_or(true),
+    ))
+}
+
+/// The given environment (of this company, active), else the company's Local one.
+async fn resolve_environment(
+    state: &AppState,
+    company_id: CompanyId,
+    environment_id: Option<String>,
+) -> Result<Environment, ApiError> {
+    let environment = match environment_id {
+        None => state.store().ensure_local_environment(company_id).await?,
+        Some(id) => {
+            let not_found = || {
+                ApiError::validation(ValidationErrors::single(
+                    "environmentId",
+                    "no such environment in this company",
+                ))
+            };
+            let id: EnvironmentId = id.parse().map_err(|_| not_found())?;
+            let environment = state
+                .store()
+                .get_environment(id)
+                .await?
+                .ok_or_else(not_found)?;
+            if environment.company_id != company_id {
+                return Err(not_found());
+            }
+            environment
+        }
+    };
+    if environment.status == EnvironmentStatus::Archived {
+        return Err(ApiError::new(
+            ErrorKind::Conflict,
+            "environment_archived",
+            "the environment is archived",
+        ));
+    }
+    Ok(environment)
+}
+
+/// The environment's config, if its driver (and provider) can run commands in this build.
+fn runnable_config(state: &AppState, environment: &Environment) -> Result<DriverConfig, ApiError> {
+    let config = DriverConfig::parse(
+        environment.driver,
+        &Value::Object(environment.config.clone()),
+        state.drivers().providers(),
+    )
+    .map_err(|errors| {
+        ApiError::new(
+            ErrorKind::Conflict,
+            "environment_config_invalid",
+            format!("the environment's stored config is no longer valid ({errors}); update it"),
+        )
+    })?;
+    let capabilities = state.drivers().capabilities();
+    let driver_runs = capabilities
+        .drivers
+        .get(&environment.driver)
+        .is_some_and(|driver| driver.supports_run_execution);
+    let provider_runs = match &config {
+        DriverConfig::Sandbox(sandbox) => capabilities
+            .sandbox_providers
+            .get(&sandbox.provider)
+            .is_some_and(|provider| provider.supports_run_execution),
+        _ => true,
+    };
+    if !driver_runs || !provider_runs {
+        return Err(ApiError::new(
+            ErrorKind::Validation,
+            "driver_unsupported",
+            format!(
+                "the {} driver cannot run commands in this build",
+                environment.driver
+            ),
+        ));
+    }
+    Ok(config)
+}

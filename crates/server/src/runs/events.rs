@@ -1,0 +1,178 @@
+//! Writing a run's events: dense sequence numbers from the store, a wake-up for live followers, and the UTF-8 care
+//! that output needs (a multi-byte character split across two reads must not turn into replacement characters).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use berth_core::driver::{BoxFuture, OutputSink, OutputStream};
+use berth_core::ids::RunId;
+use berth_core::run::{EventKind, NewRunEvent};
+use berth_core::time::Timestamp;
+use serde_json::{Value, json};
+use tokio::sync::{Mutex, watch};
+
+use crate::api::error::DisplayChain;
+use crate::store::Store;
+
+/// Appends events for one run and tells followers (SSE streams) about them.
+#[derive(Debug, Clone)]
+pub struct EventWriter {
+    store: Store,
+    run_id: RunId,
+    latest: Arc<watch::Sender<i64>>,
+}
+
+impl EventWriter {
+    pub fn new(store: Store, run_id: RunId) -> Self {
+        Self {
+            store,
+            run_id,
+            latest: Arc::new(watch::channel(0).0),
+        }
+    }
+
+    /// The seq of the latest event written, updated as events are appended; closed when every writer is gone.
+    pub fn subscribe(&self) -> watch::Receiver<i64> {
+        self.latest.subscribe()
+    }
+
+    /// Appends one event. A failure is logged, not returned: losing the database mid-run must not also lose the
+    /// command (its final status is written again by the orphan sweep if need be).
+    pub async fn emit(&self, kind: EventKind, data: Value) {
+        self.emit_all(vec![NewRunEvent {
+            at: Timestamp::now(),
+            kind,
+            data,
+        }])
+        .await;
+    }
+
+    pub async fn emit_all(&self, events: Vec<NewRunEvent>) {
+        match self.store.append_events(self.run_id, &events).await {
+            Ok(stored) => {
+                if let Some(last) = stored.last() {
+                    self.latest.send_replace(last.seq);
+                }
+            }
+            Err(error) => {
+                tracing::error!(run.id = %self.run_id, error = %DisplayChain(&error), "could not record run events");
+            }
+        }
+    }
+
+    pub async fn error(&self, code: &str, message: &str) {
+        self.emit(EventKind::Error, json!({"code": code, "message": message}))
+            .await;
+    }
+}
+
+/// The sink a driver streams output into: each chunk becomes a `stdout`/`stderr` event `{"text": ...}`.
+#[derive(Debug)]
+pub struct OutputEvents {
+    writer: EventWriter,
+    /// Bytes of an incomplete UTF-8 character at the end of the last chunk, per stream.
+    carry: Mutex<HashMap<OutputStream, Vec<u8>>>,
+}
+
+impl OutputEvents {
+    pub fn new(writer: EventWriter) -> Self {
+        Self {
+            writer,
+            carry: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Emits whatever partial characters are left (lossily): the command has ended.
+    pub async fn finish(&self) {
+        let leftovers: Vec<(OutputStream, Vec<u8>)> = self.carry.lock().await.drain().collect();
+        for (stream, bytes) in leftovers {
+            if !bytes.is_empty() {
+                let text = String::from_utf8_lossy(&bytes).into_owned();
+                self.writer
+                    .emit(kind_of(stream), json!({"text": text}))
+                    .await;
+            }
+        }
+    }
+}
+
+impl OutputSink for OutputEvents {
+    fn output<'a>(&'a self, stream: OutputStream, data: &'a [u8]) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            // Holding the lock across the write keeps events in order of arrival across both streams.
+            let mut carry = self.carry.lock().await;
+            let pending = carry.entry(stream).or_default();
+            pending.extend_from_slice(data);
+            let text = take_complete_utf8(pending);
+            if !text.is_empty() {
+                self.writer
+                    .emit(kind_of(stream), json!({"text": text}))
+                    .await;
+            }
+        })
+    }
+}
+
+fn kind_of(stream: OutputStream) -> EventKind {
+    match stream {
+        OutputStream::Stdout => EventKind::Stdout,
+        OutputStream::Stderr => EventKind::Stderr,
+    }
+}
+
+/// Decodes as much of `buffer` as forms complete characters (invalid bytes become U+FFFD) and leaves an incomplete
+/// trailing character in `buffer` for the next chunk.
+pub fn take_complete_utf8(buffer: &mut Vec<u8>) -> String {
+    let mut text = String::with_capacity(buffer.len());
+    let mut rest: &[u8] = buffer;
+    loop {
+        match std::str::from_utf8(rest) {
+            Ok(valid) => {
+                text.push_str(valid);
+                rest = &[];
+                break;
+            }
+            Err(error) => {
+                let (valid, after) = rest.split_at(error.valid_up_to());
+                text.push_str(std::str::from_utf8(valid).unwrap_or_default());
+                match error.error_len() {
+                    Some(invalid) => {
+                        text.push(char::REPLACEMENT_CHARACTER);
+                        rest = &after[invalid..];
+                    }
+                    // An incomplete character at the very end: keep it for the next chunk.
+                    None => {
+                        rest = after;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let kept = rest.to_vec();
+    *buffer = kept;
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_characters_are_joined_across_chunks() {
+        let bytes = "héllo €".as_bytes();
+        let mut buffer = bytes[..2].to_vec(); // "h" + first byte of "é"
+        assert_eq!(take_complete_utf8(&mut buffer), "h");
+        assert_eq!(buffer.len(), 1);
+        buffer.extend_from_slice(&bytes[2..]);
+        assert_eq!(take_complete_utf8(&mut buffer), "éllo €");
+        assert!(buffer.is_empty());
+    }
+
+    #[test]
+    fn invalid_bytes_become_replacement_characters() {
+        let mut buffer = vec![b'a', 0xff, b'b', 0xe2, 0x82];
+        assert_eq!(take_complete_utf8(&mut buffer), "a\u{fffd}b");
+        assert_eq!(buffer, vec![0xe2, 0x82]);
+    }
+}

@@ -1,0 +1,271 @@
+//! One run, start to finish: lease → workspace → execute → sync back → release, every step an event.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_core::config::DriverConfig;
+use berth_core::driver::{
+    CancelSignal, ExecOutcome, ExecRequest, RealizedWorkspace, WorkspaceRequest,
+};
+use berth_core::environment::Environment;
+use berth_core::lease::{Lease, LeasePolicy};
+use berth_core::run::{EventKind, Run, RunStatus};
+use berth_core::time::Timestamp;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::events::{EventWriter, OutputEvents};
+use super::leases::{self, HeldLease};
+use super::manager::RunContext;
+use crate::api::error::DisplayChain;
+
+/// Everything about a run that is not stored: the parts of the request that may hold secrets, and choices made when
+/// it was accepted.
+#[derive(Debug)]
+pub struct RunPlan {
+    pub exec: ExecRequest,
+    pub workspace: Option<PathBuf>,
+    pub lease_policy: Option<LeasePolicy>,
+}
+
+/// Drives `run` to a final status. Never returns an error: every failure becomes the run's status and events.
+pub async fn execute(
+    context: Arc<RunContext>,
+    mut run: Run,
+    environment: Environment,
+    config: DriverConfig,
+    plan: RunPlan,
+    cancel: CancellationToken,
+    events: EventWriter,
+) {
+    let run_id = run.id;
+    let outcome = async {
+        let driver = context.drivers.get(environment.driver);
+        let policy = leases::policy_for(&config, plan.lease_policy);
+
+        // Lease.
+        let held = tokio::select! {
+            acquired = leases::acquire(&context.store, &driver, &environment, &config, run_id, policy) => acquired,
+            () = cancel.cancelled() => return Finish::cancelled_before_start(),
+        };
+        let held = match held {
+            Ok(held) => held,
+            Err(error) => return Finish::berth_failed("lease_failed", error.to_string()),
+        };
+        // The lease may follow another policy than asked (a busy reusable sandbox yields an ephemeral one).
+        let policy = held.lease.lease_policy;
+        run.lease_id = Some(held.lease.id);
+        save(&context, &run).await;
+        events
+            .emit(
+                EventKind::Lease,
+                json!({
+                    "leaseId": held.lease.id.to_string(),
+                    "status": "active",
+                    "policy": policy.as_str(),
+                    "provider": held.handle.provider,
+                    "providerLeaseId": held.handle.provider_lease_id,
+                    "resumed": held.resumed,
+                }),
+            )
+            .await;
+
+        let finish = with_lease(&context, &mut run, &held, &plan, &cancel, &events).await;
+
+        // Release: kept for reuse, or for inspection when the run failed and the policy says so.
+        let keep = match policy {
+            LeasePolicy::ReuseByEnvironment => true,
+            LeasePolicy::RetainOnFailure => finish.status != RunStatus::Succeeded,
+            LeasePolicy::Ephemeral => false,
+        };
+        let keep_for = match &config {
+            DriverConfig::Sandbox(sandbox) => sandbox.timeout_ms.map(Duration::from_millis),
+            _ => None,
+        };
+        match leases::release(&context.store, &context.drivers, &held, keep, keep_for).await {
+            Ok(Some(lease)) => events.emit(EventKind::Lease, lease_released(&lease)).await,
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(error = %DisplayChain(&error), "could not release the lease; the sweep will");
+                events.error("lease_release_failed", "the lease could not be released; it will be cleaned up").await;
+            }
+        }
+        finish
+    }
+    .await;
+
+    // Final status, last: followers stop at this event.
+    run.status = outcome.status;
+    run.exit_code = outcome.exit_code;
+    run.signal = outcome.signal.clone();
+    run.error = outcome.error.clone();
+    run.finished_at = Some(Timestamp::now());
+    if let Some((code, message)) = &outcome.error_event {
+        events.error(code, message).await;
+    }
+    // The final event goes out before the row turns final, so a follower that sees a final row knows the final
+    // event is already there to read.
+    events
+        .emit(
+            EventKind::Status,
+            json!({"status": run.status.as_str(), "exitCode": run.exit_code, "signal": run.signal, "error": run.error}),
+        )
+        .await;
+    save(&context, &run).await;
+    tracing::info!(run.id = %run_id, status = %run.status, exit_code = ?run.exit_code, "run finished");
+}
+
+/// With a lease held: workspace, command, sync back.
+async fn with_lease(
+    context: &RunContext,
+    run: &mut Run,
+    held: &HeldLease,
+    plan: &RunPlan,
+    cancel: &CancellationToken,
+    events: &EventWriter,
+) -> Finish {
+    let driver = context.drivers.get(held.lease.driver);
+    let request = WorkspaceRequest {
+        run_id: run.id,
+        local_path: plan.workspace.clone(),
+    };
+    let workspace = tokio::select! {
+        realized = driver.realize_workspace(&held.handle, &request) => realized,
+        () = cancel.cancelled() => return Finish::cancelled_before_start(),
+    };
+    let workspace: RealizedWorkspace = match workspace {
+        Ok(workspace) => workspace,
+        Err(error) => {
+            return Finish::berth_failed(
+                "workspace_failed",
+                format!("could not realize the workspace: {error}"),
+            );
+        }
+    };
+    events
+        .emit(EventKind::Workspace, json!({"phase": "realized", "cwd": workspace.cwd, "inPlace": !workspace.ephemeral && workspace.local_path.is_some()}))
+        .await;
+    if cancel.is_cancelled() {
+        return Finish::cancelled_before_start();
+    }
+
+    run.status = RunStatus::Running;
+    run.started_at = Some(Timestamp::now());
+    save(context, run).await;
+    events
+        .emit(EventKind::Status, json!({"status": "running"}))
+        .await;
+
+    let sink = OutputEvents::new(events.clone());
+    let token = cancel.clone();
+    let cancel_signal: CancelSignal = Box::pin(async move { token.cancelled_owned().await });
+    let executed = driver
+        .execute(
+            &held.handle,
+            &workspace,
+            plan.exec.clone(),
+            &sink,
+            cancel_signal,
+        )
+        .await;
+    sink.finish().await;
+    let finish = match executed {
+        Ok(outcome) => Finish::from_outcome(&outcome),
+        Err(error) => {
+            Finish::berth_failed(error.code(), format!("could not run the command: {error}"))
+        }
+    };
+
+    match driver.sync_back(&held.handle, &workspace).await {
+        Ok(report) if workspace.local_path.is_some() => {
+            events
+                .emit(
+                    EventKind::Workspace,
+                    json!({
+                        "phase": "synced",
+                        "filesWritten": report.files_written,
+                        "filesDeleted": report.files_deleted,
+                        "bytesWritten": report.bytes_written,
+                    }),
+                )
+                .await;
+        }
+        Ok(_) => {}
+        Err(error) => {
+            events
+                .error(
+                    "sync_back_failed",
+                    &format!("could not sync the workspace back: {error}"),
+                )
+                .await;
+        }
+    }
+    finish
+}
+
+async fn save(context: &RunContext, run: &Run) {
+    if let Err(error) = context.store.update_run(run).await {
+        tracing::error!(run.id = %run.id, error = %DisplayChain(&error), "could not save the run");
+    }
+}
+
+fn lease_released(lease: &Lease) -> serde_json::Value {
+    json!({
+        "leaseId": lease.id.to_string(),
+        "status": lease.status.as_str(),
+        "cleanupStatus": lease.cleanup_status.map(|status| status.as_str()),
+    })
+}
+
+/// How a run ends.
+#[derive(Debug)]
+struct Finish {
+    status: RunStatus,
+    exit_code: Option<i32>,
+    signal: Option<String>,
+    error: Option<String>,
+    error_event: Option<(String, String)>,
+}
+
+impl Finish {
+    fn from_outcome(outcome: &ExecOutcome) -> Self {
+        let status = if outcome.timed_out {
+            RunStatus::TimedOut
+        } else if outcome.cancelled {
+            RunStatus::Cancelled
+        } else if outcome.exit_code == Some(0) {
+            RunStatus::Succeeded
+        } else {
+            RunStatus::Failed
+        };
+        Self {
+            status,
+            exit_code: outcome.exit_code,
+            signal: outcome.signal.clone(),
+            error: None,
+            error_event: None,
+        }
+    }
+
+    fn cancelled_before_start() -> Self {
+        Self {
+            status: RunStatus::Cancelled,
+            exit_code: None,
+            signal: None,
+            error: None,
+            error_event: None,
+        }
+    }
+
+    /// berth (not the command) failed: the run fails with a message and an `error` event.
+    fn berth_failed(code: &str, message: String) -> Self {
+        Self {
+            status: RunStatus::Failed,
+            exit_code: None,
+            signal: None,
+            error: Some(message.clone()),
+            error_event: Some((code.to_owned(), message)),
+        }
+    }
+}

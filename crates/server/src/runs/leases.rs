@@ -1,0 +1,415 @@
+//! Taking and giving back leases around a run, and cleaning up leases nobody holds.
+//!
+//! Every state change of a lease goes through `Store::transition_lease`, a compare-and-set on its status. That is what
+//! keeps several replicas sharing one database from releasing a lease twice or resuming one kept lease for two runs:
+//! whoever wins the transition does the provider work; everyone else moves on.
+
+use std::sync::Arc;
+
+use berth_core::config::DriverConfig;
+use berth_core::driver::{EnvironmentDriver, LeaseHandle, LeaseRequest};
+use berth_core::environment::Environment;
+use berth_core::ids::{LeaseId, RunId};
+use berth_core::lease::{CleanupStatus, Lease, LeasePolicy, LeaseStatus};
+use berth_core::time::Timestamp;
+use berth_drivers::registry::DriverRegistry;
+
+use crate::api::error::DisplayChain;
+use crate::store::{Store, StoreError};
+
+/// A lease a run holds, with the driver's view of it.
+#[derive(Debug, Clone)]
+pub struct HeldLease {
+    pub lease: Lease,
+    pub handle: LeaseHandle,
+    /// Whether a kept lease was resumed rather than a fresh one acquired.
+    pub resumed: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error("could not acquire a lease: {0}")]
+    Driver(#[from] berth_core::driver::DriverError),
+    #[error("could not record the lease")]
+    Store(#[from] StoreError),
+}
+
+pub fn handle_of(lease: &Lease) -> LeaseHandle {
+    LeaseHandle {
+        provider: lease.provider.clone(),
+        provider_lease_id: lease.provider_lease_id.clone(),
+        metadata: lease.metadata.clone().unwrap_or_default(),
+        expires_at: lease.expires_at,
+    }
+}
+
+/// The policy a run's lease follows: the request's choice, else reuse when the sandbox config asks for it.
+pub fn policy_for(config: &DriverConfig, requested: Option<LeasePolicy>) -> LeasePolicy {
+    match (requested, config) {
+        (Some(policy), _) => policy,
+        (None, DriverConfig::Sandbox(sandbox)) if sandbox.reuse_lease => {
+            LeasePolicy::ReuseByEnvironment
+        }
+        (None, _) => LeasePolicy::Ephemeral,
+    }
+}
+
+/// Resumes a lease an earlier run of this environment kept, when the policy allows and the driver agrees; else takes
+/// a fresh one. The lease row is written *before* the provider is asked, so a crash in between leaves a row the
+/// orphan sweep can clean up rather than an untracked sandbox.
+pub async fn acquire(
+    store: &Store,
+    driver: &Arc<dyn EnvironmentDriver>,
+    environment: &Environment,
+    config: &DriverConfig,
+    run_id: RunId,
+    policy: LeasePolicy,
+) -> Result<HeldLease, LeaseError> {
+    let request = LeaseRequest {
+        environment_id: environment.id,
+        run_id,
+    };
+    let mut policy = policy;
+    let mut fresh_config = None;
+    if policy == LeasePolicy::ReuseByEnvironment {
+        if let Some(held) =
+            resume_kept(store, driver, environment, config, &request, policy).await?
+        {
+            return Ok(held);
+        }
+        // The reusable sandbox is busy with another run of this environment: two runs must never share one
+        // workspace, so this run gets a sandbox of its own that is not kept.
+        let busy = store
+            .leases_in_statuses(environment.id, &[LeaseStatus::Active])
+            .await?;
+        if busy
+            .iter()
+            .any(|lease| lease.lease_policy == LeasePolicy::ReuseByEnvironment)
+        {
+            policy = LeasePolicy::Ephemeral;
+            fresh_config = not_reusable(config);
+        }
+    }
+    let config = fresh_config.as_ref().unwrap_or(config);
+
+    let now = Timestamp::now();
+    let mut lease = new_lease(environment, run_id, policy, now);
+    store.insert_lease(&lease).await?;
+    match driver.acquire(config, &request).await {
+        Ok(handle) => {
+            let expires_at = handle
+                .expires_at
+                .or_else(|| lifetime(config).map(|ttl| now.saturating_add(ttl)));
+            record_handle(store, &mut lease, &handle, expires_at).await?;
+            Ok(HeldLease {
+                lease,
+                handle: LeaseHandle {
+                    expires_at,
+                    ..handle
+                },
+                resumed: false,
+            })
+        }
+        Err(error) => {
+            let reason = error.to_string();
+            store
+                .transition_lease(
+                    lease.id,
+                    LeaseStatus::Active,
+                    LeaseStatus::Failed,
+                    Some(&reason),
+                    None,
+                    now,
+                )
+                .await?;
+            Err(error.into())
+        }
+    }
+}
+
+async fn resume_kept(
+    store: &Store,
+    driver: &Arc<dyn EnvironmentDriver>,
+    environment: &Environment,
+    config: &DriverConfig,
+    request: &LeaseRequest,
+    policy: LeasePolicy,
+) -> Result<Option<HeldLease>, LeaseError> {
+    let kept = store
+        .leases_in_statuses(environment.id, &[LeaseStatus::Retained])
+        .await?;
+    for candidate in kept {
+        let handle = handle_of(&candidate);
+        if candidate.driver != environment.driver || !driver.matches_reusable_lease(config, &handle)
+        {
+            continue;
+        }
+        // Claim it: only one run, on any replica, can move it out of `retained`.
+        let now = Timestamp::now();
+        let Some(_claimed) = store
+            .transition_lease(
+                candidate.id,
+                LeaseStatus::Retained,
+                LeaseStatus::Released,
+                None,
+                None,
+                now,
+            )
+            .await?
+        else {
+            continue;
+        };
+        match driver.resume(config, &handle, request).await {
+            Ok(Some(resumed)) => {
+                let mut lease = new_lease(environment, request.run_id, policy, now);
+                store.insert_lease(&lease).await?;
+                let expires_at = resumed
+                    .expires_at
+                    .or_else(|| lifetime(config).map(|ttl| now.saturating_add(ttl)));
+                record_handle(store, &mut lease, &resumed, expires_at).await?;
+                tracing::info!(lease.id = %lease.id, from = %candidate.id, "resumed a kept lease");
+                return Ok(Some(HeldLease {
+                    lease,
+                    handle: LeaseHandle {
+                        expires_at,
+                        ..resumed
+                    },
+                    resumed: true,
+                }));
+            }
+            Ok(None) => {
+                tracing::info!(lease.id = %candidate.id, "kept lease is gone; acquiring a fresh one")
+            }
+            Err(error) => {
+                tracing::warn!(lease.id = %candidate.id, error = %DisplayChain(&error), "could not resume a kept lease")
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// The same sandbox config without `reuseLease`, for a run that must not take the shared sandbox.
+fn not_reusable(config: &DriverConfig) -> Option<DriverConfig> {
+    match config {
+        DriverConfig::Sandbox(sandbox) => {
+            Some(DriverConfig::Sandbox(berth_core::config::SandboxConfig {
+                reuse_lease: false,
+                ..sandbox.clone()
+            }))
+        }
+        _ => None,
+    }
+}
+
+fn new_lease(
+    environment: &Environment,
+    run_id: RunId,
+    policy: LeasePolicy,
+    now: Timestamp,
+) -> Lease {
+    Lease {
+        id: LeaseId::new(),
+        company_id: environment.company_id,
+        environment_id: environment.id,
+        run_id: Some(run_id),
+        status: LeaseStatus::Active,
+        lease_policy: policy,
+        driver: environment.driver,
+        provider: None,
+        provider_lease_id: None,
+        acquired_at: now,
+        last_used_at: now,
+        expires_at: None,
+        released_at: None,
+        failure_reason: None,
+        cleanup_status: None,
+        metadata: None,
+    }
+}
+
+async fn record_handle(
+    store: &Store,
+    lease: &mut Lease,
+    handle: &LeaseHandle,
+    expires_at: Option<Timestamp>,
+) -> Result<(), StoreError> {
+    let now = Timestamp::now();
+    store
+        .update_lease_handle(
+            lease.id,
+            handle.provider.as_deref(),
+            handle.provider_lease_id.as_deref(),
+            Some(&handle.metadata),
+            expires_at,
+            now,
+        )
+        .await?;
+    lease.provider = handle.provider.clone();
+    lease.provider_lease_id = handle.provider_lease_id.clone();
+    lease.metadata = Some(handle.metadata.clone());
+    lease.expires_at = expires_at;
+    lease.last_used_at = now;
+    Ok(())
+}
+
+/// How long a sandbox may live, from its config.
+fn lifetime(config: &DriverConfig) -> Option<std::time::Duration> {
+    match config {
+        DriverConfig::Sandbox(sandbox) => sandbox.timeout_ms.map(std::time::Duration::from_millis),
+        _ => None,
+    }
+}
+
+/// Ends a run's hold on its lease: kept (`retained`) or cleaned up (`released`), per `keep`. Release dispatches on the
+/// driver captured on the lease. Returns the lease as it ended up, or `None` if someone else already released it.
+pub async fn release(
+    store: &Store,
+    drivers: &DriverRegistry,
+    held: &HeldLease,
+    keep: bool,
+    keep_for: Option<std::time::Duration>,
+) -> Result<Option<Lease>, StoreError> {
+    let now = Timestamp::now();
+    let driver = drivers.get(held.lease.driver);
+    if keep {
+        let Some(mut kept) = store
+            .transition_lease(
+                held.lease.id,
+                LeaseStatus::Active,
+                LeaseStatus::Retained,
+                None,
+                None,
+                now,
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        if let Err(error) = driver.release(&held.handle, true).await {
+            tracing::warn!(lease.id = %held.lease.id, error = %DisplayChain(&error), "provider release (keep) failed");
+        }
+        if let Some(ttl) = keep_for {
+            let expires_at = now.saturating_add(ttl);
+            store
+                .update_lease_handle(
+                    kept.id,
+                    kept.provider.as_deref(),
+                    kept.provider_lease_id.as_deref(),
+                    kept.metadata.as_ref(),
+                    Some(expires_at),
+                    now,
+                )
+                .await?;
+            kept.expires_at = Some(expires_at);
+        }
+        return Ok(Some(kept));
+    }
+    let Some(released) = store
+        .transition_lease(
+            held.lease.id,
+            LeaseStatus::Active,
+            LeaseStatus::Released,
+            None,
+            Some(CleanupStatus::Pending),
+            now,
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let cleanup = cleanup(store, drivers, &released, CleanupKind::Release).await;
+    Ok(Some(Lease {
+        cleanup_status: Some(cleanup),
+        ..released
+    }))
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum CleanupKind {
+    /// A run's lease: the driver releases it.
+    Release,
+    /// An expired or orphaned kept lease: the driver destroys its resource.
+    Destroy,
+}
+
+/// Asks the lease's own driver to clean up and records the outcome.
+pub async fn cleanup(
+    store: &Store,
+    drivers: &DriverRegistry,
+    lease: &Lease,
+    kind: CleanupKind,
+) -> CleanupStatus {
+    let driver = drivers.get(lease.driver);
+    let handle = handle_of(lease);
+    let result = match kind {
+        CleanupKind::Release => driver.release(&handle, false).await,
+        CleanupKind::Destroy => driver.destroy(&handle).await,
+    };
+    let status = match result {
+        Ok(()) => CleanupStatus::Success,
+        Err(error) => {
+            tracing::warn!(lease.id = %lease.id, error = %DisplayChain(&error), "lease cleanup failed");
+            CleanupStatus::Failed
+        }
+    };
+    if let Err(error) = store.set_lease_cleanup_status(lease.id, status).await {
+        tracing::warn!(lease.id = %lease.id, error = %DisplayChain(&error), "could not record cleanup status");
+    }
+    status
+}
+
+/// Before an environment is deleted: cancel its live runs (waiting a little for them to give their leases back), then
+/// release or destroy every lease still active or kept, with provider cleanup. The environment's lease rows vanish
+/// with it, so nothing may be left for a later sweep to find.
+pub async fn retire_environment(
+    state: &crate::state::AppState,
+    environment: &Environment,
+) -> Result<(), crate::api::error::ApiError> {
+    const WAIT_FOR_RUNS: std::time::Duration = std::time::Duration::from_secs(5);
+    let store = state.store();
+    let live = store.live_runs_of_environment(environment.id).await?;
+    for run in &live {
+        store.request_cancel(run.id).await?;
+        state.runs().cancel_local(run.id);
+    }
+    if !live.is_empty() {
+        let waited = tokio::time::timeout(WAIT_FOR_RUNS, async {
+            while !store
+                .live_runs_of_environment(environment.id)
+                .await
+                .unwrap_or_default()
+                .is_empty()
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        if waited.is_err() {
+            tracing::warn!(env.id = %environment.id, "runs still live while deleting their environment");
+        }
+    }
+    let held = store
+        .leases_in_statuses(
+            environment.id,
+            &[LeaseStatus::Active, LeaseStatus::Retained],
+        )
+        .await?;
+    for lease in held {
+        let now = Timestamp::now();
+        let reason = "the environment was deleted";
+        if let Some(released) = store
+            .transition_lease(
+                lease.id,
+                lease.status,
+                LeaseStatus::Released,
+                Some(reason),
+                Some(CleanupStatus::Pending),
+                now,
+            )
+            .await?
+        {
+            cleanup(store, state.drivers(), &released, CleanupKind::Destroy).await;
+        }
+    }
+    Ok(())
+}

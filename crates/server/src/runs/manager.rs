@@ -1,0 +1,284 @@
+//! The runs this node executes, and the background work that keeps leases and runs honest: heartbeats, cancel
+//! requests from other replicas, the orphan sweep and lease expiry.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use berth_core::config::DriverConfig;
+use berth_core::environment::Environment;
+use berth_core::ids::RunId;
+use berth_core::lease::LeaseStatus;
+use berth_core::run::{EventKind, Run};
+use berth_core::time::Timestamp;
+use berth_drivers::registry::DriverRegistry;
+use serde_json::json;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::events::EventWriter;
+use super::executor::{self, RunPlan};
+use super::leases::{self, CleanupKind};
+use crate::api::error::DisplayChain;
+use crate::store::Store;
+
+/// How often this node refreshes the heartbeat of its live runs (and picks up cancel requests from other replicas).
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+/// A live run whose heartbeat is older than this has lost its node.
+pub const STALE_AFTER: Duration = Duration::from_secs(30);
+/// Orphan and expiry sweep period when `BERTH_SWEEP_INTERVAL_MS` does not say otherwise.
+pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+/// Matches no node: the periodic sweep finds orphans by stale heartbeat only, never by owner.
+const NO_NODE: &str = "";
+
+/// What every run task shares.
+#[derive(Debug)]
+pub struct RunContext {
+    pub store: Store,
+    pub drivers: Arc<DriverRegistry>,
+}
+
+#[derive(Debug)]
+struct LiveRun {
+    cancel: CancellationToken,
+    latest: watch::Receiver<i64>,
+}
+
+/// Owns this node's live runs.
+#[derive(Debug, Clone)]
+pub struct RunManager {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    context: Arc<RunContext>,
+    node_id: String,
+    live: Mutex<HashMap<RunId, LiveRun>>,
+    tasks: TaskTracker,
+    stopping: CancellationToken,
+    sweep_interval: Duration,
+}
+
+impl RunManager {
+    pub fn new(
+        store: Store,
+        drivers: Arc<DriverRegistry>,
+        node_id: String,
+        sweep_interval: Duration,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                context: Arc::new(RunContext { store, drivers }),
+                node_id,
+                live: Mutex::new(HashMap::new()),
+                tasks: TaskTracker::new(),
+                stopping: CancellationToken::new(),
+                sweep_interval,
+            }),
+        }
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.inner.node_id
+    }
+
+    pub fn drivers(&self) -> &DriverRegistry {
+        &self.inner.context.drivers
+    }
+
+    /// Starts executing an accepted (stored, `queued`) run in the background.
+    pub fn start(
+        &self,
+        run: Run,
+        environment: Environment,
+        config: DriverConfig,
+        plan: RunPlan,
+        events: EventWriter,
+    ) {
+        let cancel = self.inner.stopping.child_token();
+        let latest = events.subscribe();
+        self.live().insert(
+            run.id,
+            LiveRun {
+                cancel: cancel.clone(),
+                latest,
+            },
+        );
+        let manager = self.clone();
+        let run_id = run.id;
+        let span = tracing::info_span!("run", run.id = %run_id, env.id = %environment.id, driver = %environment.driver);
+        let context = self.inner.context.clone();
+        self.inner.tasks.spawn(
+            async move {
+                executor::execute(context, run, environment, config, plan, cancel, events).await;
+                manager.live().remove(&run_id);
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Cancels a run this node executes. `false`: not here (or already finished).
+    pub fn cancel_local(&self, run_id: RunId) -> bool {
+        match self.live().get(&run_id) {
+            Some(live) => {
+                live.cancel.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A wake-up for followers of a run this node executes: the latest event seq.
+    pub fn follow(&self, run_id: RunId) -> Option<watch::Receiver<i64>> {
+        self.live().get(&run_id).map(|live| live.latest.clone())
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<RunId, LiveRun>> {
+        // A poisoned map only means a panic elsewhere mid-insert; the map itself is still usable.
+        self.inner
+            .live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Stops: cancels every live run (each releases its lease) and waits for them, up to `deadline`.
+    pub async fn shutdown(&self, deadline: Duration) {
+        self.inner.stopping.cancel();
+        self.inner.tasks.close();
+        if tokio::time::timeout(deadline, self.inner.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "runs still finishing at shutdown; the next start's orphan sweep will finish them"
+            );
+        }
+    }
+
+    /// The periodic work: heartbeats (and remote cancels) every [`HEARTBEAT_INTERVAL`], sweeps every sweep interval.
+    pub fn spawn_background(&self) {
+        let manager = self.clone();
+        self.inner.tasks.spawn(async move {
+            let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
+            let mut sweep = tokio::time::interval(manager.inner.sweep_interval);
+            loop {
+                tokio::select! {
+                    () = manager.inner.stopping.cancelled() => break,
+                    _ = heartbeat.tick() => manager.heartbeat().await,
+                    _ = sweep.tick() => manager.sweep(NO_NODE).await,
+                }
+            }
+        });
+    }
+
+    async fn heartbeat(&self) {
+        match self
+            .inner
+            .context
+            .store
+            .heartbeat_runs(&self.inner.node_id, Timestamp::now())
+            .await
+        {
+            Ok(cancel_requested) => {
+                for run_id in cancel_requested {
+                    if self.cancel_local(run_id) {
+                        tracing::info!(run.id = %run_id, "cancel requested through another replica");
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(error = %DisplayChain(&error), "heartbeat failed"),
+        }
+    }
+
+    /// Runs the sweep once at start-up, before serving: every live run owned by this node died with the previous
+    /// process.
+    pub async fn startup_sweep(&self) {
+        let node = self.inner.node_id.clone();
+        self.sweep(&node).await;
+    }
+
+    /// Fails orphaned runs, releases leases nobody holds, expires leases past `expiresAt`.
+    pub async fn sweep(&self, owner_node: &str) {
+        let store = &self.inner.context.store;
+        let drivers = &self.inner.context.drivers;
+        let now = Timestamp::now();
+        let stale_before = Timestamp::from_unix_millis(now.unix_millis() - millis(STALE_AFTER));
+
+        match store.orphaned_runs(owner_node, stale_before).await {
+            Ok(orphans) => {
+                for run in orphans {
+                    let message = "berth stopped while the run was in flight";
+                    match store
+                        .fail_orphaned_run(run.id, owner_node, stale_before, message, now)
+                        .await
+                    {
+                        Ok(true) => {
+                            tracing::warn!(run.id = %run.id, "failed an orphaned run");
+                            let events = EventWriter::new(store.clone(), run.id);
+                            events.error("orphaned", message).await;
+                            events.emit(EventKind::Status, json!({"status": "failed", "exitCode": null, "signal": null, "error": message})).await;
+                        }
+                        Ok(false) => {}
+                        Err(error) => {
+                            tracing::warn!(run.id = %run.id, error = %DisplayChain(&error), "could not fail an orphaned run")
+                        }
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(error = %DisplayChain(&error), "orphan sweep failed"),
+        }
+
+        match store.orphaned_leases(100).await {
+            Ok(orphans) => {
+                for lease in orphans {
+                    let claimed = store
+                        .transition_lease(
+                            lease.id,
+                            LeaseStatus::Active,
+                            LeaseStatus::Released,
+                            Some("released by the orphan sweep: its run is not alive"),
+                            Some(berth_core::lease::CleanupStatus::Pending),
+                            now,
+                        )
+                        .await;
+                    if let Ok(Some(released)) = claimed {
+                        let status =
+                            leases::cleanup(store, drivers, &released, CleanupKind::Release).await;
+                        tracing::info!(lease.id = %released.id, cleanup = %status, "released an orphaned lease");
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(error = %DisplayChain(&error), "lease sweep failed"),
+        }
+
+        match store.expired_leases(now, 100).await {
+            Ok(expired) => {
+                for lease in expired {
+                    let claimed = store
+                        .transition_lease(
+                            lease.id,
+                            lease.status,
+                            LeaseStatus::Expired,
+                            Some("expired"),
+                            Some(berth_core::lease::CleanupStatus::Pending),
+                            now,
+                        )
+                        .await;
+                    if let Ok(Some(expired)) = claimed {
+                        let status =
+                            leases::cleanup(store, drivers, &expired, CleanupKind::Destroy).await;
+                        tracing::info!(lease.id = %expired.id, cleanup = %status, "expired a lease");
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(error = %DisplayChain(&error), "expiry sweep failed"),
+        }
+    }
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,857 @@
+//! Runs end to end through the real binary: leases and their policies, workspaces, output, timeouts, cancel,
+//! orphans after a real `kill -9`, expiry, and many runs at once — on SQLite and PostgreSQL.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::support::db::TestDb;
+use crate::support::server::{ServerOptions, TestServer};
+
+pub(crate) async fn start_run(server: &TestServer, company: &str, body: Value) -> String {
+    let (status, run) = server
+        .post(&format!("/api/companies/{company}/runs"), body)
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{run}");
+    assert_eq!(run["status"], "queued");
+    run["id"].as_str().unwrap().to_owned()
+}
+
+/// Polls until the run is final (or panics after `limit`).
+pub(crate) async fn wait_run(server: &TestServer, run_id: &str, limit: Duration) -> Value {
+    let started = Instant::now();
+    loop {
+        let (status, run) = server.get(&format!("/api/runs/{run_id}")).await;
+        assert_eq!(status, StatusCode::OK, "{run}");
+        if !matches!(run["status"].as_str(), Some("queued" | "running")) {
+            return run;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "run {run_id} still {} after {limit:?}",
+            run["status"]
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub(crate) async fn wait_status(server: &TestServer, run_id: &str, wanted: &str) {
+    let started = Instant::now();
+    loop {
+        let (_, run) = server.get(&format!("/api/runs/{run_id}")).await;
+        if run["status"] == wanted {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "run never became {wanted}: {run}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every event of a run, paging through `after`.
+pub(crate) async fn all_events(server: &TestServer, run_id: &str) -> Vec<Value> {
+    let mut events = Vec::new();
+    let mut after = 0;
+    loop {
+        let (status, page) = server
+            .get(&format!("/api/runs/{run_id}/events?after={after}"))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let page = page.as_array().unwrap().clone();
+        if page.is_empty() {
+            return events;
+        }
+        after = page.last().unwrap()["seq"].as_i64().unwrap();
+        events.extend(page);
+    }
+}
+
+pub(crate) fn text_of(events: &[Value], kind: &str) -> String {
+    events
+        .iter()
+        .filter(|event| event["type"] == kind)
+        .map(|event| event["data"]["text"].as_str().unwrap())
+        .collect()
+}
+
+fn assert_dense(events: &[Value]) {
+    for (index, event) in events.iter().enumerate() {
+        assert_eq!(
+            event["seq"].as_i64().unwrap(),
+            index as i64 + 1,
+            "{events:?}"
+        );
+    }
+}
+
+async fn sandbox_env(server: &TestServer, company: &str, config: Value) -> String {
+    let (status, env) =
+        server.post(&format!("/api/companies/{company}/environments"), json!({"name": format!("sb-{}", uuid::Uuid::new_v4()), "driver": "sandbox", "config": config})).await;
+    assert_eq!(status, StatusCode::CREATED, "{env}");
+    env["id"].as_str().unwrap().to_owned()
+}
+
+async fn lease(server: &TestServer, lease_id: &str) -> Value {
+    let (status, lease) = server
+        .get(&format!("/api/environment-leases/{lease_id}"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{lease}");
+    lease
+}
+
+fn sandbox_dir(lease: &Value) -> PathBuf {
+    PathBuf::from(
+        lease["metadata"]["sandboxDir"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no sandboxDir: {lease}")),
+    )
+}
+
+#[tokio::test]
+async fn a_local_run_streams_output_and_reports_the_exit_code() {
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let run_id = start_run(
+        &server,
+        &company,
+        json!({"command": ["sh", "-c", "echo out; echo err >&2; exit 3"]}),
+    )
+    .await;
+    let run = wait_run(&server, &run_id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert_eq!(run["exitCode"], 3);
+    assert!(
+        run["startedAt"].is_string() && run["finishedAt"].is_string() && run["leaseId"].is_string()
+    );
+    let events = all_events(&server, &run_id).await;
+    assert_dense(&events);
+    assert_eq!(text_of(&events, "stdout"), "out\n");
+    assert_eq!(text_of(&events, "stderr"), "err\n");
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|event| event["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds.first(), Some(&"status"));
+    assert!(
+        kinds.contains(&"lease") && kinds.contains(&"workspace"),
+        "{kinds:?}"
+    );
+    let last = events.last().unwrap();
+    assert_eq!(
+        (last["type"].clone(), last["data"]["status"].clone()),
+        (json!("status"), json!("failed"))
+    );
+
+    // The local lease was released and its private workspace removed.
+    let lease = lease(&server, run["leaseId"].as_str().unwrap()).await;
+    assert_eq!(lease["status"], "released", "{lease}");
+    assert_eq!(lease["cleanupStatus"], "success");
+    assert_eq!(lease["driver"], "local");
+    assert_eq!(lease["runId"], run_id.as_str());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_command_environment_is_exactly_what_the_contract_allows() {
+    let server = TestServer::start_with(ServerOptions {
+        env: vec![("SERVER_CANARY".into(), "must-not-leak".into())],
+        ..Default::default()
+    })
+    .await;
+    let company = server.default_company().await;
+    let run_id = start_run(
+        &server,
+        &company,
+        json!({"command": ["/usr/bin/env"], "env": {"GREETING": "hello world", "EMPTY": ""}}),
+    )
+    .await;
+    let run = wait_run(&server, &run_id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let output = text_of(&all_events(&server, &run_id).await, "stdout");
+    let mut names: Vec<&str> = output
+        .lines()
+        .map(|line| line.split('=').next().unwrap())
+        .collect();
+    names.sort();
+    assert!(output.contains("GREETING=hello world\n"), "{output}");
+    assert!(
+        !output.contains("must-not-leak") && !output.contains("BERTH_LOG"),
+        "{output}"
+    );
+    for name in &names {
+        assert!(
+            ["BERTH_RUN_ID", "EMPTY", "GREETING", "HOME", "PATH"].contains(name),
+            "unexpected variable {name}: {output}"
+        );
+    }
+    assert!(output.contains(&format!("BERTH_RUN_ID={run_id}")));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn hostile_requests_are_422_and_start_nothing() {
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let path = format!("/api/companies/{company}/runs");
+    let cases = [
+        (json!({"command": ["true"], "env": {"A=B": "x"}}), "env.A=B"),
+        (
+            json!({"command": ["true"], "env": {"A\u{0}B": "x"}}),
+            "env.A\\0B",
+        ),
+        (json!({"command": ["true"], "env": {"": "x"}}), "env."),
+        (
+            json!({"command": ["true"], "env": {"OK": "nul\u{0}value"}}),
+            "env.OK",
+        ),
+        (
+            json!({"command": ["true"], "env": {"BERTH_API_TOKEN": "forged"}}),
+            "env.BERTH_API_TOKEN",
+        ),
+        (json!({"command": []}), "command"),
+        (json!({"command": ["a\u{0}b"]}), "command.0"),
+        (json!({"command": ["true"], "cwd": "../escape"}), "cwd"),
+        (json!({"command": ["true"], "cwd": "/etc"}), "cwd"),
+        (json!({"command": ["true"], "timeoutMs": 0}), "timeoutMs"),
+        (
+            json!({"command": ["true"], "workspace": {"localPath": "relative"}}),
+            "workspace.localPath",
+        ),
+        (
+            json!({"command": ["true"], "workspace": {"localPath": "/does/not/exist"}}),
+            "workspace.localPath",
+        ),
+        (
+            json!({"command": ["true"], "leasePolicy": "forever"}),
+            "leasePolicy",
+        ),
+        (
+            json!({"command": ["true"], "environmentId": uuid::Uuid::now_v7().to_string()}),
+            "environmentId",
+        ),
+        (json!({"command": ["true"], "shell": true}), "shell"),
+    ];
+    for (body, expected) in cases {
+        let (status, error) = server.post(&path, body.clone()).await;
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{body} -> {error}"
+        );
+        let paths: Vec<&str> = error["error"]["details"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["path"].as_str().unwrap())
+            .collect();
+        assert!(paths.contains(&expected), "{body} -> {error}");
+    }
+    let (_, runs) = server.get(&path).await;
+    assert_eq!(runs, json!([]));
+    // A reader cannot start runs.
+    let reader = server.create_key(&company, "reader").await;
+    let (status, _) = server
+        .call(
+            Method::POST,
+            &path,
+            &reader,
+            Some(json!({"command": ["true"]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_timeout_kills_the_tree_even_when_a_grandchild_holds_the_pipes() {
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let started = Instant::now();
+    let run_id = start_run(
+        &server,
+        &company,
+        json!({"command": ["sh", "-c", "echo before; (sleep 1000; echo never) & sleep 1000"], "timeoutMs": 500}),
+    )
+    .await;
+    let run = wait_run(&server, &run_id, Duration::from_secs(20)).await;
+    assert_eq!(run["status"], "timed_out", "{run}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    let events = all_events(&server, &run_id).await;
+    assert_eq!(
+        text_of(&events, "stdout"),
+        "before\n",
+        "partial output is kept"
+    );
+    // Nothing of the tree survives.
+    let leftover = std::process::Command::new("pgrep")
+        .args(["-f", "sleep 1000; echo never"])
+        .output()
+        .unwrap();
+    assert!(
+        leftover.stdout.is_empty(),
+        "leftover processes: {}",
+        String::from_utf8_lossy(&leftover.stdout)
+    );
+
+    // A grandchild that outlives its parent does not hang a run that exits normally.
+    let started = Instant::now();
+    let run_id = start_run(
+        &server,
+        &company,
+        json!({"command": ["sh", "-c", "(sleep 1000) & echo done"]}),
+    )
+    .await;
+    let run = wait_run(&server, &run_id, Duration::from_secs(20)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(
+        text_of(&all_events(&server, &run_id).await, "stdout"),
+        "done\n"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn cancel_kills_the_command_and_releases_the_lease() {
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let env = sandbox_env(&server, &company, json!({"provider": "fake"})).await;
+    let run_id = start_run(
+        &server,
+        &company,
+        json!({"environmentId": env, "command": ["sh", "-c", "echo started; sleep 1000"]}),
+    )
+    .await;
+    wait_status(&server, &run_id, "running").await;
+    let (status, _) = server
+        .post(&format!("/api/runs/{run_id}/cancel"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let run = wait_run(&server, &run_id, Duration::from_secs(20)).await;
+    assert_eq!(run["status"], "cancelled", "{run}");
+    let lease = lease(&server, run["leaseId"].as_str().unwrap()).await;
+    assert_eq!(lease["status"], "released", "{lease}");
+    assert!(!sandbox_dir(&lease).exists(), "the sandbox was removed");
+    // Cancelling a finished run changes nothing.
+    let (status, again) = server
+        .post(&format!("/api/runs/{run_id}/cancel"), json!({}))
+        .await;
+    assert_eq!(
+        (status, again["status"].clone()),
+        (StatusCode::OK, json!("cancelled"))
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn workspaces_run_in_place_locally_and_round_trip_through_the_fake_sandbox() {
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let workspace = tempfile::tempdir().unwrap();
+    std::fs::write(workspace.path().join("in.txt"), "input\n").unwrap();
+    std::fs::write(workspace.path().join("gone.txt"), "delete me\n").unwrap();
+
+    // Local: in place.
+    let run_id = start_run(
+        &server,
+        &company,
+        json!({"command": ["sh", "-c", "cat in.txt; echo local > local.txt"], "workspace": {"localPath": workspace.path()}}),
+    )
+    .await;
+    let run = wait_run(&server, &run_id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(
+        text_of(&all_events(&server, &run_id).await, "stdout"),
+        "input\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(workspace.path().join("local.txt")).unwrap(),
+        "local\n"
+    );
+
+    // Fake sandbox: copied in, changes copied back, deletions too.
+    let env = sandbox_env(&server, &company, json!({"provider": "fake"})).await;
+    let run_id = start_run(
+        &server,
+        &company,
+        json!({
+            "environmentId": env,
+            "command": ["sh", "-c", "pwd; cat in.txt; echo sandboxed > out.txt; rm gone.txt; mkdir -p sub && echo deep > sub/f"],
+            "workspace": {"localPath": workspace.path()}
+        }),
+    )
+    .await;
+    let run = wait_run(&server, &run_id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let events = all_events(&server, &run_id).await;
+    let stdout = text_of(&events, "stdout");
+    assert!(
+        !stdout.starts_with(workspace.path().to_str().unwrap()),
+        "the sandbox runs elsewhere: {stdout}"
+    );
+    assert!(stdout.ends_with("input\n"), "{stdout}");
+    assert_eq!(
+        std::fs::read_to_string(workspace.path().join("out.txt")).unwrap(),
+        "sandboxed\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(workspace.path().join("sub/f")).unwrap(),
+        "deep\n"
+    );
+    assert!(!workspace.path().join("gone.txt").exists());
+    assert!(
+        events
+            .iter()
+            .any(|event| event["type"] == "workspace" && event["data"]["phase"] == "synced"),
+        "{events:?}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn lease_policies_ephemeral_reuse_and_retain_on_failure() {
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+
+    // Ephemeral: released and cleaned up.
+    let ephemeral = sandbox_env(&server, &company, json!({"provider": "fake"})).await;
+    let run_id = start_run(
+        &server,
+        &company,
+        json!({"environmentId": ephemeral, "command": ["true"]}),
+    )
+    .await;
+    let run = wait_run(&server, &run_id, Duration::from_secs(30)).await;
+    let first = lease(&server, run["leaseId"].as_str().unwrap()).await;
+    assert_eq!(
+        (first["status"].clone(), first["leasePolicy"].clone()),
+        (json!("released"), json!("ephemeral"))
+    );
+    assert_eq!(first["cleanupStatus"], "success");
+    assert!(!sandbox_dir(&first).exists());
+
+    // Reuse by environment: the second run resumes the first one's sandbox.
+    let reusable = sandbox_env(
+        &server,
+        &company,
+        json!({"provider": "fake", "reuseLease": true}),
+    )
+    .await;
+    let first_run = start_run(
+        &server,
+        &company,
+        json!({"environmentId": reusable, "command": ["sh", "-c", "echo kept > marker"]}),
+    )
+    .await;
+    let first_run = wait_run(&server, &first_run, Duration::from_secs(30)).await;
+    let kept = lease(&server, first_run["leaseId"].as_str().unwrap()).await;
+    assert_eq!(
+        (kept["status"].clone(), kept["leasePolicy"].clone()),
+        (json!("retained"), json!("reuse_by_environment"))
+    );
+    assert!(sandbox_dir(&kept).exists());
+    let second_run = start_run(
+        &server,
+        &company,
+        json!({"environmentId": reusable, "command": ["cat", "marker"]}),
+    )
+    .await;
+    let second_run = wait_run(&server, &second_run, Duration::from_secs(30)).await;
+    assert_eq!(second_run["status"], "succeeded", "{second_run}");
+    let events = all_events(&server, second_run["id"].as_str().unwrap()).await;
+    let lease_event = events
+        .iter()
+        .find(|event| event["type"] == "lease")
+        .unwrap();
+    assert_eq!(lease_event["data"]["resumed"], true, "{lease_event}");
+    let resumed = lease(&server, second_run["leaseId"].as_str().unwrap()).await;
+    assert_eq!(resumed["providerLeaseId"], kept["providerLeaseId"]);
+    assert_eq!(resumed["status"], "retained");
+    assert_eq!(
+        lease(&server, kept["id"].as_str().unwrap()).await["status"],
+        "released",
+        "handed over"
+    );
+    assert_eq!(resumed["metadata"]["resumedLease"], true);
+
+    // Retain on failure: kept when the command fails, released when it succeeds.
+    let env = sandbox_env(&server, &company, json!({"provider": "fake"})).await;
+    let failing = start_run(
+        &server,
+        &company,
+        json!({"environmentId": env, "command": ["false"], "leasePolicy": "retain_on_failure"}),
+    )
+    .await;
+    let failing = wait_run(&server, &failing, Duration::from_secs(30)).await;
+    let retained = lease(&server, failing["leaseId"].as_str().unwrap()).await;
+    assert_eq!(retained["status"], "retained", "{retained}");
+    assert!(sandbox_dir(&retained).exists(), "kept for inspection");
+    let passing = start_run(
+        &server,
+        &company,
+        json!({"environmentId": env, "command": ["true"], "leasePolicy": "retain_on_failure"}),
+    )
+    .await;
+    let passing = wait_run(&server, &passing, Duration::from_secs(30)).await;
+    assert_eq!(
+        lease(&server, passing["leaseId"].as_str().unwrap()).await["status"],
+        "released"
+    );
+
+    // Deleting the environment destroys what it kept.
+    let (status, _) = server
+        .delete(&format!("/api/environments/{reusable}"))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        !sandbox_dir(&resumed).exists(),
+        "deleting the environment cleaned up its kept sandbox"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn release_dispatches_on_the_driver_captured_on_the_lease() {
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let env = sandbox_env(
+        &server,
+        &company,
+        json!({"provider": "fake", "reuseLease": true}),
+    )
+    .await;
+    let run_id = start_run(
+        &server,
+        &company,
+        json!({"environmentId": env, "command": ["true"]}),
+    )
+    .await;
+    let run = wait_run(&server, &run_id, Duration::from_secs(30)).await;
+    let kept = lease(&server, run["leaseId"].as_str().unwrap()).await;
+    assert!(sandbox_dir(&kept).exists());
+    // The environment becomes an SSH one; its kept sandbox lease still belongs to the sandbox driver.
+    let (status, _) = server
+        .patch(&format!("/api/environments/{env}"), json!({"driver": "ssh", "config": {"host": "h", "username": "u", "remoteWorkspacePath": "/w"}}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = server.delete(&format!("/api/environments/{env}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        !sandbox_dir(&kept).exists(),
+        "the sandbox driver cleaned up, not the ssh one"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn kept_leases_expire_and_are_destroyed() {
+    let server = TestServer::start_with(ServerOptions {
+        env: vec![("BERTH_SWEEP_INTERVAL_MS".into(), "100".into())],
+        ..Default::default()
+    })
+    .await;
+    let company = server.default_company().await;
+    let env = sandbox_env(
+        &server,
+        &company,
+        json!({"provider": "fake", "reuseLease": true, "timeoutMs": 500}),
+    )
+    .await;
+    let run_id = start_run(
+        &server,
+        &company,
+        json!({"environmentId": env, "command": ["true"]}),
+    )
+    .await;
+    let run = wait_run(&server, &run_id, Duration::from_secs(30)).await;
+    let lease_id = run["leaseId"].as_str().unwrap().to_owned();
+    let kept = lease(&server, &lease_id).await;
+    assert!(kept["expiresAt"].is_string(), "{kept}");
+    let started = Instant::now();
+    loop {
+        let current = lease(&server, &lease_id).await;
+        if current["status"] == "expired" && current["cleanupStatus"] == "success" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "never expired: {current}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!sandbox_dir(&kept).exists());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn ten_megabytes_of_output_arrive_intact() {
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    // 10 MB of numbered lines: any lost, duplicated or reordered chunk shows.
+    let script = "i=0; while [ $i -lt 147059 ]; do printf '%067d\\n' $i; i=$((i+1)); done";
+    let run_id = start_run(
+        &server,
+        &company,
+        json!({"command": ["sh", "-c", script], "timeoutMs": 120000}),
+    )
+    .await;
+    let run = wait_run(&server, &run_id, Duration::from_secs(120)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let stdout = text_of(&all_events(&server, &run_id).await, "stdout");
+    assert_eq!(stdout.len(), 147_059 * 68);
+    for (index, line) in stdout.lines().enumerate() {
+        assert_eq!(line, format!("{index:067}"));
+    }
+    server.stop().await;
+}
+
+async fn many_concurrent_runs(server: &TestServer, count: usize) {
+    let company = server.default_company().await;
+    let env = sandbox_env(server, &company, json!({"provider": "fake"})).await;
+    let starts = (0..count).map(|index| {
+        let company = company.clone();
+        let env = env.clone();
+        async move {
+            let body = json!({"environmentId": env, "command": ["sh", "-c", format!("echo out-{index}; echo err-{index} >&2")]});
+            (index, start_run(server, &company, body).await)
+        }
+    });
+    let runs = futures::future::join_all(starts).await;
+    for (index, run_id) in runs {
+        let run = wait_run(server, &run_id, Duration::from_secs(180)).await;
+        assert_eq!(run["status"], "succeeded", "{run}");
+        let events = all_events(server, &run_id).await;
+        assert_dense(&events);
+        assert_eq!(text_of(&events, "stdout"), format!("out-{index}\n"));
+        assert_eq!(text_of(&events, "stderr"), format!("err-{index}\n"));
+        assert_eq!(events.last().unwrap()["data"]["status"], "succeeded");
+        assert_eq!(
+            events
+                .iter()
+                .filter(|event| event["type"] == "lease")
+                .count(),
+            2,
+            "acquired and released"
+        );
+    }
+    let (_, leases) = server
+        .get(&format!("/api/environments/{env}/leases?status=active"))
+        .await;
+    assert_eq!(leases, json!([]), "no lease left active");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hundred_concurrent_runs_on_sqlite() {
+    let server = TestServer::start().await;
+    many_concurrent_runs(&server, 200).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hundred_concurrent_runs_on_postgres() {
+    let db = TestDb::postgres().await;
+    let server = TestServer::start_with(ServerOptions {
+        database_url: Some(db.url()),
+        ..Default::default()
+    })
+    .await;
+    many_concurrent_runs(&server, 200).await;
+    server.stop().await;
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_event_stream_replays_and_follows_to_the_final_event() {
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let run_id = start_run(
+        &server,
+        &company,
+        json!({"command": ["sh", "-c", "for i in 1 2 3; do echo tick-$i; sleep 0.2; done"]}),
+    )
+    .await;
+    let response = reqwest::Client::new()
+        .get(format!("{}/api/runs/{run_id}/events?after=1", server.url))
+        .bearer_auth(&server.admin_token)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    // The stream ends by itself after the final event.
+    let body = tokio::time::timeout(Duration::from_secs(30), response.text())
+        .await
+        .expect("stream ended")
+        .unwrap();
+    let events: Vec<Value> = body
+        .split("\n\n")
+        .filter_map(|block| block.lines().find_map(|line| line.strip_prefix("data: ")))
+        .map(|data| serde_json::from_str(data).unwrap())
+        .collect();
+    assert_eq!(
+        events.first().unwrap()["seq"],
+        2,
+        "replay starts after `after`"
+    );
+    assert_dense(
+        &std::iter::once(json!({"seq": 1}))
+            .chain(events.iter().cloned())
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(text_of(&events, "stdout"), "tick-1\ntick-2\ntick-3\n");
+    assert_eq!(events.last().unwrap()["data"]["status"], "succeeded");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_killed_server_leaves_no_active_lease_after_the_next_start() {
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let env = sandbox_env(&server, &company, json!({"provider": "fake"})).await;
+    let marker = format!("berth-orphan-{}", uuid::Uuid::new_v4().simple());
+    let run_id = start_run(&server, &company, json!({"environmentId": env, "command": ["sh", "-c", format!("sleep 1000; echo {marker}")]})).await;
+    wait_status(&server, &run_id, "running").await;
+    let (_, run) = server.get(&format!("/api/runs/{run_id}")).await;
+    let held = lease(&server, run["leaseId"].as_str().unwrap()).await;
+    assert_eq!(held["status"], "active");
+    let data_dir = server.data_dir.clone();
+    let keeper = server.kill_keeping_data().await;
+
+    let restarted = TestServer::start_with(ServerOptions {
+        data_dir: Some(data_dir),
+        ..Default::default()
+    })
+    .await;
+    // Right after the start: the run is failed, its lease released with provider cleanup, its processes gone.
+    let (_, run) = restarted.get(&format!("/api/runs/{run_id}")).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    let released = lease(&restarted, held["id"].as_str().unwrap()).await;
+    assert_eq!(released["status"], "released", "{released}");
+    assert_eq!(released["cleanupStatus"], "success");
+    assert!(!sandbox_dir(&released).exists());
+    let events = all_events(&restarted, &run_id).await;
+    assert_eq!(events.last().unwrap()["data"]["status"], "failed");
+    let leftover = std::process::Command::new("pgrep")
+        .args(["-f", &marker])
+        .output()
+        .unwrap();
+    assert!(
+        leftover.stdout.is_empty(),
+        "the orphaned command is still running"
+    );
+    restarted.stop().await;
+    drop(keeper);
+}
+
+#[tokio::test]
+async fn sigterm_cancels_live_runs_and_releases_their_leases() {
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let env = sandbox_env(&server, &company, json!({"provider": "fake"})).await;
+    let run_id = start_run(
+        &server,
+        &company,
+        json!({"environmentId": env, "command": ["sleep", "1000"]}),
+    )
+    .await;
+    wait_status(&server, &run_id, "running").await;
+    let data_dir = server.data_dir.clone();
+    let store_url = format!("sqlite://{}", data_dir.join("berth.db").display());
+    let keeper = server.stop_keeping_data().await;
+    let store = berth_server::store::Store::connect(&store_url)
+        .await
+        .unwrap();
+    let run = store
+        .get_run(run_id.parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(run.status.as_str(), "cancelled");
+    let lease = store
+        .get_lease(run.lease_id.unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(lease.status.as_str(), "released");
+    store.close().await;
+    drop(keeper);
+}
+
+#[tokio::test]
+async fn runs_list_newest_first_and_filter_by_status() {
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let ok = start_run(&server, &company, json!({"command": ["true"]})).await;
+    wait_run(&server, &ok, Duration::from_secs(30)).await;
+    let bad = start_run(&server, &company, json!({"command": ["false"]})).await;
+    wait_run(&server, &bad, Duration::from_secs(30)).await;
+    let (_, runs) = server.get(&format!("/api/companies/{company}/runs")).await;
+    let ids: Vec<&str> = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|run| run["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [bad.as_str(), ok.as_str()]);
+    let (_, failed) = server
+        .get(&format!("/api/companies/{company}/runs?status=failed"))
+        .await;
+    assert_eq!(failed.as_array().unwrap().len(), 1);
+    let (status, _) = server
+        .get(&format!("/api/companies/{company}/runs?status=bogus"))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let (status, _) = server
+        .get(&format!("/api/runs/{}", uuid::Uuid::now_v7()))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_runs_of_a_reusing_environment_never_share_a_sandbox() {
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let env = sandbox_env(
+        &server,
+        &company,
+        json!({"provider": "fake", "reuseLease": true}),
+    )
+    .await;
+    let holder = start_run(&server, &company, json!({"environmentId": env, "command": ["sh", "-c", "echo mine > owner; sleep 1; cat owner"]})).await;
+    wait_status(&server, &holder, "running").await;
+    let other = start_run(
+        &server,
+        &company,
+        json!({"environmentId": env, "command": ["sh", "-c", "echo theirs > owner; cat owner"]}),
+    )
+    .await;
+    let other = wait_run(&server, &other, Duration::from_secs(30)).await;
+    let holder_run = wait_run(&server, &holder, Duration::from_secs(30)).await;
+    assert_eq!(
+        text_of(&all_events(&server, &holder).await, "stdout"),
+        "mine\n",
+        "the second run wrote into the first one's sandbox"
+    );
+    let shared = lease(&server, holder_run["leaseId"].as_str().unwrap()).await;
+    let own = lease(&server, other["leaseId"].as_str().unwrap()).await;
+    assert_ne!(shared["providerLeaseId"], own["providerLeaseId"]);
+    assert_eq!(own["leasePolicy"], "ephemeral");
+    assert_eq!(own["status"], "released");
+    assert_eq!(shared["status"], "retained");
+    server.stop().await;
+}
