@@ -12,5 +12,6 @@ mod support;
 
 mod api;
 mod cli;
+mod drivers;
 mod runs;
 mod store;

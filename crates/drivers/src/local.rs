@@ -133,14 +133,21 @@ impl LocalDriver {
         }
     }
 
-    async fn remove_lease_dir(&self, lease: &LeaseHandle) -> Result<(), DriverError> {
+    async fn remove_lease_dir(
+        &self,
+        lease: &LeaseHandle,
+        kill_leftovers: bool,
+    ) -> Result<(), DriverError> {
         let Some(dir) = self.lease_dir(lease).await? else {
             tracing::debug!("local lease has no workspace directory; nothing to remove");
             return Ok(());
         };
         blocking(move || {
-            // Processes still working there (a crashed berth's commands) go with the workspace.
-            crate::process::kill_processes_in(&dir);
+            // Destroy is for workspaces nobody runs in any more (orphans, expiry): processes a crashed berth left
+            // there go with it. A run's own release needs no scan, its process tree is already gone.
+            if kill_leftovers {
+                crate::process::kill_processes_in(&dir);
+            }
             match std::fs::remove_dir_all(&dir) {
                 Ok(()) => {
                     tracing::debug!(lease.dir = %dir.display(), "local lease directory removed");
@@ -228,12 +235,12 @@ impl EnvironmentDriver for LocalDriver {
                 tracing::debug!("local lease kept");
                 return Ok(());
             }
-            self.remove_lease_dir(lease).await
+            self.remove_lease_dir(lease, false).await
         })
     }
 
     fn destroy<'a>(&'a self, lease: &'a LeaseHandle) -> BoxFuture<'a, Result<(), DriverError>> {
-        Box::pin(self.remove_lease_dir(lease))
+        Box::pin(self.remove_lease_dir(lease, true))
     }
 
     fn realize_workspace<'a>(

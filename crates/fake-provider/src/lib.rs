@@ -263,8 +263,11 @@ impl FakeProvider {
             return Err(DriverError::failed(message.clone()));
         }
         blocking(move || {
-            // Processes still working in the sandbox (a crashed berth's commands) go with it.
-            berth_drivers::process::kill_processes_in(&dir);
+            // Destroy is for sandboxes nobody is running in any more (orphans, expiry): processes a crashed berth
+            // left there go with it. A run's own release needs no scan, its process tree is already gone.
+            if operation == "destroy" {
+                berth_drivers::process::kill_processes_in(&dir);
+            }
             match std::fs::remove_dir_all(&dir) {
                 Ok(()) => {
                     tracing::debug!(lease.id = %key.id(), operation, "fake sandbox removed");

@@ -429,7 +429,13 @@ mod tests {
 
     #[test]
     fn timestamps_have_a_fixed_width_utc_form() {
-        assert_eq!(rfc3339(Timestamp::from_unix_millis(0)), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339(Timestamp::from_unix_millis(1_795_000_000_120)), "2026-11-18T11:06:40.120Z");
+        assert_eq!(
+            rfc3339(Timestamp::from_unix_millis(0)),
+            "1970-01-01T00:00:00.000Z"
+        );
+        assert_eq!(
+            rfc3339(Timestamp::from_unix_millis(1_795_000_000_120)),
+            "2026-11-18T11:06:40.120Z"
+        );
     }
 }

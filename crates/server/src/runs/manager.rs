@@ -244,9 +244,10 @@ impl RunManager {
                             now,
                         )
                         .await;
+                    // Destroy, not release: the run died with its node, so its processes may still be running there.
                     if let Ok(Some(released)) = claimed {
                         let status =
-                            leases::cleanup(store, drivers, &released, CleanupKind::Release).await;
+                            leases::cleanup(store, drivers, &released, CleanupKind::Destroy).await;
                         tracing::info!(lease.id = %released.id, cleanup = %status, "released an orphaned lease");
                     }
                 }

@@ -1,8 +1,6 @@
 //! The fake behind the real driver stack: `register_builtin` → `DriverRegistry` → the sandbox driver, as the server
 //! wires it.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests: a failed unwrap is a failed assertion.
-
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
