@@ -152,6 +152,29 @@ async fn a_local_run_streams_output_and_reports_the_exit_code() {
     assert_eq!(lease["cleanupStatus"], "success");
     assert_eq!(lease["driver"], "local");
     assert_eq!(lease["runId"], run_id.as_str());
+
+    // Lease acquisition and release are in the activity log, attributed to the run.
+    let store = berth_server::store::Store::connect(&format!(
+        "sqlite://{}",
+        server.data_dir.join("berth.db").display()
+    ))
+    .await
+    .unwrap();
+    let activity = store.list_activity(company.parse().unwrap()).await.unwrap();
+    let lease_actions: Vec<(&str, &str)> = activity
+        .iter()
+        .filter(|entry| entry.entity_id == lease["id"].as_str().unwrap())
+        .map(|entry| (entry.action.as_str(), entry.actor.as_str()))
+        .collect();
+    let actor = format!("run:{run_id}");
+    assert_eq!(
+        lease_actions,
+        [
+            ("lease.acquired", actor.as_str()),
+            ("lease.released", actor.as_str())
+        ]
+    );
+    store.close().await;
     server.stop().await;
 }
 

@@ -34,6 +34,44 @@ pub enum LeaseError {
     Store(#[from] StoreError),
 }
 
+/// Appends a lease's life event to the activity log. Losing the row is logged, never fatal: the lease itself is
+/// already recorded.
+pub async fn record_activity(store: &Store, lease: &Lease, action: &str, actor: &str) {
+    let entry = crate::store::NewActivity {
+        company_id: Some(lease.company_id),
+        actor: actor.to_owned(),
+        action: action.to_owned(),
+        entity_type: "lease".to_owned(),
+        entity_id: lease.id.to_string(),
+        details: serde_json::json!({
+            "environmentId": lease.environment_id.to_string(),
+            "runId": lease.run_id.map(|id| id.to_string()),
+            "driver": lease.driver.as_str(),
+            "policy": lease.lease_policy.as_str(),
+            "provider": lease.provider,
+            "status": lease.status.as_str(),
+            "cleanupStatus": lease.cleanup_status.map(|status| status.as_str()),
+        }),
+    };
+    if let Err(error) = store.record_activity(&entry).await {
+        tracing::warn!(lease.id = %lease.id, error = %DisplayChain(&error), "could not record lease activity");
+    }
+}
+
+/// How runs appear as actors in the activity log.
+pub fn run_actor(run_id: RunId) -> String {
+    format!("run:{run_id}")
+}
+
+/// The actor of the orphan and expiry sweeps.
+pub const SWEEPER_ACTOR: &str = "system:sweeper";
+
+fn actor_of(lease: &Lease) -> String {
+    lease
+        .run_id
+        .map_or_else(|| SWEEPER_ACTOR.to_owned(), run_actor)
+}
+
 pub fn handle_of(lease: &Lease) -> LeaseHandle {
     LeaseHandle {
         provider: lease.provider.clone(),
@@ -101,6 +139,7 @@ pub async fn acquire(
                 .expires_at
                 .or_else(|| lifetime(config).map(|ttl| now.saturating_add(ttl)));
             record_handle(store, &mut lease, &handle, expires_at).await?;
+            record_activity(store, &lease, "lease.acquired", &run_actor(run_id)).await;
             Ok(HeldLease {
                 lease,
                 handle: LeaseHandle {
@@ -167,6 +206,7 @@ async fn resume_kept(
                     .expires_at
                     .or_else(|| lifetime(config).map(|ttl| now.saturating_add(ttl)));
                 record_handle(store, &mut lease, &resumed, expires_at).await?;
+                record_activity(store, &lease, "lease.resumed", &run_actor(request.run_id)).await;
                 tracing::info!(lease.id = %lease.id, from = %candidate.id, "resumed a kept lease");
                 return Ok(Some(HeldLease {
                     lease,
@@ -302,6 +342,7 @@ pub async fn release(
                 .await?;
             kept.expires_at = Some(expires_at);
         }
+        record_activity(store, &kept, "lease.retained", &actor_of(&kept)).await;
         return Ok(Some(kept));
     }
     let Some(released) = store
@@ -318,10 +359,12 @@ pub async fn release(
         return Ok(None);
     };
     let cleanup = cleanup(store, drivers, &released, CleanupKind::Release).await;
-    Ok(Some(Lease {
+    let released = Lease {
         cleanup_status: Some(cleanup),
         ..released
-    }))
+    };
+    record_activity(store, &released, "lease.released", &actor_of(&released)).await;
+    Ok(Some(released))
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -408,7 +451,18 @@ pub async fn retire_environment(
             )
             .await?
         {
-            cleanup(store, state.drivers(), &released, CleanupKind::Destroy).await;
+            let status = cleanup(store, state.drivers(), &released, CleanupKind::Destroy).await;
+            let released = Lease {
+                cleanup_status: Some(status),
+                ..released
+            };
+            record_activity(
+                store,
+                &released,
+                "lease.released",
+                "system:environment-deleted",
+            )
+            .await;
         }
     }
     Ok(())

@@ -249,6 +249,17 @@ impl RunManager {
                         let status =
                             leases::cleanup(store, drivers, &released, CleanupKind::Destroy).await;
                         tracing::info!(lease.id = %released.id, cleanup = %status, "released an orphaned lease");
+                        let released = berth_core::lease::Lease {
+                            cleanup_status: Some(status),
+                            ..released
+                        };
+                        leases::record_activity(
+                            store,
+                            &released,
+                            "lease.released",
+                            leases::SWEEPER_ACTOR,
+                        )
+                        .await;
                     }
                 }
             }
@@ -272,6 +283,17 @@ impl RunManager {
                         let status =
                             leases::cleanup(store, drivers, &expired, CleanupKind::Destroy).await;
                         tracing::info!(lease.id = %expired.id, cleanup = %status, "expired a lease");
+                        let expired = berth_core::lease::Lease {
+                            cleanup_status: Some(status),
+                            ..expired
+                        };
+                        leases::record_activity(
+                            store,
+                            &expired,
+                            "lease.expired",
+                            leases::SWEEPER_ACTOR,
+                        )
+                        .await;
                     }
                 }
             }
