@@ -10,6 +10,7 @@
 //!
 //! This crate depends on no provider: the built-in fake (`berth-fake-provider`) depends on it and registers itself.
 
+pub mod fs;
 pub mod local;
 pub mod process;
 pub mod registry;

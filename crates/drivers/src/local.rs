@@ -7,6 +7,7 @@
 use std::io;
 use std::path::{Component, Path, PathBuf};
 
+use crate::fs::{blocking, create_private_dir, io_error};
 use berth_core::config::DriverConfig;
 use berth_core::driver::{
     BoxFuture, CancelSignal, DriverError, EnvironmentDriver, ExecOutcome, ExecRequest, LeaseHandle,
@@ -80,7 +81,7 @@ impl LocalDriver {
     /// Creates `<root>/<run id>` for a run.
     async fn create_lease_dir(&self, run_id: RunId) -> Result<PathBuf, DriverError> {
         let root = self.workspace_root.clone();
-        blocking(move || {
+        blocking("the local driver", move || {
             std::fs::create_dir_all(&root).map_err(io_error(format!(
                 "creating the workspace root {}",
                 root.display()
@@ -109,7 +110,7 @@ impl LocalDriver {
         };
         let root = self.workspace_root.clone();
         let checked = dir.clone();
-        let inside = blocking(move || {
+        let inside = blocking("the local driver", move || {
             // A root that does not exist holds no lease directories.
             match std::fs::canonicalize(&root) {
                 Ok(root) => Ok(is_run_dir_of(&root, &checked)),
@@ -142,7 +143,7 @@ impl LocalDriver {
             tracing::debug!("local lease has no workspace directory; nothing to remove");
             return Ok(());
         };
-        blocking(move || {
+        blocking("the local driver", move || {
             // Destroy is for workspaces nobody runs in any more (orphans, expiry): processes a crashed berth left
             // there go with it. A run's own release needs no scan, its process tree is already gone.
             if kill_leftovers {
@@ -252,7 +253,7 @@ impl EnvironmentDriver for LocalDriver {
             let (dir, local_path, ephemeral) = match &request.local_path {
                 Some(path) => {
                     let path = path.clone();
-                    let dir = blocking(move || {
+                    let dir = blocking("the local driver", move || {
                         let resolved = std::fs::canonicalize(&path).map_err(|err| {
                             DriverError::failed(format!(
                                 "the workspace path {} is not usable: {err}",
@@ -341,47 +342,11 @@ fn is_run_dir_of(root: &Path, dir: &Path) -> bool {
             .is_some_and(|name| name.parse::<RunId>().is_ok())
 }
 
-/// Creates a directory only its owner can enter. An existing directory (not a symlink) is accepted, so a retried
-/// acquire for the same run succeeds.
-fn create_private_dir(dir: &Path) -> Result<(), DriverError> {
-    use std::os::unix::fs::DirBuilderExt;
-    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
-        Ok(()) => Ok(()),
-        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {
-            let meta = std::fs::symlink_metadata(dir)
-                .map_err(io_error(format!("reading {}", dir.display())))?;
-            if meta.is_dir() {
-                Ok(())
-            } else {
-                Err(DriverError::failed(format!(
-                    "{} exists and is not a directory",
-                    dir.display()
-                )))
-            }
-        }
-        Err(err) => Err(io_error(format!("creating {}", dir.display()))(err)),
-    }
-}
-
 fn hostname() -> String {
     rustix::system::uname()
         .nodename()
         .to_string_lossy()
         .into_owned()
-}
-
-fn io_error(context: String) -> impl FnOnce(io::Error) -> DriverError {
-    move |source| DriverError::Io { context, source }
-}
-
-/// Runs filesystem work off the async workers.
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, DriverError> + Send + 'static,
-) -> Result<T, DriverError> {
-    tokio::task::spawn_blocking(work).await.map_err(|err| {
-        tracing::warn!(driver = "local", error = %err, "local driver task did not finish");
-        DriverError::failed("the local driver could not finish: its worker task failed")
-    })?
 }
 
 fn ready(facts: HostFacts) -> ProbeResult {

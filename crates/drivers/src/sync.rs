@@ -18,6 +18,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::fs::{blocking, io_error};
 use berth_core::driver::{DriverError, SyncReport};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -132,13 +133,13 @@ fn is_clean_relative(path: &str) -> bool {
 /// copying symlinks as symlinks. Returns what was copied, with a content hash of every file.
 pub async fn copy_tree(from: &Path, to: &Path) -> Result<Manifest, DriverError> {
     let (from, to) = (from.to_path_buf(), to.to_path_buf());
-    blocking(move || copy_tree_blocking(&from, &to)).await
+    blocking("the workspace sync", move || copy_tree_blocking(&from, &to)).await
 }
 
 /// Lists the tree at `dir` as [`copy_tree`] would have copied it.
 pub async fn scan_tree(dir: &Path) -> Result<Manifest, DriverError> {
     let dir = dir.to_path_buf();
-    blocking(move || {
+    blocking("the workspace sync", move || {
         let mut manifest = Manifest::default();
         walk(&dir, "", &mut manifest, &mut hash_entry)?;
         Ok(manifest)
@@ -162,22 +163,10 @@ pub async fn sync_back(
         host_dir.to_path_buf(),
         at_copy_in.clone(),
     );
-    blocking(move || sync_back_blocking(&sandbox_dir, &host_dir, &before)).await
-}
-
-/// Runs filesystem work off the async workers.
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, DriverError> + Send + 'static,
-) -> Result<T, DriverError> {
-    tokio::task::spawn_blocking(work).await.map_err(|err| {
-        tracing::warn!(error = %err, "workspace sync task did not finish");
-        DriverError::failed("the workspace sync could not finish: its worker task failed")
-    })?
-}
-
-fn io_error(context: impl Into<String>) -> impl FnOnce(io::Error) -> DriverError {
-    let context = context.into();
-    move |source| DriverError::Io { context, source }
+    blocking("the workspace sync", move || {
+        sync_back_blocking(&sandbox_dir, &host_dir, &before)
+    })
+    .await
 }
 
 /// Calls `visit(relative path, source path, entry)` for every entry under `dir`, parents before children, then

@@ -28,6 +28,7 @@ use berth_core::error::Error;
 use berth_core::ids::{EnvironmentId, RunId};
 use berth_core::probe::ProbeResult;
 use berth_core::provider::{BoxFuture, ProviderDescriptor, ProviderSpec, SandboxProvider};
+use berth_drivers::fs::{blocking, create_private_dir, io_error};
 use berth_drivers::process::{ProcessSpec, command_cwd, run_process};
 use berth_drivers::registry::ProviderRegistry;
 use berth_drivers::sync::{self, Manifest};
@@ -262,7 +263,7 @@ impl FakeProvider {
             tracing::debug!(lease.id = %key.id(), operation, "fake release fault injected");
             return Err(DriverError::failed(message.clone()));
         }
-        blocking(move || {
+        blocking("the fake provider", move || {
             // Destroy is for sandboxes nobody is running in any more (orphans, expiry): processes a crashed berth
             // left there go with it. A run's own release needs no scan, its process tree is already gone.
             if operation == "destroy" {
@@ -323,7 +324,7 @@ impl SandboxProvider for FakeProvider {
             let root = self.root.clone();
             let dir = self.root.join(key.dir_name());
             let created = dir.clone();
-            blocking(move || {
+            blocking("the fake provider", move || {
                 ensure_private_root(&root)?;
                 // A reusable sandbox that survived an earlier run is taken as it is.
                 create_private_dir(&created)
@@ -354,11 +355,14 @@ impl SandboxProvider for FakeProvider {
         Box::pin(async move {
             let (key, dir) = self.sandbox_dir(lease)?;
             let checked = dir.clone();
-            let exists = blocking(move || match std::fs::symlink_metadata(&checked) {
-                Ok(meta) => Ok(meta.is_dir()),
-                Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
-                Err(err) => Err(io_error(format!("reading {}", checked.display()))(err)),
-            })
+            let exists = blocking(
+                "the fake provider",
+                move || match std::fs::symlink_metadata(&checked) {
+                    Ok(meta) => Ok(meta.is_dir()),
+                    Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
+                    Err(err) => Err(io_error(format!("reading {}", checked.display()))(err)),
+                },
+            )
             .await?;
             if !exists {
                 tracing::debug!(run.id = %request.run_id, lease.id = %key.id(), "kept fake sandbox is gone");
@@ -407,7 +411,7 @@ impl SandboxProvider for FakeProvider {
                 DriverError::failed("the fake provider's root is not a UTF-8 path")
             })?;
             let local_path = request.local_path.clone();
-            let local_path = blocking(move || {
+            let local_path = blocking("the fake provider", move || {
                 if !std::fs::symlink_metadata(&sandbox).is_ok_and(|meta| meta.is_dir()) {
                     return Err(DriverError::failed(format!(
                         "the fake sandbox {} is gone",
@@ -636,41 +640,6 @@ fn ensure_private_root(root: &Path) -> Result<(), DriverError> {
         )?;
     }
     Ok(())
-}
-
-/// Creates a directory only its owner can enter; an existing directory (not a symlink) is accepted.
-fn create_private_dir(dir: &Path) -> Result<(), DriverError> {
-    use std::os::unix::fs::DirBuilderExt;
-    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
-        Ok(()) => Ok(()),
-        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {
-            let meta = std::fs::symlink_metadata(dir)
-                .map_err(io_error(format!("reading {}", dir.display())))?;
-            if meta.is_dir() {
-                Ok(())
-            } else {
-                Err(DriverError::failed(format!(
-                    "{} exists and is not a directory",
-                    dir.display()
-                )))
-            }
-        }
-        Err(err) => Err(io_error(format!("creating {}", dir.display()))(err)),
-    }
-}
-
-fn io_error(context: String) -> impl FnOnce(io::Error) -> DriverError {
-    move |source| DriverError::Io { context, source }
-}
-
-/// Runs filesystem work off the async workers.
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, DriverError> + Send + 'static,
-) -> Result<T, DriverError> {
-    tokio::task::spawn_blocking(work).await.map_err(|err| {
-        tracing::warn!(provider = FAKE_PROVIDER_KEY, error = %err, "fake provider task did not finish");
-        DriverError::failed("the fake provider could not finish: its worker task failed")
-    })?
 }
 
 fn config_schema() -> Value {

@@ -13,6 +13,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use berth_core::company::DEFAULT_COMPANY_NAME;
 use std::sync::Arc;
 
+use axum::serve::ListenerExt;
 use berth_drivers::local::LocalDriver;
 use berth_drivers::registry::{DriverRegistry, ProviderRegistry};
 use tokio::net::TcpListener;
@@ -91,6 +92,13 @@ pub async fn serve(
     let runs = state.runs().clone();
     runs.spawn_background();
     let stopping = CancellationToken::new();
+    // No Nagle: event streams write small frames, and Nagle plus the client's delayed ACK would hold each one back
+    // for 40 ms.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "could not set TCP_NODELAY");
+        }
+    });
     let server = axum::serve(listener, crate::api::router(state))
         .with_graceful_shutdown(stopping.clone().cancelled_owned());
     let mut server = tokio::spawn(async move { server.await });

@@ -9,7 +9,7 @@ use berth_core::ids::RunId;
 use berth_core::run::{EventKind, NewRunEvent};
 use berth_core::time::Timestamp;
 use serde_json::{Value, json};
-use tokio::sync::{Mutex, watch};
+use tokio::sync::{mpsc, watch};
 
 use crate::api::error::DisplayChain;
 use crate::store::Store;
@@ -66,32 +66,36 @@ impl EventWriter {
     }
 }
 
+/// Chunks of output waiting for the batching writer: about 4 MiB at 64 KiB per chunk. When it is full, the driver's
+/// `output` call waits, and so does the command: backpressure instead of unbounded memory.
+const OUTPUT_QUEUE_CHUNKS: usize = 64;
+/// Most chunks appended in one transaction.
+const OUTPUT_BATCH_CHUNKS: usize = 64;
+
 /// The sink a driver streams output into: each chunk becomes a `stdout`/`stderr` event `{"text": ...}`.
+///
+/// Chunks go through a bounded queue to one writer task, which appends whatever has accumulated in a single
+/// transaction: one transaction per chunk would cap output at the database's commit rate. Order of arrival is kept
+/// across both streams.
 #[derive(Debug)]
 pub struct OutputEvents {
-    writer: EventWriter,
-    /// Bytes of an incomplete UTF-8 character at the end of the last chunk, per stream.
-    carry: Mutex<HashMap<OutputStream, Vec<u8>>>,
+    queue: mpsc::Sender<(OutputStream, Vec<u8>)>,
+    writer: tokio::task::JoinHandle<()>,
 }
 
 impl OutputEvents {
-    pub fn new(writer: EventWriter) -> Self {
-        Self {
-            writer,
-            carry: Mutex::new(HashMap::new()),
-        }
+    pub fn start(writer: EventWriter) -> Self {
+        let (queue, chunks) = mpsc::channel(OUTPUT_QUEUE_CHUNKS);
+        let writer = tokio::spawn(write_output(writer, chunks));
+        Self { queue, writer }
     }
 
-    /// Emits whatever partial characters are left (lossily): the command has ended.
-    pub async fn finish(&self) {
-        let leftovers: Vec<(OutputStream, Vec<u8>)> = self.carry.lock().await.drain().collect();
-        for (stream, bytes) in leftovers {
-            if !bytes.is_empty() {
-                let text = String::from_utf8_lossy(&bytes).into_owned();
-                self.writer
-                    .emit(kind_of(stream), json!({"text": text}))
-                    .await;
-            }
+    /// Waits until every chunk is stored (and emits whatever partial characters are left, lossily): the command
+    /// has ended.
+    pub async fn finish(self) {
+        drop(self.queue);
+        if let Err(error) = self.writer.await {
+            tracing::error!(%error, "the output writer failed");
         }
     }
 }
@@ -99,17 +103,46 @@ impl OutputEvents {
 impl OutputSink for OutputEvents {
     fn output<'a>(&'a self, stream: OutputStream, data: &'a [u8]) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            // Holding the lock across the write keeps events in order of arrival across both streams.
-            let mut carry = self.carry.lock().await;
-            let pending = carry.entry(stream).or_default();
-            pending.extend_from_slice(data);
-            let text = take_complete_utf8(pending);
-            if !text.is_empty() {
-                self.writer
-                    .emit(kind_of(stream), json!({"text": text}))
-                    .await;
-            }
+            // The writer only stops once `finish` drops the queue, so a send error cannot lose output here.
+            let _ = self.queue.send((stream, data.to_vec())).await;
         })
+    }
+}
+
+async fn write_output(writer: EventWriter, mut chunks: mpsc::Receiver<(OutputStream, Vec<u8>)>) {
+    // Bytes of an incomplete UTF-8 character at the end of the last chunk, per stream.
+    let mut carry: HashMap<OutputStream, Vec<u8>> = HashMap::new();
+    let mut batch = Vec::with_capacity(OUTPUT_BATCH_CHUNKS);
+    while chunks.recv_many(&mut batch, OUTPUT_BATCH_CHUNKS).await > 0 {
+        let now = Timestamp::now();
+        let events: Vec<NewRunEvent> = batch
+            .drain(..)
+            .filter_map(|(stream, data)| {
+                let pending = carry.entry(stream).or_default();
+                pending.extend_from_slice(&data);
+                let text = take_complete_utf8(pending);
+                (!text.is_empty()).then(|| NewRunEvent {
+                    at: now,
+                    kind: kind_of(stream),
+                    data: json!({"text": text}),
+                })
+            })
+            .collect();
+        if !events.is_empty() {
+            writer.emit_all(events).await;
+        }
+    }
+    let leftovers: Vec<NewRunEvent> = carry
+        .into_iter()
+        .filter(|(_, bytes)| !bytes.is_empty())
+        .map(|(stream, bytes)| NewRunEvent {
+            at: Timestamp::now(),
+            kind: kind_of(stream),
+            data: json!({"text": String::from_utf8_lossy(&bytes)}),
+        })
+        .collect();
+    if !leftovers.is_empty() {
+        writer.emit_all(leftovers).await;
     }
 }
 

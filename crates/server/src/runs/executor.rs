@@ -157,7 +157,7 @@ async fn with_lease(
         .emit(EventKind::Status, json!({"status": "running"}))
         .await;
 
-    let sink = OutputEvents::new(events.clone());
+    let sink = OutputEvents::start(events.clone());
     let token = cancel.clone();
     let cancel_signal: CancelSignal = Box::pin(async move { token.cancelled_owned().await });
     let executed = driver
