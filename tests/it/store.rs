@@ -1523,7 +1523,7 @@ async fn runs_outlive_their_environment(db: &TestDb) {
     let events = store
         .append_events(
             finished.id,
-            &[event(EventKind::Status, json!({"status": "succeeded"}))],
+            vec![event(EventKind::Status, json!({"status": "succeeded"}))],
         )
         .await
         .unwrap();
@@ -1552,7 +1552,7 @@ async fn events_are_listed_after_a_seq(db: &TestDb) {
     );
     assert!(
         store
-            .append_events(subject.id, &[])
+            .append_events(subject.id, Vec::new())
             .await
             .unwrap()
             .is_empty()
@@ -1571,7 +1571,10 @@ async fn events_are_listed_after_a_seq(db: &TestDb) {
         ),
         event(EventKind::Error, Value::Null),
     ];
-    let appended = store.append_events(subject.id, &batch).await.unwrap();
+    let appended = store
+        .append_events(subject.id, batch.to_vec())
+        .await
+        .unwrap();
     let expected: Vec<RunEvent> = batch
         .iter()
         .zip(1..)
@@ -1615,7 +1618,7 @@ async fn events_are_listed_after_a_seq(db: &TestDb) {
     let theirs = store
         .append_events(
             other.id,
-            &[event(EventKind::Lease, json!({"leaseId": "l"}))],
+            vec![event(EventKind::Lease, json!({"leaseId": "l"}))],
         )
         .await
         .unwrap();
@@ -1625,7 +1628,10 @@ async fn events_are_listed_after_a_seq(db: &TestDb) {
     let output: Vec<NewRunEvent> = (0..450)
         .map(|i| event(EventKind::Stdout, json!({"text": format!("line {i}\n")})))
         .collect();
-    let appended = store.append_events(subject.id, &output).await.unwrap();
+    let appended = store
+        .append_events(subject.id, output.clone())
+        .await
+        .unwrap();
     assert_eq!(
         ids(&appended, |event| event.seq),
         (6..=455).collect::<Vec<_>>()
@@ -1642,7 +1648,10 @@ async fn events_are_listed_after_a_seq(db: &TestDb) {
     );
 
     // Events of a run that does not exist are refused, not dropped.
-    let err = store.append_events(RunId::new(), &batch).await.unwrap_err();
+    let err = store
+        .append_events(RunId::new(), batch.to_vec())
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), "database_error");
 }
 
@@ -1668,7 +1677,10 @@ async fn concurrent_appenders_get_dense_seqs(db: &TestDb) {
                             )
                         })
                         .collect();
-                    let stored = store.append_events(subject.id, &events).await.unwrap();
+                    let stored = store
+                        .append_events(subject.id, events.clone())
+                        .await
+                        .unwrap();
                     // A batch is contiguous: nobody else's events land in the middle of it.
                     let seqs = ids(&stored, |event| event.seq);
                     let first = seqs[0];

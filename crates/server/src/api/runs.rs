@@ -239,16 +239,19 @@ impl Follower {
                 self.buffer.extend(batch);
                 continue;
             }
-            // Nothing new. A final run has written its final event already (it goes out first), so stop; give an
-            // orphan sweep that is writing it right now one more look.
+            // Nothing new. A run whose row is final has written its final event already (it goes out first), so
+            // read once more right away — it may have landed between the two queries — and stop if it still is
+            // not there (an orphan sweep writes the row first; give it a moment).
             if let Ok(Some(run)) = self.state.store().get_run(self.run_id).await
                 && run.status.is_terminal()
             {
                 idle_checks += 1;
-                if idle_checks > 2 {
+                if idle_checks > 3 {
                     return None;
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                if idle_checks > 1 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 continue;
             }
             match self.latest.as_mut() {

@@ -48,7 +48,7 @@ impl EventWriter {
     }
 
     pub async fn emit_all(&self, events: Vec<NewRunEvent>) {
-        match self.store.append_events(self.run_id, &events).await {
+        match self.store.append_events(self.run_id, events).await {
             Ok(stored) => {
                 if let Some(last) = stored.last() {
                     self.latest.send_replace(last.seq);
@@ -115,8 +115,8 @@ async fn write_output(writer: EventWriter, mut chunks: mpsc::Receiver<(OutputStr
     let mut batch = Vec::with_capacity(OUTPUT_BATCH_CHUNKS);
     while chunks.recv_many(&mut batch, OUTPUT_BATCH_CHUNKS).await > 0 {
         let now = Timestamp::now();
-        let events: Vec<NewRunEvent> = batch
-            .drain(..)
+        let events: Vec<NewRunEvent> = coalesce(batch.drain(..))
+            .into_iter()
             .filter_map(|(stream, data)| {
                 let pending = carry.entry(stream).or_default();
                 pending.extend_from_slice(&data);
@@ -144,6 +144,26 @@ async fn write_output(writer: EventWriter, mut chunks: mpsc::Receiver<(OutputStr
     if !leftovers.is_empty() {
         writer.emit_all(leftovers).await;
     }
+}
+
+/// Largest output event: consecutive chunks of one stream are merged up to this size, so a chatty command costs
+/// few rows, while followers still get output in bounded pieces.
+const MAX_OUTPUT_EVENT_BYTES: usize = 1024 * 1024;
+
+/// Merges consecutive chunks of the same stream (order across streams is kept).
+fn coalesce(chunks: impl Iterator<Item = (OutputStream, Vec<u8>)>) -> Vec<(OutputStream, Vec<u8>)> {
+    let mut merged: Vec<(OutputStream, Vec<u8>)> = Vec::new();
+    for (stream, data) in chunks {
+        match merged.last_mut() {
+            Some((last_stream, last))
+                if *last_stream == stream && last.len() + data.len() <= MAX_OUTPUT_EVENT_BYTES =>
+            {
+                last.extend_from_slice(&data);
+            }
+            _ => merged.push((stream, data)),
+        }
+    }
+    merged
 }
 
 fn kind_of(stream: OutputStream) -> EventKind {
@@ -200,6 +220,17 @@ mod tests {
         buffer.extend_from_slice(&bytes[2..]);
         assert_eq!(take_complete_utf8(&mut buffer), "éllo €");
         assert!(buffer.is_empty());
+    }
+
+    #[test]
+    fn consecutive_chunks_of_one_stream_merge_and_order_is_kept() {
+        let out = |text: &str| (OutputStream::Stdout, text.as_bytes().to_vec());
+        let err = |text: &str| (OutputStream::Stderr, text.as_bytes().to_vec());
+        let merged = coalesce(vec![out("a"), out("b"), err("c"), out("d")].into_iter());
+        assert_eq!(merged, vec![out("ab"), err("c"), out("d")]);
+        let big = vec![0u8; MAX_OUTPUT_EVENT_BYTES];
+        let merged = coalesce(vec![(OutputStream::Stdout, big), out("x")].into_iter());
+        assert_eq!(merged.len(), 2, "an event never grows past the limit");
     }
 
     #[test]

@@ -269,7 +269,7 @@ impl Store {
     pub async fn append_events(
         &self,
         run_id: RunId,
-        events: &[NewRunEvent],
+        events: Vec<NewRunEvent>,
     ) -> Result<Vec<RunEvent>, StoreError> {
         if events.is_empty() {
             return Ok(Vec::new());
@@ -314,15 +314,16 @@ impl Store {
             }
             last_seq
         });
+        // Moved, not cloned: output events are large.
         Ok(events
-            .iter()
+            .into_iter()
             .zip(last_seq + 1..)
             .map(|(event, seq)| RunEvent {
                 run_id,
                 seq,
                 at: event.at,
                 kind: event.kind,
-                data: event.data.clone(),
+                data: event.data,
             })
             .collect())
     }
