@@ -237,10 +237,7 @@ async fn connect_sqlite(url: &str) -> Result<SqlitePool, StoreError> {
         .busy_timeout(SQLITE_BUSY_TIMEOUT)
         .foreign_keys(true)
         // Safe with WAL: a power loss may lose the last commits but never corrupts the database.
-        .synchronous(SqliteSynchronous::Normal)
-        // Run output is large, append-only text: 64 KiB pages write it in a sixteenth of the WAL frames (and page
-        // cache operations) that 4 KiB pages need. Takes effect when the database file is created.
-        .page_size(65_536);
+        .synchronous(SqliteSynchronous::Normal);
 
     let pool_options = SqlitePoolOptions::new().acquire_timeout(ACQUIRE_TIMEOUT);
     let pool_options = if is_sqlite_memory_url(url) {
