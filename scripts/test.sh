@@ -14,6 +14,7 @@ as_root() { [ "$(id -u)" -eq 0 ]; }
 missing=()
 command -v jq >/dev/null 2>&1 || missing+=(jq)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v pgrep >/dev/null 2>&1 || missing+=(procps)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then
   if as_root; then

@@ -233,6 +233,9 @@ async fn deleted_keys_stop_working_at_once() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(me["apiKey"]["companyId"], company.as_str());
     assert!(me["apiKey"].get("token").is_none());
+    let (_, admin) = server.get("/api/whoami").await;
+    assert_eq!(admin["kind"], "admin");
+    assert_eq!(admin["defaultCompany"]["id"], company.as_str());
 
     let (status, _) = server
         .delete(&format!("/api/api-keys/{}", key["id"].as_str().unwrap()))

@@ -133,6 +133,11 @@ pub enum LeaseCommand {
 }
 
 impl Cli {
+    /// Whether this command runs the server (which wants a multi-threaded runtime) rather than a short client call.
+    pub fn is_server(&self) -> bool {
+        matches!(self.command, Command::Serve(_))
+    }
+
     /// The log filter when `BERTH_LOG` is unset: the server narrates, client commands stay quiet.
     pub fn default_log_filter(&self) -> &'static str {
         match self.command {
@@ -223,7 +228,8 @@ impl Session {
     }
 }
 
-/// Finds the company id: given as an id, by name (admin), or the API key's own company.
+/// Finds the company id: given as an id (no request), else in one `whoami` — the API key's own company, or the
+/// admin's `default` company — else by name among all companies (admin).
 async fn resolve_company(api: &ApiClient, company: Option<&str>) -> anyhow::Result<String> {
     if let Some(id) = company.filter(|text| text.parse::<berth_core::ids::CompanyId>().is_ok()) {
         return Ok(id.to_owned());
@@ -234,6 +240,11 @@ async fn resolve_company(api: &ApiClient, company: Option<&str>) -> anyhow::Resu
         return Ok(own);
     }
     let name = company.unwrap_or(berth_core::company::DEFAULT_COMPANY_NAME);
+    if name == berth_core::company::DEFAULT_COMPANY_NAME
+        && let Some(id) = whoami["defaultCompany"]["id"].as_str()
+    {
+        return Ok(id.to_owned());
+    }
     let companies = api.get("/api/companies").await?;
     companies
         .as_array()

@@ -10,10 +10,13 @@ use berth_server::telemetry;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format, cli.default_log_filter());
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // Client commands make a handful of requests: a single-threaded runtime starts faster and is plenty.
+    let mut builder = if cli.is_server() {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");

@@ -145,15 +145,26 @@ pub async fn delete_api_key(
     }))
 }
 
-pub async fn whoami(principal: Principal) -> Json<WhoAmIResponse> {
-    Json(match principal {
-        Principal::Admin => WhoAmIResponse {
-            kind: "admin",
-            api_key: None,
-        },
+pub async fn whoami(
+    State(state): State<AppState>,
+    principal: Principal,
+) -> Result<Json<WhoAmIResponse>, ApiError> {
+    Ok(Json(match principal {
+        Principal::Admin => {
+            let default_company = state
+                .store()
+                .company_by_name(berth_core::company::DEFAULT_COMPANY_NAME)
+                .await?;
+            WhoAmIResponse {
+                kind: "admin",
+                api_key: None,
+                default_company: default_company.as_ref().map(CompanyResponse::from),
+            }
+        }
         Principal::ApiKey(key) => WhoAmIResponse {
             kind: "apiKey",
             api_key: Some(ApiKeyResponse::new(&key, None)),
+            default_company: None,
         },
-    })
+    }))
 }

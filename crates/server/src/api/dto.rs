@@ -103,6 +103,9 @@ pub struct WhoAmIResponse {
     pub kind: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub api_key: Option<ApiKeyResponse>,
+    /// For the admin: the company named `default`, which clients use when no company is named.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_company: Option<CompanyResponse>,
 }
 
 // === Environments ===
