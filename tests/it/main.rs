@@ -11,6 +11,7 @@
 mod support;
 
 mod api;
+mod bridge;
 mod cli;
 mod drivers;
 mod runs;

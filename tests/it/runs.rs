@@ -207,7 +207,16 @@ async fn the_command_environment_is_exactly_what_the_contract_allows() {
     );
     for name in &names {
         assert!(
-            ["BERTH_RUN_ID", "EMPTY", "GREETING", "HOME", "PATH"].contains(name),
+            [
+                "BERTH_API_TOKEN",
+                "BERTH_API_URL",
+                "BERTH_RUN_ID",
+                "EMPTY",
+                "GREETING",
+                "HOME",
+                "PATH"
+            ]
+            .contains(name),
             "unexpected variable {name}: {output}"
         );
     }

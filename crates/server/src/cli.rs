@@ -54,6 +54,13 @@ pub struct ServeArgs {
     /// `sqlite://PATH` or `postgres://…` [default: sqlite://<data-dir>/berth.db].
     #[arg(long, env = "BERTH_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+    /// Where the callback bridge forwards agent requests [default: this server]. Set it to front another control
+    /// plane; BERTH_BRIDGE_UPSTREAM_TOKEN is then the credential berth presents there.
+    #[arg(long, env = "BERTH_BRIDGE_UPSTREAM")]
+    pub bridge_upstream: Option<String>,
+    /// The bridge policy: a JSON file, or a built-in profile (`default`, `paperclip`).
+    #[arg(long, env = "BERTH_BRIDGE_POLICY")]
+    pub bridge_policy: Option<String>,
 }
 
 /// How client subcommands find the server, the token and the company.
@@ -167,6 +174,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         database_url: args.database_url,
         admin_token: secret_env("BERTH_ADMIN_TOKEN"),
         master_key: secret_env("BERTH_MASTER_KEY"),
+        bridge_upstream: args.bridge_upstream,
+        bridge_policy: args.bridge_policy,
+        bridge_upstream_token: secret_env("BERTH_BRIDGE_UPSTREAM_TOKEN"),
         sweep_interval: std::env::var("BERTH_SWEEP_INTERVAL_MS")
             .ok()
             .and_then(|value| value.parse::<u64>().ok())

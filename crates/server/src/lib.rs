@@ -7,6 +7,7 @@
 //! rendering of them).
 
 pub mod api;
+pub mod bridge;
 pub mod cli;
 pub mod client;
 pub mod run_command;

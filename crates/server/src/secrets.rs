@@ -42,6 +42,19 @@ const KEY_FORMAT: &str = "must be 32 bytes, written as base64 or as 64 hex chara
 /// The key lives only inside the cipher, which zeroizes it on drop; `Debug` shows nothing of it.
 pub struct SecretCipher {
     cipher: XChaCha20Poly1305,
+    /// A key for the callback bridge, derived from the master key so that replicas sharing the master key agree on
+    /// it without storing another secret.
+    bridge_secret: Zeroizing<[u8; 32]>,
+}
+
+/// HMAC-SHA256(key, label): a subkey for one purpose.
+fn derive(key: &[u8; MASTER_KEY_LEN], label: &[u8]) -> Zeroizing<[u8; 32]> {
+    use hmac::{KeyInit as _, Mac as _};
+    let Ok(mut mac) = <hmac::Hmac<sha2::Sha256>>::new_from_slice(key) else {
+        unreachable!("HMAC takes keys of any length")
+    };
+    mac.update(label);
+    Zeroizing::new(mac.finalize().into_bytes().into())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,7 +95,15 @@ impl SecretCipher {
     pub fn new(key: &[u8; MASTER_KEY_LEN]) -> Self {
         Self {
             cipher: XChaCha20Poly1305::new(key.into()),
+            bridge_secret: derive(key, b"berth bridge secret v1"),
         }
+    }
+
+    /// The callback bridge's server secret: HMAC-SHA256 of the master key over a fixed label. Knowing it reveals
+    /// nothing of the master key, and the secrets it keys (run credentials, upstream signatures) are useless for
+    /// decrypting stored secrets.
+    pub fn bridge_secret(&self) -> &[u8; 32] {
+        &self.bridge_secret
     }
 
     /// Loads the master key: from `env_key` (the value of `BERTH_MASTER_KEY`) when given, else from

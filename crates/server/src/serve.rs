@@ -20,6 +20,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
 
+use berth_bridge::policy::BridgePolicy;
+use berth_bridge::signing::BridgeSecrets;
+
+use crate::bridge::BridgeSettings;
 use crate::runs::RunManager;
 use crate::runs::manager::DEFAULT_SWEEP_INTERVAL;
 use crate::secrets::{SecretCipher, SecretsError};
@@ -48,6 +52,12 @@ pub struct ServeOptions {
     pub master_key: Option<Zeroizing<String>>,
     /// `BERTH_SWEEP_INTERVAL_MS`: how often orphaned runs and leases and expired leases are swept.
     pub sweep_interval: Option<Duration>,
+    /// `--bridge-upstream`: where bridged agent requests go [default: this server].
+    pub bridge_upstream: Option<String>,
+    /// `--bridge-policy`: a policy file (JSON), or a built-in profile name (`default`, `paperclip`).
+    pub bridge_policy: Option<String>,
+    /// `BERTH_BRIDGE_UPSTREAM_TOKEN`: the credential presented to a foreign upstream.
+    pub bridge_upstream_token: Option<Zeroizing<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +80,17 @@ pub enum ServeError {
     Providers(#[from] berth_drivers::DriverError),
     #[error("cannot read or write the node id at {path}")]
     NodeId { path: PathBuf, source: io::Error },
+    #[error("invalid bridge policy {source_name}")]
+    BridgePolicy {
+        source_name: String,
+        source: berth_bridge::BridgeError,
+    },
+    #[error("cannot read the bridge policy {path}")]
+    BridgePolicyFile { path: PathBuf, source: io::Error },
+    #[error("--bridge-upstream must be an http:// URL, not `{0}`")]
+    BridgeUpstream(String),
+    #[error("cannot set up the callback bridge")]
+    Bridge(#[from] berth_bridge::BridgeError),
 }
 
 /// Starts berth and serves until `shutdown` resolves, then drains for up to [`SHUTDOWN_GRACE`].
@@ -85,6 +106,10 @@ pub async fn serve(
             source,
         })?;
     let address = listener.local_addr().map_err(ServeError::Serve)?;
+    if let Some(bridge) = state.bridge() {
+        // Without --bridge-upstream, bridged requests come back to this server, on an address the runs can reach.
+        let _ = bridge.upstream.set(own_url(address));
+    }
     announce(address).map_err(ServeError::Serve)?;
     tracing::info!(%address, backend = ?state.store().backend(), "berth listening");
 
@@ -151,9 +176,11 @@ pub async fn prepare(options: &ServeOptions) -> Result<AppState, ServeError> {
     let local = LocalDriver::new(options.data_dir.join("workspaces"));
     let drivers = Arc::new(DriverRegistry::new(local, Arc::new(providers)));
     let node_id = load_or_create_node_id(&options.data_dir)?;
+    let bridge = Arc::new(bridge_settings(options, &cipher)?);
     let runs = RunManager::new(
         store.clone(),
         drivers.clone(),
+        Some(bridge),
         node_id,
         options.sweep_interval.unwrap_or(DEFAULT_SWEEP_INTERVAL),
     );
@@ -235,6 +262,65 @@ fn load_or_create_admin_token(
         }
         Err(read_error) => Err(error(read_error)),
     }
+}
+
+/// The bridge's settings: keys derived from the master key (so replicas agree), the policy, and the upstream.
+fn bridge_settings(
+    options: &ServeOptions,
+    cipher: &SecretCipher,
+) -> Result<BridgeSettings, ServeError> {
+    let secrets = Arc::new(BridgeSecrets::new(cipher.bridge_secret())?);
+    let policy = match options.bridge_policy.as_deref() {
+        None => BridgePolicy::agent_default(),
+        Some(name) => match BridgePolicy::profile(name) {
+            Some(profile) => profile,
+            None => {
+                let path = PathBuf::from(name);
+                let text =
+                    fs::read_to_string(&path).map_err(|source| ServeError::BridgePolicyFile {
+                        path: path.clone(),
+                        source,
+                    })?;
+                BridgePolicy::from_json(&text).map_err(|source| ServeError::BridgePolicy {
+                    source_name: path.display().to_string(),
+                    source,
+                })?
+            }
+        },
+    };
+    let upstream = std::sync::OnceLock::new();
+    if let Some(url) = &options.bridge_upstream {
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|_| ServeError::BridgeUpstream(url.clone()))?;
+        if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+            return Err(ServeError::BridgeUpstream(url.clone()));
+        }
+        let _ = upstream.set(uri);
+    }
+    tracing::info!(policy = %policy.name, upstream = ?options.bridge_upstream, "callback bridge ready");
+    Ok(BridgeSettings {
+        secrets,
+        policy: Arc::new(policy),
+        upstream,
+        upstream_token: options
+            .bridge_upstream_token
+            .as_ref()
+            .map(|token| secrecy::SecretString::from(token.as_str().to_owned())),
+    })
+}
+
+/// This server's own base URL as seen from this host: a wildcard listen address becomes loopback.
+fn own_url(address: SocketAddr) -> http::Uri {
+    let host = match address.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv4() => "127.0.0.1".to_owned(),
+        ip if ip.is_unspecified() => "[::1]".to_owned(),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        std::net::IpAddr::V4(ip) => ip.to_string(),
+    };
+    format!("http://{host}:{}", address.port())
+        .parse()
+        .unwrap_or_else(|_| http::Uri::from_static("http://127.0.0.1"))
 }
 
 /// This node's id from `<data-dir>/node-id`, created on first start.

@@ -57,6 +57,11 @@ impl AppState {
         &self.inner.drivers
     }
 
+    /// The callback bridge's settings, when it is enabled.
+    pub fn bridge(&self) -> Option<&crate::bridge::BridgeSettings> {
+        self.inner.runs.bridge()
+    }
+
     /// This node's runs.
     pub fn runs(&self) -> &RunManager {
         &self.inner.runs

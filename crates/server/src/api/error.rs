@@ -173,6 +173,15 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<berth_bridge::BridgeError> for ApiError {
+    fn from(error: berth_bridge::BridgeError) -> Self {
+        match error.kind() {
+            ErrorKind::Internal => ApiError::internal(&error),
+            kind => ApiError::new(kind, error.code(), error.to_string()),
+        }
+    }
+}
+
 impl From<SecretsError> for ApiError {
     fn from(error: SecretsError) -> Self {
         match error.kind() {

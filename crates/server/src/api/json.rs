@@ -49,7 +49,7 @@ where
 const DRAIN_LIMIT_BYTES: usize = 16 * 1024 * 1024;
 const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 
-async fn read_body(body: Body) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(body: Body) -> Result<Bytes, ApiError> {
     let unreadable =
         || ApiError::bad_request("unreadable_body", "the request body could not be read");
     let mut body = body;
@@ -125,7 +125,7 @@ fn missing_field_name(message: &str) -> Option<&str> {
     message.strip_prefix("missing field `")?.split('`').next()
 }
 
-fn has_json_content_type(request: &Request) -> bool {
+pub(crate) fn has_json_content_type(request: &Request) -> bool {
     let Some(value) = request
         .headers()
         .get(header::CONTENT_TYPE)

@@ -3,6 +3,7 @@
 //! Handlers are thin: they authenticate ([`auth::Principal`]), parse strictly ([`json::ApiJson`]), call the store and
 //! drivers, and convert to wire types ([`dto`]). Every failure becomes the uniform error body in [`error`].
 
+pub mod agent;
 pub mod auth;
 pub mod companies;
 pub mod dto;
@@ -35,6 +36,8 @@ use crate::store::NewActivity;
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/whoami", get(companies::whoami))
+        .route("/agent/run", get(agent::run))
+        .route("/agent/events", post(agent::post_event))
         .route("/companies", get(companies::list).post(companies::create))
         .route(
             "/companies/{company_id}/api-keys",

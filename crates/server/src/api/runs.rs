@@ -34,8 +34,19 @@ use crate::state::AppState;
 
 /// Longest accepted run timeout: one day.
 const MAX_TIMEOUT_MS: u64 = 86_400_000;
-/// Variables the callback bridge sets; a request may not set them itself.
+/// Variables the callback bridge sets whenever it is on; a request may not set them itself.
 const RESERVED_ENV: [&str; 3] = ["BERTH_API_URL", "BERTH_API_TOKEN", "BERTH_RUN_ID"];
+
+/// The bridge's variable names (the default ones, plus the policy's own, e.g. `PAPERCLIP_API_KEY`).
+fn reserved_env_names(state: &AppState) -> Vec<String> {
+    let mut names: Vec<String> = RESERVED_ENV.iter().map(|name| (*name).to_owned()).collect();
+    if let Some(settings) = state.bridge() {
+        let policy_names = &settings.policy.env;
+        names.extend([policy_names.url.clone(), policy_names.token.clone()]);
+        names.extend(policy_names.run_id.clone());
+    }
+    names
+}
 const DEFAULT_PAGE: u32 = 1000;
 const MAX_PAGE: u32 = 10_000;
 
@@ -49,12 +60,12 @@ pub async fn create(
     principal.manage(company_id)?;
     load_company(&state, company_id).await?;
 
-    let (plan, environment_id, bridge) = validate(request)?;
+    let reserved = reserved_env_names(&state);
+    let (plan, environment_id) = validate(request, &reserved)?;
     let environment = resolve_environment(&state, company_id, environment_id).await?;
     let config = runnable_config(&state, &environment)?;
 
     let now = Timestamp::now();
-    let mut plan = plan;
     let run = Run {
         id: RunId::new(),
         company_id,
@@ -72,11 +83,6 @@ pub async fn create(
         heartbeat_at: now,
         cancel_requested: false,
     };
-    if bridge {
-        plan.exec
-            .env
-            .insert("BERTH_RUN_ID".to_owned(), run.id.to_string());
-    }
     state.store().insert_run(&run).await?;
     let events = EventWriter::new(state.store().clone(), run.id);
     events
@@ -299,7 +305,10 @@ async fn load_run(state: &AppState, id: &str) -> Result<Run, ApiError> {
 }
 
 /// Checks the request field by field, reporting every problem.
-fn validate(request: CreateRunRequest) -> Result<(RunPlan, Option<String>, bool), ApiError> {
+fn validate(
+    request: CreateRunRequest,
+    reserved: &[String],
+) -> Result<(RunPlan, Option<String>), ApiError> {
     let mut errors = ValidationErrors::new();
     if request.command.is_empty() || request.command[0].is_empty() {
         errors.push(
@@ -317,7 +326,7 @@ fn validate(request: CreateRunRequest) -> Result<(RunPlan, Option<String>, bool)
         let path = format!("env.{}", name.escape_debug());
         if let Err(message) = check_env_name(name) {
             errors.push(path.clone(), message);
-        } else if RESERVED_ENV.contains(&name.as_str()) {
+        } else if reserved.iter().any(|reserved| reserved == name) {
             errors.push(
                 path.clone(),
                 "is set by the callback bridge and cannot be given",
@@ -384,14 +393,15 @@ fn validate(request: CreateRunRequest) -> Result<(RunPlan, Option<String>, bool)
         stdin: request.stdin.map(String::into_bytes),
         timeout,
     };
+    let bridge = request.bridge.unwrap_or(true);
     Ok((
         RunPlan {
             exec,
             workspace,
             lease_policy,
+            bridge,
         },
         request.environment_id,
-        request.bridge.unwrap_or(true),
     ))
 }
 

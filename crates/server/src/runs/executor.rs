@@ -19,6 +19,7 @@ use super::events::{EventWriter, OutputEvents};
 use super::leases::{self, HeldLease};
 use super::manager::RunContext;
 use crate::api::error::DisplayChain;
+use crate::bridge::RunningBridge;
 
 /// Everything about a run that is not stored: the parts of the request that may hold secrets, and choices made when
 /// it was accepted.
@@ -27,6 +28,8 @@ pub struct RunPlan {
     pub exec: ExecRequest,
     pub workspace: Option<PathBuf>,
     pub lease_policy: Option<LeasePolicy>,
+    /// Start a callback bridge for the command (API.md §6).
+    pub bridge: bool,
 }
 
 /// Drives `run` to a final status. Never returns an error: every failure becomes the run's status and events.
@@ -157,19 +160,36 @@ async fn with_lease(
         .emit(EventKind::Status, json!({"status": "running"}))
         .await;
 
+    // The bridge listens before the command starts and stops after it ends: nothing listens outside the run.
+    let mut exec = plan.exec.clone();
+    let bridge = match (&context.bridge, plan.bridge) {
+        (Some(settings), true) => {
+            match RunningBridge::start(settings, &context.store, run.id, events.clone()).await {
+                Ok(bridge) => {
+                    exec.env.extend(bridge.env.iter().cloned());
+                    Some(bridge)
+                }
+                Err(error) => {
+                    return Finish::berth_failed(
+                        "bridge_failed",
+                        format!("could not start the callback bridge: {error}"),
+                    );
+                }
+            }
+        }
+        _ => None,
+    };
+
     let sink = OutputEvents::start(events.clone());
     let token = cancel.clone();
     let cancel_signal: CancelSignal = Box::pin(async move { token.cancelled_owned().await });
     let executed = driver
-        .execute(
-            &held.handle,
-            &workspace,
-            plan.exec.clone(),
-            &sink,
-            cancel_signal,
-        )
+        .execute(&held.handle, &workspace, exec, &sink, cancel_signal)
         .await;
     sink.finish().await;
+    if let Some(bridge) = bridge {
+        bridge.stop().await;
+    }
     let finish = match executed {
         Ok(outcome) => Finish::from_outcome(&outcome),
         Err(error) => {

@@ -22,6 +22,7 @@ use super::events::EventWriter;
 use super::executor::{self, RunPlan};
 use super::leases::{self, CleanupKind};
 use crate::api::error::DisplayChain;
+use crate::bridge::BridgeSettings;
 use crate::store::Store;
 
 /// How often this node refreshes the heartbeat of its live runs (and picks up cancel requests from other replicas).
@@ -38,12 +39,15 @@ const NO_NODE: &str = "";
 pub struct RunContext {
     pub store: Store,
     pub drivers: Arc<DriverRegistry>,
+    /// `None` only when the bridge is switched off for this server.
+    pub bridge: Option<Arc<BridgeSettings>>,
 }
 
 #[derive(Debug)]
 struct LiveRun {
     cancel: CancellationToken,
     latest: watch::Receiver<i64>,
+    events: EventWriter,
 }
 
 /// Owns this node's live runs.
@@ -66,12 +70,17 @@ impl RunManager {
     pub fn new(
         store: Store,
         drivers: Arc<DriverRegistry>,
+        bridge: Option<Arc<BridgeSettings>>,
         node_id: String,
         sweep_interval: Duration,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
-                context: Arc::new(RunContext { store, drivers }),
+                context: Arc::new(RunContext {
+                    store,
+                    drivers,
+                    bridge,
+                }),
                 node_id,
                 live: Mutex::new(HashMap::new()),
                 tasks: TaskTracker::new(),
@@ -105,6 +114,7 @@ impl RunManager {
             LiveRun {
                 cancel: cancel.clone(),
                 latest,
+                events: events.clone(),
             },
         );
         let manager = self.clone();
@@ -128,6 +138,19 @@ impl RunManager {
                 true
             }
             None => false,
+        }
+    }
+
+    /// The bridge settings runs are started with.
+    pub fn bridge(&self) -> Option<&BridgeSettings> {
+        self.inner.context.bridge.as_deref()
+    }
+
+    /// The event writer of a run: the live one (which wakes this node's followers) when this node executes it.
+    pub fn event_writer(&self, run_id: RunId) -> EventWriter {
+        match self.live().get(&run_id) {
+            Some(live) => live.events.clone(),
+            None => EventWriter::new(self.inner.context.store.clone(), run_id),
         }
     }
 
@@ -264,6 +287,10 @@ impl RunManager {
                 }
             }
             Err(error) => tracing::warn!(error = %DisplayChain(&error), "lease sweep failed"),
+        }
+
+        if let Err(error) = store.sweep_nonces(now).await {
+            tracing::warn!(error = %DisplayChain(&error), "nonce sweep failed");
         }
 
         match store.expired_leases(now, 100).await {

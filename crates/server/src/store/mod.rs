@@ -85,6 +85,7 @@ mod companies;
 mod environments;
 mod error;
 mod leases;
+mod nonces;
 mod rows;
 mod runs;
 mod secrets;
