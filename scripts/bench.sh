@@ -11,7 +11,7 @@ fi
 cargo build --release --locked -p berth-server --bin berth
 export BERTH_BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/berth"
 benches=("$@")
-[ ${#benches[@]} -gt 0 ] || benches=(api)
+[ ${#benches[@]} -gt 0 ] || benches=(api runs bridge)
 for bench in "${benches[@]}"; do
   cargo bench --locked -p berth-tests --bench "$bench"
 done

@@ -61,6 +61,16 @@ impl FromRequest<AppState> for AgentRequest {
             .secrets
             .verify_upstream_token(token.trim())
             .map_err(ApiError::from)?;
+        // The bridge names the run beside the credential; a mismatch means something in between rewrote one.
+        let named_run = parts
+            .headers
+            .get(berth_bridge::signing::HEADER_RUN_ID)
+            .and_then(|value| value.to_str().ok());
+        if named_run.is_some_and(|named| named != run_id.to_string()) {
+            return Err(ApiError::unauthenticated(
+                "the run id header does not match the credential",
+            ));
+        }
         let body = read_body(body).await?;
         // The signature covers the path the bridge sent; `nest` strips `/api` from `parts.uri`, so take the original.
         let uri = parts
