@@ -14,5 +14,7 @@ mod api;
 mod bridge;
 mod cli;
 mod drivers;
+mod lab;
 mod runs;
+mod ssh;
 mod store;

@@ -204,6 +204,18 @@ impl DriverConfig {
         }
     }
 
+    /// Puts a secret's value (decrypted by the caller at the moment of use) in place of its reference, so a driver
+    /// can use it. A config holding a value can never be stored again: [`to_stored`](Self::to_stored) refuses it.
+    pub fn set_resolved_secret(&mut self, field: SecretField, value: SecretString) {
+        if let DriverConfig::Ssh(ssh) = self {
+            let slot = match field {
+                SecretField::SshPrivateKey => &mut ssh.private_key,
+                SecretField::SshPassword => &mut ssh.password,
+            };
+            *slot = Some(SecretSlot::Inline(value));
+        }
+    }
+
     /// The stored (and returned) shape. `None` while an inline secret is still unbound: such a config must never be
     /// persisted, and this makes that impossible to do by accident.
     pub fn to_stored(&self) -> Option<Map<String, Value>> {

@@ -15,6 +15,7 @@ pub mod local;
 pub mod process;
 pub mod registry;
 pub mod sandbox;
+pub mod ssh;
 pub mod sync;
 pub mod unsupported;
 

@@ -67,7 +67,13 @@ impl ProviderRegistry {
         drivers.insert(Driver::Local, supported());
         drivers.insert(
             Driver::Ssh,
-            unsupported("the SSH driver is not in this build yet"),
+            DriverCapability {
+                status: SupportStatus::Supported,
+                supports_saved_probe: true,
+                supports_unsaved_probe: true,
+                supports_run_execution: false,
+                note: Some("this build probes SSH hosts; runs over SSH are not in it yet"),
+            },
         );
         drivers.insert(Driver::Sandbox, supported());
         drivers.insert(
@@ -136,7 +142,7 @@ fn unsupported(note: &'static str) -> DriverCapability {
 #[derive(Debug, Clone)]
 pub struct DriverRegistry {
     local: Arc<LocalDriver>,
-    ssh: Arc<UnsupportedDriver>,
+    ssh: Arc<crate::ssh::SshDriver>,
     sandbox: Arc<SandboxDriver>,
     plugin: Arc<UnsupportedDriver>,
     providers: Arc<ProviderRegistry>,
@@ -148,7 +154,7 @@ impl DriverRegistry {
     pub fn new(local: LocalDriver, providers: Arc<ProviderRegistry>) -> Self {
         Self {
             local: Arc::new(local),
-            ssh: Arc::new(UnsupportedDriver::ssh()),
+            ssh: Arc::new(crate::ssh::SshDriver),
             sandbox: Arc::new(SandboxDriver::new(Arc::clone(&providers))),
             plugin: Arc::new(UnsupportedDriver::plugin()),
             providers,
@@ -459,10 +465,9 @@ mod tests {
         }
 
         let ssh = &capabilities.drivers[&Driver::Ssh];
-        assert_eq!(ssh.status, SupportStatus::Unsupported);
-        assert!(!ssh.supports_saved_probe && !ssh.supports_unsaved_probe);
+        assert_eq!(ssh.status, SupportStatus::Supported);
+        assert!(ssh.supports_saved_probe && ssh.supports_unsaved_probe);
         assert!(!ssh.supports_run_execution);
-        assert_eq!(ssh.note, Some("the SSH driver is not in this build yet"));
 
         let plugin = &capabilities.drivers[&Driver::Plugin];
         assert_eq!(plugin.status, SupportStatus::Unsupported);
@@ -518,16 +523,20 @@ mod tests {
         let (_, providers) = with_stub();
         let config = parse(
             Driver::Ssh,
-            json!({"host": "build.example", "username": "ci", "remoteWorkspacePath": "/srv/work"}),
+            // Port 1 on loopback: nothing listens, so the probe fails at once, and says so.
+            json!({"host": "127.0.0.1", "port": 1, "username": "ci", "remoteWorkspacePath": "/srv/work"}),
             &providers,
         );
         let registry = drivers(&temp, providers);
         let result = registry.probe(&config).await;
         assert!(!result.ok);
         assert_eq!(result.driver, Driver::Ssh);
-        assert_eq!(
-            result.summary,
-            "the ssh driver is not available in this build yet; the config is valid"
+        assert!(
+            result
+                .summary
+                .starts_with("cannot connect to ci@127.0.0.1:1"),
+            "{}",
+            result.summary
         );
         let err = registry
             .get(Driver::Ssh)
@@ -535,7 +544,10 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.code(), "driver_unsupported");
-        assert_eq!(err.to_string(), "the ssh driver cannot run commands");
+        assert_eq!(
+            err.to_string(),
+            "the ssh driver cannot run commands yet (this build probes ssh hosts)"
+        );
     }
 
     #[tokio::test]

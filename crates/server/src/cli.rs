@@ -41,6 +41,9 @@ pub enum Command {
     /// Inspect leases.
     #[command(subcommand)]
     Lease(LeaseCommand),
+    /// Local fixtures for trying drivers: `berth lab ssh up | status | down`.
+    #[command(subcommand)]
+    Lab(crate::lab::LabCommand),
 }
 
 #[derive(Debug, Args)]
@@ -161,6 +164,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Env(command) => env(command).await,
         Command::Lease(command) => lease(command).await,
         Command::Run(args) => crate::run_command::run(args).await,
+        Command::Lab(command) => crate::lab::run(command).await,
     }
 }
 

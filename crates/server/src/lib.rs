@@ -10,6 +10,7 @@ pub mod api;
 pub mod bridge;
 pub mod cli;
 pub mod client;
+pub mod lab;
 pub mod run_command;
 pub mod runs;
 pub mod secrets;

@@ -97,3 +97,38 @@ pub async fn forget(state: &AppState, ids: &[SecretId]) {
         }
     }
 }
+
+/// Decrypts every secret `config` references, in place, at the moment of use. The result must never be stored
+/// (`DriverConfig::to_stored` refuses it) and is dropped, zeroized, after the driver call.
+pub async fn resolve_secrets(
+    state: &AppState,
+    company_id: CompanyId,
+    config: &mut DriverConfig,
+) -> Result<(), ApiError> {
+    for (field, id) in config.secret_refs() {
+        let secret = state
+            .store()
+            .get_secret(id)
+            .await?
+            .filter(|secret| secret.company_id == company_id)
+            .ok_or_else(|| {
+                ApiError::validation(ValidationErrors::single(
+                    join_path(berth_core::config::CONFIG_PATH, field.ref_key()),
+                    "the referenced secret is gone",
+                ))
+            })?;
+        let plaintext = state.cipher().decrypt(
+            &secret_aad(company_id, id),
+            &secret.nonce,
+            &secret.ciphertext,
+        )?;
+        let text = String::from_utf8(plaintext.to_vec()).map_err(|_| {
+            ApiError::validation(ValidationErrors::single(
+                join_path(berth_core::config::CONFIG_PATH, field.ref_key()),
+                "the secret is not text",
+            ))
+        })?;
+        config.set_resolved_secret(field, secrecy::SecretString::from(text));
+    }
+    Ok(())
+}

@@ -271,7 +271,7 @@ pub async fn probe(
     let environment = load_environment(&state, &id).await?;
     principal.manage(environment.company_id)?;
     let result = match parse_stored(&state, &environment) {
-        Ok(config) => run_probe(&state, &config).await,
+        Ok(config) => run_probe(&state, environment.company_id, config).await,
         Err(errors) => ProbeResult::failed(
             environment.driver,
             format!("the stored config is no longer valid ({errors}); update the environment"),
@@ -312,7 +312,7 @@ pub async fn probe_config(
     };
     // An unsaved config may use the company's stored secrets, and inline ones in memory only: nothing is persisted.
     vault::check_secret_refs(&state, company_id, None, &config).await?;
-    let result = run_probe(&state, &config).await;
+    let result = run_probe(&state, company_id, config).await;
     let details = json!({
         "driver": result.driver.as_str(),
         "ok": result.ok,
@@ -353,8 +353,17 @@ fn view(environment: &Environment, access: CompanyAccess) -> EnvironmentResponse
     }
 }
 
-async fn run_probe(state: &AppState, config: &DriverConfig) -> ProbeResult {
-    state.drivers().probe(config).await
+/// Probes with the config's secrets decrypted for the moment of the probe. A probe never fails as an error: an
+/// unreadable secret is a failed probe that says so.
+async fn run_probe(state: &AppState, company_id: CompanyId, config: DriverConfig) -> ProbeResult {
+    let mut config = config;
+    if let Err(error) = vault::resolve_secrets(state, company_id, &mut config).await {
+        return ProbeResult::failed(
+            config.driver(),
+            format!("cannot use the environment's secrets: {}", error.message()),
+        );
+    }
+    state.drivers().probe(&config).await
 }
 
 fn parse_config(

@@ -1,0 +1,303 @@
+//! A real OpenSSH `sshd` on 127.0.0.1 for ssh-driver tests: its own temp dir, generated keys, the same config as
+//! `berth lab ssh`, and a foreground (`-D`) child this test owns, so the sshd always stops with the test.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+const SSHD: &str = "/usr/sbin/sshd";
+
+#[derive(Debug)]
+pub struct TestSshd {
+    pub port: u16,
+    pub user: String,
+    /// The client's private key, OpenSSH PEM text.
+    pub user_key: String,
+    /// `[127.0.0.1]:PORT ssh-ed25519 AAAA…`
+    pub known_hosts: String,
+    /// An empty dir meant as the environment's `remoteWorkspacePath`.
+    pub workspace: PathBuf,
+    /// The private key as a 0600 file, for the `ssh` client.
+    pub user_key_file: PathBuf,
+    /// `known_hosts` as a file, for the `ssh` client.
+    pub known_hosts_file: PathBuf,
+    pub log_file: PathBuf,
+    child: Option<Child>,
+    /// Owns the keys, config and log; removed on drop.
+    _dir: TempDir,
+}
+
+impl TestSshd {
+    /// Starts sshd and waits until it accepts connections. Panics when OpenSSH is not installed: these tests never skip.
+    pub fn start() -> Self {
+        assert!(
+            Path::new(SSHD).exists(),
+            "openssh-server is not installed: run the README test command"
+        );
+        let dir = tempfile::tempdir().expect("temp dir for sshd");
+        let root = dir.path().canonicalize().expect("canonical temp dir");
+        let workspace = root.join("workspace");
+        std::fs::create_dir_all(&workspace).expect("create the sshd workspace");
+        let host_key = root.join("host_ed25519_key");
+        let user_key_file = root.join("user_ed25519");
+        keygen(&host_key);
+        keygen(&user_key_file);
+        let authorized_keys = root.join("authorized_keys");
+        std::fs::copy(user_key_file.with_extension("pub"), &authorized_keys)
+            .expect("write authorized_keys");
+        let host_public =
+            std::fs::read_to_string(host_key.with_extension("pub")).expect("host public key");
+        let user_key = std::fs::read_to_string(&user_key_file).expect("user private key");
+        let user = current_user();
+        ensure_privsep_dir();
+
+        let config_file = root.join("sshd_config");
+        let log_file = root.join("sshd.log");
+        let known_hosts_file = root.join("known_hosts");
+        // A free port can be taken between probing and sshd's bind: retry a few times.
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            let port = free_port();
+            std::fs::write(
+                &config_file,
+                config_text(port, &host_key, &authorized_keys, &root.join("sshd.pid")),
+            )
+            .expect("write sshd_config");
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_file)
+                .expect("open the sshd log");
+            let mut child = Command::new(SSHD)
+                .arg("-D")
+                .arg("-f")
+                .arg(&config_file)
+                .arg("-E")
+                .arg(&log_file)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("spawn sshd");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let ready = loop {
+                if let Some(status) = child.try_wait().expect("poll sshd") {
+                    break Err(format!("sshd exited with {status}"));
+                }
+                if TcpStream::connect_timeout(
+                    &SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+                    Duration::from_millis(500),
+                )
+                .is_ok()
+                {
+                    break Ok(());
+                }
+                if Instant::now() >= deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break Err("sshd did not accept connections within 10 s".to_owned());
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            };
+            match ready {
+                Ok(()) => {
+                    let mut fields = host_public.split_whitespace();
+                    let known_hosts = format!(
+                        "[127.0.0.1]:{port} {} {}",
+                        fields.next().expect("host key type"),
+                        fields.next().expect("host key")
+                    );
+                    std::fs::write(&known_hosts_file, format!("{known_hosts}\n"))
+                        .expect("write known_hosts");
+                    return Self {
+                        port,
+                        user,
+                        user_key,
+                        known_hosts,
+                        workspace,
+                        user_key_file,
+                        known_hosts_file,
+                        log_file,
+                        child: Some(child),
+                        _dir: dir,
+                    };
+                }
+                Err(reason) => failures.push(reason),
+            }
+        }
+        panic!(
+            "sshd did not start: {failures:?}; log:\n{}",
+            std::fs::read_to_string(&log_file).unwrap_or_default()
+        );
+    }
+
+    /// The berth ssh environment config (API.md §4) for this sshd, like `berth lab ssh up` prints.
+    pub fn config(&self) -> Value {
+        json!({
+            "host": "127.0.0.1",
+            "port": self.port,
+            "username": self.user,
+            "remoteWorkspacePath": self.workspace.to_string_lossy(),
+            "privateKey": self.user_key,
+            "knownHosts": self.known_hosts,
+            "strictHostKeyChecking": true,
+        })
+    }
+
+    /// What sshd logged so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log_file).unwrap_or_default()
+    }
+
+    /// Runs `command` on the remote side with the system `ssh` client, host key checked strictly, independently of
+    /// berth. Returns the exit code (-1 when killed by a signal) and stdout.
+    pub fn exec(&self, command: &str) -> (i32, String) {
+        let output = ssh_client_command(
+            &self.user_key_file,
+            &self.known_hosts_file,
+            self.port,
+            &self.user,
+        )
+        .arg(command)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ssh");
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        )
+    }
+
+    /// Stops sshd now (dropping does the same).
+    pub fn stop(mut self) {
+        self.kill();
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for TestSshd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An `ssh` client command with only the given key and known_hosts file, strict host key checking and no user
+/// config; append the remote command.
+pub fn ssh_client_command(key: &Path, known_hosts: &Path, port: u16, user: &str) -> Command {
+    assert!(
+        Path::new("/usr/bin/ssh").exists() || which("ssh"),
+        "openssh-client is not installed: run the README test command"
+    );
+    let mut command = Command::new("ssh");
+    command
+        .args(["-F", "/dev/null", "-i"])
+        .arg(key)
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
+        .args([
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "ConnectTimeout=10",
+            "-o",
+            "LogLevel=ERROR",
+            "-p",
+        ])
+        .arg(port.to_string())
+        .arg(format!("{user}@127.0.0.1"));
+    command
+}
+
+/// The same sshd_config `berth lab ssh up` writes.
+fn config_text(port: u16, host_key: &Path, authorized_keys: &Path, pid_file: &Path) -> String {
+    format!(
+        "ListenAddress 127.0.0.1\n\
+         Port {port}\n\
+         HostKey {}\n\
+         AuthorizedKeysFile {}\n\
+         PidFile {}\n\
+         PasswordAuthentication no\n\
+         KbdInteractiveAuthentication no\n\
+         PubkeyAuthentication yes\n\
+         PermitRootLogin prohibit-password\n\
+         UsePAM no\n\
+         StrictModes no\n\
+         AllowTcpForwarding yes\n\
+         MaxSessions 10\n\
+         LogLevel VERBOSE\n\
+         AcceptEnv none\n\
+         Subsystem sftp internal-sftp\n",
+        host_key.display(),
+        authorized_keys.display(),
+        pid_file.display(),
+    )
+}
+
+fn keygen(path: &Path) {
+    let output = Command::new("ssh-keygen")
+        .args(["-t", "ed25519", "-N", "", "-C", "berth-test", "-q", "-f"])
+        .arg(path)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|err| {
+            panic!(
+                "openssh-client is not installed (ssh-keygen: {err}): run the README test command"
+            )
+        });
+    assert!(
+        output.status.success(),
+        "ssh-keygen failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod key");
+}
+
+fn current_user() -> String {
+    if let Some(user) = std::env::var("USER").ok().filter(|u| !u.trim().is_empty()) {
+        return user;
+    }
+    Command::new("id")
+        .arg("-un")
+        .output()
+        .ok()
+        .filter(|output| output.status.success())
+        .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+        .filter(|user| !user.is_empty())
+        .unwrap_or_else(|| "root".to_owned())
+}
+
+fn ensure_privsep_dir() {
+    let dir = Path::new("/run/sshd");
+    if !dir.is_dir() && std::fs::create_dir_all(dir).is_ok() {
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|listener| listener.local_addr())
+        .expect("free port")
+        .port()
+}
+
+fn which(name: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(name).is_file()))
+}
