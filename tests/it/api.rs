@@ -728,12 +728,6 @@ async fn a_second_local_environment_is_a_conflict() {
     server.stop().await;
 }
 
-/// Opens the store of a running server's SQLite database from the test (WAL lets both read and write).
-async fn open_store(server: &TestServer) -> berth_server::store::Store {
-    let url = format!("sqlite://{}", server.data_dir.join("berth.db").display());
-    berth_server::store::Store::connect(&url).await.unwrap()
-}
-
 #[tokio::test]
 async fn patch_merges_same_driver_config_and_replaces_it_on_a_driver_change() {
     let server = TestServer::start().await;
@@ -754,7 +748,7 @@ async fn patch_merges_same_driver_config_and_replaces_it_on_a_driver_change() {
         .unwrap()
         .parse()
         .unwrap();
-    let store = open_store(&server).await;
+    let store = server.open_store().await;
     assert!(store.get_secret(old_secret).await.unwrap().is_some());
 
     // Same driver: merged over the old config; `null` clears a field.
@@ -875,7 +869,7 @@ async fn delete_returns_the_environment_and_removes_its_secrets() {
     assert_eq!(removed["name"], "doomed");
     let (status, _) = server.get(&format!("/api/environments/{id}")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    let store = open_store(&server).await;
+    let store = server.open_store().await;
     assert!(store.get_secret(secret).await.unwrap().is_none());
     store.close().await;
     server.stop().await;
@@ -933,7 +927,7 @@ async fn probes_report_real_facts_and_never_throw() {
     );
 
     // Unsaved configs: probed, nothing persisted, not even an inline secret.
-    let store = open_store(&server).await;
+    let store = server.open_store().await;
     let before = environment_count(&server, &company).await;
     let path = format!("/api/companies/{company}/environments/probe-config");
     let (status, probe) = server
@@ -1103,7 +1097,7 @@ async fn activity_records_changes_without_config_values() {
         .await;
     server.delete(&format!("/api/environments/{id}")).await;
 
-    let store = open_store(&server).await;
+    let store = server.open_store().await;
     let activity = store.list_activity(company.parse().unwrap()).await.unwrap();
     let actions: Vec<&str> = activity
         .iter()

@@ -154,12 +154,7 @@ async fn a_local_run_streams_output_and_reports_the_exit_code() {
     assert_eq!(lease["runId"], run_id.as_str());
 
     // Lease acquisition and release are in the activity log, attributed to the run.
-    let store = berth_server::store::Store::connect(&format!(
-        "sqlite://{}",
-        server.data_dir.join("berth.db").display()
-    ))
-    .await
-    .unwrap();
+    let store = server.open_store().await;
     let activity = store.list_activity(company.parse().unwrap()).await.unwrap();
     let lease_actions: Vec<(&str, &str)> = activity
         .iter()

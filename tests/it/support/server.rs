@@ -142,6 +142,14 @@ impl TestServer {
         }
     }
 
+    /// The server's own SQLite database, opened beside it (WAL lets both read and write).
+    pub async fn open_store(&self) -> berth_server::store::Store {
+        let url = format!("sqlite://{}", self.data_dir.join("berth.db").display());
+        berth_server::store::Store::connect(&url)
+            .await
+            .expect("open the server's database")
+    }
+
     /// Everything the server logged so far.
     pub fn logs(&self) -> String {
         self.logs.lock().unwrap().clone()
