@@ -2,7 +2,9 @@
 //!
 //! - [`local`]: this machine, in run-private directories under a workspace root, or in place.
 //! - [`sandbox`]: hosts the sandbox providers and delegates to them.
-//! - [`unsupported`]: ssh and plugin, whose configs validate but which cannot run commands in this build yet.
+//! - [`ssh`]: hosts reached over SSH (russh); this build probes them.
+//! - [`unsupported`]: plugin, whose configs validate but which cannot run commands in this build yet.
+//! - [`fs`]: filesystem helpers shared by the drivers that keep workspaces on this host.
 //! - [`registry`]: the installed sandbox providers (also the provider catalog for config validation), one driver
 //!   per driver kind, probing, and "what can this build do?".
 //! - [`process`]: the one way berth spawns a command on this host.

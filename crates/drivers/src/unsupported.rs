@@ -1,4 +1,4 @@
-//! Drivers this build knows but cannot run commands with yet: ssh and plugin.
+//! Drivers this build knows but cannot run commands with yet: plugin.
 //!
 //! Their configs validate and are stored like any other, so environments can be set up ahead of time; probes answer
 //! `ok: false` with what is missing, and every run operation fails with [`DriverError::Unsupported`].
@@ -22,12 +22,6 @@ pub struct UnsupportedDriver {
 // === impl UnsupportedDriver ===
 
 impl UnsupportedDriver {
-    pub fn ssh() -> Self {
-        Self {
-            driver: Driver::Ssh,
-        }
-    }
-
     pub fn plugin() -> Self {
         Self {
             driver: Driver::Plugin,
@@ -49,10 +43,6 @@ impl EnvironmentDriver for UnsupportedDriver {
 
     fn probe<'a>(&'a self, config: &'a DriverConfig) -> BoxFuture<'a, ProbeResult> {
         let result = match config {
-            DriverConfig::Ssh(_) => ProbeResult::failed(
-                Driver::Ssh,
-                "the ssh driver is not available in this build yet; the config is valid",
-            ),
             DriverConfig::Plugin(plugin) => {
                 let mut result = ProbeResult::failed(
                     Driver::Plugin,
