@@ -71,8 +71,8 @@ pub struct SyncReport {
     pub bytes_written: u64,
 }
 
-/// One command to run.
-#[derive(Clone, Debug)]
+/// One command to run. Its `Debug` shows env names and the stdin length, never values: they may be secrets.
+#[derive(Clone)]
 pub struct ExecRequest {
     /// Program and arguments. Never passed through a shell.
     pub argv: Vec<String>,
@@ -85,6 +85,18 @@ pub struct ExecRequest {
     pub stdin: Option<Vec<u8>>,
     /// Kill the whole process tree after this long.
     pub timeout: Option<Duration>,
+}
+
+impl fmt::Debug for ExecRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExecRequest")
+            .field("argv", &self.argv)
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("cwd", &self.cwd)
+            .field("stdin_bytes", &self.stdin.as_ref().map(Vec::len))
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 /// Which of the command's output streams a chunk came from.
@@ -266,5 +278,32 @@ fn list_or_none(items: &[String]) -> String {
         "none".to_owned()
     } else {
         items.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_requests_never_print_env_values_or_stdin() {
+        let mut env = BTreeMap::new();
+        env.insert("API_KEY".to_owned(), "sk-very-secret".to_owned());
+        let request = ExecRequest {
+            argv: vec!["true".to_owned()],
+            env,
+            cwd: None,
+            stdin: Some(b"also secret".to_vec()),
+            timeout: None,
+        };
+        let rendered = format!("{request:?}");
+        assert!(
+            rendered.contains("API_KEY") && rendered.contains("stdin_bytes: Some(11)"),
+            "{rendered}"
+        );
+        assert!(
+            !rendered.contains("sk-very-secret") && !rendered.contains("also secret"),
+            "{rendered}"
+        );
     }
 }

@@ -830,6 +830,24 @@ mod tests {
         FakeProvider::builder().root(root).build().unwrap()
     }
 
+    /// A fresh sandbox with an empty workspace: the setup most command tests share.
+    async fn empty_sandbox(fake: &FakeProvider) -> (LeaseHandle, RealizedWorkspace) {
+        let config = sandbox_config(json!({"provider": "fake"}));
+        let request = request();
+        let lease = fake.acquire(&config, &request).await.unwrap();
+        let workspace = fake
+            .prepare_workspace(
+                &lease,
+                &WorkspaceRequest {
+                    run_id: request.run_id,
+                    local_path: None,
+                },
+            )
+            .await
+            .unwrap();
+        (lease, workspace)
+    }
+
     fn request() -> LeaseRequest {
         LeaseRequest {
             environment_id: EnvironmentId::new(),
@@ -1099,19 +1117,7 @@ mod tests {
     async fn workspaces_without_a_host_path_are_empty_and_sync_nothing() {
         let temp = tempfile::tempdir().unwrap();
         let fake = fake_in(temp.path());
-        let config = sandbox_config(json!({"provider": "fake"}));
-        let request = request();
-        let lease = fake.acquire(&config, &request).await.unwrap();
-        let workspace = fake
-            .prepare_workspace(
-                &lease,
-                &WorkspaceRequest {
-                    run_id: request.run_id,
-                    local_path: None,
-                },
-            )
-            .await
-            .unwrap();
+        let (lease, workspace) = empty_sandbox(&fake).await;
         assert_eq!(workspace.local_path, None);
         assert!(Path::new(&workspace.cwd).is_dir());
         assert_eq!(std::fs::read_dir(&workspace.cwd).unwrap().count(), 0);
@@ -1157,7 +1163,7 @@ mod tests {
             .prepare_workspace(
                 &lease,
                 &WorkspaceRequest {
-                    run_id: request.run_id,
+                    run_id: RunId::new(),
                     local_path: None,
                 },
             )
@@ -1170,19 +1176,7 @@ mod tests {
     async fn commands_see_only_the_environment_they_were_given() {
         let temp = tempfile::tempdir().unwrap();
         let fake = fake_in(temp.path());
-        let config = sandbox_config(json!({"provider": "fake"}));
-        let request = request();
-        let lease = fake.acquire(&config, &request).await.unwrap();
-        let workspace = fake
-            .prepare_workspace(
-                &lease,
-                &WorkspaceRequest {
-                    run_id: request.run_id,
-                    local_path: None,
-                },
-            )
-            .await
-            .unwrap();
+        let (lease, workspace) = empty_sandbox(&fake).await;
         let sink = Collect::default();
         let mut command = exec(&["/usr/bin/env"]);
         command.env.insert("ONLY_THIS".to_owned(), "yes".to_owned());
@@ -1210,19 +1204,7 @@ mod tests {
     async fn timeouts_reach_commands_in_the_sandbox() {
         let temp = tempfile::tempdir().unwrap();
         let fake = fake_in(temp.path());
-        let config = sandbox_config(json!({"provider": "fake"}));
-        let request = request();
-        let lease = fake.acquire(&config, &request).await.unwrap();
-        let workspace = fake
-            .prepare_workspace(
-                &lease,
-                &WorkspaceRequest {
-                    run_id: request.run_id,
-                    local_path: None,
-                },
-            )
-            .await
-            .unwrap();
+        let (lease, workspace) = empty_sandbox(&fake).await;
         let sink = Collect::default();
         let mut command = exec(&["sh", "-c", "echo partial; sleep 1000"]);
         command.timeout = Some(Duration::from_millis(300));
@@ -1301,19 +1283,7 @@ mod tests {
             .build()
             .unwrap();
         assert!(fake.faults().drop_output);
-        let config = sandbox_config(json!({"provider": "fake"}));
-        let request = request();
-        let lease = fake.acquire(&config, &request).await.unwrap();
-        let workspace = fake
-            .prepare_workspace(
-                &lease,
-                &WorkspaceRequest {
-                    run_id: request.run_id,
-                    local_path: None,
-                },
-            )
-            .await
-            .unwrap();
+        let (lease, workspace) = empty_sandbox(&fake).await;
         let sink = Collect::default();
         let outcome = fake
             .execute(

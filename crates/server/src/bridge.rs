@@ -40,13 +40,24 @@ pub struct BridgeSettings {
     pub upstream_token: Option<SecretString>,
 }
 
-/// A run's bridge while its command runs.
-#[derive(Debug)]
+/// A run's bridge while its command runs. Its `Debug` names the variables but never shows the credential.
 pub struct RunningBridge {
     listener: BridgeListener,
     audit: AuditWriter,
     /// Environment variables for the command: the URL, the run credential and the run id, under the policy's names.
     pub env: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for RunningBridge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningBridge")
+            .field("local_addr", &self.listener.local_addr())
+            .field(
+                "env",
+                &self.env.iter().map(|(name, _)| name).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 impl RunningBridge {
