@@ -130,7 +130,7 @@ async fn a_run_through_the_sandbox_driver() {
         std::fs::read_to_string(host.join("out.txt")).unwrap(),
         "hi\n"
     );
-    driver.release(&lease, false).await.unwrap();
+    driver.release(&lease, false, None).await.unwrap();
     assert!(
         !temp
             .path()

@@ -17,4 +17,5 @@ mod drivers;
 mod lab;
 mod runs;
 mod ssh;
+mod ssh_runs;
 mod store;

@@ -69,6 +69,35 @@ pub struct SyncReport {
     pub files_written: u64,
     pub files_deleted: u64,
     pub bytes_written: u64,
+    /// Paths that changed on both sides during the run: the host's version was kept (and the environment's written
+    /// beside it, where the driver says so).
+    pub conflicts: Vec<String>,
+}
+
+/// A way from inside a lease's environment back to an address on the berth host (the run's callback bridge), open
+/// for as long as this value lives.
+pub struct Tunnel {
+    /// `host:port` to use from inside the environment instead of the berth host's address.
+    pub address: String,
+    _guard: Box<dyn Send + Sync>,
+}
+
+impl Tunnel {
+    /// A tunnel reachable at `address`; dropping it drops `guard`, which closes the tunnel.
+    pub fn new(address: String, guard: impl Send + Sync + 'static) -> Self {
+        Self {
+            address,
+            _guard: Box::new(guard),
+        }
+    }
+}
+
+impl fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tunnel")
+            .field("address", &self.address)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One command to run. Its `Debug` shows env names and the stdin length, never values: they may be secrets.
@@ -164,14 +193,33 @@ pub trait EnvironmentDriver: Send + Sync + fmt::Debug + 'static {
 
     /// Gives the lease back after a run. `keep`: the resource stays for reuse or inspection; otherwise it is cleaned
     /// up. Dispatched on the driver captured on the lease, which may differ from the environment's current one.
+    /// `config`: the environment's config with secrets resolved, when it still uses this driver — what a driver
+    /// whose handle alone cannot reach the resource (ssh, after a restart) reconnects with.
     fn release<'a>(
         &'a self,
         lease: &'a LeaseHandle,
         keep: bool,
+        config: Option<&'a DriverConfig>,
     ) -> BoxFuture<'a, Result<(), DriverError>>;
 
-    /// Destroys the lease's resource whatever it holds (expired or orphaned kept leases).
-    fn destroy<'a>(&'a self, lease: &'a LeaseHandle) -> BoxFuture<'a, Result<(), DriverError>>;
+    /// Destroys the lease's resource whatever it holds (expired or orphaned kept leases). `config` as for
+    /// [`release`](Self::release).
+    fn destroy<'a>(
+        &'a self,
+        lease: &'a LeaseHandle,
+        config: Option<&'a DriverConfig>,
+    ) -> BoxFuture<'a, Result<(), DriverError>>;
+
+    /// Makes `local`, an address on the berth host's loopback (the run's callback bridge), reachable from inside the
+    /// lease's environment while the returned tunnel lives. `None`: the environment shares this host's loopback, so
+    /// `local` works as it is.
+    fn open_tunnel<'a>(
+        &'a self,
+        _lease: &'a LeaseHandle,
+        _local: std::net::SocketAddr,
+    ) -> BoxFuture<'a, Result<Option<Tunnel>, DriverError>> {
+        Box::pin(async { Ok(None) })
+    }
 
     /// Makes the workspace ready: in place (local) or copied in (remote).
     fn realize_workspace<'a>(

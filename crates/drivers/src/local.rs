@@ -230,6 +230,7 @@ impl EnvironmentDriver for LocalDriver {
         &'a self,
         lease: &'a LeaseHandle,
         keep: bool,
+        _config: Option<&'a DriverConfig>,
     ) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(async move {
             if keep {
@@ -240,7 +241,11 @@ impl EnvironmentDriver for LocalDriver {
         })
     }
 
-    fn destroy<'a>(&'a self, lease: &'a LeaseHandle) -> BoxFuture<'a, Result<(), DriverError>> {
+    fn destroy<'a>(
+        &'a self,
+        lease: &'a LeaseHandle,
+        _config: Option<&'a DriverConfig>,
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(self.remove_lease_dir(lease, true))
     }
 

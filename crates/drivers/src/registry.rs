@@ -65,16 +65,7 @@ impl ProviderRegistry {
     pub fn capabilities(&self) -> Capabilities {
         let mut drivers = BTreeMap::new();
         drivers.insert(Driver::Local, supported());
-        drivers.insert(
-            Driver::Ssh,
-            DriverCapability {
-                status: SupportStatus::Supported,
-                supports_saved_probe: true,
-                supports_unsaved_probe: true,
-                supports_run_execution: false,
-                note: Some("this build probes SSH hosts; runs over SSH are not in it yet"),
-            },
-        );
+        drivers.insert(Driver::Ssh, supported());
         drivers.insert(Driver::Sandbox, supported());
         drivers.insert(
             Driver::Plugin,
@@ -154,7 +145,7 @@ impl DriverRegistry {
     pub fn new(local: LocalDriver, providers: Arc<ProviderRegistry>) -> Self {
         Self {
             local: Arc::new(local),
-            ssh: Arc::new(crate::ssh::SshDriver),
+            ssh: Arc::new(crate::ssh::SshDriver::default()),
             sandbox: Arc::new(SandboxDriver::new(Arc::clone(&providers))),
             plugin: Arc::new(UnsupportedDriver::plugin()),
             providers,
@@ -456,18 +447,13 @@ mod tests {
             capabilities.drivers.keys().copied().collect::<Vec<_>>(),
             Driver::ALL
         );
-        for driver in [Driver::Local, Driver::Sandbox] {
+        for driver in [Driver::Local, Driver::Ssh, Driver::Sandbox] {
             let capability = &capabilities.drivers[&driver];
             assert_eq!(capability.status, SupportStatus::Supported);
             assert!(capability.supports_saved_probe && capability.supports_unsaved_probe);
             assert!(capability.supports_run_execution);
             assert_eq!(capability.note, None);
         }
-
-        let ssh = &capabilities.drivers[&Driver::Ssh];
-        assert_eq!(ssh.status, SupportStatus::Supported);
-        assert!(ssh.supports_saved_probe && ssh.supports_unsaved_probe);
-        assert!(!ssh.supports_run_execution);
 
         let plugin = &capabilities.drivers[&Driver::Plugin];
         assert_eq!(plugin.status, SupportStatus::Unsupported);

@@ -198,11 +198,16 @@ impl EnvironmentDriver for SandboxDriver {
         &'a self,
         lease: &'a LeaseHandle,
         keep: bool,
+        _config: Option<&'a DriverConfig>,
     ) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(async move { self.for_lease(lease)?.release(lease, keep).await })
     }
 
-    fn destroy<'a>(&'a self, lease: &'a LeaseHandle) -> BoxFuture<'a, Result<(), DriverError>> {
+    fn destroy<'a>(
+        &'a self,
+        lease: &'a LeaseHandle,
+        _config: Option<&'a DriverConfig>,
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(async move { self.for_lease(lease)?.destroy(lease).await })
     }
 

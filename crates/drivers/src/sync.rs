@@ -121,7 +121,7 @@ impl Manifest {
 }
 
 /// Whether `path` is a relative, `/`-separated path of plain names: no empty, `.` or `..` segment, no NUL.
-fn is_clean_relative(path: &str) -> bool {
+pub(crate) fn is_clean_relative(path: &str) -> bool {
     !path.is_empty()
         && !path.contains('\0')
         && path
@@ -249,7 +249,7 @@ fn hash_entry(_relative: &str, path: &Path, entry: &mut Entry) -> Result<(), Dri
     Ok(())
 }
 
-fn hash_file(path: &Path) -> Result<(u64, String), DriverError> {
+pub(crate) fn hash_file(path: &Path) -> Result<(u64, String), DriverError> {
     let mut file = open_nofollow(path)?;
     let mut hasher = Sha256::new();
     let mut buffer = vec![0_u8; BUFFER_SIZE];
@@ -444,7 +444,7 @@ fn sync_back_blocking(
     Ok(report)
 }
 
-fn lstat(path: &Path) -> Result<Option<fs::Metadata>, DriverError> {
+pub(crate) fn lstat(path: &Path) -> Result<Option<fs::Metadata>, DriverError> {
     match fs::symlink_metadata(path) {
         Ok(meta) => Ok(Some(meta)),
         Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -452,7 +452,7 @@ fn lstat(path: &Path) -> Result<Option<fs::Metadata>, DriverError> {
     }
 }
 
-fn create_dir(path: &Path) -> Result<(), DriverError> {
+pub(crate) fn create_dir(path: &Path) -> Result<(), DriverError> {
     fs::DirBuilder::new()
         .mode(0o700)
         .create(path)
@@ -461,7 +461,7 @@ fn create_dir(path: &Path) -> Result<(), DriverError> {
 
 /// The host path for `relative`, after checking that every directory on the way is a real directory inside
 /// `host_dir` (created when missing), never a symlink: nothing may be written through a link.
-fn host_target(host_dir: &Path, relative: &str) -> Result<PathBuf, DriverError> {
+pub(crate) fn host_target(host_dir: &Path, relative: &str) -> Result<PathBuf, DriverError> {
     if !is_clean_relative(relative) {
         return Err(DriverError::failed(format!(
             "refusing to sync the invalid path `{relative}`"
@@ -503,7 +503,11 @@ fn rename_into_place(temp: &Path, target: &Path) -> Result<(), DriverError> {
 }
 
 /// Writes `source`'s content to `target` atomically with `mode`; returns the bytes written.
-fn replace_with_file(source: &Path, target: &Path, mode: u32) -> Result<u64, DriverError> {
+pub(crate) fn replace_with_file(
+    source: &Path,
+    target: &Path,
+    mode: u32,
+) -> Result<u64, DriverError> {
     let temp = temp_sibling(target);
     let copied = copy_file(source, &temp, mode);
     let (size, _) = match copied {
@@ -517,7 +521,7 @@ fn replace_with_file(source: &Path, target: &Path, mode: u32) -> Result<u64, Dri
     Ok(size)
 }
 
-fn replace_with_symlink(link: &str, target: &Path) -> Result<(), DriverError> {
+pub(crate) fn replace_with_symlink(link: &str, target: &Path) -> Result<(), DriverError> {
     let temp = temp_sibling(target);
     std::os::unix::fs::symlink(link, &temp)
         .map_err(io_error(format!("creating the link {}", target.display())))?;

@@ -98,11 +98,16 @@ impl EnvironmentDriver for UnsupportedDriver {
         &'a self,
         _lease: &'a LeaseHandle,
         _keep: bool,
+        _config: Option<&'a DriverConfig>,
     ) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(async move { self.refuse() })
     }
 
-    fn destroy<'a>(&'a self, _lease: &'a LeaseHandle) -> BoxFuture<'a, Result<(), DriverError>> {
+    fn destroy<'a>(
+        &'a self,
+        _lease: &'a LeaseHandle,
+        _config: Option<&'a DriverConfig>,
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(async move { self.refuse() })
     }
 

@@ -44,6 +44,8 @@ pub struct BridgeSettings {
 pub struct RunningBridge {
     listener: BridgeListener,
     audit: AuditWriter,
+    address: std::net::SocketAddr,
+    url_name: String,
     /// Environment variables for the command: the URL, the run credential and the run id, under the policy's names.
     pub env: Vec<(String, String)>,
 }
@@ -110,8 +112,23 @@ impl RunningBridge {
         Ok(Self {
             listener,
             audit,
+            address,
+            url_name: names.url.clone(),
             env,
         })
+    }
+
+    /// Where the bridge listens on this host.
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.address
+    }
+
+    /// Points the command's URL at `address` (`host:port`), the environment's end of a tunnel to this bridge.
+    pub fn reroute(&mut self, address: &str) {
+        let url = format!("http://{address}");
+        if let Some((_, value)) = self.env.iter_mut().find(|(name, _)| *name == self.url_name) {
+            *value = url;
+        }
     }
 
     /// Stops accepting, lets in-flight requests finish, and writes their audit events before returning: the run's

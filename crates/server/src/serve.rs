@@ -159,10 +159,10 @@ async fn finish(
 /// Everything before accepting connections: data dir, keys, database, the default company.
 pub async fn prepare(options: &ServeOptions) -> Result<AppState, ServeError> {
     create_private_dir(&options.data_dir)?;
-    let cipher = SecretCipher::load_or_create(
+    let cipher = Arc::new(SecretCipher::load_or_create(
         &options.data_dir,
         options.master_key.as_deref().map(String::as_str),
-    )?;
+    )?);
     let database_url = match &options.database_url {
         Some(url) => url.clone(),
         None => format!("sqlite://{}", options.data_dir.join("berth.db").display()),
@@ -180,6 +180,7 @@ pub async fn prepare(options: &ServeOptions) -> Result<AppState, ServeError> {
     let runs = RunManager::new(
         store.clone(),
         drivers.clone(),
+        cipher.clone(),
         Some(bridge),
         node_id,
         options.sweep_interval.unwrap_or(DEFAULT_SWEEP_INTERVAL),

@@ -18,7 +18,7 @@ pub struct AppState {
 
 struct Inner {
     store: Store,
-    cipher: SecretCipher,
+    cipher: Arc<SecretCipher>,
     admin_token_digest: [u8; 32],
     drivers: Arc<DriverRegistry>,
     runs: RunManager,
@@ -27,7 +27,7 @@ struct Inner {
 impl AppState {
     pub fn new(
         store: Store,
-        cipher: SecretCipher,
+        cipher: Arc<SecretCipher>,
         admin_token: &str,
         drivers: Arc<DriverRegistry>,
         runs: RunManager,

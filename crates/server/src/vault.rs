@@ -105,9 +105,18 @@ pub async fn resolve_secrets(
     company_id: CompanyId,
     config: &mut DriverConfig,
 ) -> Result<(), ApiError> {
+    resolve_secrets_with(state.store(), state.cipher(), company_id, config).await
+}
+
+/// [`resolve_secrets`] for code that holds the store and the cipher rather than the whole state (the run sweeps).
+pub async fn resolve_secrets_with(
+    store: &crate::store::Store,
+    cipher: &crate::secrets::SecretCipher,
+    company_id: CompanyId,
+    config: &mut DriverConfig,
+) -> Result<(), ApiError> {
     for (field, id) in config.secret_refs() {
-        let secret = state
-            .store()
+        let secret = store
             .get_secret(id)
             .await?
             .filter(|secret| secret.company_id == company_id)
@@ -117,7 +126,7 @@ pub async fn resolve_secrets(
                     "the referenced secret is gone",
                 ))
             })?;
-        let plaintext = state.cipher().decrypt(
+        let plaintext = cipher.decrypt(
             &secret_aad(company_id, id),
             &secret.nonce,
             &secret.ciphertext,

@@ -173,6 +173,11 @@ impl TestSshd {
         )
     }
 
+    /// The listening sshd's pid: its children are the per-connection processes.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).expect("sshd is running")
+    }
+
     /// Stops sshd now (dropping does the same).
     pub fn stop(mut self) {
         self.kill();

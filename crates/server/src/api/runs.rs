@@ -63,7 +63,9 @@ pub async fn create(
     let reserved = reserved_env_names(&state);
     let (plan, environment_id) = validate(request, &reserved)?;
     let environment = resolve_environment(&state, company_id, environment_id).await?;
-    let config = runnable_config(&state, &environment)?;
+    let mut config = runnable_config(&state, &environment)?;
+    // Decrypted for the run's lifetime only (the driver connects with them); never stored, zeroized on drop.
+    crate::vault::resolve_secrets(&state, company_id, &mut config).await?;
 
     let now = Timestamp::now();
     let run = Run {

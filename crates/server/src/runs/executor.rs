@@ -86,7 +86,7 @@ pub async fn execute(
             DriverConfig::Sandbox(sandbox) => sandbox.timeout_ms.map(Duration::from_millis),
             _ => None,
         };
-        match leases::release(&context.store, &context.drivers, &held, keep, keep_for).await {
+        match leases::release(&context, &held, &config, keep, keep_for).await {
             Ok(Some(lease)) => events.emit(EventKind::Lease, lease_released(&lease)).await,
             Ok(None) => {}
             Err(error) => {
@@ -146,8 +146,21 @@ async fn with_lease(
             );
         }
     };
+    // What an incremental sync sent rides along (the rest of the driver's notes can be large: manifests).
+    let mut realized = serde_json::Map::new();
+    for key in ["filesSent", "bytesSent"] {
+        if let Some(value) = workspace.metadata.get(key) {
+            realized.insert(key.to_owned(), value.clone());
+        }
+    }
+    realized.insert("phase".to_owned(), json!("realized"));
+    realized.insert("cwd".to_owned(), json!(workspace.cwd));
+    realized.insert(
+        "inPlace".to_owned(),
+        json!(workspace.local_path.as_deref() == Some(std::path::Path::new(&workspace.cwd))),
+    );
     events
-        .emit(EventKind::Workspace, json!({"phase": "realized", "cwd": workspace.cwd, "inPlace": !workspace.ephemeral && workspace.local_path.is_some()}))
+        .emit(EventKind::Workspace, serde_json::Value::Object(realized))
         .await;
     if cancel.is_cancelled() {
         return Finish::cancelled_before_start();
@@ -162,10 +175,29 @@ async fn with_lease(
 
     // The bridge listens before the command starts and stops after it ends: nothing listens outside the run.
     let mut exec = plan.exec.clone();
+    let mut tunnel = None;
     let bridge = match (&context.bridge, plan.bridge) {
         (Some(settings), true) => {
             match RunningBridge::start(settings, &context.store, run.id, events.clone()).await {
-                Ok(bridge) => {
+                Ok(mut bridge) => {
+                    // Environments with a loopback of their own (a remote host) reach the bridge through the
+                    // driver's tunnel; the agent sees that end's address.
+                    match driver.open_tunnel(&held.handle, bridge.local_addr()).await {
+                        Ok(Some(opened)) => {
+                            bridge.reroute(&opened.address);
+                            tunnel = Some(opened);
+                        }
+                        Ok(None) => {}
+                        Err(error) => {
+                            bridge.stop().await;
+                            return Finish::berth_failed(
+                                "bridge_failed",
+                                format!(
+                                    "could not carry the callback bridge into the environment: {error}"
+                                ),
+                            );
+                        }
+                    }
                     exec.env.extend(bridge.env.iter().cloned());
                     Some(bridge)
                 }
@@ -190,6 +222,7 @@ async fn with_lease(
     if let Some(bridge) = bridge {
         bridge.stop().await;
     }
+    drop(tunnel);
     let finish = match executed {
         Ok(outcome) => Finish::from_outcome(&outcome),
         Err(error) => {
@@ -207,6 +240,7 @@ async fn with_lease(
                         "filesWritten": report.files_written,
                         "filesDeleted": report.files_deleted,
                         "bytesWritten": report.bytes_written,
+                        "conflicts": report.conflicts,
                     }),
                 )
                 .await;

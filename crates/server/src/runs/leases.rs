@@ -12,8 +12,8 @@ use berth_core::environment::Environment;
 use berth_core::ids::{LeaseId, RunId};
 use berth_core::lease::{CleanupStatus, Lease, LeasePolicy, LeaseStatus};
 use berth_core::time::Timestamp;
-use berth_drivers::registry::DriverRegistry;
 
+use super::manager::RunContext;
 use crate::api::error::DisplayChain;
 use crate::store::{Store, StoreError};
 
@@ -303,14 +303,15 @@ fn lifetime(config: &DriverConfig) -> Option<std::time::Duration> {
 /// Ends a run's hold on its lease: kept (`retained`) or cleaned up (`released`), per `keep`. Release dispatches on the
 /// driver captured on the lease. Returns the lease as it ended up, or `None` if someone else already released it.
 pub async fn release(
-    store: &Store,
-    drivers: &DriverRegistry,
+    context: &RunContext,
     held: &HeldLease,
+    config: &DriverConfig,
     keep: bool,
     keep_for: Option<std::time::Duration>,
 ) -> Result<Option<Lease>, StoreError> {
+    let store = &context.store;
     let now = Timestamp::now();
-    let driver = drivers.get(held.lease.driver);
+    let driver = context.drivers.get(held.lease.driver);
     if keep {
         let Some(mut kept) = store
             .transition_lease(
@@ -325,7 +326,7 @@ pub async fn release(
         else {
             return Ok(None);
         };
-        if let Err(error) = driver.release(&held.handle, true).await {
+        if let Err(error) = driver.release(&held.handle, true, Some(config)).await {
             tracing::warn!(lease.id = %held.lease.id, error = %DisplayChain(&error), "provider release (keep) failed");
         }
         if let Some(ttl) = keep_for {
@@ -358,7 +359,7 @@ pub async fn release(
     else {
         return Ok(None);
     };
-    let cleanup = cleanup(store, drivers, &released, CleanupKind::Release).await;
+    let cleanup = cleanup(context, &released, CleanupKind::Release, Some(config)).await;
     let released = Lease {
         cleanup_status: Some(cleanup),
         ..released
@@ -375,18 +376,26 @@ pub enum CleanupKind {
     Destroy,
 }
 
-/// Asks the lease's own driver to clean up and records the outcome.
+/// Asks the lease's own driver to clean up and records the outcome. `config`: the run's resolved config when the
+/// caller has it; otherwise the environment's current one is loaded and its secrets opened, when it still uses the
+/// lease's driver (an ssh workspace after a restart can only be reached with it).
 pub async fn cleanup(
-    store: &Store,
-    drivers: &DriverRegistry,
+    context: &RunContext,
     lease: &Lease,
     kind: CleanupKind,
+    config: Option<&DriverConfig>,
 ) -> CleanupStatus {
-    let driver = drivers.get(lease.driver);
+    let store = &context.store;
+    let driver = context.drivers.get(lease.driver);
     let handle = handle_of(lease);
+    let loaded = match config {
+        Some(_) => None,
+        None => current_config(context, lease).await,
+    };
+    let config = config.or(loaded.as_ref());
     let result = match kind {
-        CleanupKind::Release => driver.release(&handle, false).await,
-        CleanupKind::Destroy => driver.destroy(&handle).await,
+        CleanupKind::Release => driver.release(&handle, false, config).await,
+        CleanupKind::Destroy => driver.destroy(&handle, config).await,
     };
     let status = match result {
         Ok(()) => CleanupStatus::Success,
@@ -399,6 +408,36 @@ pub async fn cleanup(
         tracing::warn!(lease.id = %lease.id, error = %DisplayChain(&error), "could not record cleanup status");
     }
     status
+}
+
+/// The lease's environment's config with secrets resolved, if the environment still exists with the lease's driver.
+async fn current_config(context: &RunContext, lease: &Lease) -> Option<DriverConfig> {
+    let environment = match context.store.get_environment(lease.environment_id).await {
+        Ok(Some(environment)) if environment.driver == lease.driver => environment,
+        Ok(_) => return None,
+        Err(error) => {
+            tracing::warn!(lease.id = %lease.id, error = %DisplayChain(&error), "could not load the lease's environment");
+            return None;
+        }
+    };
+    let mut config = DriverConfig::parse(
+        environment.driver,
+        &serde_json::Value::Object(environment.config.clone()),
+        context.drivers.providers(),
+    )
+    .ok()?;
+    if let Err(error) = crate::vault::resolve_secrets_with(
+        &context.store,
+        &context.cipher,
+        lease.company_id,
+        &mut config,
+    )
+    .await
+    {
+        tracing::warn!(lease.id = %lease.id, code = error.code(), error = error.message(), "could not open the environment's secrets for cleanup");
+        return None;
+    }
+    Some(config)
 }
 
 /// Before an environment is deleted: cancel its live runs (waiting a little for them to give their leases back), then
@@ -451,7 +490,13 @@ pub async fn retire_environment(
             )
             .await?
         {
-            let status = cleanup(store, state.drivers(), &released, CleanupKind::Destroy).await;
+            let status = cleanup(
+                state.runs().context(),
+                &released,
+                CleanupKind::Destroy,
+                None,
+            )
+            .await;
             let released = Lease {
                 cleanup_status: Some(status),
                 ..released

@@ -23,6 +23,7 @@ use super::executor::{self, RunPlan};
 use super::leases::{self, CleanupKind};
 use crate::api::error::DisplayChain;
 use crate::bridge::BridgeSettings;
+use crate::secrets::SecretCipher;
 use crate::store::Store;
 
 /// How often this node refreshes the heartbeat of its live runs (and picks up cancel requests from other replicas).
@@ -39,6 +40,8 @@ const NO_NODE: &str = "";
 pub struct RunContext {
     pub store: Store,
     pub drivers: Arc<DriverRegistry>,
+    /// Opens the secrets of an environment's config when a lease is cleaned up outside its run (sweeps).
+    pub cipher: Arc<SecretCipher>,
     /// `None` only when the bridge is switched off for this server.
     pub bridge: Option<Arc<BridgeSettings>>,
 }
@@ -70,6 +73,7 @@ impl RunManager {
     pub fn new(
         store: Store,
         drivers: Arc<DriverRegistry>,
+        cipher: Arc<SecretCipher>,
         bridge: Option<Arc<BridgeSettings>>,
         node_id: String,
         sweep_interval: Duration,
@@ -79,6 +83,7 @@ impl RunManager {
                 context: Arc::new(RunContext {
                     store,
                     drivers,
+                    cipher,
                     bridge,
                 }),
                 node_id,
@@ -88,6 +93,11 @@ impl RunManager {
                 sweep_interval,
             }),
         }
+    }
+
+    /// What runs and lease cleanups work with.
+    pub fn context(&self) -> &RunContext {
+        &self.inner.context
     }
 
     pub fn node_id(&self) -> &str {
@@ -225,8 +235,8 @@ impl RunManager {
 
     /// Fails orphaned runs, releases leases nobody holds, expires leases past `expiresAt`.
     pub async fn sweep(&self, owner_node: &str) {
-        let store = &self.inner.context.store;
-        let drivers = &self.inner.context.drivers;
+        let context = &*self.inner.context;
+        let store = &context.store;
         let now = Timestamp::now();
         let stale_before = Timestamp::from_unix_millis(now.unix_millis() - millis(STALE_AFTER));
 
@@ -270,7 +280,7 @@ impl RunManager {
                     // Destroy, not release: the run died with its node, so its processes may still be running there.
                     if let Ok(Some(released)) = claimed {
                         let status =
-                            leases::cleanup(store, drivers, &released, CleanupKind::Destroy).await;
+                            leases::cleanup(context, &released, CleanupKind::Destroy, None).await;
                         tracing::info!(lease.id = %released.id, cleanup = %status, "released an orphaned lease");
                         let released = berth_core::lease::Lease {
                             cleanup_status: Some(status),
@@ -308,7 +318,7 @@ impl RunManager {
                         .await;
                     if let Ok(Some(expired)) = claimed {
                         let status =
-                            leases::cleanup(store, drivers, &expired, CleanupKind::Destroy).await;
+                            leases::cleanup(context, &expired, CleanupKind::Destroy, None).await;
                         tracing::info!(lease.id = %expired.id, cleanup = %status, "expired a lease");
                         let expired = berth_core::lease::Lease {
                             cleanup_status: Some(status),

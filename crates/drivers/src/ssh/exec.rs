@@ -1,0 +1,440 @@
+//! Running commands on the remote host, each on its own session channel.
+//!
+//! sshd hands the string of an `exec` request to the user's shell as `sh -c STRING`, where every process on the host
+//! can read it in `/proc/*/cmdline`. So that string is a fixed bootstrap that holds nothing of the request: it
+//! clears the environment (`env -i`), reports its pid, then reads a length-prefixed shell preamble from stdin —
+//! the `export`s of the command's environment (values may be secrets), the `cd`, and the `exec` of the argv — and
+//! evals it. What follows the preamble on stdin is the command's own stdin. Env values travel only inside the
+//! encrypted channel and the shell's memory.
+//!
+//! sshd makes every session its own process group (it calls `setsid` for the child), and the bootstrap `exec`s down
+//! to the command, so the command's pid is its process group id: timeouts, cancels and leftovers kill the whole
+//! group with `kill -KILL -- -PGID` on a second channel.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_core::driver::{
+    CancelSignal, DriverError, ExecOutcome, ExecRequest, OutputSink, OutputStream,
+};
+use russh::{ChannelMsg, Sig};
+
+use super::pool::{Pool, SessionChannel, SshTarget};
+use crate::process::DEFAULT_PATH;
+
+/// How long short control commands (mkdir, kill, rm, listings) may take.
+pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
+/// After a kill, how long to keep reading the output already on its way before giving up on the channel.
+const DRAIN_AFTER_KILL: Duration = Duration::from_secs(5);
+
+/// The stdout line the bootstrap writes first: `berth-pid <pid>\n`.
+const PID_PREFIX: &[u8] = b"berth-pid ";
+
+/// The string sent as the `exec` request. It must stay free of anything from the request: see the module docs.
+fn bootstrap() -> String {
+    // The inner script reads N, then N lines, and evals them. `read` takes a pipe byte by byte, so nothing after
+    // the preamble is consumed: it stays for the command.
+    let inner = "printf 'berth-pid %s\\n' \"$$\"; \
+                 IFS= read -r berth_n || exit 125; berth_s=; \
+                 while [ \"$berth_n\" -gt 0 ]; do IFS= read -r berth_l || exit 125; \
+                 berth_s=\"$berth_s$berth_l\n\"; berth_n=$((berth_n - 1)); done; \
+                 unset berth_n berth_l; eval \"$berth_s\"";
+    format!(
+        "exec env -i PATH={DEFAULT_PATH} HOME=\"$HOME\" /bin/sh -c {}",
+        shell_quote(inner)
+    )
+}
+
+/// The preamble for one command: environment, working directory, argv; every value single-quoted.
+fn preamble(
+    env: &BTreeMap<String, String>,
+    cwd: &str,
+    argv: &[String],
+) -> Result<String, DriverError> {
+    let program = argv.first().cloned().unwrap_or_default();
+    if argv.is_empty() {
+        return Err(DriverError::Spawn {
+            program,
+            message: "the command is empty".to_owned(),
+        });
+    }
+    let mut script = String::from("unset berth_s\n");
+    for (name, value) in env {
+        if !is_shell_name(name) {
+            return Err(DriverError::Spawn {
+                program,
+                message: format!(
+                    "the environment variable name `{name}` cannot be set over SSH: names must be letters, digits and `_`, not starting with a digit"
+                ),
+            });
+        }
+        script.push_str(&format!("export {name}={}\n", shell_quote(value)));
+    }
+    script.push_str(&format!(
+        "cd -- {} || {{ echo 'berth: cannot enter the working directory' >&2; exit 126; }}\n",
+        shell_quote(cwd)
+    ));
+    script.push_str("exec");
+    for arg in argv {
+        script.push(' ');
+        script.push_str(&shell_quote(arg));
+    }
+    script.push('\n');
+    let lines = script.matches('\n').count();
+    Ok(format!("{lines}\n{script}"))
+}
+
+fn is_shell_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c == '_' || c.is_ascii_alphabetic())
+        && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
+}
+
+/// Single-quotes `text` for a POSIX shell.
+pub fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
+
+/// Runs `request` in `dir` (absolute, on the remote host), streaming its output into `sink`.
+pub async fn execute(
+    pool: &Arc<Pool>,
+    target: &SshTarget,
+    dir: &str,
+    request: ExecRequest,
+    sink: &dyn OutputSink,
+    cancel: CancelSignal,
+) -> Result<ExecOutcome, DriverError> {
+    let cwd = remote_cwd(dir, &request)?;
+    let preamble = preamble(&request.env, &cwd, &request.argv)?;
+    let mut session = pool.open_session(target).await?;
+    let started = start(&session, preamble, request.stdin).await;
+    if let Err(error) = started {
+        pool.forget(target, &session.connection);
+        session.close().await;
+        return Err(error);
+    }
+    let result = supervise(pool, target, &mut session, sink, request.timeout, cancel).await;
+    session.close().await;
+    result
+}
+
+async fn start(
+    session: &SessionChannel,
+    preamble: String,
+    stdin: Option<Vec<u8>>,
+) -> Result<(), DriverError> {
+    let lost = |error: russh::Error| {
+        DriverError::failed(format!(
+            "cannot start the command on {}: {error}",
+            session.connection.target()
+        ))
+    };
+    let channel = &session.channel;
+    channel.exec(true, bootstrap()).await.map_err(lost)?;
+    channel
+        .data_bytes(preamble.into_bytes())
+        .await
+        .map_err(lost)?;
+    if let Some(stdin) = stdin
+        && !stdin.is_empty()
+    {
+        channel.data_bytes(stdin).await.map_err(lost)?;
+    }
+    channel.eof().await.map_err(lost)
+}
+
+/// Why the command is being killed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kill {
+    Timeout,
+    Cancel,
+}
+
+/// What woke the supervisor.
+enum Wake {
+    Message(Option<ChannelMsg>),
+    Kill(Kill),
+    DrainLimit,
+}
+
+async fn supervise(
+    pool: &Arc<Pool>,
+    target: &SshTarget,
+    session: &mut SessionChannel,
+    sink: &dyn OutputSink,
+    timeout: Option<Duration>,
+    mut cancel: CancelSignal,
+) -> Result<ExecOutcome, DriverError> {
+    let deadline = async {
+        match timeout {
+            Some(timeout) => tokio::time::sleep(timeout).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
+    let mut outcome = ExecOutcome::default();
+    let mut header = Vec::new();
+    let mut pgid: Option<u32> = None;
+    let mut exited = false;
+    let mut killed: Option<Kill> = None;
+    let mut drain_until: Option<tokio::time::Instant> = None;
+    loop {
+        let drain_limit = async {
+            match drain_until {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let live = killed.is_none() && !exited;
+        let wake = tokio::select! {
+            message = session.channel.wait() => Wake::Message(message),
+            () = &mut deadline, if live => Wake::Kill(Kill::Timeout),
+            () = &mut cancel, if live => Wake::Kill(Kill::Cancel),
+            () = drain_limit => Wake::DrainLimit,
+        };
+        let message = match wake {
+            Wake::Message(message) => message,
+            Wake::Kill(kill) => {
+                killed = Some(kill);
+                drain_until = Some(tokio::time::Instant::now() + DRAIN_AFTER_KILL);
+                kill_group(pool, target, pgid).await;
+                continue;
+            }
+            Wake::DrainLimit => {
+                tracing::warn!(target = %session.connection.target(), "the remote command's output did not end after it exited or was killed");
+                break;
+            }
+        };
+        let Some(message) = message else {
+            if !exited && killed.is_none() {
+                // The connection went away under the command: it may still run on a healthy host.
+                pool.forget(target, &session.connection);
+                spawn_kill(pool, target, pgid);
+                return Err(DriverError::failed(format!(
+                    "lost the connection to {} while the command was running",
+                    session.connection.target()
+                )));
+            }
+            break;
+        };
+        match message {
+            ChannelMsg::Data { data } => {
+                if pgid.is_none() {
+                    header.extend_from_slice(&data);
+                    let Some(end) = header.iter().position(|&byte| byte == b'\n') else {
+                        continue;
+                    };
+                    pgid = parse_pid(&header[..end]);
+                    let rest = header.split_off(end + 1);
+                    if pgid.is_none() {
+                        return Err(DriverError::failed(
+                            "the remote shell did not start the berth bootstrap (is the login shell POSIX?)",
+                        ));
+                    }
+                    if !rest.is_empty() {
+                        sink.output(OutputStream::Stdout, &rest).await;
+                    }
+                } else {
+                    sink.output(OutputStream::Stdout, &data).await;
+                }
+            }
+            ChannelMsg::ExtendedData { data, ext: 1 } => {
+                sink.output(OutputStream::Stderr, &data).await;
+            }
+            ChannelMsg::ExitStatus { exit_status } => {
+                exited = true;
+                outcome.exit_code = i32::try_from(exit_status).ok();
+                after_exit(pool, target, pgid, &mut drain_until);
+            }
+            ChannelMsg::ExitSignal { signal_name, .. } => {
+                exited = true;
+                outcome.signal = Some(signal_text(&signal_name));
+                after_exit(pool, target, pgid, &mut drain_until);
+            }
+            ChannelMsg::Close => break,
+            _ => {}
+        }
+    }
+    match killed {
+        Some(Kill::Timeout) => outcome.timed_out = true,
+        Some(Kill::Cancel) => outcome.cancelled = true,
+        None => {}
+    }
+    if killed.is_some() && outcome.signal.is_none() && outcome.exit_code.is_none() {
+        outcome.signal = Some("SIGKILL".to_owned());
+    }
+    Ok(outcome)
+}
+
+/// The command is done: a leftover in its group (a grandchild holding the pipes, a daemon) dies with it, as on the
+/// local driver, off the critical path; and the output still in flight gets a bounded time to arrive.
+fn after_exit(
+    pool: &Arc<Pool>,
+    target: &SshTarget,
+    pgid: Option<u32>,
+    drain_until: &mut Option<tokio::time::Instant>,
+) {
+    spawn_kill(pool, target, pgid);
+    if drain_until.is_none() {
+        *drain_until = Some(tokio::time::Instant::now() + DRAIN_AFTER_KILL);
+    }
+}
+
+fn parse_pid(line: &[u8]) -> Option<u32> {
+    let rest = line.strip_prefix(PID_PREFIX)?;
+    std::str::from_utf8(rest).ok()?.trim().parse().ok()
+}
+
+fn signal_text(signal: &Sig) -> String {
+    match signal {
+        Sig::Custom(name) => format!("SIG{name}"),
+        named => format!("SIG{named:?}"),
+    }
+}
+
+/// The command's working directory on the remote host: the workspace, or `request.cwd` inside it.
+fn remote_cwd(dir: &str, request: &ExecRequest) -> Result<String, DriverError> {
+    let Some(relative) = request.cwd.as_deref() else {
+        return Ok(dir.to_owned());
+    };
+    let clean = !relative.starts_with('/')
+        && relative
+            .split('/')
+            .all(|segment| segment != ".." && !segment.contains('\0'));
+    if !clean {
+        return Err(DriverError::Spawn {
+            program: request.argv.first().cloned().unwrap_or_default(),
+            message: format!(
+                "the working directory `{relative}` must be a relative path inside the workspace, without `..`"
+            ),
+        });
+    }
+    Ok(format!("{}/{}", dir.trim_end_matches('/'), relative))
+}
+
+/// Kills the command's process group and waits for the kill to be delivered.
+async fn kill_group(pool: &Arc<Pool>, target: &SshTarget, pgid: Option<u32>) {
+    let Some(pgid) = pgid else {
+        // Killed before the bootstrap reported its pid: closing the channel is all there is (sshd then hangs up).
+        return;
+    };
+    let script = format!("kill -KILL -- -{pgid} 2>/dev/null; true");
+    if let Err(error) = control(pool, target, &script, None).await {
+        tracing::warn!(target = %target.display(), error = %error, "could not kill the remote command");
+    }
+}
+
+fn spawn_kill(pool: &Arc<Pool>, target: &SshTarget, pgid: Option<u32>) {
+    let (pool, target) = (pool.clone(), target.clone());
+    tokio::spawn(async move { kill_group(&pool, &target, pgid).await });
+}
+
+/// What a control command printed and how it exited.
+#[derive(Debug)]
+pub struct ControlOutput {
+    pub status: Option<u32>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl ControlOutput {
+    pub fn success(&self) -> bool {
+        self.status == Some(0)
+    }
+
+    /// The first line of stderr, for error messages.
+    pub fn error_line(&self) -> String {
+        String::from_utf8_lossy(&self.stderr)
+            .lines()
+            .next()
+            .unwrap_or("no message")
+            .to_owned()
+    }
+}
+
+/// Runs a short berth-written shell script (no secrets in it: it is visible in `/proc`), feeding `stdin`, and
+/// collects its output.
+pub async fn control(
+    pool: &Arc<Pool>,
+    target: &SshTarget,
+    script: &str,
+    stdin: Option<Vec<u8>>,
+) -> Result<ControlOutput, DriverError> {
+    let mut session = pool.open_session(target).await?;
+    let result = tokio::time::timeout(CONTROL_TIMEOUT, async {
+        let lost = |error: russh::Error| {
+            DriverError::failed(format!("lost {}: {error}", session.connection.target()))
+        };
+        session.channel.exec(true, script).await.map_err(lost)?;
+        if let Some(stdin) = stdin {
+            session.channel.data_bytes(stdin).await.map_err(lost)?;
+        }
+        session.channel.eof().await.map_err(lost)?;
+        let mut output = ControlOutput {
+            status: None,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+        };
+        while let Some(message) = session.channel.wait().await {
+            match message {
+                ChannelMsg::Data { data } => output.stdout.extend_from_slice(&data),
+                ChannelMsg::ExtendedData { data, ext: 1 } => output.stderr.extend_from_slice(&data),
+                ChannelMsg::ExitStatus { exit_status } => output.status = Some(exit_status),
+                ChannelMsg::Close => break,
+                _ => {}
+            }
+        }
+        Ok(output)
+    })
+    .await
+    .unwrap_or_else(|_| {
+        Err(DriverError::failed(format!(
+            "a command on {} did not finish within {}s",
+            target.display(),
+            CONTROL_TIMEOUT.as_secs()
+        )))
+    });
+    session.close().await;
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_survives_quotes() {
+        assert_eq!(shell_quote("/srv/it's here"), r"'/srv/it'\''s here'");
+    }
+
+    #[test]
+    fn the_bootstrap_holds_nothing_of_the_request() {
+        let mut env = BTreeMap::new();
+        env.insert("TOKEN".to_owned(), "s3cr3t\nwith 'quotes'".to_owned());
+        let preamble = preamble(&env, "/w", &["echo".to_owned(), "hi".to_owned()]).unwrap();
+        assert!(!bootstrap().contains("s3cr3t"));
+        assert!(preamble.contains("export TOKEN='s3cr3t\nwith '\\''quotes'\\'''"));
+        let (count, script) = preamble.split_once('\n').unwrap();
+        assert_eq!(
+            count.parse::<usize>().unwrap(),
+            script.matches('\n').count()
+        );
+        assert!(script.ends_with("exec 'echo' 'hi'\n"));
+    }
+
+    #[test]
+    fn names_that_the_shell_cannot_export_are_refused() {
+        for bad in ["A-B", "1X", "A B", ""] {
+            let mut env = BTreeMap::new();
+            env.insert(bad.to_owned(), "v".to_owned());
+            assert!(preamble(&env, "/w", &["true".to_owned()]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn pid_lines_parse() {
+        assert_eq!(parse_pid(b"berth-pid 4242"), Some(4242));
+        assert_eq!(parse_pid(b"hello"), None);
+    }
+}

@@ -1,0 +1,343 @@
+//! The SSH driver, over russh: no `ssh` binary, no key files on disk, no secrets in any argv on either host.
+//!
+//! - [`connect`]: TCP, host-key pinning (strict by default), key or password authentication.
+//! - [`pool`]: pooled keep-alive connections per target, with a session semaphore below sshd's `MaxSessions`.
+//! - [`exec`]: commands on their own channels; env and stdin framed over the channel, never in a command line;
+//!   timeouts and cancels kill the remote process group.
+//! - [`workspace`]: incremental sync in (a content manifest and one tar stream), sync back with conflicts.
+//! - [`forward`]: the callback bridge through a remote port forward on the remote loopback.
+//! - [`probe`]: "can berth use this host?".
+//!
+//! A lease is a workspace directory on the host: `<remoteWorkspacePath>/runs/<run id>` for `per_run` (removed at
+//! release), `<remoteWorkspacePath>/envs/<environment id>` for `persistent` (kept across runs, so the next sync
+//! sends only what changed). The driver keeps each live lease's target (with its decrypted credential) in memory
+//! only; after a restart, the server hands release and destroy the environment's config again.
+
+pub mod connect;
+pub mod exec;
+pub mod forward;
+pub mod pool;
+pub mod probe;
+pub mod workspace;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use berth_core::config::{DriverConfig, SshConfig, WorkspaceMode};
+use berth_core::driver::{
+    BoxFuture, CancelSignal, DriverError, EnvironmentDriver, ExecOutcome, ExecRequest, LeaseHandle,
+    LeaseRequest, OutputSink, RealizedWorkspace, SyncReport, Tunnel, WorkspaceRequest,
+};
+use berth_core::environment::Driver;
+use berth_core::probe::ProbeResult;
+use serde_json::{Map, Value, json};
+
+pub use connect::CONNECT_TIMEOUT;
+pub use exec::shell_quote;
+use pool::{Pool, SshTarget};
+use workspace::SyncedIn;
+
+/// Lease metadata keys. Lease metadata is returned by the API: it names the host and the directory, never a secret.
+const META_KEY: &str = "leaseKey";
+const META_DIR: &str = "workspacePath";
+const META_MODE: &str = "workspaceMode";
+
+/// The SSH driver.
+#[derive(Debug, Default)]
+pub struct SshDriver {
+    pool: Arc<Pool>,
+    leases: Mutex<HashMap<String, Arc<LeaseState>>>,
+}
+
+/// A live lease: where it is and what its workspace sync recorded.
+#[derive(Debug)]
+struct LeaseState {
+    target: SshTarget,
+    dir: String,
+    per_run: bool,
+    synced: tokio::sync::Mutex<Option<SyncedIn>>,
+}
+
+impl SshDriver {
+    /// The connection pool (benchmarks and tests look at it).
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    fn state(&self, lease: &LeaseHandle) -> Result<Arc<LeaseState>, DriverError> {
+        let key = lease_key(lease)?;
+        self.leases
+            .lock()
+            .ok()
+            .and_then(|leases| leases.get(&key).cloned())
+            .ok_or_else(|| {
+                DriverError::failed("this ssh lease is not held by this server (was it restarted?)")
+            })
+    }
+
+    fn register(&self, key: String, state: LeaseState) {
+        if let Ok(mut leases) = self.leases.lock() {
+            leases.insert(key, Arc::new(state));
+        }
+    }
+
+    /// Gives a lease back: removes a per-run workspace unless `keep`. Uses the live state, else the config.
+    async fn give_back(
+        &self,
+        lease: &LeaseHandle,
+        keep: bool,
+        config: Option<&DriverConfig>,
+    ) -> Result<(), DriverError> {
+        let key = lease_key(lease)?;
+        let live = self.leases.lock().ok().and_then(|mut leases| {
+            if keep {
+                leases.get(&key).cloned()
+            } else {
+                leases.remove(&key)
+            }
+        });
+        if keep {
+            return Ok(());
+        }
+        let (target, dir, per_run) = match live {
+            Some(state) => (state.target.clone(), state.dir.clone(), state.per_run),
+            None => {
+                let Some(DriverConfig::Ssh(config)) = config else {
+                    return Err(DriverError::failed(
+                        "cannot clean up the ssh workspace: the environment's ssh config is gone",
+                    ));
+                };
+                let dir = lease
+                    .metadata
+                    .get(META_DIR)
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| DriverError::failed("the ssh lease names no workspace"))?
+                    .to_owned();
+                let per_run = lease.metadata.get(META_MODE).and_then(Value::as_str)
+                    == Some(WorkspaceMode::PerRun.as_str());
+                (SshTarget::from_config(config), dir, per_run)
+            }
+        };
+        if per_run {
+            workspace::remove(&self.pool, &target, &dir).await?;
+        }
+        Ok(())
+    }
+}
+
+fn ssh_config(config: &DriverConfig) -> Result<&SshConfig, DriverError> {
+    match config {
+        DriverConfig::Ssh(ssh) => Ok(ssh),
+        _ => Err(DriverError::failed("not an ssh config")),
+    }
+}
+
+fn lease_key(lease: &LeaseHandle) -> Result<String, DriverError> {
+    lease
+        .metadata
+        .get(META_KEY)
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| DriverError::failed("the lease is not an ssh lease"))
+}
+
+/// The workspace directory of a run: per run, or one per environment.
+fn workspace_dir(config: &SshConfig, request: &LeaseRequest) -> String {
+    let root = config.remote_workspace_path.trim_end_matches('/');
+    match config.workspace_mode {
+        WorkspaceMode::PerRun => format!("{root}/runs/{}", request.run_id),
+        WorkspaceMode::Persistent => format!("{root}/envs/{}", request.environment_id),
+    }
+}
+
+fn handle_for(config: &SshConfig, request: &LeaseRequest, dir: &str) -> LeaseHandle {
+    let mut metadata = Map::new();
+    metadata.insert(META_KEY.to_owned(), json!(request.run_id.to_string()));
+    metadata.insert("host".to_owned(), json!(config.host));
+    metadata.insert("port".to_owned(), json!(config.port));
+    metadata.insert("username".to_owned(), json!(config.username));
+    metadata.insert(META_DIR.to_owned(), json!(dir));
+    metadata.insert(META_MODE.to_owned(), json!(config.workspace_mode.as_str()));
+    LeaseHandle {
+        provider: None,
+        provider_lease_id: Some(format!(
+            "{}@{}:{}:{dir}",
+            config.username, config.host, config.port
+        )),
+        metadata,
+        expires_at: None,
+    }
+}
+
+impl EnvironmentDriver for SshDriver {
+    fn driver(&self) -> Driver {
+        Driver::Ssh
+    }
+
+    fn probe<'a>(&'a self, config: &'a DriverConfig) -> BoxFuture<'a, ProbeResult> {
+        Box::pin(async move {
+            match config {
+                DriverConfig::Ssh(ssh) => probe::probe(ssh).await,
+                _ => ProbeResult::failed(Driver::Ssh, "not an ssh config"),
+            }
+        })
+    }
+
+    /// Connects (or takes a pooled connection): a dead host or a refused key fails the run before anything starts.
+    fn acquire<'a>(
+        &'a self,
+        config: &'a DriverConfig,
+        request: &'a LeaseRequest,
+    ) -> BoxFuture<'a, Result<LeaseHandle, DriverError>> {
+        Box::pin(async move {
+            let config = ssh_config(config)?;
+            let target = SshTarget::from_config(config);
+            self.pool.connection(&target).await?;
+            let dir = workspace_dir(config, request);
+            let handle = handle_for(config, request, &dir);
+            self.register(
+                request.run_id.to_string(),
+                LeaseState {
+                    target,
+                    dir,
+                    per_run: config.workspace_mode == WorkspaceMode::PerRun,
+                    synced: tokio::sync::Mutex::new(None),
+                },
+            );
+            tracing::debug!(run.id = %request.run_id, env.id = %request.environment_id, "ssh lease acquired");
+            Ok(handle)
+        })
+    }
+
+    /// A kept lease of a persistent workspace serves the next run of the same environment on the same host.
+    fn matches_reusable_lease(&self, config: &DriverConfig, lease: &LeaseHandle) -> bool {
+        let DriverConfig::Ssh(config) = config else {
+            return false;
+        };
+        let same = |key: &str, value: Value| lease.metadata.get(key) == Some(&value);
+        config.workspace_mode == WorkspaceMode::Persistent
+            && same("host", json!(config.host))
+            && same("port", json!(config.port))
+            && same("username", json!(config.username))
+            && same(META_MODE, json!(config.workspace_mode.as_str()))
+    }
+
+    fn resume<'a>(
+        &'a self,
+        config: &'a DriverConfig,
+        lease: &'a LeaseHandle,
+        request: &'a LeaseRequest,
+    ) -> BoxFuture<'a, Result<Option<LeaseHandle>, DriverError>> {
+        Box::pin(async move {
+            if let Ok(old) = lease_key(lease)
+                && let Ok(mut leases) = self.leases.lock()
+            {
+                leases.remove(&old);
+            }
+            self.acquire(config, request).await.map(Some)
+        })
+    }
+
+    fn release<'a>(
+        &'a self,
+        lease: &'a LeaseHandle,
+        keep: bool,
+        config: Option<&'a DriverConfig>,
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(self.give_back(lease, keep, config))
+    }
+
+    fn destroy<'a>(
+        &'a self,
+        lease: &'a LeaseHandle,
+        config: Option<&'a DriverConfig>,
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(self.give_back(lease, false, config))
+    }
+
+    fn realize_workspace<'a>(
+        &'a self,
+        lease: &'a LeaseHandle,
+        request: &'a WorkspaceRequest,
+    ) -> BoxFuture<'a, Result<RealizedWorkspace, DriverError>> {
+        Box::pin(async move {
+            let state = self.state(lease)?;
+            let mut metadata = Map::new();
+            match &request.local_path {
+                Some(local) => {
+                    let synced = workspace::sync_in(
+                        &self.pool,
+                        &state.target,
+                        local,
+                        &state.dir,
+                        state.per_run,
+                    )
+                    .await?;
+                    metadata.insert("filesSent".to_owned(), json!(synced.files_sent));
+                    metadata.insert("bytesSent".to_owned(), json!(synced.bytes_sent));
+                    *state.synced.lock().await = Some(synced);
+                }
+                None => workspace::create(&self.pool, &state.target, &state.dir).await?,
+            }
+            Ok(RealizedWorkspace {
+                cwd: state.dir.clone(),
+                local_path: request.local_path.clone(),
+                ephemeral: state.per_run,
+                metadata,
+            })
+        })
+    }
+
+    fn execute<'a>(
+        &'a self,
+        lease: &'a LeaseHandle,
+        workspace: &'a RealizedWorkspace,
+        request: ExecRequest,
+        sink: &'a dyn OutputSink,
+        cancel: CancelSignal,
+    ) -> BoxFuture<'a, Result<ExecOutcome, DriverError>> {
+        Box::pin(async move {
+            let state = self.state(lease)?;
+            exec::execute(
+                &self.pool,
+                &state.target,
+                &workspace.cwd,
+                request,
+                sink,
+                cancel,
+            )
+            .await
+        })
+    }
+
+    fn sync_back<'a>(
+        &'a self,
+        lease: &'a LeaseHandle,
+        workspace: &'a RealizedWorkspace,
+    ) -> BoxFuture<'a, Result<SyncReport, DriverError>> {
+        Box::pin(async move {
+            let Some(local) = &workspace.local_path else {
+                return Ok(SyncReport::default());
+            };
+            let state = self.state(lease)?;
+            let synced = state.synced.lock().await.take();
+            let Some(synced) = synced else {
+                return Ok(SyncReport::default());
+            };
+            workspace::sync_back(&self.pool, &state.target, &state.dir, local, &synced).await
+        })
+    }
+
+    fn open_tunnel<'a>(
+        &'a self,
+        lease: &'a LeaseHandle,
+        local: std::net::SocketAddr,
+    ) -> BoxFuture<'a, Result<Option<Tunnel>, DriverError>> {
+        Box::pin(async move {
+            let state = self.state(lease)?;
+            forward::open(&self.pool, &state.target, local)
+                .await
+                .map(Some)
+        })
+    }
+}

@@ -1,0 +1,333 @@
+//! Pooled SSH connections: one set of keep-alive connections per (host, port, user, credential, host-key pins),
+//! shared by every lease on that host, with a session semaphore per connection kept below sshd's `MaxSessions`.
+//!
+//! A connection that dies (sshd restarted, network cut) is dropped from the pool the first time it fails and the
+//! next caller reconnects; a run whose channel was on it fails, the others are unaffected.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use berth_core::config::{SecretSlot, SshConfig};
+use berth_core::driver::DriverError;
+use russh::Channel;
+use russh::client::{self, Msg};
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::connect::{self, ClientHandler, ConnectError, ForwardRoutes};
+
+/// Session channels open at once on one connection. Stock sshd refuses the 11th (`MaxSessions 10`); two stay free
+/// for the short control commands (kill, cleanup) that must get through while long commands hold the rest.
+pub const SESSIONS_PER_CONNECTION: usize = 8;
+/// Connections opened to one target before callers queue for a session instead.
+pub const CONNECTIONS_PER_TARGET: usize = 8;
+
+/// Everything needed to reach a host as a user, with the credential decrypted. Its `Debug` never shows secrets.
+#[derive(Clone)]
+pub struct SshTarget {
+    pub host: String,
+    pub port: u16,
+    pub username: String,
+    pub known_hosts: String,
+    pub strict: bool,
+    pub private_key: Option<SecretString>,
+    pub password: Option<SecretString>,
+}
+
+impl fmt::Debug for SshTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SshTarget")
+            .field("target", &self.display())
+            .field("strict", &self.strict)
+            .field("private_key", &self.private_key.is_some())
+            .field("password", &self.password.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SshTarget {
+    /// The target of a config whose secrets the server resolved. A secret still stored (unresolved) is left out, so
+    /// authentication fails with "no key or password" rather than with a confusing error.
+    pub fn from_config(config: &SshConfig) -> Self {
+        let inline = |slot: &Option<SecretSlot>| match slot {
+            Some(SecretSlot::Inline(secret)) => {
+                Some(SecretString::from(secret.expose_secret().to_owned()))
+            }
+            _ => None,
+        };
+        Self {
+            host: config.host.clone(),
+            port: config.port,
+            username: config.username.clone(),
+            known_hosts: config.known_hosts.clone().unwrap_or_default(),
+            strict: config.strict_host_key_checking,
+            private_key: inline(&config.private_key),
+            password: inline(&config.password),
+        }
+    }
+
+    /// `user@host:port`, for messages and logs.
+    pub fn display(&self) -> String {
+        format!("{}@{}:{}", self.username, self.host, self.port)
+    }
+
+    /// The pool key: connections are shared only between identical targets. The credential and pins enter as a
+    /// digest, so the key itself holds no secret.
+    fn key(&self) -> PoolKey {
+        let mut digest = Sha256::new();
+        for part in [
+            self.private_key.as_ref().map(ExposeSecret::expose_secret),
+            self.password.as_ref().map(ExposeSecret::expose_secret),
+            Some(self.known_hosts.as_str()),
+        ] {
+            let part = part.unwrap_or_default();
+            digest.update((part.len() as u64).to_le_bytes());
+            digest.update(part.as_bytes());
+        }
+        digest.update([u8::from(self.strict)]);
+        PoolKey {
+            host: self.host.clone(),
+            port: self.port,
+            username: self.username.clone(),
+            credential: digest.finalize().into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct PoolKey {
+    host: String,
+    port: u16,
+    username: String,
+    credential: [u8; 32],
+}
+
+/// One authenticated connection.
+pub struct Connection {
+    handle: client::Handle<ClientHandler>,
+    routes: ForwardRoutes,
+    sessions: Arc<Semaphore>,
+    target: String,
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("target", &self.target)
+            .field("free_sessions", &self.sessions.available_permits())
+            .field("closed", &self.handle.is_closed())
+            .finish()
+    }
+}
+
+impl Connection {
+    pub fn handle(&self) -> &client::Handle<ClientHandler> {
+        &self.handle
+    }
+
+    pub fn routes(&self) -> &ForwardRoutes {
+        &self.routes
+    }
+
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    fn is_usable(&self) -> bool {
+        !self.handle.is_closed()
+    }
+}
+
+/// A session channel and the permit it holds on its connection. Close it with [`SessionChannel::close`]: a dropped
+/// russh channel sends no CHANNEL_CLOSE, and sshd would count it against `MaxSessions` until the connection ends.
+pub struct SessionChannel {
+    pub channel: Channel<Msg>,
+    pub connection: Arc<Connection>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl fmt::Debug for SessionChannel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionChannel")
+            .field("id", &self.channel.id())
+            .field("connection", &self.connection)
+            .finish()
+    }
+}
+
+impl SessionChannel {
+    pub async fn close(self) {
+        let _ = self.channel.close().await;
+    }
+}
+
+/// The pool.
+#[derive(Default)]
+pub struct Pool {
+    connections: Mutex<HashMap<PoolKey, Vec<Arc<Connection>>>>,
+    /// One connect at a time per target: fifty runs starting together must not open fifty connections.
+    connecting: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let count = self
+            .connections
+            .lock()
+            .map(|connections| connections.values().map(Vec::len).sum::<usize>())
+            .unwrap_or_default();
+        f.debug_struct("Pool").field("connections", &count).finish()
+    }
+}
+
+impl Pool {
+    /// Opens a session channel to `target`, on a pooled connection with a free session, on a new connection while
+    /// the target has fewer than [`CONNECTIONS_PER_TARGET`], or else waiting for a session to free up. A connection
+    /// that fails to open a channel is dropped and the open is tried once more on a fresh one.
+    pub async fn open_session(&self, target: &SshTarget) -> Result<SessionChannel, DriverError> {
+        let key = target.key();
+        let mut retried = false;
+        loop {
+            let (connection, permit) = self.session_slot(&key, target).await?;
+            match connection.handle.channel_open_session().await {
+                Ok(channel) => {
+                    return Ok(SessionChannel {
+                        channel,
+                        connection,
+                        _permit: permit,
+                    });
+                }
+                Err(error) => {
+                    self.discard(&key, &connection);
+                    if retried {
+                        return Err(DriverError::failed(format!(
+                            "cannot open a session on {}: {error}",
+                            connection.target
+                        )));
+                    }
+                    tracing::debug!(target = %connection.target, %error, "pooled connection failed; reconnecting");
+                    retried = true;
+                }
+            }
+        }
+    }
+
+    /// A connection to `target` (pooled or new), without a session: for port forwards.
+    pub async fn connection(&self, target: &SshTarget) -> Result<Arc<Connection>, DriverError> {
+        let key = target.key();
+        if let Some(connection) = self.usable(&key).into_iter().next() {
+            return Ok(connection);
+        }
+        self.connect_new(&key, target, true).await
+    }
+
+    /// Drops `connection` from the pool (it failed); it closes when its last user lets go.
+    pub fn forget(&self, target: &SshTarget, connection: &Arc<Connection>) {
+        self.discard(&target.key(), connection);
+    }
+
+    async fn session_slot(
+        &self,
+        key: &PoolKey,
+        target: &SshTarget,
+    ) -> Result<(Arc<Connection>, OwnedSemaphorePermit), DriverError> {
+        let usable = self.usable(key);
+        for connection in &usable {
+            if let Ok(permit) = connection.sessions.clone().try_acquire_owned() {
+                return Ok((connection.clone(), permit));
+            }
+        }
+        if usable.len() < CONNECTIONS_PER_TARGET {
+            let connection = self.connect_new(key, target, false).await?;
+            if let Ok(permit) = connection.sessions.clone().try_acquire_owned() {
+                return Ok((connection, permit));
+            }
+        }
+        // Every connection is busy: wait on the one with the fewest waiters we can tell of (any will do).
+        let connection = self
+            .usable(key)
+            .into_iter()
+            .max_by_key(|connection| connection.sessions.available_permits())
+            .ok_or_else(|| {
+                DriverError::failed(format!("lost every connection to {}", target.display()))
+            })?;
+        let permit = connection
+            .sessions
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| DriverError::failed("the SSH session pool is closed"))?;
+        Ok((connection, permit))
+    }
+
+    fn usable(&self, key: &PoolKey) -> Vec<Arc<Connection>> {
+        let Ok(mut connections) = self.connections.lock() else {
+            return Vec::new();
+        };
+        let list = connections.entry(key.clone()).or_default();
+        list.retain(|connection| connection.is_usable());
+        list.clone()
+    }
+
+    fn discard(&self, key: &PoolKey, connection: &Arc<Connection>) {
+        if let Ok(mut connections) = self.connections.lock()
+            && let Some(list) = connections.get_mut(key)
+        {
+            list.retain(|pooled| !Arc::ptr_eq(pooled, connection));
+        }
+    }
+
+    /// Connects a new connection to `key`, one connect at a time per target. `reuse`: a connection someone else
+    /// opened while this caller waited is good enough; session callers pass `false` only when they saw every
+    /// connection busy, and re-check under the lock instead.
+    async fn connect_new(
+        &self,
+        key: &PoolKey,
+        target: &SshTarget,
+        reuse: bool,
+    ) -> Result<Arc<Connection>, DriverError> {
+        let gate = {
+            let Ok(mut connecting) = self.connecting.lock() else {
+                return Err(DriverError::failed("the SSH pool is poisoned"));
+            };
+            connecting.entry(key.clone()).or_default().clone()
+        };
+        let _one_at_a_time = gate.lock().await;
+        let usable = self.usable(key);
+        if reuse && let Some(connection) = usable.first() {
+            return Ok(connection.clone());
+        }
+        if let Some(connection) = usable
+            .iter()
+            .find(|connection| connection.sessions.available_permits() > 0)
+        {
+            return Ok(connection.clone());
+        }
+        if usable.len() >= CONNECTIONS_PER_TARGET
+            && let Some(connection) = usable.first()
+        {
+            return Ok(connection.clone());
+        }
+        let connected = connect::connect(target).await.map_err(connect_error)?;
+        let connection = Arc::new(Connection {
+            handle: connected.handle,
+            routes: connected.routes,
+            sessions: Arc::new(Semaphore::new(SESSIONS_PER_CONNECTION)),
+            target: target.display(),
+        });
+        tracing::debug!(target = %connection.target, "new pooled ssh connection");
+        if let Ok(mut connections) = self.connections.lock() {
+            connections
+                .entry(key.clone())
+                .or_default()
+                .push(connection.clone());
+        }
+        Ok(connection)
+    }
+}
+
+fn connect_error(error: ConnectError) -> DriverError {
+    DriverError::failed(error.message().to_owned())
+}

@@ -1,0 +1,558 @@
+//! Runs on SSH environments, end to end against a real OpenSSH sshd on loopback: exec with stdin and env, secrets
+//! kept out of every command line, remote process trees killed on timeout, workspace sync (round trip, incremental,
+//! conflicts), the callback bridge through a remote port forward, many runs on one host, and a connection killed
+//! mid-run.
+
+use std::fs;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::runs::{all_events, start_run, text_of, wait_run};
+use crate::support::server::TestServer;
+use crate::support::sshd::TestSshd;
+
+async fn ssh_env(server: &TestServer, company: &str, sshd: &TestSshd, extra: Value) -> String {
+    let mut config = sshd.config();
+    for (key, value) in extra.as_object().unwrap() {
+        config[key] = value.clone();
+    }
+    let (status, env) = server
+        .post(
+            &format!("/api/companies/{company}/environments"),
+            json!({"name": format!("ssh-{}", uuid::Uuid::new_v4()), "driver": "ssh", "config": config}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{env}");
+    env["id"].as_str().unwrap().to_owned()
+}
+
+async fn run_to_end(server: &TestServer, company: &str, body: Value) -> (Value, Vec<Value>) {
+    let run_id = start_run(server, company, body).await;
+    let run = wait_run(server, &run_id, Duration::from_secs(60)).await;
+    let events = all_events(server, &run_id).await;
+    (run, events)
+}
+
+async fn lease_of(server: &TestServer, run: &Value) -> Value {
+    let (status, lease) = server
+        .get(&format!(
+            "/api/environment-leases/{}",
+            run["leaseId"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{lease}");
+    lease
+}
+
+fn workspace_event<'a>(events: &'a [Value], phase: &str) -> &'a Value {
+    events
+        .iter()
+        .find(|event| event["type"] == "workspace" && event["data"]["phase"] == phase)
+        .unwrap_or_else(|| panic!("no workspace {phase} event: {events:?}"))
+}
+
+#[tokio::test]
+async fn a_command_runs_over_ssh_with_stdin_env_and_exactly_its_environment() {
+    let sshd = TestSshd::start();
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let env = ssh_env(&server, &company, &sshd, json!({})).await;
+
+    let (run, events) = run_to_end(
+        &server,
+        &company,
+        json!({
+            "environmentId": env,
+            "command": ["sh", "-c", "echo \"greeting=$GREETING\"; cat; echo oops >&2; pwd; env | grep -o '^[A-Za-z_][A-Za-z0-9_]*=' | tr -d = | sort | tr '\\n' ' '; exit 7"],
+            "env": {"GREETING": "hello 'quoted'\nsecond line"},
+            "stdin": "from stdin\n",
+            "bridge": false,
+        }),
+    )
+    .await;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert_eq!(run["exitCode"], 7);
+    let stdout = text_of(&events, "stdout");
+    assert!(
+        stdout.starts_with("greeting=hello 'quoted'\nsecond line\nfrom stdin\n"),
+        "{stdout}"
+    );
+    assert_eq!(text_of(&events, "stderr"), "oops\n");
+    let cwd = workspace_event(&events, "realized")["data"]["cwd"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        cwd.starts_with(sshd.workspace.to_str().unwrap()) && cwd.contains("/runs/"),
+        "{cwd}"
+    );
+    assert!(stdout.contains(&format!("{cwd}\n")), "{stdout}");
+    // Nothing of sshd's session environment (SSH_CONNECTION, USER, MAIL...) leaks into the command.
+    let names: Vec<&str> = stdout.lines().last().unwrap().split_whitespace().collect();
+    for name in &names {
+        assert!(
+            ["GREETING", "HOME", "PATH", "PWD", "SHLVL", "_", "OLDPWD"].contains(name),
+            "unexpected variable {name} in {names:?}"
+        );
+    }
+
+    // The per-run workspace is gone once the lease is released.
+    let lease = lease_of(&server, &run).await;
+    assert_eq!(lease["status"], "released", "{lease}");
+    assert_eq!(lease["cleanupStatus"], "success", "{lease}");
+    assert!(!Path::new(&cwd).exists(), "per-run workspace left behind");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn secret_env_values_never_appear_in_any_command_line_and_nowhere_in_the_api() {
+    let sshd = TestSshd::start();
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let env = ssh_env(&server, &company, &sshd, json!({})).await;
+    let secret = format!("sk-live-{}", uuid::Uuid::new_v4().simple());
+    let run_id = start_run(
+        &server,
+        &company,
+        json!({
+            "environmentId": env,
+            "command": ["sh", "-c", "echo started; sleep 3; test -n \"$API_KEY\" && echo has-key"],
+            "env": {"API_KEY": secret},
+        }),
+    )
+    .await;
+    // While the command sleeps, read every process's command line on this machine: both hosts.
+    let started = Instant::now();
+    loop {
+        let events = all_events(&server, &run_id).await;
+        if text_of(&events, "stdout").contains("started") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the run never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut scanned = 0;
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmdline) = fs::read(entry.path().join("cmdline")) {
+            scanned += 1;
+            assert!(
+                !String::from_utf8_lossy(&cmdline).contains(&secret),
+                "the secret is in the command line of pid {:?}: {}",
+                entry.file_name(),
+                String::from_utf8_lossy(&cmdline).replace('\0', " ")
+            );
+        }
+    }
+    assert!(scanned > 10);
+    let run = wait_run(&server, &run_id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let events = all_events(&server, &run_id).await;
+    assert!(text_of(&events, "stdout").contains("has-key"));
+
+    // Not in the run, its events, its lease, the environment, or the logs.
+    let lease = lease_of(&server, &run).await;
+    let key_body = sshd.user_key.lines().nth(1).unwrap().to_owned();
+    for (what, text) in [
+        ("run", run.to_string()),
+        ("events", Value::Array(events).to_string()),
+        ("lease", lease.to_string()),
+        (
+            "environment",
+            server
+                .get(&format!("/api/environments/{env}"))
+                .await
+                .1
+                .to_string(),
+        ),
+    ] {
+        assert!(
+            !text.contains(&secret),
+            "the secret env value is in the {what}"
+        );
+        assert!(
+            !text.contains(&key_body),
+            "the private key is in the {what}"
+        );
+    }
+    let logs = server.stop().await;
+    assert!(
+        !logs.contains(&secret) && !logs.contains(&key_body),
+        "a secret reached the logs"
+    );
+}
+
+#[tokio::test]
+async fn a_timeout_kills_the_remote_process_tree_and_keeps_partial_output() {
+    let sshd = TestSshd::start();
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let env = ssh_env(&server, &company, &sshd, json!({})).await;
+    let marker = format!("berth-grandchild-{}", uuid::Uuid::new_v4().simple());
+    let started = Instant::now();
+    let (run, events) = run_to_end(
+        &server,
+        &company,
+        json!({
+            "environmentId": env,
+            // The grandchild holds stdout open and sleeps under a recognizable name.
+            "command": ["sh", "-c", format!("echo before; (exec -a {marker} sleep 300) & sleep 300")],
+            "timeoutMs": 1500,
+            "bridge": false,
+        }),
+    )
+    .await;
+    assert_eq!(run["status"], "timed_out", "{run}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert_eq!(text_of(&events, "stdout"), "before\n");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let leftover = std::process::Command::new("pgrep")
+            .args(["-f", &marker])
+            .output()
+            .unwrap();
+        if !leftover.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the remote grandchild survived the timeout"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn cancel_kills_the_remote_command() {
+    let sshd = TestSshd::start();
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let env = ssh_env(&server, &company, &sshd, json!({})).await;
+    let run_id = start_run(
+        &server,
+        &company,
+        json!({"environmentId": env, "command": ["sh", "-c", "echo up; sleep 300"], "bridge": false}),
+    )
+    .await;
+    let started = Instant::now();
+    while !text_of(&all_events(&server, &run_id).await, "stdout").contains("up") {
+        assert!(started.elapsed() < Duration::from_secs(20));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, _) = server
+        .post(&format!("/api/runs/{run_id}/cancel"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let run = wait_run(&server, &run_id, Duration::from_secs(20)).await;
+    assert_eq!(run["status"], "cancelled", "{run}");
+    let lease = lease_of(&server, &run).await;
+    assert_eq!(lease["status"], "released", "{lease}");
+    server.stop().await;
+}
+
+/// A workspace of `count` files over a few directories, with modes and symlinks.
+fn make_tree(root: &Path, count: usize) {
+    for index in 0..count {
+        let dir = root.join(format!("dir{}", index % 10));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(
+            dir.join(format!("file{index}.txt")),
+            format!("content {index}\n"),
+        )
+        .unwrap();
+    }
+    fs::write(root.join("run.sh"), "#!/bin/sh\necho run\n").unwrap();
+    fs::set_permissions(root.join("run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(root.join("locked.txt"), "read only\n").unwrap();
+    fs::set_permissions(root.join("locked.txt"), fs::Permissions::from_mode(0o444)).unwrap();
+    symlink("dir1/file1.txt", root.join("link")).unwrap();
+    symlink("/etc/hostname", root.join("escape")).unwrap();
+}
+
+#[tokio::test]
+async fn a_thousand_files_round_trip_with_modes_and_symlinks() {
+    let sshd = TestSshd::start();
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let env = ssh_env(&server, &company, &sshd, json!({})).await;
+    let local = tempfile::tempdir().unwrap();
+    make_tree(local.path(), 1000);
+
+    let script = "test -x run.sh && test \"$(readlink link)\" = dir1/file1.txt && cat link && \
+                  echo new > made.txt && mkdir -p out/deep && echo deep > out/deep/x && chmod 600 out/deep/x && \
+                  ln -s made.txt made-link && rm dir2/file2.txt && echo changed > dir3/file3.txt && \
+                  ls -R | grep -c txt";
+    let (run, events) = run_to_end(
+        &server,
+        &company,
+        json!({"environmentId": env, "command": ["sh", "-c", script], "workspace": {"localPath": local.path()}, "bridge": false}),
+    )
+    .await;
+    assert_eq!(run["status"], "succeeded", "{run} {events:?}");
+    let stdout = text_of(&events, "stdout");
+    assert!(stdout.starts_with("content 1\n"), "{stdout}");
+    let realized = &workspace_event(&events, "realized")["data"];
+    assert_eq!(realized["filesSent"], 1004, "{realized}");
+
+    let synced = &workspace_event(&events, "synced")["data"];
+    assert_eq!(synced["conflicts"], json!([]), "{synced}");
+    let root = local.path();
+    assert_eq!(fs::read_to_string(root.join("made.txt")).unwrap(), "new\n");
+    assert_eq!(
+        fs::read_to_string(root.join("out/deep/x")).unwrap(),
+        "deep\n"
+    );
+    assert_eq!(
+        fs::metadata(root.join("out/deep/x"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    assert_eq!(
+        fs::read_link(root.join("made-link")).unwrap(),
+        Path::new("made.txt")
+    );
+    assert!(!root.join("dir2/file2.txt").exists());
+    assert_eq!(
+        fs::read_to_string(root.join("dir3/file3.txt")).unwrap(),
+        "changed\n"
+    );
+    assert_eq!(
+        fs::read_to_string(root.join("dir4/file4.txt")).unwrap(),
+        "content 4\n"
+    );
+    assert_eq!(
+        fs::metadata(root.join("locked.txt"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o444
+    );
+    assert_eq!(
+        fs::read_link(root.join("escape")).unwrap(),
+        Path::new("/etc/hostname")
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn persistent_workspaces_sync_only_what_changed() {
+    let sshd = TestSshd::start();
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let env = ssh_env(
+        &server,
+        &company,
+        &sshd,
+        json!({"workspaceMode": "persistent"}),
+    )
+    .await;
+    let local = tempfile::tempdir().unwrap();
+    make_tree(local.path(), 200);
+    let body = json!({
+        "environmentId": env,
+        "command": ["sh", "-c", "cat dir5/file5.txt; test -f build-output && echo kept-build-output; touch build-output"],
+        "workspace": {"localPath": local.path()},
+        "bridge": false,
+    });
+
+    let (run, events) = run_to_end(&server, &company, body.clone()).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let first = workspace_event(&events, "realized")["data"].clone();
+    assert_eq!(first["filesSent"], 204, "{first}");
+    assert_eq!(first["inPlace"], false, "{first}");
+
+    // Change one file (a different size, so the quick check sees it even within the same second).
+    fs::write(local.path().join("dir5/file5.txt"), "changed content\n").unwrap();
+    let (run, events) = run_to_end(&server, &company, body).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let second = &workspace_event(&events, "realized")["data"];
+    assert_eq!(second["cwd"], first["cwd"], "one directory per environment");
+    // The changed file, plus `build-output`, which the host now has after the first sync back.
+    assert_eq!(second["filesSent"], 2, "{second}");
+    let stdout = text_of(&events, "stdout");
+    assert!(
+        stdout.starts_with("changed content\nkept-build-output\n"),
+        "{stdout}"
+    );
+    let lease = lease_of(&server, &run).await;
+    assert_eq!(lease["status"], "released");
+    assert!(
+        Path::new(first["cwd"].as_str().unwrap()).is_dir(),
+        "persistent workspaces stay"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_file_changed_on_both_sides_is_a_reported_conflict_and_nothing_is_lost() {
+    let sshd = TestSshd::start();
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let env = ssh_env(&server, &company, &sshd, json!({})).await;
+    let local = tempfile::tempdir().unwrap();
+    fs::write(local.path().join("shared.txt"), "original\n").unwrap();
+    fs::write(local.path().join("only-remote.txt"), "original\n").unwrap();
+    let run_id = start_run(
+        &server,
+        &company,
+        json!({
+            "environmentId": env,
+            "command": ["sh", "-c", "echo ready; sleep 1.5; echo remote > shared.txt; echo remote > only-remote.txt"],
+            "workspace": {"localPath": local.path()},
+            "bridge": false,
+        }),
+    )
+    .await;
+    let started = Instant::now();
+    while !text_of(&all_events(&server, &run_id).await, "stdout").contains("ready") {
+        assert!(started.elapsed() < Duration::from_secs(20));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The host edits the same file while the run is live.
+    fs::write(local.path().join("shared.txt"), "local edit\n").unwrap();
+    let run = wait_run(&server, &run_id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let events = all_events(&server, &run_id).await;
+    let synced = &workspace_event(&events, "synced")["data"];
+    assert_eq!(synced["conflicts"], json!(["shared.txt"]), "{synced}");
+    assert_eq!(
+        fs::read_to_string(local.path().join("shared.txt")).unwrap(),
+        "local edit\n",
+        "the host's edit is kept"
+    );
+    assert_eq!(
+        fs::read_to_string(local.path().join("shared.txt.berth-conflict")).unwrap(),
+        "remote\n",
+        "the remote's version is kept beside it"
+    );
+    assert_eq!(
+        fs::read_to_string(local.path().join("only-remote.txt")).unwrap(),
+        "remote\n"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_agent_on_the_remote_host_calls_back_through_the_forwarded_bridge() {
+    let sshd = TestSshd::start();
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let env = ssh_env(&server, &company, &sshd, json!({})).await;
+    let server_port = server.url.rsplit(':').next().unwrap().to_owned();
+    let script = "echo \"url=$BERTH_API_URL\"; \
+        curl -fsS -H \"Authorization: Bearer $BERTH_API_TOKEN\" \"$BERTH_API_URL/api/agent/run\"; echo; \
+        curl -fsS -X POST -H \"Authorization: Bearer $BERTH_API_TOKEN\" -H 'Content-Type: application/json' \
+             -d '{\"message\": \"hello from the remote\"}' \"$BERTH_API_URL/api/agent/events\"; echo";
+    let (run, events) = run_to_end(
+        &server,
+        &company,
+        json!({"environmentId": env, "command": ["sh", "-c", script]}),
+    )
+    .await;
+    assert_eq!(run["status"], "succeeded", "{run} {events:?}");
+    let stdout = text_of(&events, "stdout");
+    let url = stdout.lines().next().unwrap().strip_prefix("url=").unwrap();
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    assert!(
+        !url.ends_with(&format!(":{server_port}")),
+        "the agent must not get the server's own address"
+    );
+    let agent_view: Value = serde_json::from_str(stdout.lines().nth(1).unwrap()).unwrap();
+    assert_eq!(agent_view["id"], run["id"]);
+    assert!(events.iter().any(
+        |event| event["type"] == "agent" && event["data"]["message"] == "hello from the remote"
+    ));
+    assert!(
+        events
+            .iter()
+            .filter(|event| event["type"] == "bridge")
+            .count()
+            >= 2
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn fifty_concurrent_runs_share_one_host() {
+    let sshd = TestSshd::start();
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let env = ssh_env(&server, &company, &sshd, json!({})).await;
+    let mut ids = Vec::new();
+    for index in 0..50 {
+        ids.push(
+            start_run(
+                &server,
+                &company,
+                json!({"environmentId": env, "command": ["sh", "-c", format!("sleep 0.2; echo run-{index}")], "bridge": false}),
+            )
+            .await,
+        );
+    }
+    for (index, id) in ids.iter().enumerate() {
+        let run = wait_run(&server, id, Duration::from_secs(120)).await;
+        assert_eq!(run["status"], "succeeded", "{run}");
+        let events = all_events(&server, id).await;
+        assert_eq!(text_of(&events, "stdout"), format!("run-{index}\n"));
+        assert_eq!(lease_of(&server, &run).await["status"], "released");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_killed_mid_run_fails_the_run_and_releases_its_lease() {
+    let sshd = TestSshd::start();
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let env = ssh_env(&server, &company, &sshd, json!({})).await;
+    let run_id = start_run(
+        &server,
+        &company,
+        json!({"environmentId": env, "command": ["sh", "-c", "echo up; sleep 300"], "bridge": false}),
+    )
+    .await;
+    let started = Instant::now();
+    while !text_of(&all_events(&server, &run_id).await, "stdout").contains("up") {
+        assert!(started.elapsed() < Duration::from_secs(20));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Kill the per-connection sshd processes (children of the listening one): the TCP connection drops.
+    let killed = std::process::Command::new("pkill")
+        .args(["-KILL", "-P", &sshd.pid().to_string(), "sshd"])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "no connection process to kill");
+    let run = wait_run(&server, &run_id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert!(
+        run["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("lost the connection"),
+        "{run}"
+    );
+    let lease = lease_of(&server, &run).await;
+    assert_eq!(lease["status"], "released", "{lease}");
+
+    // The host is still there: the next run reconnects.
+    let (run, events) = run_to_end(
+        &server,
+        &company,
+        json!({"environmentId": env, "command": ["echo", "again"], "bridge": false}),
+    )
+    .await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(text_of(&events, "stdout"), "again\n");
+    server.stop().await;
+}
