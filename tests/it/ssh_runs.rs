@@ -48,6 +48,16 @@ async fn lease_of(server: &TestServer, run: &Value) -> Value {
     lease
 }
 
+/// Whether a process whose command line holds `marker` runs on this machine (both hosts).
+fn pgrep(marker: &str) -> bool {
+    std::process::Command::new("pgrep")
+        .args(["-f", marker])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
 fn workspace_event<'a>(events: &'a [Value], phase: &str) -> &'a Value {
     events
         .iter()
@@ -196,14 +206,27 @@ async fn a_timeout_kills_the_remote_process_tree_and_keeps_partial_output() {
     let env = ssh_env(&server, &company, &sshd, json!({})).await;
     let marker = format!("berth-grandchild-{}", uuid::Uuid::new_v4().simple());
     let started = Instant::now();
+    let watcher = {
+        let marker = marker.clone();
+        // While the run is live, the grandchild must be seen, or the check below proves nothing.
+        tokio::spawn(async move {
+            for _ in 0..200 {
+                if pgrep(&marker) {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            false
+        })
+    };
     let (run, events) = run_to_end(
         &server,
         &company,
         json!({
             "environmentId": env,
-            // The grandchild holds stdout open and sleeps under a recognizable name.
-            "command": ["sh", "-c", format!("echo before; (exec -a {marker} sleep 300) & sleep 300")],
-            "timeoutMs": 1500,
+            // The grandchild (a shell whose command line names the marker) holds stdout open and sleeps.
+            "command": ["sh", "-c", format!("sh -c 'sleep 300; true {marker}' & echo before; sleep 300")],
+            "timeoutMs": 3000,
             "bridge": false,
         }),
     )
@@ -211,13 +234,10 @@ async fn a_timeout_kills_the_remote_process_tree_and_keeps_partial_output() {
     assert_eq!(run["status"], "timed_out", "{run}");
     assert!(started.elapsed() < Duration::from_secs(20));
     assert_eq!(text_of(&events, "stdout"), "before\n");
+    assert!(watcher.await.unwrap(), "the grandchild never ran");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let leftover = std::process::Command::new("pgrep")
-            .args(["-f", &marker])
-            .output()
-            .unwrap();
-        if !leftover.status.success() {
+        if !pgrep(&marker) {
             break;
         }
         assert!(
@@ -378,8 +398,9 @@ async fn persistent_workspaces_sync_only_what_changed() {
     assert_eq!(run["status"], "succeeded", "{run}");
     let second = &workspace_event(&events, "realized")["data"];
     assert_eq!(second["cwd"], first["cwd"], "one directory per environment");
-    // The changed file, plus `build-output`, which the host now has after the first sync back.
-    assert_eq!(second["filesSent"], 2, "{second}");
+    // Only the changed file: `build-output` came back from the remote with its mtime, so the quick check knows the
+    // remote already has it.
+    assert_eq!(second["filesSent"], 1, "{second}");
     let stdout = text_of(&events, "stdout");
     assert!(
         stdout.starts_with("changed content\nkept-build-output\n"),
@@ -554,5 +575,102 @@ async fn a_connection_killed_mid_run_fails_the_run_and_releases_its_lease() {
     .await;
     assert_eq!(run["status"], "succeeded", "{run}");
     assert_eq!(text_of(&events, "stdout"), "again\n");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_killed_server_leaves_no_ssh_lease_workspace_or_process_after_the_next_start() {
+    let sshd = TestSshd::start();
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let env = ssh_env(&server, &company, &sshd, json!({})).await;
+    let marker = format!("berth-ssh-orphan-{}", uuid::Uuid::new_v4().simple());
+    let run_id = start_run(
+        &server,
+        &company,
+        json!({"environmentId": env, "command": ["sh", "-c", format!("echo up; sh -c 'sleep 1000; true {marker}'")], "bridge": false}),
+    )
+    .await;
+    let started = Instant::now();
+    while !text_of(&all_events(&server, &run_id).await, "stdout").contains("up") {
+        assert!(started.elapsed() < Duration::from_secs(20));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(pgrep(&marker), "the command is not running");
+    let (_, run) = server.get(&format!("/api/runs/{run_id}")).await;
+    let held = lease_of(&server, &run).await;
+    assert_eq!(held["status"], "active");
+    let workspace = held["metadata"]["workspacePath"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(Path::new(&workspace).is_dir());
+    let data_dir = server.data_dir.clone();
+    let keeper = server.kill_keeping_data().await;
+
+    // The restarted server has no connection and no key in memory: it opens the environment's secret again.
+    let restarted = TestServer::start_with(crate::support::server::ServerOptions {
+        data_dir: Some(data_dir),
+        ..Default::default()
+    })
+    .await;
+    let released = lease_of(&restarted, &run).await;
+    assert_eq!(released["status"], "released", "{released}");
+    assert_eq!(
+        released["cleanupStatus"],
+        "success",
+        "{released} {}",
+        restarted.logs()
+    );
+    assert!(
+        !Path::new(&workspace).exists(),
+        "the orphan's workspace is left"
+    );
+    assert!(!pgrep(&marker), "the orphaned remote command still runs");
+    restarted.stop().await;
+    drop(keeper);
+}
+
+#[tokio::test]
+async fn excluded_paths_are_neither_sent_nor_brought_back() {
+    let sshd = TestSshd::start();
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let env = ssh_env(
+        &server,
+        &company,
+        &sshd,
+        json!({"syncExclude": ["node_modules", "*.log"]}),
+    )
+    .await;
+    let local = tempfile::tempdir().unwrap();
+    fs::create_dir_all(local.path().join("web/node_modules/dep")).unwrap();
+    fs::write(local.path().join("web/node_modules/dep/index.js"), "big").unwrap();
+    fs::write(local.path().join("web/app.js"), "app").unwrap();
+    fs::write(local.path().join("local.log"), "host log\n").unwrap();
+    let (run, events) = run_to_end(
+        &server,
+        &company,
+        json!({
+            "environmentId": env,
+            "command": ["sh", "-c", "test ! -e web/node_modules && test ! -e local.log && cat web/app.js && echo remote > remote.log && mkdir node_modules && echo x > node_modules/built && echo out > out.txt"],
+            "workspace": {"localPath": local.path()},
+            "bridge": false,
+        }),
+    )
+    .await;
+    assert_eq!(run["status"], "succeeded", "{run} {events:?}");
+    assert_eq!(workspace_event(&events, "realized")["data"]["filesSent"], 1);
+    assert_eq!(
+        fs::read_to_string(local.path().join("out.txt")).unwrap(),
+        "out\n"
+    );
+    assert!(!local.path().join("remote.log").exists());
+    assert!(!local.path().join("node_modules").exists());
+    assert_eq!(
+        fs::read_to_string(local.path().join("local.log")).unwrap(),
+        "host log\n"
+    );
+    assert!(local.path().join("web/node_modules/dep/index.js").exists());
     server.stop().await;
 }

@@ -117,6 +117,80 @@ pub struct SshConfig {
     pub known_hosts: Option<String>,
     pub strict_host_key_checking: bool,
     pub workspace_mode: WorkspaceMode,
+    /// Paths the workspace sync leaves alone, both ways (`syncExclude`).
+    pub sync_exclude: SyncExclude,
+}
+
+/// Most patterns one `syncExclude` may hold, and the longest pattern.
+const MAX_EXCLUDE_PATTERNS: usize = 100;
+const MAX_EXCLUDE_PATTERN_LEN: usize = 256;
+
+/// Workspace paths a sync neither sends nor brings back: `node_modules` and `*.log` (no `/`) match an entry of that
+/// name anywhere; `build/cache` (with `/`) matches that path from the workspace root. `*` matches any run of
+/// characters within one name and `?` one character. What a pattern matches, it matches with everything below.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncExclude {
+    patterns: Vec<String>,
+}
+
+impl SyncExclude {
+    pub fn patterns(&self) -> &[String] {
+        &self.patterns
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.patterns.is_empty()
+    }
+
+    /// Whether `path` (relative, `/`-separated) or one of its parents is excluded.
+    pub fn matches(&self, path: &str) -> bool {
+        let names: Vec<&str> = path.split('/').collect();
+        self.patterns.iter().any(|pattern| {
+            let parts: Vec<&str> = pattern.trim_matches('/').split('/').collect();
+            if parts.len() == 1 {
+                names.iter().any(|name| glob_name(parts[0], name))
+            } else {
+                parts.len() <= names.len()
+                    && parts
+                        .iter()
+                        .zip(&names)
+                        .all(|(part, name)| glob_name(part, name))
+            }
+        })
+    }
+
+    fn problem(pattern: &str) -> Option<&'static str> {
+        let trimmed = pattern.trim_matches('/');
+        if trimmed.is_empty() {
+            Some("must not be empty")
+        } else if pattern.len() > MAX_EXCLUDE_PATTERN_LEN {
+            Some("is too long")
+        } else if pattern.chars().any(char::is_control) {
+            Some("must not contain control characters")
+        } else if trimmed
+            .split('/')
+            .any(|part| part.is_empty() || part == "." || part == "..")
+        {
+            Some("must be names separated by single '/', without '.' or '..'")
+        } else {
+            None
+        }
+    }
+}
+
+/// `*` and `?` matching of one path name.
+fn glob_name(pattern: &str, name: &str) -> bool {
+    fn matches(pattern: &[char], name: &[char]) -> bool {
+        match pattern.split_first() {
+            None => name.is_empty(),
+            Some(('*', rest)) => (0..=name.len()).any(|skip| matches(rest, &name[skip..])),
+            Some(('?', rest)) => !name.is_empty() && matches(rest, &name[1..]),
+            Some((c, rest)) => name.first() == Some(c) && matches(rest, &name[1..]),
+        }
+    }
+    let pattern: Vec<char> = pattern.chars().collect();
+    let name: Vec<char> = name.chars().collect();
+    matches(&pattern, &name)
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -247,6 +321,12 @@ impl DriverConfig {
                     "workspaceMode".to_owned(),
                     ssh.workspace_mode.as_str().into(),
                 );
+                if !ssh.sync_exclude.is_empty() {
+                    stored.insert(
+                        "syncExclude".to_owned(),
+                        ssh.sync_exclude.patterns().to_vec().into(),
+                    );
+                }
             }
             DriverConfig::Sandbox(sandbox) => {
                 stored.insert("provider".to_owned(), sandbox.provider.clone().into());
@@ -348,6 +428,21 @@ fn parse_ssh(mut reader: ObjectReader<'_>) -> SshConfig {
             WorkspaceMode::PerRun
         }),
     };
+    let mut sync_exclude = SyncExclude::default();
+    if let Some(patterns) = reader.optional_string_array("syncExclude") {
+        if patterns.len() > MAX_EXCLUDE_PATTERNS {
+            reader.error(
+                "syncExclude",
+                format!("must hold at most {MAX_EXCLUDE_PATTERNS} patterns"),
+            );
+        }
+        for (index, pattern) in patterns.iter().enumerate() {
+            if let Some(problem) = SyncExclude::problem(pattern) {
+                reader.error("syncExclude", format!("[{index}] {problem}"));
+            }
+        }
+        sync_exclude.patterns = patterns;
+    }
     reader.finish();
     SshConfig {
         host,
@@ -359,6 +454,7 @@ fn parse_ssh(mut reader: ObjectReader<'_>) -> SshConfig {
         known_hosts,
         strict_host_key_checking,
         workspace_mode,
+        sync_exclude,
     }
 }
 

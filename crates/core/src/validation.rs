@@ -192,6 +192,34 @@ impl<'a> ObjectReader<'a> {
         }
     }
 
+    /// An optional array of strings (kept verbatim); an element of another type is reported with its index.
+    pub fn optional_string_array(&mut self, key: &'static str) -> Option<Vec<String>> {
+        match self.value(key)? {
+            Value::Array(items) => {
+                let mut strings = Vec::with_capacity(items.len());
+                let mut problems = Vec::new();
+                for (index, item) in items.iter().enumerate() {
+                    match item {
+                        Value::String(text) => strings.push(text.clone()),
+                        other => problems.push(format!(
+                            "[{index}] must be a string, not {}",
+                            json_type_name(other)
+                        )),
+                    }
+                }
+                for problem in problems {
+                    self.error(key, problem);
+                }
+                Some(strings)
+            }
+            other => {
+                let message = format!("must be an array of strings, not {}", json_type_name(other));
+                self.error(key, message);
+                None
+            }
+        }
+    }
+
     pub fn bool_or(&mut self, key: &'static str, default: bool) -> bool {
         match self.value(key) {
             None => default,

@@ -108,6 +108,11 @@ impl Manifest {
         Ok(manifest)
     }
 
+    /// Keeps only the entries for which `keep(path)` holds.
+    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.entries.retain(|path, _| keep(path));
+    }
+
     /// Total size of the files listed, in bytes.
     pub fn total_file_bytes(&self) -> u64 {
         self.entries

@@ -94,6 +94,42 @@ fn ssh_reports_every_problem_at_once() {
 }
 
 #[test]
+fn ssh_sync_excludes_validate_store_and_match() {
+    let mut config = ssh_base();
+    config["syncExclude"] = json!(["node_modules", "*.log", "build/cache"]);
+    let parsed = DriverConfig::parse(Driver::Ssh, &config, &catalog()).unwrap();
+    assert_eq!(
+        parsed.to_stored().unwrap()["syncExclude"],
+        json!(["node_modules", "*.log", "build/cache"])
+    );
+    let DriverConfig::Ssh(ssh) = parsed else {
+        panic!("not ssh")
+    };
+    let exclude = &ssh.sync_exclude;
+    assert!(exclude.matches("node_modules"));
+    assert!(exclude.matches("web/node_modules/react/index.js"));
+    assert!(exclude.matches("logs/today.log"));
+    assert!(exclude.matches("build/cache/x"));
+    assert!(!exclude.matches("cache"), "a pattern with '/' is anchored");
+    assert!(!exclude.matches("src/build/cache"));
+    assert!(!exclude.matches("src/main.rs"));
+    assert!(!exclude.matches("node_modules.txt"));
+
+    for bad in [
+        json!(["../up"]),
+        json!([""]),
+        json!(["a//b"]),
+        json!([7]),
+        json!("node_modules"),
+    ] {
+        let mut config = ssh_base();
+        config["syncExclude"] = bad.clone();
+        let errors = DriverConfig::parse(Driver::Ssh, &config, &catalog()).unwrap_err();
+        assert_eq!(paths(&errors), ["config.syncExclude"], "{bad}");
+    }
+}
+
+#[test]
 fn ssh_port_zero_and_fractions_are_rejected() {
     for port in [json!(0), json!(22.5), json!(-1), json!("22")] {
         let mut config = ssh_base();

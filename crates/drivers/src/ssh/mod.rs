@@ -23,7 +23,7 @@ pub mod workspace;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use berth_core::config::{DriverConfig, SshConfig, WorkspaceMode};
+use berth_core::config::{DriverConfig, SshConfig, SyncExclude, WorkspaceMode};
 use berth_core::driver::{
     BoxFuture, CancelSignal, DriverError, EnvironmentDriver, ExecOutcome, ExecRequest, LeaseHandle,
     LeaseRequest, OutputSink, RealizedWorkspace, SyncReport, Tunnel, WorkspaceRequest,
@@ -55,6 +55,7 @@ struct LeaseState {
     target: SshTarget,
     dir: String,
     per_run: bool,
+    exclude: SyncExclude,
     synced: tokio::sync::Mutex<Option<SyncedIn>>,
 }
 
@@ -81,12 +82,14 @@ impl SshDriver {
         }
     }
 
-    /// Gives a lease back: removes a per-run workspace unless `keep`. Uses the live state, else the config.
+    /// Gives a lease back: removes a per-run workspace unless `keep`; `kill_leftovers` first kills whatever still
+    /// runs in the workspace (destroy: the lease's run is gone). Uses the live state, else the config.
     async fn give_back(
         &self,
         lease: &LeaseHandle,
         keep: bool,
         config: Option<&DriverConfig>,
+        kill_leftovers: bool,
     ) -> Result<(), DriverError> {
         let key = lease_key(lease)?;
         let live = self.leases.lock().ok().and_then(|mut leases| {
@@ -118,6 +121,10 @@ impl SshDriver {
                 (SshTarget::from_config(config), dir, per_run)
             }
         };
+        if kill_leftovers {
+            // The run died with its server: its command may still run in the workspace, unsupervised.
+            workspace::kill_processes_in(&self.pool, &target, &dir).await?;
+        }
         if per_run {
             workspace::remove(&self.pool, &target, &dir).await?;
         }
@@ -201,6 +208,7 @@ impl EnvironmentDriver for SshDriver {
                     target,
                     dir,
                     per_run: config.workspace_mode == WorkspaceMode::PerRun,
+                    exclude: config.sync_exclude.clone(),
                     synced: tokio::sync::Mutex::new(None),
                 },
             );
@@ -244,7 +252,7 @@ impl EnvironmentDriver for SshDriver {
         keep: bool,
         config: Option<&'a DriverConfig>,
     ) -> BoxFuture<'a, Result<(), DriverError>> {
-        Box::pin(self.give_back(lease, keep, config))
+        Box::pin(self.give_back(lease, keep, config, false))
     }
 
     fn destroy<'a>(
@@ -252,7 +260,7 @@ impl EnvironmentDriver for SshDriver {
         lease: &'a LeaseHandle,
         config: Option<&'a DriverConfig>,
     ) -> BoxFuture<'a, Result<(), DriverError>> {
-        Box::pin(self.give_back(lease, false, config))
+        Box::pin(self.give_back(lease, false, config, true))
     }
 
     fn realize_workspace<'a>(
@@ -271,6 +279,7 @@ impl EnvironmentDriver for SshDriver {
                         local,
                         &state.dir,
                         state.per_run,
+                        &state.exclude,
                     )
                     .await?;
                     metadata.insert("filesSent".to_owned(), json!(synced.files_sent));
@@ -324,7 +333,15 @@ impl EnvironmentDriver for SshDriver {
             let Some(synced) = synced else {
                 return Ok(SyncReport::default());
             };
-            workspace::sync_back(&self.pool, &state.target, &state.dir, local, &synced).await
+            workspace::sync_back(
+                &self.pool,
+                &state.target,
+                &state.dir,
+                local,
+                &synced,
+                &state.exclude,
+            )
+            .await
         })
     }
 

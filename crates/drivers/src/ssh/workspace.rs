@@ -17,10 +17,11 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use berth_core::config::SyncExclude;
 use berth_core::driver::{DriverError, SyncReport};
 use russh::ChannelMsg;
 use serde::{Deserialize, Serialize};
@@ -68,11 +69,12 @@ pub struct SyncedIn {
     pub bytes_sent: u64,
 }
 
-/// Lists `dir` on the remote. A missing directory lists as empty.
+/// Lists `dir` on the remote, leaving out what `exclude` matches. A missing directory lists as empty.
 pub async fn list(
     pool: &Arc<Pool>,
     target: &SshTarget,
     dir: &str,
+    exclude: &SyncExclude,
 ) -> Result<RemoteListing, DriverError> {
     let script = format!(
         "cd -- {} 2>/dev/null || exit 0; exec find . -mindepth 1 \\( -type f -o -type d -o -type l \\) -printf '%y %m %s %T@ %P\\0%l\\0'",
@@ -85,7 +87,11 @@ pub async fn list(
             output.error_line()
         )));
     }
-    parse_listing(&output.stdout)
+    let mut listing = parse_listing(&output.stdout)?;
+    if !exclude.is_empty() {
+        listing.retain(|path, _| !exclude.matches(path));
+    }
+    Ok(listing)
 }
 
 fn parse_listing(bytes: &[u8]) -> Result<RemoteListing, DriverError> {
@@ -185,12 +191,16 @@ pub async fn sync_in(
     local: &Path,
     dir: &str,
     fresh: bool,
+    exclude: &SyncExclude,
 ) -> Result<SyncedIn, DriverError> {
-    let (host, mtimes) = scan_host(local).await?;
+    let (mut host, mtimes) = scan_host(local).await?;
+    if !exclude.is_empty() {
+        host.retain(|path| !exclude.matches(path));
+    }
     let before = if fresh {
         RemoteListing::new()
     } else {
-        list(pool, target, dir).await?
+        list(pool, target, dir, exclude).await?
     };
     let mut send = Vec::new();
     let mut clear = Vec::new();
@@ -239,7 +249,7 @@ pub async fn sync_in(
         .sum();
     // Even with nothing to send the directory must exist: the command runs there.
     upload(pool, target, local, dir, send).await?;
-    let remote = list(pool, target, dir).await?;
+    let remote = list(pool, target, dir, exclude).await?;
     tracing::debug!(dir, files_sent, bytes_sent, "workspace synced in");
     Ok(SyncedIn {
         host,
@@ -400,8 +410,9 @@ pub async fn sync_back(
     dir: &str,
     local: &Path,
     synced: &SyncedIn,
+    exclude: &SyncExclude,
 ) -> Result<SyncReport, DriverError> {
-    let now = list(pool, target, dir).await?;
+    let now = list(pool, target, dir, exclude).await?;
     let changed_paths: Vec<String> = now
         .iter()
         .filter(|(path, entry)| changed(synced.remote.get(*path), entry))
@@ -638,6 +649,8 @@ fn apply(
         match incoming {
             Entry::File { mode, .. } => {
                 report.bytes_written += sync::replace_with_file(&staged, &destination, mode)?;
+                // The remote's mtime, so that the next sync's quick check sees both sides in step.
+                set_mtime(&destination, remote.mtime)?;
             }
             Entry::Symlink { target: link } => sync::replace_with_symlink(&link, &destination)?,
             Entry::Dir { .. } => continue,
@@ -649,6 +662,19 @@ fn apply(
             .map_err(io_error(format!("setting the mode of {}", dir.display())))?;
     }
     Ok(report)
+}
+
+fn set_mtime(path: &Path, seconds: i64) -> Result<(), DriverError> {
+    let Ok(seconds) = u64::try_from(seconds) else {
+        return Ok(());
+    };
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)
+        .and_then(|file| file.set_modified(at))
+        .map_err(io_error(format!("setting the mtime of {}", path.display())))
 }
 
 /// Removes `dir` on the remote.
@@ -667,6 +693,21 @@ pub async fn remove(pool: &Arc<Pool>, target: &SshTarget, dir: &str) -> Result<(
             output.error_line()
         )))
     }
+}
+
+/// Kills every process of the remote user whose working directory is `dir` or below (Linux `/proc`; elsewhere a
+/// no-op).
+pub async fn kill_processes_in(
+    pool: &Arc<Pool>,
+    target: &SshTarget,
+    dir: &str,
+) -> Result<(), DriverError> {
+    let script = format!(
+        "d=$(cd -- {} 2>/dev/null && pwd -P) || exit 0; for p in /proc/[0-9]*; do c=$(readlink \"$p/cwd\" 2>/dev/null) || continue; \
+         case \"$c\" in \"$d\"|\"$d\"/*) kill -KILL \"${{p#/proc/}}\" 2>/dev/null;; esac; done; true",
+        shell_quote(dir)
+    );
+    control(pool, target, &script, None).await.map(drop)
 }
 
 /// Creates `dir` on the remote.

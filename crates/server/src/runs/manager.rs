@@ -30,6 +30,8 @@ use crate::store::Store;
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 /// A live run whose heartbeat is older than this has lost its node.
 pub const STALE_AFTER: Duration = Duration::from_secs(30);
+/// A cleanup still pending this long after it started is taken to have died with its node, and is retried.
+const STUCK_CLEANUP_AFTER: Duration = Duration::from_secs(120);
 /// Orphan and expiry sweep period when `BERTH_SWEEP_INTERVAL_MS` does not say otherwise.
 pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// Matches no node: the periodic sweep finds orphans by stale heartbeat only, never by owner.
@@ -297,6 +299,35 @@ impl RunManager {
                 }
             }
             Err(error) => tracing::warn!(error = %DisplayChain(&error), "lease sweep failed"),
+        }
+
+        // A node that died between releasing a lease and finishing its cleanup left it `pending`: try again.
+        let stuck_before =
+            Timestamp::from_unix_millis(now.unix_millis() - millis(STUCK_CLEANUP_AFTER));
+        match store.stuck_cleanups(stuck_before, owner_node, 100).await {
+            Ok(stuck) => {
+                for lease in stuck {
+                    if !matches!(store.claim_stuck_cleanup(&lease, now).await, Ok(true)) {
+                        continue;
+                    }
+                    let status = leases::cleanup(context, &lease, CleanupKind::Destroy, None).await;
+                    tracing::info!(lease.id = %lease.id, cleanup = %status, "retried an unfinished lease cleanup");
+                    let lease = berth_core::lease::Lease {
+                        cleanup_status: Some(status),
+                        ..lease
+                    };
+                    leases::record_activity(
+                        store,
+                        &lease,
+                        "lease.cleaned_up",
+                        leases::SWEEPER_ACTOR,
+                    )
+                    .await;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(error = %DisplayChain(&error), "cleanup retry sweep failed")
+            }
         }
 
         if let Err(error) = store.sweep_nonces(now).await {

@@ -71,6 +71,20 @@ const ORPHANED_LEASES: &str = concat!(
      WHERE runs.id = environment_leases.run_id AND runs.status IN ('queued', 'running')) \
      ORDER BY acquired_at, id LIMIT $1"
 );
+/// Released or expired leases whose cleanup was started before `$1`, or by node `$3`'s runs (a node restarting knows
+/// its own cleanups died with it), and never finished, and whose run is not alive.
+const STUCK_CLEANUPS: &str = concat!(
+    "SELECT ",
+    lease_columns!(),
+    " FROM environment_leases WHERE cleanup_status = 'pending' AND status IN ('released', 'expired') \
+     AND (released_at < $1 OR EXISTS (SELECT 1 FROM runs WHERE runs.id = environment_leases.run_id \
+     AND runs.owner_node = $3)) AND NOT EXISTS (SELECT 1 FROM runs \
+     WHERE runs.id = environment_leases.run_id AND runs.status IN ('queued', 'running')) \
+     ORDER BY released_at, id LIMIT $2"
+);
+/// Takes over a stuck cleanup: `released_at` doubles as the claim's version, so one sweeper wins.
+const CLAIM_STUCK_CLEANUP: &str = "UPDATE environment_leases SET released_at = $3 \
+     WHERE id = $1 AND cleanup_status = 'pending' AND released_at = $2";
 /// `expires_at < $1` is never true for a `NULL` expiry: leases without one do not expire.
 const EXPIRED_LEASES: &str = concat!(
     "SELECT ",
@@ -224,6 +238,47 @@ impl Store {
                 .await?
         });
         convert_all(rows)
+    }
+
+    /// Leases whose cleanup started before `started_before` (or for a run of `restarted_node`) and is still pending
+    /// while their run is gone: the node that was cleaning up died. A plain read; [`Store::claim_stuck_cleanup`]
+    /// decides who retries.
+    pub async fn stuck_cleanups(
+        &self,
+        started_before: Timestamp,
+        restarted_node: &str,
+        limit: u32,
+    ) -> Result<Vec<Lease>, StoreError> {
+        let rows: Vec<LeaseRow> = on_pool!(&self.db, |pool| {
+            sqlx::query_as(STUCK_CLEANUPS)
+                .bind(started_before.unix_millis())
+                .bind(i64::from(limit))
+                .bind(restarted_node)
+                .fetch_all(pool)
+                .await?
+        });
+        convert_all(rows)
+    }
+
+    /// Claims `lease`'s stuck cleanup for this caller; `false` when another sweeper got it first.
+    pub async fn claim_stuck_cleanup(
+        &self,
+        lease: &Lease,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let Some(released_at) = lease.released_at else {
+            return Ok(false);
+        };
+        let affected = on_pool!(&self.db, |pool| {
+            sqlx::query(CLAIM_STUCK_CLEANUP)
+                .bind(lease.id.to_string())
+                .bind(released_at.unix_millis())
+                .bind(now.unix_millis())
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(affected == 1)
     }
 
     /// Active or retained leases whose expires_at is before `now`, soonest expiry first, at most `limit`.
