@@ -607,13 +607,13 @@ mod tests {
             None
         );
 
-        driver.release(&lease, true).await.unwrap();
+        driver.release(&lease, true, None).await.unwrap();
         assert!(dir.is_dir(), "keep leaves the directory for inspection");
-        driver.release(&lease, false).await.unwrap();
+        driver.release(&lease, false, None).await.unwrap();
         assert!(!dir.exists());
         // Releasing twice, or destroying what is gone, is fine.
-        driver.release(&lease, false).await.unwrap();
-        driver.destroy(&lease).await.unwrap();
+        driver.release(&lease, false, None).await.unwrap();
+        driver.destroy(&lease, None).await.unwrap();
     }
 
     #[tokio::test]
@@ -659,7 +659,7 @@ mod tests {
         );
 
         // Release removes the run directory, never the project.
-        driver.destroy(&lease).await.unwrap();
+        driver.destroy(&lease, None).await.unwrap();
         assert!(project.join("sub/in.txt").exists());
 
         let missing = driver
@@ -746,21 +746,21 @@ mod tests {
             tampered
                 .metadata
                 .insert(WORKSPACE_DIR_KEY.to_owned(), bad.clone().into());
-            let err = driver.destroy(&tampered).await.unwrap_err();
+            let err = driver.destroy(&tampered, None).await.unwrap_err();
             assert_eq!(err.code(), "driver_failed", "{bad}");
-            assert!(driver.release(&tampered, false).await.is_err(), "{bad}");
+            assert!(driver.release(&tampered, false, None).await.is_err(), "{bad}");
         }
         assert!(victim.join("precious").exists());
         assert!(not_a_run.exists());
 
         let mut no_dir = lease.clone();
         no_dir.metadata.remove(WORKSPACE_DIR_KEY);
-        driver.destroy(&no_dir).await.unwrap();
+        driver.destroy(&no_dir, None).await.unwrap();
         let mut not_text = lease.clone();
         not_text
             .metadata
             .insert(WORKSPACE_DIR_KEY.to_owned(), 7.into());
-        assert!(driver.destroy(&not_text).await.is_err());
+        assert!(driver.destroy(&not_text, None).await.is_err());
     }
 
     #[tokio::test]

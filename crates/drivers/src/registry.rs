@@ -562,7 +562,7 @@ mod tests {
         assert_eq!(err.to_string(), "the plugin driver cannot run commands");
         assert!(
             plugin
-                .release(&LeaseHandle::default(), false)
+                .release(&LeaseHandle::default(), false, None)
                 .await
                 .is_err()
         );
@@ -679,8 +679,8 @@ mod tests {
                 .files_written,
             1
         );
-        driver.release(&lease, true).await.unwrap();
-        driver.destroy(&lease).await.unwrap();
+        driver.release(&lease, true, None).await.unwrap();
+        driver.destroy(&lease, None).await.unwrap();
 
         // Reuse goes through the provider, and only for leases of the provider the config names.
         let mut kept = lease.clone();
@@ -720,11 +720,11 @@ mod tests {
         // Leases of providers that are gone, or that name none, cannot be used.
         let mut orphan = lease.clone();
         orphan.provider = Some("e2b".to_owned());
-        let err = driver.release(&orphan, false).await.unwrap_err();
+        let err = driver.release(&orphan, false, None).await.unwrap_err();
         assert_eq!(err.code(), "provider_not_installed");
         orphan.provider = None;
         assert_eq!(
-            driver.destroy(&orphan).await.unwrap_err().code(),
+            driver.destroy(&orphan, None).await.unwrap_err().code(),
             "driver_failed"
         );
 

@@ -736,6 +736,7 @@ mod tests {
                 // src/nested/deep.txt, locked.txt.
                 files_deleted: 2,
                 bytes_written: 8 + 13 + 9 + 4,
+                conflicts: Vec::new(),
             }
         );
 

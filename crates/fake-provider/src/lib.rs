@@ -1077,6 +1077,7 @@ mod tests {
                 files_written: 1,
                 files_deleted: 1,
                 bytes_written: 3,
+                conflicts: Vec::new(),
             }
         );
         assert_eq!(

@@ -499,11 +499,9 @@ async fn download(
         let (mut status, mut stderr) = (None, Vec::new());
         while let Some(message) = session.channel.wait().await {
             match message {
-                ChannelMsg::Data { data } => {
-                    if chunks.send(data.to_vec()).await.is_err() {
-                        break;
-                    }
-                }
+                // The unpacker stopped (it failed): its error says why.
+                ChannelMsg::Data { data } if chunks.send(data.to_vec()).await.is_err() => break,
+                ChannelMsg::Data { .. } => {}
                 ChannelMsg::ExtendedData { data, .. } => stderr.extend_from_slice(&data),
                 ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
                 ChannelMsg::Close => break,
