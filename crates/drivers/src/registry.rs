@@ -504,7 +504,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn ssh_configs_are_valid_but_cannot_run() {
+    async fn ssh_leases_on_a_dead_host_fail_with_what_failed() {
         let temp = tempfile::tempdir().unwrap();
         let (_, providers) = with_stub();
         let config = parse(
@@ -529,10 +529,10 @@ mod tests {
             .acquire(&config, &lease_request())
             .await
             .unwrap_err();
-        assert_eq!(err.code(), "driver_unsupported");
-        assert_eq!(
-            err.to_string(),
-            "the ssh driver cannot run commands yet (this build probes ssh hosts)"
+        assert_eq!(err.code(), "driver_failed");
+        assert!(
+            err.to_string().starts_with("cannot connect to ci@127.0.0.1:1"),
+            "{err}"
         );
     }
 
