@@ -674,3 +674,59 @@ async fn excluded_paths_are_neither_sent_nor_brought_back() {
     assert!(local.path().join("web/node_modules/dep/index.js").exists());
     server.stop().await;
 }
+
+#[tokio::test]
+async fn password_authentication_runs_commands_and_a_wrong_password_is_refused() {
+    let (sshd, user) = TestSshd::start_with_password_user();
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let config = json!({
+        "host": "127.0.0.1",
+        "port": sshd.port,
+        "username": user.name,
+        "password": user.password,
+        "knownHosts": sshd.known_hosts,
+        "remoteWorkspacePath": user.workspace,
+    });
+
+    let mut wrong = config.clone();
+    wrong["password"] = json!("not-the-password");
+    let (_, probe) = server
+        .post(
+            &format!("/api/companies/{company}/environments/probe-config"),
+            json!({"driver": "ssh", "config": wrong}),
+        )
+        .await;
+    assert_eq!(probe["ok"], false, "{probe}");
+    assert!(
+        probe["summary"]
+            .as_str()
+            .unwrap()
+            .contains("authentication refused"),
+        "{probe}"
+    );
+
+    let (status, env) = server
+        .post(
+            &format!("/api/companies/{company}/environments"),
+            json!({"name": "pw", "driver": "ssh", "config": config}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{env}");
+    assert!(
+        env["config"].get("password").is_none() && env["config"]["passwordSecretRef"].is_string()
+    );
+    let (run, events) = run_to_end(
+        &server,
+        &company,
+        json!({"environmentId": env["id"], "command": ["id", "-un"], "bridge": false}),
+    )
+    .await;
+    assert_eq!(run["status"], "succeeded", "{run} {events:?}");
+    assert_eq!(text_of(&events, "stdout"), format!("{}\n", user.name));
+    let logs = server.stop().await;
+    assert!(
+        !logs.contains(&user.password),
+        "the password reached the logs"
+    );
+}

@@ -35,6 +35,21 @@ pub struct TestSshd {
 impl TestSshd {
     /// Starts sshd and waits until it accepts connections. Panics when OpenSSH is not installed: these tests never skip.
     pub fn start() -> Self {
+        Self::start_with_config("")
+    }
+
+    /// Starts sshd with a throwaway system user that logs in with a password (only that user may); the user is
+    /// deleted when the returned [`PasswordUser`] drops. Needs root, as the README test command runs.
+    pub fn start_with_password_user() -> (Self, PasswordUser) {
+        let user = PasswordUser::create();
+        let sshd = Self::start_with_config(&format!(
+            "Match User {}\n    PasswordAuthentication yes\n",
+            user.name
+        ));
+        (sshd, user)
+    }
+
+    fn start_with_config(extra: &str) -> Self {
         assert!(
             Path::new(SSHD).exists(),
             "openssh-server is not installed: run the README test command"
@@ -65,7 +80,7 @@ impl TestSshd {
             let port = free_port();
             std::fs::write(
                 &config_file,
-                config_text(port, &host_key, &authorized_keys, &root.join("sshd.pid")),
+                config_text(port, &host_key, &authorized_keys, &root.join("sshd.pid")) + extra,
             )
             .expect("write sshd_config");
             let log = std::fs::OpenOptions::new()
@@ -194,6 +209,77 @@ impl TestSshd {
 impl Drop for TestSshd {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A system user with a password, for password authentication; removed on drop.
+#[derive(Debug)]
+pub struct PasswordUser {
+    pub name: String,
+    pub password: String,
+    /// A directory the user owns, for `remoteWorkspacePath`.
+    pub workspace: PathBuf,
+    _dir: TempDir,
+}
+
+impl PasswordUser {
+    fn create() -> Self {
+        let suffix: String = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+        let name = format!("berthpw{suffix}");
+        let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+        let status = Command::new("useradd")
+            .args(["-M", "-d", "/nonexistent", "-s", "/bin/sh", &name])
+            .status()
+            .expect("run useradd (the password tests need root)");
+        assert!(
+            status.success(),
+            "useradd {name} failed (the password tests need root)"
+        );
+        let mut chpasswd = Command::new("chpasswd")
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("run chpasswd");
+        std::io::Write::write_all(
+            chpasswd.stdin.as_mut().expect("chpasswd stdin"),
+            format!("{name}:{password}\n").as_bytes(),
+        )
+        .expect("write to chpasswd");
+        drop(chpasswd.stdin.take());
+        assert!(
+            chpasswd.wait().expect("chpasswd").success(),
+            "chpasswd failed"
+        );
+        // The user must reach its workspace: a world-traversable parent, a directory of its own inside.
+        let dir = tempfile::Builder::new()
+            .prefix("berth-pw-")
+            .tempdir_in("/tmp")
+            .expect("temp dir for the password user");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod the password user's dir");
+        let workspace = dir.path().join("workspace");
+        std::fs::create_dir(&workspace).expect("create the password user's workspace");
+        let status = Command::new("chown")
+            .arg(&name)
+            .arg(&workspace)
+            .status()
+            .expect("run chown");
+        assert!(status.success());
+        Self {
+            name,
+            password,
+            workspace,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for PasswordUser {
+    fn drop(&mut self) {
+        // Its processes first: userdel refuses a user that is logged in.
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-u", &self.name])
+            .status();
+        let _ = Command::new("userdel").arg(&self.name).status();
     }
 }
 
