@@ -730,3 +730,44 @@ async fn password_authentication_runs_commands_and_a_wrong_password_is_refused()
         "the password reached the logs"
     );
 }
+
+/// A fresh key pair of `kind` (`ssh-keygen -t`), optionally encrypted: (private PEM, public line).
+fn key_pair(kind: &str, passphrase: &str) -> (String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("key");
+    let status = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", kind, "-N", passphrase, "-f"])
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    (
+        fs::read_to_string(&path).unwrap(),
+        fs::read_to_string(path.with_extension("pub")).unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn rsa_ecdsa_and_encrypted_keys_authenticate() {
+    let sshd = TestSshd::start();
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    for (kind, passphrase) in [("rsa", ""), ("ecdsa", ""), ("ed25519", "open sesame")] {
+        let (private, public) = key_pair(kind, passphrase);
+        sshd.authorize(&public);
+        let mut extra = json!({"privateKey": private});
+        if !passphrase.is_empty() {
+            extra["password"] = json!(passphrase);
+        }
+        let env = ssh_env(&server, &company, &sshd, extra).await;
+        let (run, events) = run_to_end(
+            &server,
+            &company,
+            json!({"environmentId": env, "command": ["echo", kind], "bridge": false}),
+        )
+        .await;
+        assert_eq!(run["status"], "succeeded", "{kind}: {run} {events:?}");
+        assert_eq!(text_of(&events, "stdout"), format!("{kind}\n"));
+    }
+    server.stop().await;
+}

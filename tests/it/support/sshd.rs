@@ -188,6 +188,16 @@ impl TestSshd {
         )
     }
 
+    /// Lets `public_key` (an `authorized_keys` line) log in too.
+    pub fn authorize(&self, public_key: &str) {
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self._dir.path().join("authorized_keys"))
+            .expect("open authorized_keys");
+        std::io::Write::write_all(&mut file, format!("{}\n", public_key.trim()).as_bytes())
+            .expect("append to authorized_keys");
+    }
+
     /// The listening sshd's pid: its children are the per-connection processes.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(Child::id).expect("sshd is running")

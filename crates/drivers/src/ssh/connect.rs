@@ -229,9 +229,18 @@ async fn authenticate(
     let mut tried = false;
     if let Some(pem) = &config.private_key {
         tried = true;
-        let key = russh::keys::decode_secret_key(pem.expose_secret(), None).map_err(|_| {
-            "the private key cannot be read (is it an OpenSSH key without a passphrase?)".to_owned()
-        })?;
+        // An encrypted key opens with the password as its passphrase.
+        let key = russh::keys::decode_secret_key(pem.expose_secret(), None)
+            .or_else(|error| match &config.password {
+                Some(passphrase) => {
+                    russh::keys::decode_secret_key(pem.expose_secret(), Some(passphrase.expose_secret()))
+                }
+                None => Err(error),
+            })
+            .map_err(|_| {
+                "the private key cannot be read (an OpenSSH or PEM key; an encrypted one needs its passphrase as the password)"
+                    .to_owned()
+            })?;
         let hash = session
             .best_supported_rsa_hash()
             .await
