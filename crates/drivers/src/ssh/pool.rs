@@ -23,6 +23,8 @@ use super::connect::{self, ClientHandler, ConnectError, ForwardRoutes};
 pub const SESSIONS_PER_CONNECTION: usize = 8;
 /// Connections opened to one target before callers queue for a session instead.
 pub const CONNECTIONS_PER_TARGET: usize = 8;
+/// A connection nobody used for this long, with no session or forward open, is closed.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Everything needed to reach a host as a user, with the credential decrypted. Its `Debug` never shows secrets.
 #[derive(Clone)]
@@ -110,6 +112,7 @@ pub struct Connection {
     routes: ForwardRoutes,
     sessions: Arc<Semaphore>,
     target: String,
+    last_used: Mutex<std::time::Instant>,
 }
 
 impl fmt::Debug for Connection {
@@ -137,6 +140,22 @@ impl Connection {
 
     fn is_usable(&self) -> bool {
         !self.handle.is_closed()
+    }
+
+    fn touch(&self) {
+        if let Ok(mut last_used) = self.last_used.lock() {
+            *last_used = std::time::Instant::now();
+        }
+    }
+
+    /// Unused for [`IDLE_TIMEOUT`]: no session, no forward, no recent caller.
+    fn is_idle(&self) -> bool {
+        let quiet = self
+            .last_used
+            .lock()
+            .is_ok_and(|last_used| last_used.elapsed() >= IDLE_TIMEOUT);
+        let forwards = self.routes.lock().map_or(1, |routes| routes.len());
+        quiet && forwards == 0 && self.sessions.available_permits() == SESSIONS_PER_CONNECTION
     }
 }
 
@@ -191,6 +210,7 @@ impl Pool {
         let mut retried = false;
         loop {
             let (connection, permit) = self.session_slot(&key, target).await?;
+            connection.touch();
             match connection.handle.channel_open_session().await {
                 Ok(channel) => {
                     return Ok(SessionChannel {
@@ -218,6 +238,7 @@ impl Pool {
     pub async fn connection(&self, target: &SshTarget) -> Result<Arc<Connection>, DriverError> {
         let key = target.key();
         if let Some(connection) = self.usable(&key).into_iter().next() {
+            connection.touch();
             return Ok(connection);
         }
         self.connect_new(&key, target, true).await
@@ -262,13 +283,17 @@ impl Pool {
         Ok((connection, permit))
     }
 
+    /// The live connections to `key`. Closed and idle connections to every target are dropped on the way, so the
+    /// pool shrinks back once a host is no longer used.
     fn usable(&self, key: &PoolKey) -> Vec<Arc<Connection>> {
         let Ok(mut connections) = self.connections.lock() else {
             return Vec::new();
         };
-        let list = connections.entry(key.clone()).or_default();
-        list.retain(|connection| connection.is_usable());
-        list.clone()
+        for list in connections.values_mut() {
+            list.retain(|connection| connection.is_usable() && !connection.is_idle());
+        }
+        connections.retain(|_, list| !list.is_empty());
+        connections.get(key).cloned().unwrap_or_default()
     }
 
     fn discard(&self, key: &PoolKey, connection: &Arc<Connection>) {
@@ -316,6 +341,7 @@ impl Pool {
             routes: connected.routes,
             sessions: Arc::new(Semaphore::new(SESSIONS_PER_CONNECTION)),
             target: target.display(),
+            last_used: Mutex::new(std::time::Instant::now()),
         });
         tracing::debug!(target = %connection.target, "new pooled ssh connection");
         if let Ok(mut connections) = self.connections.lock() {
