@@ -267,6 +267,12 @@ async fn the_readme_quickstart_works() {
         .output()
         .await
         .unwrap();
+    // The quickstart's lab sshd must not outlive the test, whichever line failed.
+    let _ = tokio::process::Command::new(berth_bin())
+        .args(["lab", "ssh", "down"])
+        .env("BERTH_DATA_DIR", &server.data_dir)
+        .output()
+        .await;
     assert!(
         output.status.success(),
         "quickstart failed\nstdout: {}\nstderr: {}",
@@ -292,6 +298,12 @@ async fn the_readme_quickstart_works() {
             .count(),
         1
     );
+    // Each of its runs did what it says: here, in the sandbox, and over ssh (synced back).
+    let printed = stdout(&output);
+    for line in ["print me\nmade-in-sandbox", "hi over ssh"] {
+        assert!(printed.contains(line), "{printed}");
+    }
+    assert!(!names.contains(&"ssh-lab"), "{names:?}");
     server.stop().await;
 }
 
