@@ -771,3 +771,41 @@ async fn rsa_ecdsa_and_encrypted_keys_authenticate() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_kept_persistent_lease_is_resumed_by_the_next_run() {
+    let sshd = TestSshd::start();
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let env = ssh_env(
+        &server,
+        &company,
+        &sshd,
+        json!({"workspaceMode": "persistent"}),
+    )
+    .await;
+    let body = json!({
+        "environmentId": env,
+        "command": ["sh", "-c", "cat counter 2>/dev/null || echo 0; echo 1 > counter"],
+        "leasePolicy": "reuse_by_environment",
+        "bridge": false,
+    });
+    let (first, events) = run_to_end(&server, &company, body.clone()).await;
+    assert_eq!(first["status"], "succeeded", "{first}");
+    assert_eq!(text_of(&events, "stdout"), "0\n");
+    assert_eq!(lease_of(&server, &first).await["status"], "retained");
+
+    let (second, events) = run_to_end(&server, &company, body).await;
+    assert_eq!(second["status"], "succeeded", "{second}");
+    assert_eq!(
+        text_of(&events, "stdout"),
+        "1\n",
+        "the same directory, resumed"
+    );
+    let acquired = events
+        .iter()
+        .find(|event| event["type"] == "lease" && event["data"]["status"] == "active")
+        .unwrap();
+    assert_eq!(acquired["data"]["resumed"], true, "{acquired}");
+    server.stop().await;
+}

@@ -748,7 +748,10 @@ mod tests {
                 .insert(WORKSPACE_DIR_KEY.to_owned(), bad.clone().into());
             let err = driver.destroy(&tampered, None).await.unwrap_err();
             assert_eq!(err.code(), "driver_failed", "{bad}");
-            assert!(driver.release(&tampered, false, None).await.is_err(), "{bad}");
+            assert!(
+                driver.release(&tampered, false, None).await.is_err(),
+                "{bad}"
+            );
         }
         assert!(victim.join("precious").exists());
         assert!(not_a_run.exists());

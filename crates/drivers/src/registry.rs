@@ -531,7 +531,8 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.code(), "driver_failed");
         assert!(
-            err.to_string().starts_with("cannot connect to ci@127.0.0.1:1"),
+            err.to_string()
+                .starts_with("cannot connect to ci@127.0.0.1:1"),
             "{err}"
         );
     }

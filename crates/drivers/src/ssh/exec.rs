@@ -232,6 +232,10 @@ async fn supervise(
                             "the remote shell did not start the berth bootstrap (is the login shell POSIX?)",
                         ));
                     }
+                    if killed.is_some() {
+                        // The kill came before the pid: deliver it now.
+                        kill_group(pool, target, pgid).await;
+                    }
                     if !rest.is_empty() {
                         sink.output(OutputStream::Stdout, &rest).await;
                     }
@@ -316,7 +320,7 @@ fn remote_cwd(dir: &str, request: &ExecRequest) -> Result<String, DriverError> {
 /// Kills the command's process group and waits for the kill to be delivered.
 async fn kill_group(pool: &Arc<Pool>, target: &SshTarget, pgid: Option<u32>) {
     let Some(pgid) = pgid else {
-        // Killed before the bootstrap reported its pid: closing the channel is all there is (sshd then hangs up).
+        // Before the bootstrap reported its pid: the supervisor kills as soon as the pid arrives.
         return;
     };
     let script = format!("kill -KILL -- -{pgid} 2>/dev/null; true");

@@ -92,13 +92,12 @@ impl SshDriver {
         kill_leftovers: bool,
     ) -> Result<(), DriverError> {
         let key = lease_key(lease)?;
-        let live = self.leases.lock().ok().and_then(|mut leases| {
-            if keep {
-                leases.get(&key).cloned()
-            } else {
-                leases.remove(&key)
-            }
-        });
+        // Kept or not, the decrypted target leaves memory: a resume connects again from the config.
+        let live = self
+            .leases
+            .lock()
+            .ok()
+            .and_then(|mut leases| leases.remove(&key));
         if keep {
             return Ok(());
         }
