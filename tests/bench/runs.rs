@@ -30,6 +30,8 @@ use berth_core::time::Timestamp;
 use berth_drivers::local::LocalDriver;
 use berth_drivers::registry::{DriverRegistry, ProviderRegistry};
 use berth_server::runs::leases;
+use berth_server::runs::manager::RunContext;
+use berth_server::secrets::SecretCipher;
 use berth_server::store::Store;
 use futures::StreamExt;
 use reqwest::StatusCode;
@@ -170,12 +172,18 @@ async fn lease_cycles(label: &str, store: Store, cycles: usize) {
         Arc::new(ProviderRegistry::new()),
     ));
     let driver = drivers.get(environment.driver);
+    let context = Arc::new(RunContext {
+        store: store.clone(),
+        drivers: drivers.clone(),
+        cipher: Arc::new(SecretCipher::new(&[7; 32])),
+        bridge: None,
+    });
     let workers = 8;
     let started = Instant::now();
     let tasks = (0..workers).map(|_| {
-        let (store, drivers, driver, environment) = (
+        let (store, context, driver, environment) = (
             store.clone(),
-            drivers.clone(),
+            context.clone(),
             driver.clone(),
             environment.clone(),
         );
@@ -191,7 +199,7 @@ async fn lease_cycles(label: &str, store: Store, cycles: usize) {
                 )
                 .await
                 .unwrap();
-                leases::release(&store, &drivers, &held, false, None)
+                leases::release(&context, &held, &DriverConfig::Local, false, None)
                     .await
                     .unwrap()
                     .unwrap();

@@ -640,6 +640,108 @@ async fn ten_megabytes_of_output_arrive_intact() {
     server.stop().await;
 }
 
+/// Deterministic multi-byte text (1- to 4-byte characters, newlines, NULs) of about `bytes` bytes.
+pub(crate) fn multibyte_text(seed: usize, bytes: usize) -> String {
+    const PIECES: [&str; 8] = ["a", "é", "€", "😀", "\n", "字", "\u{0}", "\"q\\"];
+    let mut text = String::with_capacity(bytes + 4);
+    let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    while text.len() < bytes {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        text.push_str(PIECES[(state >> 33) % PIECES.len()]);
+    }
+    text
+}
+
+/// The events of an SSE body: the JSON of each `data:` line.
+fn sse_events(body: &str) -> Vec<Value> {
+    body.split("\n\n")
+        .filter_map(|block| block.lines().find_map(|line| line.strip_prefix("data: ")))
+        .map(|data| serde_json::from_str(data).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_megabytes_of_multibyte_output_on_both_streams_replay_byte_exact() {
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    // 24 pieces of ~420 KB, alternating streams. Characters of up to 4 bytes straddle every pipe read (the driver
+    // reads at most 256 KiB, `cat` writes 128 KiB at a time), and both pipes fill while the other is written.
+    let pieces_dir = tempfile::tempdir().unwrap();
+    let (mut stdout, mut stderr) = (String::new(), String::new());
+    let mut script = String::new();
+    for index in 0..24 {
+        let piece = multibyte_text(index, 420_000 + index * 7);
+        let path = pieces_dir.path().join(format!("piece-{index}"));
+        std::fs::write(&path, &piece).unwrap();
+        let to_stderr = index % 3 == 1;
+        script.push_str(&format!(
+            "cat '{}'{}\n",
+            path.display(),
+            if to_stderr { " >&2" } else { "" }
+        ));
+        if to_stderr { &mut stderr } else { &mut stdout }.push_str(&piece);
+    }
+    assert!(stdout.len() + stderr.len() > 10_000_000);
+    let run_id = start_run(
+        &server,
+        &company,
+        json!({"command": ["sh", "-c", script], "timeoutMs": 120000}),
+    )
+    .await;
+    // Followed live from the start, so the stream reads while the output is written.
+    let stream = reqwest::Client::new()
+        .get(format!("{}/api/runs/{run_id}/events", server.url))
+        .bearer_auth(&server.admin_token)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), StatusCode::OK);
+    let body = tokio::time::timeout(Duration::from_secs(120), stream.text())
+        .await
+        .expect("the stream ends after the final event")
+        .unwrap();
+    let followed = sse_events(&body);
+    assert_eq!(
+        followed.last().unwrap()["data"]["status"],
+        "succeeded",
+        "{:?}",
+        followed.last()
+    );
+
+    let listed = all_events(&server, &run_id).await;
+    assert_dense(&listed);
+    assert_eq!(text_of(&listed, "stdout"), stdout, "stdout via JSON");
+    assert_eq!(text_of(&listed, "stderr"), stderr, "stderr via JSON");
+    assert_eq!(followed, listed, "SSE and JSON carry the same events");
+    // Replayed after the run, from the middle.
+    let middle = listed[listed.len() / 2]["seq"].as_i64().unwrap();
+    let replay = reqwest::Client::new()
+        .get(format!(
+            "{}/api/runs/{run_id}/events?after={middle}",
+            server.url
+        ))
+        .bearer_auth(&server.admin_token)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(sse_events(&replay), listed[listed.len() / 2 + 1..].to_vec());
+
+    // The bytes went to the run's segment file beside the database, not into its rows.
+    let segment = server.data_dir.join("berth.db-output").join(&run_id);
+    assert_eq!(
+        std::fs::metadata(&segment).unwrap().len(),
+        (stdout.len() + stderr.len()) as u64
+    );
+    server.stop().await;
+}
+
 async fn many_concurrent_runs(server: &TestServer, count: usize) {
     let company = server.default_company().await;
     let env = sandbox_env(server, &company, json!({"provider": "fake"})).await;

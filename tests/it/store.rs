@@ -22,6 +22,7 @@ use berth_server::store::{
     Backend, ConflictKind, EnvironmentFilter, NewActivity, Store, StoreError, StoredSecret,
 };
 
+use crate::runs::multibyte_text;
 use crate::support::db::TestDb;
 
 /// For each named `async fn(&TestDb)`, a module with one test per backend.
@@ -70,6 +71,7 @@ both_backends!(
     failing_an_orphaned_run_happens_once,
     runs_outlive_their_environment,
     events_are_listed_after_a_seq,
+    large_output_round_trips_and_goes_with_its_run,
     concurrent_appenders_get_dense_seqs,
     lease_transitions_happen_once,
     a_retained_lease_is_claimed_or_released_once,
@@ -183,6 +185,20 @@ fn event(kind: EventKind, data: Value) -> NewRunEvent {
         kind,
         data,
     }
+}
+
+/// `sent` as the first events of `run_id` are stored: seqs from 1.
+fn as_stored(run_id: RunId, sent: &[NewRunEvent]) -> Vec<RunEvent> {
+    sent.iter()
+        .zip(1..)
+        .map(|(sent, seq)| RunEvent {
+            run_id,
+            seq,
+            at: sent.at,
+            kind: sent.kind,
+            data: sent.data.clone(),
+        })
+        .collect()
 }
 
 /// A second store on the same database: another server replica.
@@ -1576,17 +1592,7 @@ async fn events_are_listed_after_a_seq(db: &TestDb) {
         .append_events(subject.id, batch.to_vec())
         .await
         .unwrap();
-    let expected: Vec<RunEvent> = batch
-        .iter()
-        .zip(1..)
-        .map(|(sent, seq)| RunEvent {
-            run_id: subject.id,
-            seq,
-            at: sent.at,
-            kind: sent.kind,
-            data: sent.data.clone(),
-        })
-        .collect();
+    let expected = as_stored(subject.id, &batch);
     assert_eq!(appended, expected);
     assert_eq!(
         store.list_events(subject.id, 0, 100).await.unwrap(),
@@ -1654,6 +1660,185 @@ async fn events_are_listed_after_a_seq(db: &TestDb) {
         .await
         .unwrap_err();
     assert_eq!(err.code(), "database_error");
+}
+
+/// The SQLite database file behind a test database.
+fn sqlite_file(db: &TestDb) -> std::path::PathBuf {
+    std::path::PathBuf::from(db.url().strip_prefix("sqlite://").unwrap())
+}
+
+async fn large_output_round_trips_and_goes_with_its_run(db: &TestDb) {
+    let store = db.store();
+    let acme = new_company(store, "acme").await;
+    let subject = run(acme.id, RunStatus::Running, 1_000);
+    insert_runs(store, &[&subject]).await;
+
+    // Output of both streams, interleaved with other events and with output-kind events that are not plain text.
+    let mut sent = vec![event(EventKind::Status, json!({"status": "running"}))];
+    for index in 0..24 {
+        let kind = if index % 3 == 2 {
+            EventKind::Stderr
+        } else {
+            EventKind::Stdout
+        };
+        sent.push(event(
+            kind,
+            json!({"text": multibyte_text(index, 200_000 + index)}),
+        ));
+        if index % 5 == 0 {
+            sent.push(event(
+                EventKind::Bridge,
+                json!({"text": "not output", "status": 200}),
+            ));
+            sent.push(event(
+                EventKind::Stdout,
+                json!({"text": "", "note": "kept in data"}),
+            ));
+            sent.push(event(EventKind::Stderr, json!({"text": ""})));
+        }
+    }
+    sent.push(event(EventKind::Status, json!({"status": "succeeded"})));
+    let mut appended = Vec::new();
+    for batch in sent.chunks(7) {
+        appended.extend(
+            store
+                .append_events(subject.id, batch.to_vec())
+                .await
+                .unwrap(),
+        );
+    }
+    let expected = as_stored(subject.id, &sent);
+    assert_eq!(appended, expected);
+
+    // Listed whole, paged from any seq, and from another replica: the same events, byte for byte.
+    let everything = u32::try_from(expected.len()).unwrap();
+    assert_eq!(
+        store.list_events(subject.id, 0, everything).await.unwrap(),
+        expected
+    );
+    let mut paged = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = store.list_events(subject.id, after, 4).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        paged.extend(page);
+    }
+    assert_eq!(paged, expected);
+    let other = replica(db).await;
+    assert_eq!(
+        other.list_events(subject.id, 3, 5).await.unwrap(),
+        expected[3..8].to_vec()
+    );
+    other.close().await;
+
+    let output_bytes: usize = sent
+        .iter()
+        .filter(|event| matches!(event.kind, EventKind::Stdout | EventKind::Stderr))
+        .filter(|event| event.data.as_object().unwrap().len() == 1)
+        .map(|event| event.data["text"].as_str().unwrap().len())
+        .sum();
+    let segment_file = || {
+        let mut name = sqlite_file(db).into_os_string();
+        name.push("-output");
+        std::path::PathBuf::from(name).join(subject.id.to_string())
+    };
+    let mut raw = Raw::connect(db).await;
+    const DATA_OF: &str = "SELECT data FROM run_events WHERE run_id = $1 AND seq = 2";
+    let stored = raw.text(DATA_OF, subject.id.to_string()).await;
+    match db.backend() {
+        // The bytes are in the run's segment file; the row only points at them.
+        Backend::Sqlite => {
+            assert_eq!(stored, "{}");
+            let file = std::fs::metadata(segment_file()).unwrap();
+            assert_eq!(file.len(), output_bytes as u64);
+        }
+        // Replicas read each other's runs: the bytes stay in the database.
+        Backend::Postgres => assert_eq!(
+            serde_json::from_str::<Value>(&stored).unwrap(),
+            sent[1].data
+        ),
+    }
+
+    // Deleting the company cascades to the run and its events; its output goes when the store next opens.
+    const DELETE_COMPANY: &str = "DELETE FROM companies WHERE id = $1";
+    assert_eq!(raw.execute(DELETE_COMPANY, acme.id.to_string()).await, 1);
+    raw.close().await;
+    let reopened = replica(db).await;
+    assert!(
+        reopened
+            .list_events(subject.id, 0, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    reopened.close().await;
+    if db.backend() == Backend::Sqlite {
+        assert!(
+            !segment_file().exists(),
+            "the segment file of a deleted run is removed"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_output_that_did_not_survive_lists_what_is_left() {
+    let db = TestDb::sqlite().await;
+    let store = db.store();
+    let acme = new_company(store, "acme").await;
+    let subject = run(acme.id, RunStatus::Running, 1_000);
+    insert_runs(store, &[&subject]).await;
+    store
+        .append_events(
+            subject.id,
+            vec![
+                event(EventKind::Stdout, json!({"text": "first\n"})),
+                event(EventKind::Stderr, json!({"text": "second\n"})),
+            ],
+        )
+        .await
+        .unwrap();
+    // A power loss can lose the newest bytes of a file while the database kept the rows (neither is fsynced).
+    let mut name = sqlite_file(&db).into_os_string();
+    name.push("-output");
+    let file = std::path::PathBuf::from(name).join(subject.id.to_string());
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(9)
+        .unwrap();
+    let listed = store.list_events(subject.id, 0, 10).await.unwrap();
+    assert_eq!(
+        ids(&listed, |event| event.data.clone()),
+        [json!({"text": "first\n"}), json!({"text": "sec"})]
+    );
+    std::fs::remove_file(&file).unwrap();
+    let listed = store.list_events(subject.id, 0, 10).await.unwrap();
+    assert_eq!(
+        ids(&listed, |event| event.data.clone()),
+        [json!({"text": ""}), json!({"text": ""})]
+    );
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn sqlite_in_memory_keeps_output_in_the_database() {
+    let store = Store::connect("sqlite::memory:").await.unwrap();
+    let acme = new_company(&store, "acme").await;
+    let subject = run(acme.id, RunStatus::Running, 1_000);
+    insert_runs(&store, &[&subject]).await;
+    let sent = vec![event(
+        EventKind::Stdout,
+        json!({"text": multibyte_text(1, 70_000)}),
+    )];
+    let appended = store.append_events(subject.id, sent.clone()).await.unwrap();
+    assert_eq!(appended[0].data, sent[0].data);
+    assert_eq!(
+        store.list_events(subject.id, 0, 10).await.unwrap(),
+        appended
+    );
+    store.close().await;
 }
 
 async fn concurrent_appenders_get_dense_seqs(db: &TestDb) {

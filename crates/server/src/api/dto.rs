@@ -403,25 +403,27 @@ impl From<&berth_core::run::Run> for RunResponse {
     }
 }
 
+/// Borrows the event's data: output events carry up to hundreds of KiB of text, serialized straight from the store's
+/// value.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct EventResponse {
+pub struct EventResponse<'a> {
     pub seq: i64,
     pub run_id: String,
     pub at: String,
     #[serde(rename = "type")]
     pub kind: &'static str,
-    pub data: Value,
+    pub data: &'a Value,
 }
 
-impl From<&berth_core::run::RunEvent> for EventResponse {
-    fn from(event: &berth_core::run::RunEvent) -> Self {
+impl<'a> From<&'a berth_core::run::RunEvent> for EventResponse<'a> {
+    fn from(event: &'a berth_core::run::RunEvent) -> Self {
         Self {
             seq: event.seq,
             run_id: event.run_id.to_string(),
             at: rfc3339(event.at),
             kind: event.kind.as_str(),
-            data: event.data.clone(),
+            data: &event.data,
         }
     }
 }

@@ -289,12 +289,15 @@ fn is_final(event: &RunEvent) -> bool {
 }
 
 fn sse_event(event: &RunEvent) -> Event {
-    let payload =
-        serde_json::to_string(&EventResponse::from(event)).unwrap_or_else(|_| "{}".to_owned());
-    Event::default()
+    let frame = Event::default()
         .id(event.seq.to_string())
-        .event(event.kind.as_str())
-        .data(payload)
+        .event(event.kind.as_str());
+    // Serialized straight into the frame: no intermediate copy of a large output event.
+    match frame.clone().json_data(EventResponse::from(event)) {
+        Ok(frame) => frame,
+        // Cannot happen for a JSON value; an empty object keeps the stream going.
+        Err(_) => frame.data("{}"),
+    }
 }
 
 async fn load_run(state: &AppState, id: &str) -> Result<Run, ApiError> {

@@ -26,8 +26,14 @@
 //! Several server replicas may share one PostgreSQL database, so nothing relies on in-process locks. Run and lease
 //! state changes are single conditional statements (`UPDATE .. WHERE status = <expected>`) that exactly one concurrent
 //! caller wins, and appending run events locks the run's row (`SELECT .. FOR UPDATE`) so seqs stay dense.
+//!
+//! # Output
+//!
+//! On a SQLite file, the bytes of stdout/stderr events live in per-run segment files beside the database (see
+//! `output`), and their rows point at them; listing events puts the text back, so callers see one event shape on
+//! both backends.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -42,6 +48,7 @@ use berth_core::ids::{CompanyId, EnvironmentId, SecretId};
 use berth_core::time::Timestamp;
 
 pub use self::error::{ConflictKind, StoreError};
+use self::output::OutputSegments;
 
 /// Runs `$body` with `$pool` bound to the active pool (`&SqlitePool` or `&PgPool`).
 ///
@@ -86,6 +93,7 @@ mod environments;
 mod error;
 mod leases;
 mod nonces;
+mod output;
 mod rows;
 mod runs;
 mod secrets;
@@ -111,6 +119,9 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone, Debug)]
 pub struct Store {
     db: Db,
+    /// Where output bytes go instead of `run_events.data`: set for a SQLite database file, `None` for PostgreSQL
+    /// (replicas must read each other's runs) and in-memory SQLite (nothing to keep them beside).
+    output: Option<OutputSegments>,
 }
 
 /// Which database a [`Store`] talks to.
@@ -183,10 +194,14 @@ impl Store {
     /// connection that is never recycled, since every SQLite connection to `:memory:` would otherwise see its own
     /// empty database), and `postgres://…` / `postgresql://…`.
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
-        let db = if url.starts_with("sqlite:") {
-            Db::Sqlite(connect_sqlite(url).await?)
+        let (db, output) = if url.starts_with("sqlite:") {
+            let (pool, file) = connect_sqlite(url).await?;
+            (
+                Db::Sqlite(pool),
+                file.map(|file| OutputSegments::beside(&file)),
+            )
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Db::Postgres(connect_postgres(url).await?)
+            (Db::Postgres(connect_postgres(url).await?), None)
         } else {
             // The URL itself stays out of the error: it may carry a password.
             return Err(StoreError::Database(sqlx::Error::Configuration(
@@ -194,8 +209,9 @@ impl Store {
                     .into(),
             )));
         };
-        let store = Store { db };
+        let store = Store { db, output };
         store.migrate().await?;
+        store.open_output().await?;
         Ok(store)
     }
 
@@ -230,7 +246,8 @@ impl Store {
     }
 }
 
-async fn connect_sqlite(url: &str) -> Result<SqlitePool, StoreError> {
+/// The pool, and the database file (`None` in memory).
+async fn connect_sqlite(url: &str) -> Result<(SqlitePool, Option<PathBuf>), StoreError> {
     let options = SqliteConnectOptions::from_str(url)
         .map_err(StoreError::from)?
         .create_if_missing(true)
@@ -241,18 +258,23 @@ async fn connect_sqlite(url: &str) -> Result<SqlitePool, StoreError> {
         .synchronous(SqliteSynchronous::Normal);
 
     let pool_options = SqlitePoolOptions::new().acquire_timeout(ACQUIRE_TIMEOUT);
-    let pool_options = if is_sqlite_memory_url(url) {
+    let (pool_options, file) = if is_sqlite_memory_url(url) {
         // An in-memory database lives as long as its last connection: keep exactly one, forever.
-        pool_options
+        let pool_options = pool_options
             .max_connections(1)
             .min_connections(1)
             .idle_timeout(None)
-            .max_lifetime(None)
+            .max_lifetime(None);
+        (pool_options, None)
     } else {
         create_parent_dir(options.get_filename()).await?;
-        pool_options.max_connections(SQLITE_MAX_CONNECTIONS)
+        let file = options.get_filename().to_path_buf();
+        (
+            pool_options.max_connections(SQLITE_MAX_CONNECTIONS),
+            Some(file),
+        )
     };
-    Ok(pool_options.connect_with(options).await?)
+    Ok((pool_options.connect_with(options).await?, file))
 }
 
 async fn connect_postgres(url: &str) -> Result<PgPool, StoreError> {

@@ -14,6 +14,7 @@ use berth_core::run::{Run, RunEvent};
 use berth_core::time::Timestamp;
 
 use super::error::StoreError;
+use super::output::Segment;
 use super::{ActivityEntry, StoredSecret};
 
 #[derive(Debug, sqlx::FromRow)]
@@ -100,6 +101,9 @@ pub(super) struct RunEventRow {
     at: i64,
     kind: String,
     data: String,
+    /// Where the output text is, when it lives in a segment file beside a SQLite database (see `output`).
+    output_offset: Option<i64>,
+    output_length: Option<i64>,
 }
 
 #[derive(Debug, sqlx::FromRow)]
@@ -231,17 +235,46 @@ impl TryFrom<RunRow> for Run {
     }
 }
 
-impl TryFrom<RunEventRow> for RunEvent {
-    type Error = StoreError;
+impl RunEventRow {
+    const TABLE: &'static str = "run_events";
 
-    fn try_from(row: RunEventRow) -> Result<Self, StoreError> {
-        const TABLE: &str = "run_events";
+    pub(super) fn seq(&self) -> i64 {
+        self.seq
+    }
+
+    /// The segment holding this row's output text, if it is not in `data`.
+    pub(super) fn segment(&self) -> Result<Option<Segment>, StoreError> {
+        let column = |value: Option<i64>, name| {
+            value
+                .map(|value| u64::try_from(value).map_err(|_| corrupt(Self::TABLE, name)))
+                .transpose()
+        };
+        match (
+            column(self.output_offset, "output_offset")?,
+            column(self.output_length, "output_length")?,
+        ) {
+            (None, None) => Ok(None),
+            (Some(offset), Some(length)) => Ok(Some(Segment { offset, length })),
+            _ => Err(corrupt(Self::TABLE, "output_length")),
+        }
+    }
+
+    /// The event; `text` is the content of its segment, which becomes `data.text`.
+    pub(super) fn into_event(self, text: Option<String>) -> Result<RunEvent, StoreError> {
+        let mut data: Value =
+            serde_json::from_str(&self.data).map_err(|_| corrupt(Self::TABLE, "data"))?;
+        if let Some(text) = text {
+            let Value::Object(map) = &mut data else {
+                return Err(corrupt(Self::TABLE, "data"));
+            };
+            map.insert("text".to_owned(), Value::String(text));
+        }
         Ok(RunEvent {
-            run_id: parse(&row.run_id, TABLE, "run_id")?,
-            seq: row.seq,
-            at: Timestamp::from_unix_millis(row.at),
-            kind: parse(&row.kind, TABLE, "kind")?,
-            data: serde_json::from_str(&row.data).map_err(|_| corrupt(TABLE, "data"))?,
+            run_id: parse(&self.run_id, Self::TABLE, "run_id")?,
+            seq: self.seq,
+            at: Timestamp::from_unix_millis(self.at),
+            kind: parse(&self.kind, Self::TABLE, "kind")?,
+            data,
         })
     }
 }

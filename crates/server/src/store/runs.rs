@@ -5,16 +5,19 @@
 //! relies on in-process locking.
 
 use std::fmt::Write as _;
+use std::io;
 
+use serde_json::Value;
 use sqlx::AssertSqlSafe;
 
 use berth_core::ids::{CompanyId, EnvironmentId, RunId};
-use berth_core::run::{NewRunEvent, Run, RunEvent, RunStatus};
+use berth_core::run::{EventKind, NewRunEvent, Run, RunEvent, RunStatus};
 use berth_core::time::Timestamp;
 
 use super::error::StoreError;
+use super::output::{OutputSegments, Segment};
 use super::rows::{HeartbeatRow, RunEventRow, RunRow, convert_all, flag_value, json_value_text};
-use super::{Db, Store};
+use super::{Backend, Db, Store};
 
 macro_rules! run_columns {
     () => {
@@ -83,18 +86,44 @@ const LIVE_RUNS_OF_ENVIRONMENT: &str = concat!(
     " ORDER BY created_at, id"
 );
 
-/// Serializes appenders to one run. SQLite needs no lock: `BEGIN IMMEDIATE` already holds the database's write lock.
-const LOCK_RUN_SQLITE: &str = "SELECT id FROM runs WHERE id = $1";
+/// Whether a run still exists (the output sweep).
+const RUN_EXISTS: &str = "SELECT id FROM runs WHERE id = $1";
 /// Serializes appenders to one run on PostgreSQL, where concurrent transactions would otherwise both read the same
-/// `MAX(seq)`. The lock is held until commit, so the next appender sees this one's events.
+/// `MAX(seq)`. The lock is held until commit, so the next appender's insert sees this one's events.
 const LOCK_RUN_POSTGRES: &str = "SELECT id FROM runs WHERE id = $1 FOR UPDATE";
-const LAST_EVENT_SEQ: &str = "SELECT COALESCE(MAX(seq), 0) FROM run_events WHERE run_id = $1";
-const LIST_EVENTS: &str = "SELECT run_id, seq, at, kind, data FROM run_events \
+const LIST_EVENTS: &str = "SELECT run_id, seq, at, kind, data, output_offset, output_length FROM run_events \
      WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3";
-
-/// Rows per multi-row event insert: 5 parameters each stays far below both backends' parameter limits (SQLite 32766,
+/// Parameters of one inserted event row (after the shared `$1`, the run id).
+const EVENT_PARAMS: usize = 6;
+/// Rows per multi-row event insert: 6 parameters each stays far below both backends' parameter limits (SQLite 32766,
 /// PostgreSQL 65535), while a typical output burst still goes in one statement.
 const EVENT_INSERT_CHUNK: usize = 200;
+/// What `data` holds for an output row whose text is in a segment file: the text is put back as `text` on listing.
+const SEGMENT_DATA: &str = "{}";
+
+/// Inserts `$rows` (a slice of [`EventRow`]) after the run's last seq with one statement on `$executor`, and
+/// evaluates to the seqs given, or a `RowNotFound` error when the run does not exist.
+macro_rules! insert_event_rows {
+    ($executor:expr, $run_key:expr, $rows:expr) => {{
+        let rows: &[EventRow] = $rows;
+        let mut insert = sqlx::query_scalar::<_, i64>(AssertSqlSafe(insert_events_sql(rows.len())))
+            .bind($run_key);
+        for (position, row) in (1_i64..).zip(rows) {
+            insert = insert
+                .bind(position)
+                .bind(row.at)
+                .bind(row.kind)
+                .bind(row.data.as_deref().unwrap_or(SEGMENT_DATA))
+                .bind(row.offset)
+                .bind(row.length);
+        }
+        let seqs: Vec<i64> = insert.fetch_all($executor).await?;
+        if seqs.len() != rows.len() {
+            return Err(StoreError::Database(sqlx::Error::RowNotFound));
+        }
+        seqs
+    }};
+}
 
 // === impl Store ===
 
@@ -259,13 +288,14 @@ impl Store {
         Ok(updated > 0)
     }
 
-    /// Appends `events` with the next dense seqs (max + 1, max + 2, ...) in one transaction and returns them as
-    /// stored.
+    /// Appends `events` with the next dense seqs (max + 1, max + 2, ...) atomically and returns them as stored.
     ///
-    /// Safe with concurrent appenders to the same run, on any replica: the transaction first locks the run's row
-    /// (PostgreSQL) or holds the write lock (SQLite, `BEGIN IMMEDIATE`), so reading the last seq and inserting after
-    /// it cannot interleave with another appender. Rows go in as multi-row inserts, since this is called for every
-    /// chunk of command output. A missing run is a `Database(RowNotFound)` error: events must not be dropped silently.
+    /// Safe with concurrent appenders to the same run, on any replica. Each insert statement reads the last seq and
+    /// inserts after it; on SQLite one statement holds the database's write lock throughout (and a batch of several
+    /// statements runs under `BEGIN IMMEDIATE`), on PostgreSQL the transaction first locks the run's row. Output is
+    /// called for every chunk a command writes, so a typical batch is a single statement: one round trip to SQLite's
+    /// connection thread instead of a transaction's five. Output text goes to the run's segment file first, when
+    /// there is one. A missing run is a `Database(RowNotFound)` error: events must not be dropped silently.
     pub async fn append_events(
         &self,
         run_id: RunId,
@@ -274,50 +304,49 @@ impl Store {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        let kinds_and_data = events
-            .iter()
-            .map(|event| Ok((event.kind.as_str(), json_value_text(&event.data)?)))
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        let lock_run = match self.db {
-            Db::Sqlite(_) => LOCK_RUN_SQLITE,
-            Db::Postgres(_) => LOCK_RUN_POSTGRES,
+        // Output goes to the segment file when there is one: no JSON escaping, no database pages for the bytes.
+        let (events, segments) = match &self.output {
+            Some(output) if events.iter().any(|event| output_text(event).is_some()) => {
+                append_output(output.clone(), run_id, events).await?
+            }
+            _ => {
+                let none = vec![None; events.len()];
+                (events, none)
+            }
         };
+        let rows = events
+            .iter()
+            .zip(&segments)
+            .map(|(event, segment)| EventRow::new(event, *segment))
+            .collect::<Result<Vec<_>, StoreError>>()?;
         let run_key = run_id.to_string();
-        let last_seq: i64 = in_write_tx!(&self.db, |tx| {
-            let locked: Option<String> = sqlx::query_scalar(lock_run)
-                .bind(&run_key)
-                .fetch_optional(&mut *tx)
-                .await?;
-            if locked.is_none() {
-                return Err(StoreError::Database(sqlx::Error::RowNotFound));
+        let seqs: Vec<i64> = match &self.db {
+            Db::Sqlite(pool) if rows.len() <= EVENT_INSERT_CHUNK => {
+                insert_event_rows!(pool, &run_key, &rows)
             }
-            let last_seq: i64 = sqlx::query_scalar(LAST_EVENT_SEQ)
-                .bind(&run_key)
-                .fetch_one(&mut *tx)
-                .await?;
-            let mut seq = last_seq;
-            for (chunk, rows) in events
-                .chunks(EVENT_INSERT_CHUNK)
-                .zip(kinds_and_data.chunks(EVENT_INSERT_CHUNK))
-            {
-                let mut insert = sqlx::query(AssertSqlSafe(insert_events_sql(chunk.len())));
-                for (event, (kind, data)) in chunk.iter().zip(rows) {
-                    seq += 1;
-                    insert = insert
+            _ => in_write_tx!(&self.db, |tx| {
+                if self.backend() == Backend::Postgres {
+                    let locked: Option<String> = sqlx::query_scalar(LOCK_RUN_POSTGRES)
                         .bind(&run_key)
-                        .bind(seq)
-                        .bind(event.at.unix_millis())
-                        .bind(*kind)
-                        .bind(data.as_str());
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    if locked.is_none() {
+                        return Err(StoreError::Database(sqlx::Error::RowNotFound));
+                    }
                 }
-                insert.execute(&mut *tx).await?;
-            }
-            last_seq
-        });
+                let mut seqs = Vec::with_capacity(rows.len());
+                for chunk in rows.chunks(EVENT_INSERT_CHUNK) {
+                    seqs.extend(insert_event_rows!(&mut *tx, &run_key, chunk));
+                }
+                seqs
+            }),
+        };
+        // The seqs are consecutive: the smallest is the first event's.
+        let first = seqs.iter().copied().min().unwrap_or(1);
         // Moved, not cloned: output events are large.
         Ok(events
             .into_iter()
-            .zip(last_seq + 1..)
+            .zip(first..)
             .map(|(event, seq)| RunEvent {
                 run_id,
                 seq,
@@ -328,7 +357,8 @@ impl Store {
             .collect())
     }
 
-    /// The run's events with seq > `after`, in seq order, at most `limit`.
+    /// The run's events with seq > `after`, in seq order, at most `limit`. Output kept in a segment file is read back
+    /// into its event's `{"text": ...}`.
     pub async fn list_events(
         &self,
         run_id: RunId,
@@ -343,7 +373,92 @@ impl Store {
                 .fetch_all(pool)
                 .await?
         });
-        convert_all(rows)
+        let segments = rows
+            .iter()
+            .map(RunEventRow::segment)
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let wanted: Vec<Segment> = segments.iter().flatten().copied().collect();
+        if wanted.is_empty() {
+            return rows.into_iter().map(|row| row.into_event(None)).collect();
+        }
+        // Rows point at segments only where the database has a segment directory; anything else was tampered with.
+        let output = self.output.clone().ok_or(StoreError::CorruptRow {
+            table: "run_events",
+            column: "output_offset",
+        })?;
+        let read = tokio::task::spawn_blocking(move || output.read(run_id, &wanted))
+            .await
+            .map_err(io::Error::other)
+            .and_then(|read| read)
+            .map_err(output_unavailable)?;
+        let mut texts = read.into_iter();
+        rows.into_iter()
+            .zip(segments)
+            .map(|(row, segment)| {
+                let text = match segment {
+                    None => None,
+                    Some(segment) => {
+                        let bytes = texts.next().unwrap_or_default();
+                        if (bytes.len() as u64) < segment.length {
+                            tracing::warn!(
+                                run.id = %run_id,
+                                seq = row.seq(),
+                                expected = segment.length,
+                                found = bytes.len(),
+                                "an output event's bytes are missing from its segment file (lost in a crash?); \
+                                 listing what is left"
+                            );
+                        }
+                        // Segments hold whole characters; only a damaged file needs the lossy decode.
+                        Some(String::from_utf8(bytes).unwrap_or_else(|error| {
+                            String::from_utf8_lossy(error.as_bytes()).into_owned()
+                        }))
+                    }
+                };
+                row.into_event(text)
+            })
+            .collect()
+    }
+
+    /// Prepares the output segment directory and removes the segment files of runs whose rows are gone (deleting a
+    /// company cascades to its runs and their events): segment files live exactly as long as their run's rows.
+    pub(super) async fn open_output(&self) -> Result<(), StoreError> {
+        let Some(output) = self.output.clone() else {
+            return Ok(());
+        };
+        let listing = output.clone();
+        let runs = tokio::task::spawn_blocking(move || {
+            listing.create_dir()?;
+            listing.runs()
+        })
+        .await
+        .map_err(io::Error::other)
+        .and_then(|runs| runs)
+        .map_err(output_unavailable)?;
+        let mut orphans = Vec::new();
+        for run_id in runs {
+            let exists: Option<String> = on_pool!(&self.db, |pool| {
+                sqlx::query_scalar(RUN_EXISTS)
+                    .bind(run_id.to_string())
+                    .fetch_optional(pool)
+                    .await?
+            });
+            if exists.is_none() {
+                orphans.push(run_id);
+            }
+        }
+        if orphans.is_empty() {
+            return Ok(());
+        }
+        let count = orphans.len();
+        let dir = output.dir().to_path_buf();
+        tokio::task::spawn_blocking(move || orphans.iter().try_for_each(|run| output.remove(*run)))
+            .await
+            .map_err(io::Error::other)
+            .and_then(|removed| removed)
+            .map_err(output_unavailable)?;
+        tracing::info!(count, dir = %dir.display(), "removed the output of deleted runs");
+        Ok(())
     }
 
     /// The environment's live runs, oldest first: what has to be stopped before the environment can be deleted.
@@ -361,24 +476,105 @@ impl Store {
     }
 }
 
-/// `INSERT INTO run_events ... VALUES ($1, ..., $5), ($6, ...)` for `rows` rows, in the `$N` syntax both backends
-/// accept. Only the row count varies, so the text never contains a value.
-fn insert_events_sql(rows: usize) -> String {
-    let mut sql = String::from("INSERT INTO run_events (run_id, seq, at, kind, data) VALUES ");
-    for row in 0..rows {
-        let first = row * 5 + 1;
-        let separator = if row > 0 { ", " } else { "" };
-        // Writing to a String cannot fail.
-        let _ = write!(
-            sql,
-            "{separator}(${}, ${}, ${}, ${}, ${})",
-            first,
-            first + 1,
-            first + 2,
-            first + 3,
-            first + 4
-        );
+/// The text of an output event that can live in a segment file: a stdout/stderr event whose data is exactly
+/// `{"text": <string>}`, the shape listing puts back.
+fn output_text(event: &NewRunEvent) -> Option<&str> {
+    if !matches!(event.kind, EventKind::Stdout | EventKind::Stderr) {
+        return None;
     }
+    match &event.data {
+        Value::Object(map) if map.len() == 1 => map.get("text").and_then(Value::as_str),
+        _ => None,
+    }
+}
+
+/// Appends the output texts of `events` to the run's segment file in one write (off the async threads) and returns
+/// the events with each one's segment.
+async fn append_output(
+    output: OutputSegments,
+    run_id: RunId,
+    events: Vec<NewRunEvent>,
+) -> Result<(Vec<NewRunEvent>, Vec<Option<Segment>>), StoreError> {
+    let started = std::time::Instant::now();
+    let (events, appended) = tokio::task::spawn_blocking(move || {
+        let pieces: Vec<&[u8]> = events
+            .iter()
+            .filter_map(output_text)
+            .map(str::as_bytes)
+            .collect();
+        let appended = output.append(run_id, &pieces);
+        (events, appended)
+    })
+    .await
+    .map_err(|error| output_unavailable(io::Error::other(error)))?;
+    let mut appended = appended.map_err(output_unavailable)?.into_iter();
+    let segments = events
+        .iter()
+        .map(|event| output_text(event).and_then(|_| appended.next()))
+        .collect();
+    tracing::trace!(run.id = %run_id, elapsed_us = started.elapsed().as_micros(), "output appended");
+    Ok((events, segments))
+}
+
+/// One event as its row is inserted.
+struct EventRow {
+    at: i64,
+    kind: &'static str,
+    /// The JSON text of `data`; `None` for output in a segment file ([`SEGMENT_DATA`]).
+    data: Option<String>,
+    offset: Option<i64>,
+    length: Option<i64>,
+}
+
+impl EventRow {
+    fn new(event: &NewRunEvent, segment: Option<Segment>) -> Result<EventRow, StoreError> {
+        let too_large =
+            || StoreError::Database(sqlx::Error::Encode("output segment too large".into()));
+        let (data, offset, length) = match segment {
+            None => (Some(json_value_text(&event.data)?), None, None),
+            Some(segment) => (
+                None,
+                Some(i64::try_from(segment.offset).map_err(|_| too_large())?),
+                Some(i64::try_from(segment.length).map_err(|_| too_large())?),
+            ),
+        };
+        Ok(EventRow {
+            at: event.at.unix_millis(),
+            kind: event.kind.as_str(),
+            data,
+            offset,
+            length,
+        })
+    }
+}
+
+/// The segment files are part of the database's storage: failing to use them is the database being unavailable.
+fn output_unavailable(error: io::Error) -> StoreError {
+    StoreError::Unavailable(sqlx::Error::Io(error))
+}
+
+/// The insert of `rows` events after the run's last seq, in the `$N` syntax both backends accept: `$1` is the run id,
+/// then each row's position in the batch (1, 2, ...), at, kind, data, output_offset and output_length. The last seq
+/// is read by the statement itself, and joining `runs` inserts nothing for a missing run. Only the row count varies,
+/// so the text never contains a value.
+fn insert_events_sql(rows: usize) -> String {
+    let mut sql = String::from(
+        "INSERT INTO run_events (run_id, seq, at, kind, data, output_offset, output_length) \
+         SELECT runs.id, last.seq + batch.column1, batch.column2, batch.column3, batch.column4, batch.column5, \
+         batch.column6 FROM runs, (SELECT COALESCE(MAX(seq), 0) AS seq FROM run_events WHERE run_id = $1) AS last, \
+         (VALUES ",
+    );
+    for row in 0..rows {
+        let first = row * EVENT_PARAMS + 2;
+        sql.push_str(if row > 0 { ", (" } else { "(" });
+        for param in 0..EVENT_PARAMS {
+            let separator = if param > 0 { ", " } else { "" };
+            // Writing to a String cannot fail.
+            let _ = write!(sql, "{separator}${}", first + param);
+        }
+        sql.push(')');
+    }
+    sql.push_str(") AS batch WHERE runs.id = $1 RETURNING seq");
     sql
 }
 
@@ -388,9 +584,36 @@ mod tests {
 
     #[test]
     fn event_inserts_number_their_placeholders_in_order() {
-        assert_eq!(
-            insert_events_sql(2),
-            "INSERT INTO run_events (run_id, seq, at, kind, data) VALUES ($1, $2, $3, $4, $5), ($6, $7, $8, $9, $10)"
+        let sql = insert_events_sql(2);
+        assert!(
+            sql.contains(
+                "(VALUES ($2, $3, $4, $5, $6, $7), ($8, $9, $10, $11, $12, $13)) AS batch"
+            ),
+            "{sql}"
         );
+        assert!(sql.ends_with("WHERE runs.id = $1 RETURNING seq"), "{sql}");
+    }
+
+    #[test]
+    fn only_plain_output_text_goes_to_segments() {
+        let event = |kind, data| NewRunEvent {
+            at: Timestamp::from_unix_millis(0),
+            kind,
+            data,
+        };
+        let text = serde_json::json!({"text": "hi"});
+        assert_eq!(
+            output_text(&event(EventKind::Stdout, text.clone())),
+            Some("hi")
+        );
+        assert_eq!(
+            output_text(&event(EventKind::Stderr, text.clone())),
+            Some("hi")
+        );
+        assert_eq!(output_text(&event(EventKind::Agent, text)), None);
+        let extra = serde_json::json!({"text": "hi", "more": 1});
+        assert_eq!(output_text(&event(EventKind::Stdout, extra)), None);
+        let not_text = serde_json::json!({"text": 1});
+        assert_eq!(output_text(&event(EventKind::Stdout, not_text)), None);
     }
 }
