@@ -3,6 +3,25 @@
 # and runs `cargo bench` for the named benches (default: all). Figures print side by side with their baselines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+benches=("$@")
+[ ${#benches[@]} -gt 0 ] || benches=(api runs bridge ssh)
+# The ssh bench runs a real sshd and compares with the ssh CLI and rsync: install them if missing (as root).
+if [[ " ${benches[*]} " == *" ssh "* ]]; then
+  missing=()
+  [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+  command -v ssh >/dev/null 2>&1 && command -v ssh-keygen >/dev/null 2>&1 || missing+=(openssh-client)
+  command -v rsync >/dev/null 2>&1 || missing+=(rsync)
+  if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" -eq 0 ]; then
+      echo "==> installing ${missing[*]}" >&2
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    else
+      echo "missing packages: ${missing[*]} (run as root to install them)" >&2
+      exit 1
+    fi
+  fi
+fi
 if [ -z "${BERTH_TEST_POSTGRES_URL:-}" ]; then
   # shellcheck source=scripts/lib/postgres.sh
   . scripts/lib/postgres.sh
@@ -10,8 +29,6 @@ if [ -z "${BERTH_TEST_POSTGRES_URL:-}" ]; then
 fi
 cargo build --release --locked -p berth-server --bin berth
 export BERTH_BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/berth"
-benches=("$@")
-[ ${#benches[@]} -gt 0 ] || benches=(api runs bridge)
 for bench in "${benches[@]}"; do
   cargo bench --locked -p berth-tests --bench "$bench"
 done
