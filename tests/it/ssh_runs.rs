@@ -548,9 +548,10 @@ async fn a_connection_killed_mid_run_fails_the_run_and_releases_its_lease() {
         assert!(started.elapsed() < Duration::from_secs(20));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Kill the per-connection sshd processes (children of the listening one): the TCP connection drops.
+    // Kill the per-connection sshd processes (the privileged monitor and the user's network child, not the
+    // command): the TCP connection drops.
     let killed = std::process::Command::new("pkill")
-        .args(["-KILL", "-P", &sshd.pid().to_string(), "sshd"])
+        .args(["-KILL", "-f", &format!("^sshd: {}", sshd.user)])
         .status()
         .unwrap();
     assert!(killed.success(), "no connection process to kill");
@@ -807,5 +808,38 @@ async fn a_kept_persistent_lease_is_resumed_by_the_next_run() {
         .find(|event| event["type"] == "lease" && event["data"]["status"] == "active")
         .unwrap();
     assert_eq!(acquired["data"]["resumed"], true, "{acquired}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_command_that_exits_with_a_child_holding_its_output_ends_promptly_and_the_child_dies() {
+    let sshd = TestSshd::start();
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let env = ssh_env(&server, &company, &sshd, json!({})).await;
+    let marker = format!("berth-leftover-{}", uuid::Uuid::new_v4().simple());
+    let started = Instant::now();
+    let (run, events) = run_to_end(
+        &server,
+        &company,
+        json!({
+            "environmentId": env,
+            "command": ["sh", "-c", format!("sh -c 'sleep 300; true {marker}' & echo parent-done")],
+            "bridge": false,
+        }),
+    )
+    .await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["exitCode"], 0);
+    assert_eq!(text_of(&events, "stdout"), "parent-done\n");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the held pipes hung the run"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pgrep(&marker) {
+        assert!(Instant::now() < deadline, "the leftover child survived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     server.stop().await;
 }

@@ -28,12 +28,18 @@ pub struct TestSshd {
     pub known_hosts_file: PathBuf,
     pub log_file: PathBuf,
     child: Option<Child>,
+    /// As root, the throwaway user the tests log in as (see [`TestSshd::start`]).
+    _login_user: Option<SystemUser>,
     /// Owns the keys, config and log; removed on drop.
     _dir: TempDir,
 }
 
 impl TestSshd {
     /// Starts sshd and waits until it accepts connections. Panics when OpenSSH is not installed: these tests never skip.
+    ///
+    /// Run as root (the README test command), the tests log in as a throwaway user whose login shell is `/bin/sh`
+    /// with an empty home: sshd starts every command through the user's login shell, and root's own rc files (a
+    /// `pyenv init` in `~/.bashrc`, say) would otherwise cost every session, in the tests and in the benchmarks.
     pub fn start() -> Self {
         Self::start_with_config("")
     }
@@ -68,7 +74,20 @@ impl TestSshd {
         let host_public =
             std::fs::read_to_string(host_key.with_extension("pub")).expect("host public key");
         let user_key = std::fs::read_to_string(&user_key_file).expect("user private key");
-        let user = current_user();
+        let login_user = is_root().then(|| {
+            // The user must reach its home and workspace under this root-owned temp dir.
+            std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755))
+                .expect("open the sshd dir to the login user");
+            let home = root.join("home");
+            std::fs::create_dir(&home).expect("create the login user's home");
+            let user = SystemUser::create(&home);
+            user.give(&home);
+            user.give(&workspace);
+            user
+        });
+        let user = login_user
+            .as_ref()
+            .map_or_else(current_user, |user| user.name.clone());
         ensure_privsep_dir();
 
         let config_file = root.join("sshd_config");
@@ -139,6 +158,7 @@ impl TestSshd {
                         known_hosts_file,
                         log_file,
                         child: Some(child),
+                        _login_user: login_user,
                         _dir: dir,
                     };
                 }
@@ -198,11 +218,6 @@ impl TestSshd {
             .expect("append to authorized_keys");
     }
 
-    /// The listening sshd's pid: its children are the per-connection processes.
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(Child::id).expect("sshd is running")
-    }
-
     /// Stops sshd now (dropping does the same).
     pub fn stop(mut self) {
         self.kill();
@@ -222,6 +237,89 @@ impl Drop for TestSshd {
     }
 }
 
+/// A throwaway system user with `/bin/sh` as its login shell; its processes are killed and it is deleted on drop.
+#[derive(Debug)]
+pub struct SystemUser {
+    pub name: String,
+}
+
+impl SystemUser {
+    fn create(home: &Path) -> Self {
+        let suffix = uuid::Uuid::new_v4().simple().to_string()[..10].to_owned();
+        let name = format!("berth{suffix}");
+        // Tests start users in parallel, and useradd gives up while another holds the passwd lock: retry.
+        retry_locked(|| {
+            Command::new("useradd")
+                // `*`: no password, but not locked (sshd refuses locked accounts even with a key).
+                .args(["-M", "-p", "*", "-s", "/bin/sh", "-d"])
+                .arg(home)
+                .arg(&name)
+                .status()
+                .expect("run useradd (the ssh tests need root or a user of their own)")
+                .success()
+        });
+        Self { name }
+    }
+
+    fn set_password(&self, password: &str) {
+        retry_locked(|| {
+            let mut chpasswd = Command::new("chpasswd")
+                .stdin(Stdio::piped())
+                .spawn()
+                .expect("run chpasswd");
+            std::io::Write::write_all(
+                chpasswd.stdin.as_mut().expect("chpasswd stdin"),
+                format!("{}:{password}\n", self.name).as_bytes(),
+            )
+            .expect("write to chpasswd");
+            drop(chpasswd.stdin.take());
+            chpasswd.wait().expect("chpasswd").success()
+        });
+    }
+
+    /// Makes `path` the user's.
+    fn give(&self, path: &Path) {
+        let status = Command::new("chown")
+            .arg(&self.name)
+            .arg(path)
+            .status()
+            .expect("run chown");
+        assert!(status.success(), "chown {} failed", path.display());
+    }
+}
+
+impl Drop for SystemUser {
+    fn drop(&mut self) {
+        // Its processes first: userdel refuses a user that is logged in.
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-u", &self.name])
+            .status();
+        for _ in 0..50 {
+            match Command::new("userdel").arg(&self.name).status() {
+                Ok(status) if status.success() => return,
+                _ => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+}
+
+fn retry_locked(mut attempt: impl FnMut() -> bool) {
+    for _ in 0..50 {
+        if attempt() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("a user account command kept failing (is /etc/passwd locked?)");
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|output| String::from_utf8_lossy(&output.stdout).trim() == "0")
+}
+
 /// A system user with a password, for password authentication; removed on drop.
 #[derive(Debug)]
 pub struct PasswordUser {
@@ -229,36 +327,12 @@ pub struct PasswordUser {
     pub password: String,
     /// A directory the user owns, for `remoteWorkspacePath`.
     pub workspace: PathBuf,
+    _user: SystemUser,
     _dir: TempDir,
 }
 
 impl PasswordUser {
     fn create() -> Self {
-        let suffix: String = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
-        let name = format!("berthpw{suffix}");
-        let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
-        let status = Command::new("useradd")
-            .args(["-M", "-d", "/nonexistent", "-s", "/bin/sh", &name])
-            .status()
-            .expect("run useradd (the password tests need root)");
-        assert!(
-            status.success(),
-            "useradd {name} failed (the password tests need root)"
-        );
-        let mut chpasswd = Command::new("chpasswd")
-            .stdin(Stdio::piped())
-            .spawn()
-            .expect("run chpasswd");
-        std::io::Write::write_all(
-            chpasswd.stdin.as_mut().expect("chpasswd stdin"),
-            format!("{name}:{password}\n").as_bytes(),
-        )
-        .expect("write to chpasswd");
-        drop(chpasswd.stdin.take());
-        assert!(
-            chpasswd.wait().expect("chpasswd").success(),
-            "chpasswd failed"
-        );
         // The user must reach its workspace: a world-traversable parent, a directory of its own inside.
         let dir = tempfile::Builder::new()
             .prefix("berth-pw-")
@@ -268,28 +342,17 @@ impl PasswordUser {
             .expect("chmod the password user's dir");
         let workspace = dir.path().join("workspace");
         std::fs::create_dir(&workspace).expect("create the password user's workspace");
-        let status = Command::new("chown")
-            .arg(&name)
-            .arg(&workspace)
-            .status()
-            .expect("run chown");
-        assert!(status.success());
+        let user = SystemUser::create(Path::new("/nonexistent"));
+        let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+        user.set_password(&password);
+        user.give(&workspace);
         Self {
-            name,
+            name: user.name.clone(),
             password,
             workspace,
+            _user: user,
             _dir: dir,
         }
-    }
-}
-
-impl Drop for PasswordUser {
-    fn drop(&mut self) {
-        // Its processes first: userdel refuses a user that is logged in.
-        let _ = Command::new("pkill")
-            .args(["-KILL", "-u", &self.name])
-            .status();
-        let _ = Command::new("userdel").arg(&self.name).status();
     }
 }
 

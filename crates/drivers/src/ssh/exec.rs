@@ -8,8 +8,10 @@
 //! encrypted channel and the shell's memory.
 //!
 //! sshd makes every session its own process group (it calls `setsid` for the child), and the bootstrap `exec`s down
-//! to the command, so the command's pid is its process group id: timeouts, cancels and leftovers kill the whole
-//! group with `kill -KILL -- -PGID` on a second channel.
+//! to the command, so the command's pid is its process group id: timeouts and cancels kill the whole group with
+//! `kill -KILL -PGID` on a second channel (no `--`: dash's `kill` takes none). So does a command that exits while something it started still holds
+//! its output open (the channel would never close). A command that ends cleanly costs one session and no kill; what
+//! it left running detached in a per-run workspace is killed when the workspace is removed.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -27,6 +29,9 @@ use crate::process::DEFAULT_PATH;
 pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 /// After a kill, how long to keep reading the output already on its way before giving up on the channel.
 const DRAIN_AFTER_KILL: Duration = Duration::from_secs(5);
+/// After the command exits, how long its output may stay open (a grandchild holding the pipes) before the group is
+/// killed: sshd sends the exit status, then closes the channel once the pipes reach end of file.
+const LEFTOVER_GRACE: Duration = Duration::from_millis(250);
 
 /// The stdout line the bootstrap writes first: `berth-pid <pid>\n`.
 const PID_PREFIX: &[u8] = b"berth-pid ";
@@ -155,6 +160,7 @@ enum Kill {
 enum Wake {
     Message(Option<ChannelMsg>),
     Kill(Kill),
+    Leftovers,
     DrainLimit,
 }
 
@@ -179,9 +185,17 @@ async fn supervise(
     let mut exited = false;
     let mut killed: Option<Kill> = None;
     let mut drain_until: Option<tokio::time::Instant> = None;
+    // Set once the command has exited: when its output is still open then, the leftovers are killed.
+    let mut leftovers_at: Option<tokio::time::Instant> = None;
     loop {
         let drain_limit = async {
             match drain_until {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let leftovers = async {
+            match leftovers_at {
                 Some(at) => tokio::time::sleep_until(at).await,
                 None => std::future::pending().await,
             }
@@ -191,10 +205,17 @@ async fn supervise(
             message = session.channel.wait() => Wake::Message(message),
             () = &mut deadline, if live => Wake::Kill(Kill::Timeout),
             () = &mut cancel, if live => Wake::Kill(Kill::Cancel),
+            () = leftovers => Wake::Leftovers,
             () = drain_limit => Wake::DrainLimit,
         };
         let message = match wake {
             Wake::Message(message) => message,
+            Wake::Leftovers => {
+                leftovers_at = None;
+                drain_until = Some(tokio::time::Instant::now() + DRAIN_AFTER_KILL);
+                kill_group(pool, target, pgid).await;
+                continue;
+            }
             Wake::Kill(kill) => {
                 killed = Some(kill);
                 drain_until = Some(tokio::time::Instant::now() + DRAIN_AFTER_KILL);
@@ -249,12 +270,16 @@ async fn supervise(
             ChannelMsg::ExitStatus { exit_status } => {
                 exited = true;
                 outcome.exit_code = i32::try_from(exit_status).ok();
-                after_exit(pool, target, pgid, &mut drain_until);
+                if killed.is_none() {
+                    leftovers_at = Some(tokio::time::Instant::now() + LEFTOVER_GRACE);
+                }
             }
             ChannelMsg::ExitSignal { signal_name, .. } => {
                 exited = true;
                 outcome.signal = Some(signal_text(&signal_name));
-                after_exit(pool, target, pgid, &mut drain_until);
+                if killed.is_none() {
+                    leftovers_at = Some(tokio::time::Instant::now() + LEFTOVER_GRACE);
+                }
             }
             ChannelMsg::Close => break,
             _ => {}
@@ -269,20 +294,6 @@ async fn supervise(
         outcome.signal = Some("SIGKILL".to_owned());
     }
     Ok(outcome)
-}
-
-/// The command is done: a leftover in its group (a grandchild holding the pipes, a daemon) dies with it, as on the
-/// local driver, off the critical path; and the output still in flight gets a bounded time to arrive.
-fn after_exit(
-    pool: &Arc<Pool>,
-    target: &SshTarget,
-    pgid: Option<u32>,
-    drain_until: &mut Option<tokio::time::Instant>,
-) {
-    spawn_kill(pool, target, pgid);
-    if drain_until.is_none() {
-        *drain_until = Some(tokio::time::Instant::now() + DRAIN_AFTER_KILL);
-    }
 }
 
 fn parse_pid(line: &[u8]) -> Option<u32> {
@@ -323,7 +334,7 @@ async fn kill_group(pool: &Arc<Pool>, target: &SshTarget, pgid: Option<u32>) {
         // Before the bootstrap reported its pid: the supervisor kills as soon as the pid arrives.
         return;
     };
-    let script = format!("kill -KILL -- -{pgid} 2>/dev/null; true");
+    let script = format!("kill -KILL -{pgid} 2>/dev/null; true");
     if let Err(error) = control(pool, target, &script, None).await {
         tracing::warn!(target = %target.display(), error = %error, "could not kill the remote command");
     }

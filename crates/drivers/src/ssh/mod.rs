@@ -120,14 +120,15 @@ impl SshDriver {
                 (SshTarget::from_config(config), dir, per_run)
             }
         };
-        if kill_leftovers {
-            // The run died with its server: its command may still run in the workspace, unsupervised.
-            workspace::kill_processes_in(&self.pool, &target, &dir).await?;
-        }
         if per_run {
-            workspace::remove(&self.pool, &target, &dir).await?;
+            // Kills what still runs there, then removes it: one session.
+            workspace::remove(&self.pool, &target, &dir).await
+        } else if kill_leftovers {
+            // The run died with its server: its command may still run in the workspace, unsupervised.
+            workspace::kill_processes_in(&self.pool, &target, &dir).await
+        } else {
+            Ok(())
         }
-        Ok(())
     }
 }
 

@@ -76,11 +76,29 @@ pub async fn list(
     dir: &str,
     exclude: &SyncExclude,
 ) -> Result<RemoteListing, DriverError> {
+    Ok(list_if_present(pool, target, dir, exclude)
+        .await?
+        .unwrap_or_default())
+}
+
+/// Exit status of the listing when the directory does not exist.
+const MISSING_DIR_STATUS: u32 = 3;
+
+/// Lists `dir` on the remote; `None` when it does not exist.
+async fn list_if_present(
+    pool: &Arc<Pool>,
+    target: &SshTarget,
+    dir: &str,
+    exclude: &SyncExclude,
+) -> Result<Option<RemoteListing>, DriverError> {
     let script = format!(
-        "cd -- {} 2>/dev/null || exit 0; exec find . -mindepth 1 \\( -type f -o -type d -o -type l \\) -printf '%y %m %s %T@ %P\\0%l\\0'",
+        "cd -- {} 2>/dev/null || exit {MISSING_DIR_STATUS}; exec find . -mindepth 1 \\( -type f -o -type d -o -type l \\) -printf '%y %m %s %T@ %P\\0%l\\0'",
         shell_quote(dir)
     );
     let output = control(pool, target, &script, None).await?;
+    if output.status == Some(MISSING_DIR_STATUS) {
+        return Ok(None);
+    }
     if !output.success() {
         return Err(DriverError::failed(format!(
             "cannot list the remote workspace {dir} (GNU find is needed): {}",
@@ -91,7 +109,7 @@ pub async fn list(
     if !exclude.is_empty() {
         listing.retain(|path, _| !exclude.matches(path));
     }
-    Ok(listing)
+    Ok(Some(listing))
 }
 
 fn parse_listing(bytes: &[u8]) -> Result<RemoteListing, DriverError> {
@@ -197,10 +215,13 @@ pub async fn sync_in(
     if !exclude.is_empty() {
         host.retain(|path| !exclude.matches(path));
     }
-    let before = if fresh {
-        RemoteListing::new()
+    let (exists, before) = if fresh {
+        (false, RemoteListing::new())
     } else {
-        list(pool, target, dir, exclude).await?
+        match list_if_present(pool, target, dir, exclude).await? {
+            Some(listing) => (true, listing),
+            None => (false, RemoteListing::new()),
+        }
     };
     let mut send = Vec::new();
     let mut clear = Vec::new();
@@ -247,9 +268,22 @@ pub async fn sync_in(
             _ => None,
         })
         .sum();
-    // Even with nothing to send the directory must exist: the command runs there.
-    upload(pool, target, local, dir, send).await?;
-    let remote = list(pool, target, dir, exclude).await?;
+    // What the remote holds now, without listing it again: tar keeps modes, sizes, link targets and file mtimes as
+    // the host has them. A guess that is off only makes sync-back fetch a file it then finds unchanged.
+    let mut remote = before;
+    remote.retain(|path, _| !clear.iter().any(|cleared| is_at_or_below(path, cleared)));
+    for path in &send {
+        if let Some(entry) = host.get(path) {
+            remote.insert(
+                path.clone(),
+                expected_remote(entry, mtimes.get(path).copied()),
+            );
+        }
+    }
+    // The directory must exist even with nothing to send: the command runs there.
+    if !send.is_empty() || !exists {
+        upload(pool, target, local, dir, send).await?;
+    }
     tracing::debug!(dir, files_sent, bytes_sent, "workspace synced in");
     Ok(SyncedIn {
         host,
@@ -398,9 +432,50 @@ impl Read for ChunkReader {
     }
 }
 
-/// Whether a remote entry changed between two listings.
+/// Whether a remote entry changed between two listings. A directory's mtime moves whenever its entries do, and a
+/// link's own metadata is meaningless: only what they are counts for them.
 fn changed(before: Option<&RemoteEntry>, now: &RemoteEntry) -> bool {
-    before != Some(now)
+    let Some(before) = before else { return true };
+    match now.kind {
+        'd' => before.kind != 'd' || before.mode != now.mode,
+        'l' => before.kind != 'l' || before.link != now.link,
+        _ => before != now,
+    }
+}
+
+/// How the remote lists `entry` once tar has unpacked it.
+fn expected_remote(entry: &Entry, mtime: Option<i64>) -> RemoteEntry {
+    match entry {
+        Entry::Dir { mode } => RemoteEntry {
+            kind: 'd',
+            mode: *mode,
+            size: 0,
+            mtime: 0,
+            link: None,
+        },
+        Entry::File { mode, size, .. } => RemoteEntry {
+            kind: 'f',
+            mode: *mode,
+            size: *size,
+            mtime: mtime.unwrap_or_default(),
+            link: None,
+        },
+        Entry::Symlink { target } => RemoteEntry {
+            kind: 'l',
+            mode: 0o777,
+            size: 0,
+            mtime: 0,
+            link: Some(target.clone()),
+        },
+    }
+}
+
+/// Whether `path` is `parent` or inside it.
+fn is_at_or_below(path: &str, parent: &str) -> bool {
+    path == parent
+        || path
+            .strip_prefix(parent)
+            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// Brings what the command changed in `dir` back to `local`.
@@ -675,12 +750,22 @@ fn set_mtime(path: &Path, seconds: i64) -> Result<(), DriverError> {
         .map_err(io_error(format!("setting the mtime of {}", path.display())))
 }
 
-/// Removes `dir` on the remote.
+/// Shell that sets `d` to `dir` resolved (or exits 0 when it is gone) and kills every process of the user whose
+/// working directory is in it (Linux `/proc`; elsewhere nothing matches).
+fn kill_in(dir: &str) -> String {
+    format!(
+        "d=$(cd -- {} 2>/dev/null && pwd -P) || exit 0; for p in /proc/[0-9]*; do c=$(readlink \"$p/cwd\" 2>/dev/null) || continue; \
+         case \"$c\" in \"$d\"|\"$d\"/*) kill -KILL \"${{p#/proc/}}\" 2>/dev/null;; esac; done",
+        shell_quote(dir)
+    )
+}
+
+/// Removes `dir` on the remote, first killing what still runs in it (a daemon the run left behind).
 pub async fn remove(pool: &Arc<Pool>, target: &SshTarget, dir: &str) -> Result<(), DriverError> {
     // Read-only directories inside must not stop the removal.
     let script = format!(
-        "chmod -R u+w -- {dir} 2>/dev/null; rm -rf -- {dir}",
-        dir = shell_quote(dir)
+        "{}; chmod -R u+w -- \"$d\" 2>/dev/null; rm -rf -- \"$d\"",
+        kill_in(dir)
     );
     let output = control(pool, target, &script, None).await?;
     if output.success() {
@@ -693,19 +778,15 @@ pub async fn remove(pool: &Arc<Pool>, target: &SshTarget, dir: &str) -> Result<(
     }
 }
 
-/// Kills every process of the remote user whose working directory is `dir` or below (Linux `/proc`; elsewhere a
-/// no-op).
+/// Kills every process of the remote user whose working directory is `dir` or below.
 pub async fn kill_processes_in(
     pool: &Arc<Pool>,
     target: &SshTarget,
     dir: &str,
 ) -> Result<(), DriverError> {
-    let script = format!(
-        "d=$(cd -- {} 2>/dev/null && pwd -P) || exit 0; for p in /proc/[0-9]*; do c=$(readlink \"$p/cwd\" 2>/dev/null) || continue; \
-         case \"$c\" in \"$d\"|\"$d\"/*) kill -KILL \"${{p#/proc/}}\" 2>/dev/null;; esac; done; true",
-        shell_quote(dir)
-    );
-    control(pool, target, &script, None).await.map(drop)
+    control(pool, target, &format!("{}; true", kill_in(dir)), None)
+        .await
+        .map(drop)
 }
 
 /// Creates `dir` on the remote.
