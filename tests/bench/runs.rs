@@ -3,7 +3,9 @@
 //! - (a) the overhead of a run of `true` — through the API (POST, then the event stream to its final event) and as
 //!   `berth run -- true` from the shell — on the local driver and the fake provider, beside a bare spawn of `true`;
 //! - (b) lease acquire + release cycles per second on SQLite and PostgreSQL (the real lease code and local driver);
-//! - (c) output throughput of a run writing 100 MB to stdout, beside the same command piped to /dev/null.
+//! - (c) output throughput of a run writing 100 MB to stdout (stored, and followed over SSE to the final event),
+//!   beside the same command piped to /dev/null, and piped through `cat` into a file (reading the pipe and storing
+//!   every byte with no server: the floor under berth's figure).
 //!
 //! Run: `bash scripts/bench.sh runs`. Knobs: `BERTH_BENCH_RUNS` (default 200), `BERTH_BENCH_LEASE_CYCLES` (default
 //! 2000), `BERTH_BENCH_OUTPUT_MB` (default 100).
@@ -229,6 +231,22 @@ async fn throughput(server: &TestServer, megabytes: usize) {
     assert!(status.success());
     let bare = started.elapsed();
 
+    // What reading the pipe and storing every byte costs with no server at all: the floor under berth's figure.
+    let stored_dir = tempfile::tempdir().unwrap();
+    let stored_file = stored_dir.path().join("output");
+    let started = Instant::now();
+    let status = tokio::process::Command::new("sh")
+        .args([
+            "-c",
+            &format!("{producer} | cat > '{}'", stored_file.display()),
+        ])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    let stored = started.elapsed();
+    drop(stored_dir);
+
     let http = reqwest::Client::new();
     let started = Instant::now();
     run_to_completion(
@@ -247,6 +265,12 @@ async fn throughput(server: &TestServer, megabytes: usize) {
         "piped to /dev/null (baseline)",
         bare.as_secs_f64(),
         rate(bare)
+    );
+    println!(
+        "{:<44} {:>10.2} {:>10.1}",
+        "piped through `cat` into a file (reference)",
+        stored.as_secs_f64(),
+        rate(stored)
     );
     println!(
         "{:<44} {:>10.2} {:>10.1}",

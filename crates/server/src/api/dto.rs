@@ -416,6 +416,100 @@ pub struct EventResponse<'a> {
     pub data: &'a Value,
 }
 
+impl EventResponse<'_> {
+    /// The event's JSON text, exactly as `serde_json::to_string` writes it (see [`EventResponse::write_json`]).
+    pub fn to_json(&self) -> String {
+        let mut json = String::new();
+        // Writing to a String cannot fail.
+        let _ = self.write_json(&mut json);
+        json
+    }
+
+    /// Writes the event's JSON text, exactly as `serde_json::to_string` writes it, straight into `out` (an SSE
+    /// frame: no intermediate copy of a large output event). Output events (`data` is `{"text": ...}`) take a
+    /// faster path: serde_json inspects a string byte by byte, which made escaping the largest cost of streaming a
+    /// run's output; [`write_json_str`] skips over eight bytes at a time.
+    pub fn write_json<W: std::fmt::Write>(&self, out: &mut W) -> std::fmt::Result {
+        let text = match self.data {
+            Value::Object(map) if map.len() == 1 => map.get("text").and_then(Value::as_str),
+            _ => None,
+        };
+        let Some(text) = text else {
+            // Serializing a JSON value with string keys cannot fail.
+            return out.write_str(&serde_json::to_string(self).unwrap_or_else(|_| "{}".to_owned()));
+        };
+        write!(out, "{{\"seq\":{},\"runId\":", self.seq)?;
+        write_json_str(out, &self.run_id)?;
+        out.write_str(",\"at\":")?;
+        write_json_str(out, &self.at)?;
+        out.write_str(",\"type\":")?;
+        write_json_str(out, self.kind)?;
+        out.write_str(",\"data\":{\"text\":")?;
+        write_json_str(out, text)?;
+        out.write_str("}}")
+    }
+}
+
+/// Writes `text` as a JSON string literal, escaped as serde_json escapes it: `\"`, `\\`, `\b`, `\f`, `\n`, `\r`,
+/// `\t`, other control characters as `\u00xx`, everything else as is. Runs without escapes go out in one write.
+fn write_json_str<W: std::fmt::Write>(out: &mut W, text: &str) -> std::fmt::Result {
+    out.write_char('"')?;
+    let bytes = text.as_bytes();
+    // Start of the run of bytes not yet written.
+    let mut copied = 0;
+    let mut index = 0;
+    while index < bytes.len() {
+        // Whole words without a byte to escape are skipped at once.
+        if let Some(word) = bytes.get(index..index + 8)
+            && !word_needs_escape(word)
+        {
+            index += 8;
+            continue;
+        }
+        let byte = bytes[index];
+        let escape = match byte {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0x00..=0x1f => "",
+            _ => {
+                index += 1;
+                continue;
+            }
+        };
+        // Escaped bytes are ASCII, so `copied..index` ends on a character boundary.
+        out.write_str(&text[copied..index])?;
+        if escape.is_empty() {
+            write!(out, "\\u{byte:04x}")?;
+        } else {
+            out.write_str(escape)?;
+        }
+        index += 1;
+        copied = index;
+    }
+    out.write_str(&text[copied..])?;
+    out.write_char('"')
+}
+
+/// Whether any of eight bytes is a control character, `"` or `\\` (exact, by the "has a byte less than" bit trick).
+fn word_needs_escape(word: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let mut bytes = [0; 8];
+    bytes.copy_from_slice(word);
+    let word = u64::from_le_bytes(bytes);
+    let has_zero = |value: u64| value.wrapping_sub(ONES) & !value & HIGH;
+    let below_space = word.wrapping_sub(ONES * 0x20) & !word & HIGH;
+    below_space
+        | has_zero(word ^ (ONES * u64::from(b'"')))
+        | has_zero(word ^ (ONES * u64::from(b'\\')))
+        != 0
+}
+
 impl<'a> From<&'a berth_core::run::RunEvent> for EventResponse<'a> {
     fn from(event: &'a berth_core::run::RunEvent) -> Self {
         Self {
@@ -430,7 +524,47 @@ impl<'a> From<&'a berth_core::run::RunEvent> for EventResponse<'a> {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
+
+    #[test]
+    fn event_json_is_what_serde_writes() {
+        let mut texts: Vec<String> = vec![
+            String::new(),
+            "plain".to_owned(),
+            "héllo ✓ 😀 字".to_owned(),
+            "quote \" backslash \\ slash / del \u{7f}".to_owned(),
+        ];
+        // Every control character, at every position within an eight-byte word.
+        for byte in 0_u8..0x20 {
+            for offset in 0..9 {
+                let mut text = "x".repeat(offset);
+                text.push(char::from(byte));
+                text.push_str("é€ and more text after it");
+                texts.push(text);
+            }
+        }
+        for text in texts {
+            for (kind, data) in [
+                ("stdout", json!({"text": text})),
+                ("agent", json!({"text": text, "other": [1, "\u{1}"]})),
+            ] {
+                let response = EventResponse {
+                    seq: 42,
+                    run_id: "01a23309-48a6-72d9-983e-017e4b01b9c7".to_owned(),
+                    at: "2026-12-01T18:57:10.139Z".to_owned(),
+                    kind,
+                    data: &data,
+                };
+                assert_eq!(
+                    response.to_json(),
+                    serde_json::to_string(&response).unwrap(),
+                    "{text:?}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn timestamps_have_a_fixed_width_utc_form() {

@@ -231,6 +231,18 @@ impl Follower {
             if self.finished {
                 return None;
             }
+            // While this node runs the command, its writer says how far the events go: wait for it instead of asking
+            // the database again and again. The timeout still reads, in case events came from elsewhere.
+            if let Some(latest) = self.latest.as_mut()
+                && *latest.borrow_and_update() <= self.after
+            {
+                match tokio::time::timeout(Duration::from_secs(1), latest.changed()).await {
+                    Ok(Ok(())) => continue,
+                    // The run's writers are gone: from here on, read until the final event.
+                    Ok(Err(_closed)) => self.latest = None,
+                    Err(_elapsed) => {}
+                }
+            }
             let batch = match self
                 .state
                 .store()
@@ -289,15 +301,13 @@ fn is_final(event: &RunEvent) -> bool {
 }
 
 fn sse_event(event: &RunEvent) -> Event {
-    let frame = Event::default()
+    let mut frame = Event::default()
         .id(event.seq.to_string())
-        .event(event.kind.as_str());
-    // Serialized straight into the frame: no intermediate copy of a large output event.
-    match frame.clone().json_data(EventResponse::from(event)) {
-        Ok(frame) => frame,
-        // Cannot happen for a JSON value; an empty object keeps the stream going.
-        Err(_) => frame.data("{}"),
-    }
+        .event(event.kind.as_str())
+        .into_data_writer();
+    // Written straight into the frame; the frame's writer cannot fail.
+    let _ = EventResponse::from(event).write_json(&mut frame);
+    frame.into_event()
 }
 
 async fn load_run(state: &AppState, id: &str) -> Result<Run, ApiError> {

@@ -11,9 +11,10 @@ use berth_core::run::{EventKind, NewRunEvent};
 use berth_core::time::Timestamp;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 
 use crate::api::error::DisplayChain;
-use crate::store::Store;
+use crate::store::{StagedEvents, Store, StoreError};
 
 /// Appends events for one run and tells followers (SSE streams) about them.
 #[derive(Debug, Clone)]
@@ -49,16 +50,34 @@ impl EventWriter {
     }
 
     pub async fn emit_all(&self, events: Vec<NewRunEvent>) {
-        match self.store.append_events(self.run_id, events).await {
+        if let Some(staged) = self.stage(events).await {
+            self.insert(staged).await;
+        }
+    }
+
+    /// The first half of [`EventWriter::emit_all`]: output bytes go to the store ([`Store::stage_events`]).
+    async fn stage(&self, events: Vec<NewRunEvent>) -> Option<StagedEvents> {
+        self.store
+            .stage_events(self.run_id, events)
+            .await
+            .map_err(|error| self.log_failure(&error))
+            .ok()
+    }
+
+    /// The second half of [`EventWriter::emit_all`]: the rows, then the followers' wake-up.
+    async fn insert(&self, staged: StagedEvents) {
+        match self.store.insert_staged(staged).await {
             Ok(stored) => {
                 if let Some(last) = stored.last() {
                     self.latest.send_replace(last.seq);
                 }
             }
-            Err(error) => {
-                tracing::error!(run.id = %self.run_id, error = %DisplayChain(&error), "could not record run events");
-            }
+            Err(error) => self.log_failure(&error),
         }
+    }
+
+    fn log_failure(&self, error: &StoreError) {
+        tracing::error!(run.id = %self.run_id, error = %DisplayChain(error), "could not record run events");
     }
 
     pub async fn error(&self, code: &str, message: &str) {
@@ -81,20 +100,28 @@ const OUTPUT_BATCH_CHUNKS: usize = 64;
 #[derive(Debug)]
 pub struct OutputEvents {
     queue: mpsc::Sender<(OutputStream, Vec<u8>)>,
+    /// Cancelled by `finish`, so the writer stops lingering for more output.
+    finished: CancellationToken,
     writer: tokio::task::JoinHandle<()>,
 }
 
 impl OutputEvents {
     pub fn start(writer: EventWriter) -> Self {
         let (queue, chunks) = mpsc::channel(OUTPUT_QUEUE_CHUNKS);
-        let writer = tokio::spawn(write_output(writer, chunks));
-        Self { queue, writer }
+        let finished = CancellationToken::new();
+        let writer = tokio::spawn(write_output(writer, chunks, finished.clone()));
+        Self {
+            queue,
+            finished,
+            writer,
+        }
     }
 
     /// Waits until every chunk is stored (and emits whatever partial characters are left, lossily): the command
     /// has ended.
     pub async fn finish(self) {
         drop(self.queue);
+        self.finished.cancel();
         if let Err(error) = self.writer.await {
             tracing::error!(%error, "the output writer failed");
         }
@@ -110,13 +137,48 @@ impl OutputSink for OutputEvents {
     }
 }
 
-async fn write_output(writer: EventWriter, mut chunks: mpsc::Receiver<(OutputStream, Vec<u8>)>) {
+/// How long the writer waits for more output after a small batch, and what counts as small.
+const LINGER: Duration = Duration::from_millis(1);
+const LINGER_BELOW_BYTES: usize = 1024 * 1024;
+
+/// Staged batches waiting for their rows to be inserted. Small: it only has to hold what arrives during one insert.
+const STAGED_QUEUE_BATCHES: usize = 16;
+
+/// Turns chunks into events and stores them in two overlapping stages: while one batch's rows are inserted, the next
+/// batch's bytes are already being written to the run's segment file ([`Store::stage_events`]), and every batch
+/// staged meanwhile goes in with the next insert. One insert per chunk would cap output at the database's round-trip
+/// rate.
+async fn write_output(
+    writer: EventWriter,
+    mut chunks: mpsc::Receiver<(OutputStream, Vec<u8>)>,
+    finished: CancellationToken,
+) {
+    let (staged_tx, staged_rx) = mpsc::channel(STAGED_QUEUE_BATCHES);
+    let inserter = tokio::spawn(insert_output(writer.clone(), staged_rx));
     // Bytes of an incomplete UTF-8 character at the end of the last chunk, per stream.
     let mut carry: HashMap<OutputStream, Vec<u8>> = HashMap::new();
     let mut batch = Vec::with_capacity(OUTPUT_BATCH_CHUNKS);
     let started = Instant::now();
-    let (mut bytes, mut events_written, mut storing) = (0_usize, 0_usize, Duration::ZERO);
+    let (mut bytes, mut events_written, mut staging) = (0_usize, 0_usize, Duration::ZERO);
     while chunks.recv_many(&mut batch, OUTPUT_BATCH_CHUNKS).await > 0 {
+        let pending: usize = batch.iter().map(|(_, data)| data.len()).sum();
+        if pending < LINGER_BELOW_BYTES
+            && batch.len() < OUTPUT_BATCH_CHUNKS
+            && !finished.is_cancelled()
+        {
+            // A little output: wait a moment for more, so a fast command costs one wake-up, file write and insert
+            // per millisecond instead of per pipe read. Followers see output at most this much later.
+            tokio::select! {
+                () = tokio::time::sleep(LINGER) => {}
+                () = finished.cancelled() => {}
+            }
+            while batch.len() < OUTPUT_BATCH_CHUNKS {
+                match chunks.try_recv() {
+                    Ok(chunk) => batch.push(chunk),
+                    Err(_) => break,
+                }
+            }
+        }
         let now = Timestamp::now();
         let events: Vec<NewRunEvent> = coalesce(batch.drain(..))
             .into_iter()
@@ -130,11 +192,16 @@ async fn write_output(writer: EventWriter, mut chunks: mpsc::Receiver<(OutputStr
                 })
             })
             .collect();
-        if !events.is_empty() {
-            events_written += events.len();
-            let store_started = Instant::now();
-            writer.emit_all(events).await;
-            storing += store_started.elapsed();
+        if events.is_empty() {
+            continue;
+        }
+        events_written += events.len();
+        let stage_started = Instant::now();
+        let staged = writer.stage(events).await;
+        staging += stage_started.elapsed();
+        // The inserter only stops once this sender is dropped, so a send error cannot lose a batch here.
+        if let Some(staged) = staged {
+            let _ = staged_tx.send(staged).await;
         }
     }
     let leftovers: Vec<NewRunEvent> = carry
@@ -146,18 +213,48 @@ async fn write_output(writer: EventWriter, mut chunks: mpsc::Receiver<(OutputStr
             data: json!({"text": String::from_utf8_lossy(&bytes)}),
         })
         .collect();
-    if !leftovers.is_empty() {
-        writer.emit_all(leftovers).await;
+    if !leftovers.is_empty()
+        && let Some(staged) = writer.stage(leftovers).await
+    {
+        let _ = staged_tx.send(staged).await;
     }
-    // Where a run's output time goes, for throughput work: storing vs waiting for the command.
+    drop(staged_tx);
+    let inserts = inserter.await.unwrap_or_else(|error| {
+        tracing::error!(run.id = %writer.run_id, %error, "the output inserter failed");
+        0
+    });
+    // Where a run's output time goes, for throughput work: file writes, inserts, or waiting for the command.
     tracing::debug!(
         run.id = %writer.run_id,
         bytes,
         events = events_written,
+        inserts,
         elapsed_ms = started.elapsed().as_millis(),
-        storing_ms = storing.as_millis(),
+        staging_ms = staging.as_millis(),
         "run output written"
     );
+}
+
+/// Inserts the rows of staged batches, all that have accumulated at once, in order. Returns how many inserts it took.
+async fn insert_output(writer: EventWriter, mut staged: mpsc::Receiver<StagedEvents>) -> usize {
+    let mut inserts = 0;
+    let mut received = Vec::with_capacity(STAGED_QUEUE_BATCHES);
+    while staged.recv_many(&mut received, STAGED_QUEUE_BATCHES).await > 0 {
+        let mut batches = received.drain(..);
+        let Some(mut merged) = batches.next() else {
+            continue;
+        };
+        for later in batches {
+            // Every batch is this run's, so nothing comes back; if it did, it goes in on its own, in order.
+            if let Err(other) = merged.absorb(later) {
+                writer.insert(std::mem::replace(&mut merged, other)).await;
+                inserts += 1;
+            }
+        }
+        writer.insert(merged).await;
+        inserts += 1;
+    }
+    inserts
 }
 
 /// Consecutive chunks of one stream are merged up to this size, so a chatty command writing a line at a time costs

@@ -49,6 +49,7 @@ use berth_core::time::Timestamp;
 
 pub use self::error::{ConflictKind, StoreError};
 use self::output::OutputSegments;
+pub use self::runs::StagedEvents;
 
 /// Runs `$body` with `$pool` bound to the active pool (`&SqlitePool` or `&PgPool`).
 ///

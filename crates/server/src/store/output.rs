@@ -21,8 +21,8 @@
 //!   removed when the store is opened ([`OutputSegments::remove_orphans`]).
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, IoSlice, Seek, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::io::{self, IoSlice, Read, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use berth_core::ids::RunId;
@@ -165,21 +165,15 @@ impl OutputSegments {
     }
 }
 
-/// Reads `segment` from `file`, stopping early at the end of the file.
+/// Reads `segment` from `file`, stopping early at the end of the file. Reads into spare capacity: no zeroing of a
+/// buffer about to be overwritten.
 fn read_range(file: &File, segment: Segment) -> io::Result<Vec<u8>> {
     let length = usize::try_from(segment.length)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "segment too large"))?;
-    let mut buffer = vec![0; length];
-    let mut filled = 0;
-    while filled < length {
-        match file.read_at(&mut buffer[filled..], segment.offset + filled as u64) {
-            Ok(0) => break,
-            Ok(read) => filled += read,
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-            Err(error) => return Err(error),
-        }
-    }
-    buffer.truncate(filled);
+    let mut buffer = Vec::with_capacity(length);
+    let mut reader = file;
+    reader.seek(io::SeekFrom::Start(segment.offset))?;
+    reader.take(segment.length).read_to_end(&mut buffer)?;
     Ok(buffer)
 }
 

@@ -288,23 +288,26 @@ impl Store {
         Ok(updated > 0)
     }
 
-    /// Appends `events` with the next dense seqs (max + 1, max + 2, ...) atomically and returns them as stored.
-    ///
-    /// Safe with concurrent appenders to the same run, on any replica. Each insert statement reads the last seq and
-    /// inserts after it; on SQLite one statement holds the database's write lock throughout (and a batch of several
-    /// statements runs under `BEGIN IMMEDIATE`), on PostgreSQL the transaction first locks the run's row. Output is
-    /// called for every chunk a command writes, so a typical batch is a single statement: one round trip to SQLite's
-    /// connection thread instead of a transaction's five. Output text goes to the run's segment file first, when
-    /// there is one. A missing run is a `Database(RowNotFound)` error: events must not be dropped silently.
+    /// Appends `events` with the next dense seqs (max + 1, max + 2, ...) atomically and returns them as stored:
+    /// [`Store::stage_events`], then [`Store::insert_staged`].
     pub async fn append_events(
         &self,
         run_id: RunId,
         events: Vec<NewRunEvent>,
     ) -> Result<Vec<RunEvent>, StoreError> {
-        if events.is_empty() {
-            return Ok(Vec::new());
-        }
-        // Output goes to the segment file when there is one: no JSON escaping, no database pages for the bytes.
+        let staged = self.stage_events(run_id, events).await?;
+        self.insert_staged(staged).await
+    }
+
+    /// The first half of appending events: writes the text of output events to the run's segment file, when the
+    /// database has one (no JSON escaping, no database pages for the bytes). Their rows are not written yet, so
+    /// nothing points at the bytes until [`Store::insert_staged`] succeeds; a caller may stage the next batch while
+    /// the previous one is being inserted, so file and database work overlap.
+    pub async fn stage_events(
+        &self,
+        run_id: RunId,
+        events: Vec<NewRunEvent>,
+    ) -> Result<StagedEvents, StoreError> {
         let (events, segments) = match &self.output {
             Some(output) if events.iter().any(|event| output_text(event).is_some()) => {
                 append_output(output.clone(), run_id, events).await?
@@ -314,6 +317,31 @@ impl Store {
                 (events, none)
             }
         };
+        Ok(StagedEvents {
+            run_id,
+            events,
+            segments,
+        })
+    }
+
+    /// The second half of appending events: inserts staged events with the next dense seqs, atomically, and returns
+    /// them as stored.
+    ///
+    /// Safe with concurrent appenders to the same run, on any replica. Each insert statement reads the last seq and
+    /// inserts after it; on SQLite one statement holds the database's write lock throughout (and a batch of several
+    /// statements runs under `BEGIN IMMEDIATE`), on PostgreSQL the transaction first locks the run's row. Output is
+    /// appended for every chunk a command writes, so a typical batch is a single statement: one round trip to
+    /// SQLite's connection thread instead of a transaction's five. A missing run is a `Database(RowNotFound)` error:
+    /// events must not be dropped silently.
+    pub async fn insert_staged(&self, staged: StagedEvents) -> Result<Vec<RunEvent>, StoreError> {
+        let StagedEvents {
+            run_id,
+            events,
+            segments,
+        } = staged;
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
         let rows = events
             .iter()
             .zip(&segments)
@@ -514,6 +542,41 @@ async fn append_output(
         .collect();
     tracing::trace!(run.id = %run_id, elapsed_us = started.elapsed().as_micros(), "output appended");
     Ok((events, segments))
+}
+
+/// Events whose output bytes are in the run's segment file and whose rows are still to be inserted
+/// ([`Store::stage_events`]).
+#[derive(Debug)]
+pub struct StagedEvents {
+    run_id: RunId,
+    events: Vec<NewRunEvent>,
+    /// Where each event's text is, for output kept in a segment file.
+    segments: Vec<Option<Segment>>,
+}
+
+impl StagedEvents {
+    pub fn run_id(&self) -> RunId {
+        self.run_id
+    }
+
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// Adds `later` (staged after these events) to this batch, so both go in with one insert. `later` must be of the
+    /// same run; events of another run are given back.
+    pub fn absorb(&mut self, later: StagedEvents) -> Result<(), StagedEvents> {
+        if later.run_id != self.run_id {
+            return Err(later);
+        }
+        self.events.extend(later.events);
+        self.segments.extend(later.segments);
+        Ok(())
+    }
 }
 
 /// One event as its row is inserted.
