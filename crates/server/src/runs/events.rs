@@ -86,17 +86,17 @@ impl EventWriter {
     }
 }
 
-/// Chunks of output waiting for the batching writer: up to 16 MiB at the driver's 256 KiB per chunk. When it is full, the driver's
-/// `output` call waits, and so does the command: backpressure instead of unbounded memory.
+/// Chunks of output waiting for the batching writer: up to 16 MiB at the driver's 256 KiB per chunk. When it is
+/// full, the driver's `output` call waits, and so does the command: backpressure instead of unbounded memory.
 const OUTPUT_QUEUE_CHUNKS: usize = 64;
-/// Most chunks appended in one transaction.
+/// Most chunks the writer takes into one batch (one segment-file write).
 const OUTPUT_BATCH_CHUNKS: usize = 64;
 
 /// The sink a driver streams output into: each chunk becomes a `stdout`/`stderr` event `{"text": ...}`.
 ///
-/// Chunks go through a bounded queue to one writer task, which appends whatever has accumulated in a single
-/// transaction: one transaction per chunk would cap output at the database's commit rate. Order of arrival is kept
-/// across both streams.
+/// Chunks go through a bounded queue to one writer task, which stores whatever has accumulated as one batch (see
+/// [`write_output`]): storing each chunk on its own would cap output at the database's round-trip rate. Order of
+/// arrival is kept across both streams.
 #[derive(Debug)]
 pub struct OutputEvents {
     queue: mpsc::Sender<(OutputStream, Vec<u8>)>,

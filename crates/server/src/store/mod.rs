@@ -25,7 +25,8 @@
 //!
 //! Several server replicas may share one PostgreSQL database, so nothing relies on in-process locks. Run and lease
 //! state changes are single conditional statements (`UPDATE .. WHERE status = <expected>`) that exactly one concurrent
-//! caller wins, and appending run events locks the run's row (`SELECT .. FOR UPDATE`) so seqs stay dense.
+//! caller wins, and appending run events reads the last seq inside the insert statement itself, which on PostgreSQL
+//! runs after locking the run's row (`SELECT .. FOR UPDATE`), so seqs stay dense.
 //!
 //! # Output
 //!
