@@ -581,7 +581,6 @@ async fn workspace_sync(sshd: &TestSshd, files: usize, megabytes: usize, repeats
     let scratch = tempfile::tempdir().expect("temp dir");
     let source = scratch.path().join("source");
     let rsync_dest = sshd.workspace.join("rsync");
-    std::fs::create_dir_all(&rsync_dest).unwrap();
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let paths = generate_tree(&source, files, bytes, &mut rng);
 

@@ -843,3 +843,42 @@ async fn a_command_that_exits_with_a_child_holding_its_output_ends_promptly_and_
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_server_with_few_sessions_per_connection_still_serves_every_run() {
+    // Below the pool's 8 sessions per connection: the pool learns the real limit from the refusals.
+    let sshd = TestSshd::start_with_max_sessions(2);
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let env = ssh_env(&server, &company, &sshd, json!({})).await;
+    let mut ids = Vec::new();
+    for index in 0..12 {
+        ids.push(
+            start_run(
+                &server,
+                &company,
+                json!({"environmentId": env, "command": ["sh", "-c", format!("sleep 0.3; echo run-{index}")], "bridge": false}),
+            )
+            .await,
+        );
+    }
+    for (index, id) in ids.iter().enumerate() {
+        let run = wait_run(&server, id, Duration::from_secs(60)).await;
+        assert_eq!(run["status"], "succeeded", "{run}");
+        assert_eq!(
+            text_of(&all_events(&server, id).await, "stdout"),
+            format!("run-{index}\n")
+        );
+    }
+    let logs = server.stop().await;
+    assert!(
+        logs.contains("the server refused a session"),
+        "the limit was never hit"
+    );
+    // Refusals shrink a connection's share instead of throwing the connection away and reconnecting.
+    let connections = sshd.logs().matches("Accepted publickey").count();
+    assert!(
+        connections <= 8,
+        "{connections} connections for one target: the pool reconnected on refusals\n{logs}"
+    );
+}

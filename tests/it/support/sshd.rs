@@ -41,21 +41,26 @@ impl TestSshd {
     /// with an empty home: sshd starts every command through the user's login shell, and root's own rc files (a
     /// `pyenv init` in `~/.bashrc`, say) would otherwise cost every session, in the tests and in the benchmarks.
     pub fn start() -> Self {
-        Self::start_with_config("")
+        Self::start_with_config("", 10)
+    }
+
+    /// Starts sshd allowing only `max_sessions` sessions per connection (`MaxSessions`; stock sshd allows 10).
+    pub fn start_with_max_sessions(max_sessions: u32) -> Self {
+        Self::start_with_config("", max_sessions)
     }
 
     /// Starts sshd with a throwaway system user that logs in with a password (only that user may); the user is
     /// deleted when the returned [`PasswordUser`] drops. Needs root, as the README test command runs.
     pub fn start_with_password_user() -> (Self, PasswordUser) {
         let user = PasswordUser::create();
-        let sshd = Self::start_with_config(&format!(
-            "Match User {}\n    PasswordAuthentication yes\n",
-            user.name
-        ));
+        let sshd = Self::start_with_config(
+            &format!("Match User {}\n    PasswordAuthentication yes\n", user.name),
+            10,
+        );
         (sshd, user)
     }
 
-    fn start_with_config(extra: &str) -> Self {
+    fn start_with_config(extra: &str, max_sessions: u32) -> Self {
         assert!(
             Path::new(SSHD).exists(),
             "openssh-server is not installed: run the README test command"
@@ -99,7 +104,9 @@ impl TestSshd {
             let port = free_port();
             std::fs::write(
                 &config_file,
-                config_text(port, &host_key, &authorized_keys, &root.join("sshd.pid")) + extra,
+                config_text(port, &host_key, &authorized_keys, &root.join("sshd.pid"))
+                    .replace("MaxSessions 10", &format!("MaxSessions {max_sessions}"))
+                    + extra,
             )
             .expect("write sshd_config");
             let log = std::fs::OpenOptions::new()

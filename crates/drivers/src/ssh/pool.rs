@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use berth_core::config::{SecretSlot, SshConfig};
@@ -23,6 +24,10 @@ use super::connect::{self, ClientHandler, ConnectError, ForwardRoutes};
 pub const SESSIONS_PER_CONNECTION: usize = 8;
 /// Connections opened to one target before callers queue for a session instead.
 pub const CONNECTIONS_PER_TARGET: usize = 8;
+/// Session refusals on live connections one open tolerates before it fails, and the pause between them once a
+/// connection is down to one session.
+const MAX_REFUSALS: usize = 4 * SESSIONS_PER_CONNECTION;
+const REFUSAL_BACKOFF: std::time::Duration = std::time::Duration::from_millis(25);
 /// A connection nobody used for this long, with no session or forward open, is closed.
 pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
@@ -113,6 +118,8 @@ pub struct Connection {
     sessions: Arc<Semaphore>,
     target: String,
     last_used: Mutex<std::time::Instant>,
+    /// Sessions this connection may hold: [`SESSIONS_PER_CONNECTION`], less each one the server refused.
+    capacity: AtomicUsize,
 }
 
 impl fmt::Debug for Connection {
@@ -155,7 +162,9 @@ impl Connection {
             .lock()
             .is_ok_and(|last_used| last_used.elapsed() >= IDLE_TIMEOUT);
         let forwards = self.routes.lock().map_or(1, |routes| routes.len());
-        quiet && forwards == 0 && self.sessions.available_permits() == SESSIONS_PER_CONNECTION
+        quiet
+            && forwards == 0
+            && self.sessions.available_permits() == self.capacity.load(Ordering::Relaxed)
     }
 }
 
@@ -207,11 +216,12 @@ impl Pool {
     /// that fails to open a channel is dropped and the open is tried once more on a fresh one.
     pub async fn open_session(&self, target: &SshTarget) -> Result<SessionChannel, DriverError> {
         let key = target.key();
-        let mut retried = false;
+        let mut reconnected = false;
+        let mut refusals = 0;
         loop {
             let (connection, permit) = self.session_slot(&key, target).await?;
             connection.touch();
-            match connection.handle.channel_open_session().await {
+            let error = match connection.handle.channel_open_session().await {
                 Ok(channel) => {
                     return Ok(SessionChannel {
                         channel,
@@ -219,18 +229,37 @@ impl Pool {
                         _permit: permit,
                     });
                 }
-                Err(error) => {
-                    self.discard(&key, &connection);
-                    if retried {
-                        return Err(DriverError::failed(format!(
-                            "cannot open a session on {}: {error}",
-                            connection.target
-                        )));
-                    }
-                    tracing::debug!(target = %connection.target, %error, "pooled connection failed; reconnecting");
-                    retried = true;
+                Err(error) => error,
+            };
+            if connection.is_usable() && refusals < MAX_REFUSALS {
+                // A live connection refused a session: the server allows fewer at once than we assumed (a low
+                // `MaxSessions`), or has not yet seen a session we just closed. This connection gets one session
+                // less for good, down to one; at one, wait a moment for the server to catch up.
+                refusals += 1;
+                let shrunk = connection
+                    .capacity
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |capacity| {
+                        (capacity > 1).then(|| capacity - 1)
+                    })
+                    .is_ok();
+                if shrunk {
+                    permit.forget();
+                    tracing::warn!(target = %connection.target, %error, "the server refused a session; using fewer per connection");
+                } else {
+                    drop(permit);
+                    tokio::time::sleep(REFUSAL_BACKOFF).await;
                 }
+                continue;
             }
+            self.discard(&key, &connection);
+            if reconnected {
+                return Err(DriverError::failed(format!(
+                    "cannot open a session on {}: {error}",
+                    connection.target
+                )));
+            }
+            tracing::debug!(target = %connection.target, %error, "pooled connection failed; reconnecting");
+            reconnected = true;
         }
     }
 
@@ -342,6 +371,7 @@ impl Pool {
             sessions: Arc::new(Semaphore::new(SESSIONS_PER_CONNECTION)),
             target: target.display(),
             last_used: Mutex::new(std::time::Instant::now()),
+            capacity: AtomicUsize::new(SESSIONS_PER_CONNECTION),
         });
         tracing::debug!(target = %connection.target, "new pooled ssh connection");
         if let Ok(mut connections) = self.connections.lock() {
