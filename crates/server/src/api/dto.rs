@@ -459,7 +459,13 @@ fn write_json_str<W: std::fmt::Write>(out: &mut W, text: &str) -> std::fmt::Resu
     let mut copied = 0;
     let mut index = 0;
     while index < bytes.len() {
-        // Whole words without a byte to escape are skipped at once.
+        // Blocks and words without a byte to escape are skipped at once.
+        if let Some(block) = bytes.get(index..index + 32)
+            && !block.chunks_exact(8).any(word_needs_escape)
+        {
+            index += 32;
+            continue;
+        }
         if let Some(word) = bytes.get(index..index + 8)
             && !word_needs_escape(word)
         {
@@ -536,12 +542,14 @@ mod tests {
             "héllo ✓ 😀 字".to_owned(),
             "quote \" backslash \\ slash / del \u{7f}".to_owned(),
         ];
-        // Every control character, at every position within an eight-byte word.
+        // Every control character, at every position within a 32-byte block and past it.
         for byte in 0_u8..0x20 {
-            for offset in 0..9 {
+            for offset in 0..41 {
                 let mut text = "x".repeat(offset);
                 text.push(char::from(byte));
-                text.push_str("é€ and more text after it");
+                text.push_str(
+                    "é€ and more text after it, long enough for another whole block of 32 bytes",
+                );
                 texts.push(text);
             }
         }
