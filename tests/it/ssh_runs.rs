@@ -504,30 +504,36 @@ async fn an_agent_on_the_remote_host_calls_back_through_the_forwarded_bridge() {
     server.stop().await;
 }
 
+/// Starts `count` runs at once that each sleep `sleep` seconds and print their index; checks every one succeeded
+/// with its own output and gave its lease back.
+async fn concurrent_runs(server: &TestServer, company: &str, env: &str, count: usize, sleep: f64) {
+    let mut ids = Vec::new();
+    for index in 0..count {
+        ids.push(
+            start_run(
+                server,
+                company,
+                json!({"environmentId": env, "command": ["sh", "-c", format!("sleep {sleep}; echo run-{index}")], "bridge": false}),
+            )
+            .await,
+        );
+    }
+    for (index, id) in ids.iter().enumerate() {
+        let run = wait_run(server, id, Duration::from_secs(120)).await;
+        assert_eq!(run["status"], "succeeded", "{run}");
+        let events = all_events(server, id).await;
+        assert_eq!(text_of(&events, "stdout"), format!("run-{index}\n"));
+        assert_eq!(lease_of(server, &run).await["status"], "released");
+    }
+}
+
 #[tokio::test]
 async fn fifty_concurrent_runs_share_one_host() {
     let sshd = TestSshd::start();
     let server = TestServer::start().await;
     let company = server.default_company().await;
     let env = ssh_env(&server, &company, &sshd, json!({})).await;
-    let mut ids = Vec::new();
-    for index in 0..50 {
-        ids.push(
-            start_run(
-                &server,
-                &company,
-                json!({"environmentId": env, "command": ["sh", "-c", format!("sleep 0.2; echo run-{index}")], "bridge": false}),
-            )
-            .await,
-        );
-    }
-    for (index, id) in ids.iter().enumerate() {
-        let run = wait_run(&server, id, Duration::from_secs(120)).await;
-        assert_eq!(run["status"], "succeeded", "{run}");
-        let events = all_events(&server, id).await;
-        assert_eq!(text_of(&events, "stdout"), format!("run-{index}\n"));
-        assert_eq!(lease_of(&server, &run).await["status"], "released");
-    }
+    concurrent_runs(&server, &company, &env, 50, 0.2).await;
     server.stop().await;
 }
 
@@ -851,25 +857,7 @@ async fn a_server_with_few_sessions_per_connection_still_serves_every_run() {
     let server = TestServer::start().await;
     let company = server.default_company().await;
     let env = ssh_env(&server, &company, &sshd, json!({})).await;
-    let mut ids = Vec::new();
-    for index in 0..12 {
-        ids.push(
-            start_run(
-                &server,
-                &company,
-                json!({"environmentId": env, "command": ["sh", "-c", format!("sleep 0.3; echo run-{index}")], "bridge": false}),
-            )
-            .await,
-        );
-    }
-    for (index, id) in ids.iter().enumerate() {
-        let run = wait_run(&server, id, Duration::from_secs(60)).await;
-        assert_eq!(run["status"], "succeeded", "{run}");
-        assert_eq!(
-            text_of(&all_events(&server, id).await, "stdout"),
-            format!("run-{index}\n")
-        );
-    }
+    concurrent_runs(&server, &company, &env, 12, 0.3).await;
     let logs = server.stop().await;
     assert!(
         logs.contains("the server refused a session"),

@@ -314,51 +314,81 @@ async fn upload(
         "mkdir -p -- {dir} && exec tar -x -p --no-same-owner -f - -C {dir}",
         dir = shell_quote(dir)
     );
-    let (chunks, mut received) = mpsc::channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
+    let (chunks, received) = mpsc::channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
     let root = local.to_path_buf();
     let packer = tokio::task::spawn_blocking(move || pack(&root, &paths, chunks));
+    let transferred = stream(pool, target, &script, received, None, "upload").await;
+    let packed = packer
+        .await
+        .map_err(|error| DriverError::failed(format!("the workspace packer failed: {error}")))?;
+    let (status, stderr) = transferred?;
+    packed?;
+    if status != Some(0) {
+        return Err(DriverError::failed(format!(
+            "the remote could not unpack the workspace into {dir}: {}",
+            first_line(&stderr)
+        )));
+    }
+    Ok(())
+}
+
+/// Runs `script` on its own session with `input`'s chunks as its stdin, handing its stdout to `output` chunk by
+/// chunk (backpressure both ways), and returns its exit status and stderr. A stopped `output` ends the read early:
+/// its side reports why.
+async fn stream(
+    pool: &Arc<Pool>,
+    target: &SshTarget,
+    script: &str,
+    mut input: mpsc::Receiver<Vec<u8>>,
+    output: Option<mpsc::Sender<Vec<u8>>>,
+    what: &str,
+) -> Result<(Option<u32>, Vec<u8>), DriverError> {
     let mut session = pool.open_session(target).await?;
     let transfer = tokio::time::timeout(TRANSFER_TIMEOUT, async {
         let lost = |error: russh::Error| {
             DriverError::failed(format!(
-                "lost {} during sync: {error}",
+                "lost {} during the workspace {what}: {error}",
                 session.connection.target()
             ))
         };
         session.channel.exec(true, script).await.map_err(lost)?;
-        while let Some(chunk) = received.recv().await {
+        while let Some(chunk) = input.recv().await {
             session.channel.data_bytes(chunk).await.map_err(lost)?;
         }
         session.channel.eof().await.map_err(lost)?;
         let (mut status, mut stderr) = (None, Vec::new());
         while let Some(message) = session.channel.wait().await {
             match message {
+                ChannelMsg::Data { data } => {
+                    if let Some(output) = &output
+                        && output.send(data.to_vec()).await.is_err()
+                    {
+                        break;
+                    }
+                }
                 ChannelMsg::ExtendedData { data, .. } => stderr.extend_from_slice(&data),
                 ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
                 ChannelMsg::Close => break,
                 _ => {}
             }
         }
-        Ok::<_, DriverError>((status, stderr))
+        Ok((status, stderr))
     })
     .await;
     session.close().await;
-    let packed = packer
-        .await
-        .map_err(|error| DriverError::failed(format!("the workspace packer failed: {error}")))?;
-    let (status, stderr) =
-        transfer.map_err(|_| DriverError::failed("the workspace upload timed out"))??;
-    packed?;
-    if status != Some(0) {
-        return Err(DriverError::failed(format!(
-            "the remote could not unpack the workspace into {dir}: {}",
-            String::from_utf8_lossy(&stderr)
-                .lines()
-                .next()
-                .unwrap_or("no message")
-        )));
-    }
-    Ok(())
+    transfer.unwrap_or_else(|_| {
+        Err(DriverError::failed(format!(
+            "the workspace {what} timed out"
+        )))
+    })
+}
+
+fn first_line(stderr: &[u8]) -> String {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .next()
+        .unwrap_or("no message")
+        .to_owned()
 }
 
 /// Writes a tar of `paths` into `chunks`. Links are archived as links, never followed.
@@ -559,47 +589,27 @@ async fn download(
             .unpack(&root)
             .map_err(io_error("unpacking the remote workspace"))
     });
-    let mut session = pool.open_session(target).await?;
-    let list = nul_list(paths);
-    let transfer = tokio::time::timeout(TRANSFER_TIMEOUT, async {
-        let lost = |error: russh::Error| {
-            DriverError::failed(format!(
-                "lost {} during sync: {error}",
-                session.connection.target()
-            ))
-        };
-        session.channel.exec(true, script).await.map_err(lost)?;
-        session.channel.data_bytes(list).await.map_err(lost)?;
-        session.channel.eof().await.map_err(lost)?;
-        let (mut status, mut stderr) = (None, Vec::new());
-        while let Some(message) = session.channel.wait().await {
-            match message {
-                // The unpacker stopped (it failed): its error says why.
-                ChannelMsg::Data { data } if chunks.send(data.to_vec()).await.is_err() => break,
-                ChannelMsg::Data { .. } => {}
-                ChannelMsg::ExtendedData { data, .. } => stderr.extend_from_slice(&data),
-                ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
-                ChannelMsg::Close => break,
-                _ => {}
-            }
-        }
-        drop(chunks);
-        Ok::<_, DriverError>((status, stderr))
-    })
+    // The list of paths is the remote tar's stdin.
+    let (list, list_received) = mpsc::channel(1);
+    let _ = list.send(nul_list(paths)).await;
+    drop(list);
+    let transferred = stream(
+        pool,
+        target,
+        &script,
+        list_received,
+        Some(chunks),
+        "download",
+    )
     .await;
-    session.close().await;
     let unpacked = unpacker
         .await
         .map_err(|error| DriverError::failed(format!("the workspace unpacker failed: {error}")))?;
-    let (status, stderr) =
-        transfer.map_err(|_| DriverError::failed("the workspace download timed out"))??;
+    let (status, stderr) = transferred?;
     if status != Some(0) {
         return Err(DriverError::failed(format!(
             "the remote could not pack the workspace {dir}: {}",
-            String::from_utf8_lossy(&stderr)
-                .lines()
-                .next()
-                .unwrap_or("no message")
+            first_line(&stderr)
         )));
     }
     unpacked
