@@ -72,7 +72,7 @@ async fn a_command_runs_over_ssh_with_stdin_env_and_exactly_its_environment() {
     let company = server.default_company().await;
     let env = ssh_env(&server, &company, &sshd, json!({})).await;
 
-    let (run, events) = run_to_end(
+    let (first, events) = run_to_end(
         &server,
         &company,
         json!({
@@ -84,8 +84,8 @@ async fn a_command_runs_over_ssh_with_stdin_env_and_exactly_its_environment() {
         }),
     )
     .await;
-    assert_eq!(run["status"], "failed", "{run}");
-    assert_eq!(run["exitCode"], 7);
+    assert_eq!(first["status"], "failed", "{first}");
+    assert_eq!(first["exitCode"], 7);
     let stdout = text_of(&events, "stdout");
     assert!(
         stdout.starts_with("greeting=hello 'quoted'\nsecond line\nfrom stdin\n"),
@@ -109,6 +109,17 @@ async fn a_command_runs_over_ssh_with_stdin_env_and_exactly_its_environment() {
             "unexpected variable {name} in {names:?}"
         );
     }
+
+    // Positional arguments after `sh -c SCRIPT` reach the script as they are.
+    let (run, events) = run_to_end(
+        &server,
+        &company,
+        json!({"environmentId": env, "command": ["sh", "-c", "printf '[%s]' \"$0\" \"$@\"", "zero", "one two", "it's"], "bridge": false}),
+    )
+    .await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(text_of(&events, "stdout"), "[zero][one two][it's]");
+    let run = first;
 
     // The per-run workspace is gone once the lease is released.
     let lease = lease_of(&server, &run).await;

@@ -532,7 +532,17 @@ pub async fn sync_back(
     if changed_paths.is_empty() && deleted.is_empty() {
         return Ok(SyncReport::default());
     }
-    let staging = tempfile::tempdir().map_err(io_error("creating a staging directory"))?;
+    // Staged beside the workspace, on its filesystem: a large sync-back must not fill a small /tmp (or its quota).
+    let staging = local
+        .parent()
+        .and_then(|parent| {
+            tempfile::Builder::new()
+                .prefix(".berth-sync-")
+                .tempdir_in(parent)
+                .ok()
+        })
+        .map_or_else(tempfile::tempdir, Ok)
+        .map_err(io_error("creating a staging directory"))?;
     let fetch: Vec<String> = changed_paths
         .iter()
         .filter(|path| now.get(*path).is_some_and(|entry| entry.kind != 'd'))
