@@ -881,3 +881,42 @@ async fn a_server_with_few_sessions_per_connection_still_serves_every_run() {
         "{connections} connections for one target: the pool reconnected on refusals\n{logs}"
     );
 }
+
+#[tokio::test]
+async fn a_run_on_a_dead_host_fails_fast_and_says_why() {
+    let sshd = TestSshd::start();
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let env = ssh_env(&server, &company, &sshd, json!({})).await;
+    let port = sshd.port;
+    drop(sshd);
+    let started = Instant::now();
+    let (run, events) = run_to_end(
+        &server,
+        &company,
+        json!({"environmentId": env, "command": ["true"], "bridge": false}),
+    )
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(12));
+    assert_eq!(run["status"], "failed", "{run}");
+    let error = run["error"].as_str().unwrap();
+    assert!(
+        error.contains("cannot connect to") && error.contains(&format!(":{port}")),
+        "{error}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|event| event["type"] == "error" && event["data"]["code"] == "lease_failed")
+    );
+    let (_, leases) = server.get(&format!("/api/environments/{env}/leases")).await;
+    assert!(
+        leases
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|lease| lease["status"] != "active"),
+        "{leases}"
+    );
+    server.stop().await;
+}
