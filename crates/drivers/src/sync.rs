@@ -11,7 +11,7 @@
 //! sockets, fifos and devices are skipped, as are entries whose names are not UTF-8 (the manifest is JSON).
 //! File modes are kept (the permission bits, `0o777`; setuid, setgid and sticky bits are dropped).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions, Permissions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -139,6 +139,88 @@ pub(crate) fn is_clean_relative(path: &str) -> bool {
 pub async fn copy_tree(from: &Path, to: &Path) -> Result<Manifest, DriverError> {
     let (from, to) = (from.to_path_buf(), to.to_path_buf());
     blocking("the workspace sync", move || copy_tree_blocking(&from, &to)).await
+}
+
+/// Content hashes from earlier scans, so that a file that did not change is not read again. A hash is reused only
+/// while the file's stat fingerprint — device, inode, size, and mtime and ctime to the nanosecond — is the same:
+/// every write moves the ctime, which no one can set back.
+#[derive(Debug, Default)]
+pub struct HashCache {
+    /// Scanned root → what its latest scan hashed.
+    roots: std::sync::Mutex<HashMap<PathBuf, KnownHashes>>,
+}
+
+/// Relative path → (fingerprint, hash).
+type KnownHashes = HashMap<String, (Fingerprint, String)>;
+
+/// Roots a [`HashCache`] remembers; past that it starts over (it is a cache: losing it only costs reads).
+const HASH_CACHE_ROOTS: usize = 64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Fingerprint {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Fingerprint {
+    fn of(meta: &fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
+/// [`scan_tree`], reading only the files whose fingerprint changed since `cache` last saw them.
+pub async fn scan_tree_cached(
+    dir: &Path,
+    cache: &std::sync::Arc<HashCache>,
+) -> Result<Manifest, DriverError> {
+    let (dir, cache) = (dir.to_path_buf(), cache.clone());
+    blocking("the workspace sync", move || {
+        let known = cache
+            .roots
+            .lock()
+            .ok()
+            .and_then(|mut roots| roots.remove(&dir))
+            .unwrap_or_default();
+        let mut seen = HashMap::with_capacity(known.len());
+        let mut manifest = Manifest::default();
+        walk(&dir, "", &mut manifest, &mut |relative, path, entry| {
+            let Entry::File { size, sha256, .. } = entry else {
+                return Ok(());
+            };
+            let meta = fs::symlink_metadata(path)
+                .map_err(io_error(format!("reading {}", path.display())))?;
+            let fingerprint = Fingerprint::of(&meta);
+            let (hashed_size, hash) = match known.get(relative) {
+                Some((cached, hash)) if *cached == fingerprint => (fingerprint.size, hash.clone()),
+                _ => hash_file(path)?,
+            };
+            // A file that changed while it was hashed is not remembered: its next scan reads it again.
+            if hashed_size == fingerprint.size {
+                seen.insert(relative.to_owned(), (fingerprint, hash.clone()));
+            }
+            *size = hashed_size;
+            *sha256 = hash;
+            Ok(())
+        })?;
+        if let Ok(mut roots) = cache.roots.lock() {
+            if roots.len() >= HASH_CACHE_ROOTS {
+                roots.clear();
+            }
+            roots.insert(dir, seen);
+        }
+        Ok(manifest)
+    })
+    .await
 }
 
 /// Lists the tree at `dir` as [`copy_tree`] would have copied it.
@@ -561,6 +643,26 @@ mod tests {
         symlink("src/main.rs", root.join("main-link")).unwrap();
         symlink(outside, root.join("escape")).unwrap();
         symlink("../../outside-relative", root.join("src/up")).unwrap();
+    }
+
+    #[tokio::test]
+    async fn cached_scans_see_every_change_the_full_scan_sees() {
+        let temp = tempfile::tempdir().unwrap();
+        let root = temp.path().join("tree");
+        sample(&root, temp.path());
+        let cache = std::sync::Arc::new(HashCache::default());
+        assert_eq!(
+            scan_tree_cached(&root, &cache).await.unwrap(),
+            scan_tree(&root).await.unwrap()
+        );
+        // Same size, new content; a new file; a removed one: the cached scan must not trust what it saw before.
+        fs::write(root.join("README.md"), "HELLO\n").unwrap();
+        fs::write(root.join("src/added.txt"), "new").unwrap();
+        fs::remove_file(root.join("src/nested/deep.txt")).unwrap();
+        let cached = scan_tree_cached(&root, &cache).await.unwrap();
+        assert_eq!(cached, scan_tree(&root).await.unwrap());
+        assert!(cached.get("src/nested/deep.txt").is_none());
+        assert_eq!(scan_tree_cached(&root, &cache).await.unwrap(), cached);
     }
 
     #[tokio::test]

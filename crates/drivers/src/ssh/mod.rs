@@ -37,6 +37,8 @@ pub use exec::shell_quote;
 use pool::{Pool, SshTarget};
 use workspace::SyncedIn;
 
+use crate::sync::HashCache;
+
 /// Lease metadata keys. Lease metadata is returned by the API: it names the host and the directory, never a secret.
 const META_KEY: &str = "leaseKey";
 const META_DIR: &str = "workspacePath";
@@ -47,6 +49,8 @@ const META_MODE: &str = "workspaceMode";
 pub struct SshDriver {
     pool: Arc<Pool>,
     leases: Mutex<HashMap<String, Arc<LeaseState>>>,
+    /// Hashes of host workspace files, so a persistent workspace's next sync reads only what changed.
+    hashes: Arc<HashCache>,
 }
 
 /// A live lease: where it is and what its workspace sync recorded.
@@ -280,6 +284,7 @@ impl EnvironmentDriver for SshDriver {
                         &state.dir,
                         state.per_run,
                         &state.exclude,
+                        &self.hashes,
                     )
                     .await?;
                     metadata.insert("filesSent".to_owned(), json!(synced.files_sent));

@@ -1,7 +1,7 @@
 //! Workspaces over SSH: incremental sync in, sync back of what the remote changed, with conflicts reported.
 //!
 //! **Sync in.** The host tree is scanned into a content manifest ([`crate::sync::Manifest`]: modes, sizes,
-//! SHA-256, symlink targets). The remote tree is listed with `find -printf` (kind, mode, size, mtime, link target;
+//! SHA-256, symlink targets; a file unchanged since the last scan is not read again, see [`HashCache`]). The remote tree is listed with `find -printf` (kind, mode, size, mtime, link target;
 //! no hashing on the remote). A file travels when the remote has nothing there, or something of another kind, size,
 //! mode or mtime (tar keeps mtimes, so a file synced before matches until either side changes it: rsync's quick
 //! check). What travels goes as one tar stream over one channel into `tar -x` on the remote. Nothing of the remote
@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use super::exec::{control, shell_quote};
 use super::pool::{Pool, SshTarget};
 use crate::fs::{blocking, io_error};
-use crate::sync::{self, Entry, Manifest};
+use crate::sync::{self, Entry, HashCache, Manifest};
 
 /// Bytes per chunk between the tar thread and the channel.
 const CHUNK: usize = 256 * 1024;
@@ -163,8 +163,11 @@ fn parse_listing(bytes: &[u8]) -> Result<RemoteListing, DriverError> {
 }
 
 /// The host tree, hashed, with the mtimes the quick check compares.
-async fn scan_host(local: &Path) -> Result<(Manifest, BTreeMap<String, i64>), DriverError> {
-    let manifest = sync::scan_tree(local).await?;
+async fn scan_host(
+    local: &Path,
+    hashes: &Arc<HashCache>,
+) -> Result<(Manifest, BTreeMap<String, i64>), DriverError> {
+    let manifest = sync::scan_tree_cached(local, hashes).await?;
     let (root, paths): (PathBuf, Vec<String>) = (
         local.to_path_buf(),
         manifest
@@ -210,8 +213,9 @@ pub async fn sync_in(
     dir: &str,
     fresh: bool,
     exclude: &SyncExclude,
+    hashes: &Arc<HashCache>,
 ) -> Result<SyncedIn, DriverError> {
-    let (mut host, mtimes) = scan_host(local).await?;
+    let (mut host, mtimes) = scan_host(local, hashes).await?;
     if !exclude.is_empty() {
         host.retain(|path| !exclude.matches(path));
     }
