@@ -654,6 +654,19 @@ pub(crate) fn multibyte_text(seed: usize, bytes: usize) -> String {
     text
 }
 
+/// Opens a run's SSE event stream (its headers are in; the body is not read yet).
+async fn open_event_stream(server: &TestServer, run_id: &str) -> reqwest::Response {
+    let stream = reqwest::Client::new()
+        .get(format!("{}/api/runs/{run_id}/events", server.url))
+        .bearer_auth(&server.admin_token)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), StatusCode::OK);
+    stream
+}
+
 /// The events of an SSE body: the JSON of each `data:` line.
 fn sse_events(body: &str) -> Vec<Value> {
     body.split("\n\n")
@@ -691,14 +704,7 @@ async fn ten_megabytes_of_multibyte_output_on_both_streams_replay_byte_exact() {
     )
     .await;
     // Followed live from the start, so the stream reads while the output is written.
-    let stream = reqwest::Client::new()
-        .get(format!("{}/api/runs/{run_id}/events", server.url))
-        .bearer_auth(&server.admin_token)
-        .header("accept", "text/event-stream")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(stream.status(), StatusCode::OK);
+    let stream = open_event_stream(&server, &run_id).await;
     let body = tokio::time::timeout(Duration::from_secs(120), stream.text())
         .await
         .expect("the stream ends after the final event")
@@ -738,6 +744,61 @@ async fn ten_megabytes_of_multibyte_output_on_both_streams_replay_byte_exact() {
     assert_eq!(
         std::fs::metadata(&segment).unwrap().len(),
         (stdout.len() + stderr.len()) as u64
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_follower_that_falls_behind_catches_up_from_the_store_missing_nothing() {
+    let server = TestServer::start_with(ServerOptions {
+        env: vec![(
+            "BERTH_LOG".to_owned(),
+            "info,berth_server::api::runs=debug".to_owned(),
+        )],
+        ..Default::default()
+    })
+    .await;
+    let company = server.default_company().await;
+    // ~32 MB of numbered lines in well over a hundred events: far more than the live channel holds for a follower
+    // (64 events) plus what the sockets buffer, so a follower that reads nothing until the end must fall behind.
+    let lines = 1_000_000;
+    let run_id = start_run(
+        &server,
+        &company,
+        json!({"command": ["sh", "-c", format!("sleep 0.3; seq -f '%031.0f' 1 {lines}")], "timeoutMs": 120000}),
+    )
+    .await;
+    // Subscribed while the run is live (the command is still asleep), then not read at all until the run is over.
+    let stream = open_event_stream(&server, &run_id).await;
+    let run = wait_run(&server, &run_id, Duration::from_secs(120)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let body = tokio::time::timeout(Duration::from_secs(120), stream.text())
+        .await
+        .expect("the stream ends after the final event")
+        .unwrap();
+    let followed = sse_events(&body);
+
+    let listed = all_events(&server, &run_id).await;
+    assert_dense(&listed);
+    assert!(
+        listed.len() > 100,
+        "only {} events: the follower may not have lagged",
+        listed.len()
+    );
+    assert_eq!(
+        followed, listed,
+        "every event once, in order, the final one last"
+    );
+    let stdout = text_of(&followed, "stdout");
+    assert_eq!(stdout.len(), lines * 32);
+    for (index, line) in stdout.lines().enumerate() {
+        assert_eq!(line, format!("{:031}", index + 1));
+    }
+    assert!(
+        server
+            .logs()
+            .contains("live follower reads the store to catch up"),
+        "the follower never fell behind, so the fallback went untested"
     );
     server.stop().await;
 }

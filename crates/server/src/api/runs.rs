@@ -2,13 +2,15 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
+use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::Json;
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use berth_core::ErrorKind;
 use berth_core::config::DriverConfig;
@@ -19,9 +21,10 @@ use berth_core::lease::LeasePolicy;
 use berth_core::run::{EventKind, Run, RunEvent, RunStatus, check_env_name, check_no_nul};
 use berth_core::time::Timestamp;
 use berth_core::validation::ValidationErrors;
+use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::watch;
+use tokio::sync::broadcast;
 
 use super::auth::Principal;
 use super::dto::{CreateRunRequest, EventResponse, RunResponse};
@@ -183,12 +186,21 @@ pub async fn events(
             run_id: run.id,
             after,
             buffer: VecDeque::new(),
-            latest: state.runs().follow(run.id),
+            live: state.runs().follow(run.id),
+            caught_up: false,
             finished: false,
+            last_frame: Instant::now(),
         };
         let stream = futures::stream::unfold(follower, Follower::next);
-        return Ok(Sse::new(stream)
-            .keep_alive(KeepAlive::default())
+        // Frames are written by `sse_frame`, not axum's `Event`: its data writer grows its buffer step by step
+        // (copying a large output event several times) and scans every byte for line breaks that JSON never has.
+        return Ok((
+            [
+                (header::CONTENT_TYPE, "text/event-stream"),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            Body::from_stream(stream),
+        )
             .into_response());
     }
     let limit = query.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
@@ -208,45 +220,76 @@ fn wants_event_stream(headers: &HeaderMap) -> bool {
         })
 }
 
+/// Events read from the store at once while replaying or catching up.
+const STORE_PAGE: u32 = 500;
+/// How long a live follower waits for the next event before it looks at the store anyway, in case events came from
+/// elsewhere (another replica, a sweep).
+const LIVE_IDLE_READ: Duration = Duration::from_secs(1);
+/// How long an event stream may stay silent before it gets a keep-alive comment (as axum's SSE default).
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
 /// Replays a run's events after a seq, then follows new ones until the final status event.
+///
+/// While this node runs the command, new events come from its writer's channel, as stored ([`EventWriter::subscribe`]),
+/// so output is not read back from the store right after it was written. An event is taken from the channel only
+/// when it is the very next seq: when the channel has lagged, skips a seq (written by another writer, or inserts
+/// finishing out of order) or stays quiet, the store is read from the last seq sent. Either way every event goes out
+/// once, in seq order.
 struct Follower {
     state: AppState,
     run_id: RunId,
     after: i64,
-    buffer: VecDeque<RunEvent>,
-    /// Wake-ups from the local writer; `None` when another node runs it (then we poll the database).
-    latest: Option<watch::Receiver<i64>>,
+    buffer: VecDeque<Arc<RunEvent>>,
+    /// The local writer's events; `None` when another node runs it (then we poll the database) or it has finished.
+    live: Option<broadcast::Receiver<Arc<RunEvent>>>,
+    /// The last store read found everything there was: the channel may be relied on for what comes next.
+    caught_up: bool,
     finished: bool,
+    /// When the last frame went out: an idle stream gets a keep-alive comment every [`KEEP_ALIVE`].
+    last_frame: Instant,
 }
 
 impl Follower {
-    async fn next(mut self) -> Option<(Result<Event, Infallible>, Self)> {
+    async fn next(mut self) -> Option<(Result<Bytes, Infallible>, Self)> {
         let mut idle_checks = 0;
         loop {
             if let Some(event) = self.buffer.pop_front() {
                 self.after = event.seq;
                 self.finished = is_final(&event);
-                return Some((Ok(sse_event(&event)), self));
+                self.last_frame = Instant::now();
+                return Some((Ok(sse_frame(&event)), self));
             }
             if self.finished {
                 return None;
             }
-            // While this node runs the command, its writer says how far the events go: wait for it instead of asking
-            // the database again and again. The timeout still reads, in case events came from elsewhere.
-            if let Some(latest) = self.latest.as_mut()
-                && *latest.borrow_and_update() <= self.after
+            // Proxies and clients drop connections that stay silent; the waits below are at most a second or so.
+            if self.last_frame.elapsed() >= KEEP_ALIVE {
+                self.last_frame = Instant::now();
+                return Some((Ok(Bytes::from_static(b":\n\n")), self));
+            }
+            if self.caught_up
+                && let Some(live) = self.live.as_mut()
             {
-                match tokio::time::timeout(Duration::from_secs(1), latest.changed()).await {
-                    Ok(Ok(())) => continue,
+                match tokio::time::timeout(LIVE_IDLE_READ, live.recv()).await {
+                    // Already sent (read from the store meanwhile).
+                    Ok(Ok(event)) if event.seq <= self.after => continue,
+                    Ok(Ok(event)) if event.seq == self.after + 1 => {
+                        self.buffer.push_back(event);
+                        continue;
+                    }
+                    // A gap, or events dropped for falling behind: the store has them all.
+                    Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
+                        tracing::debug!(run.id = %self.run_id, after = self.after, "live follower reads the store to catch up");
+                    }
                     // The run's writers are gone: from here on, read until the final event.
-                    Ok(Err(_closed)) => self.latest = None,
+                    Ok(Err(broadcast::error::RecvError::Closed)) => self.live = None,
                     Err(_elapsed) => {}
                 }
             }
             let batch = match self
                 .state
                 .store()
-                .list_events(self.run_id, self.after, 500)
+                .list_events(self.run_id, self.after, STORE_PAGE)
                 .await
             {
                 Ok(batch) => batch,
@@ -255,8 +298,9 @@ impl Follower {
                     return None;
                 }
             };
+            self.caught_up = batch.len() < STORE_PAGE as usize;
             if !batch.is_empty() {
-                self.buffer.extend(batch);
+                self.buffer.extend(batch.into_iter().map(Arc::new));
                 continue;
             }
             // Nothing new. A run whose row is final has written its final event already (it goes out first), so
@@ -274,17 +318,9 @@ impl Follower {
                 }
                 continue;
             }
-            match self.latest.as_mut() {
-                Some(latest) => {
-                    // Closed means the run's writers are gone: re-read once more, then the final-row check ends us.
-                    if tokio::time::timeout(Duration::from_secs(1), latest.changed())
-                        .await
-                        .is_ok_and(|r| r.is_err())
-                    {
-                        self.latest = None;
-                    }
-                }
-                None => tokio::time::sleep(Duration::from_millis(250)).await,
+            // With a live channel, the next turn waits on it; without, poll.
+            if self.live.is_none() {
+                tokio::time::sleep(Duration::from_millis(250)).await;
             }
         }
     }
@@ -300,14 +336,26 @@ fn is_final(event: &RunEvent) -> bool {
             .is_some_and(RunStatus::is_terminal)
 }
 
-fn sse_event(event: &RunEvent) -> Event {
-    let mut frame = Event::default()
-        .id(event.seq.to_string())
-        .event(event.kind.as_str())
-        .into_data_writer();
-    // Written straight into the frame; the frame's writer cannot fail.
+/// The SSE frame of an event: `id: <seq>`, `event: <type>`, `data: <the event's JSON>`, a blank line. The JSON is
+/// one line (its strings escape line breaks), so it needs no `data:` splitting.
+fn sse_frame(event: &RunEvent) -> Bytes {
+    let text = event
+        .data
+        .get("text")
+        .and_then(Value::as_str)
+        .map_or(0, str::len);
+    // Room for the text and everything around it, so a large output event is written in place, without regrowing.
+    let mut frame = String::with_capacity(text + 256);
+    // Writing to a String cannot fail.
+    let _ = write!(
+        frame,
+        "id: {}\nevent: {}\ndata: ",
+        event.seq,
+        event.kind.as_str()
+    );
     let _ = EventResponse::from(event).write_json(&mut frame);
-    frame.into_event()
+    frame.push_str("\n\n");
+    Bytes::from(frame)
 }
 
 async fn load_run(state: &AppState, id: &str) -> Result<Run, ApiError> {

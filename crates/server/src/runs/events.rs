@@ -1,5 +1,6 @@
-//! Writing a run's events: dense sequence numbers from the store, a wake-up for live followers, and the UTF-8 care
-//! that output needs (a multi-byte character split across two reads must not turn into replacement characters).
+//! Writing a run's events: dense sequence numbers from the store, the stored events handed to live followers, and the
+//! UTF-8 care that output needs (a multi-byte character split across two reads must not turn into replacement
+//! characters).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -7,21 +8,28 @@ use std::time::{Duration, Instant};
 
 use berth_core::driver::{BoxFuture, OutputSink, OutputStream};
 use berth_core::ids::RunId;
-use berth_core::run::{EventKind, NewRunEvent};
+use berth_core::run::{EventKind, NewRunEvent, RunEvent};
 use berth_core::time::Timestamp;
 use serde_json::{Value, json};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::error::DisplayChain;
 use crate::store::{StagedEvents, Store, StoreError};
 
-/// Appends events for one run and tells followers (SSE streams) about them.
+/// Events a live follower may fall behind by before it has to read from the store instead. Output events are at
+/// most the driver's 256 KiB chunk, so a follower that lags holds back at most ~16 MiB of a run's output here.
+pub const LIVE_EVENTS: usize = 64;
+
+/// Appends events for one run and hands them, as stored, to followers (SSE streams) on this node.
 #[derive(Debug, Clone)]
 pub struct EventWriter {
     store: Store,
     run_id: RunId,
-    latest: Arc<watch::Sender<i64>>,
+    /// Every event this writer stored, in the order its inserts finished (which concurrent inserts may make differ
+    /// from seq order: followers check). Followers on this node take output from here, without reading back from the
+    /// store what was just written; one that falls behind, or sees a gap, reads the store.
+    live: broadcast::Sender<Arc<RunEvent>>,
 }
 
 impl EventWriter {
@@ -29,13 +37,13 @@ impl EventWriter {
         Self {
             store,
             run_id,
-            latest: Arc::new(watch::channel(0).0),
+            live: broadcast::channel(LIVE_EVENTS).0,
         }
     }
 
-    /// The seq of the latest event written, updated as events are appended; closed when every writer is gone.
-    pub fn subscribe(&self) -> watch::Receiver<i64> {
-        self.latest.subscribe()
+    /// The events stored from now on; closed (after the last one) when every writer is gone.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<RunEvent>> {
+        self.live.subscribe()
     }
 
     /// Appends one event. A failure is logged, not returned: losing the database mid-run must not also lose the
@@ -67,11 +75,14 @@ impl EventWriter {
     /// The second half of [`EventWriter::emit_all`]: the rows, then the followers' wake-up.
     async fn insert(&self, staged: StagedEvents) {
         match self.store.insert_staged(staged).await {
-            Ok(stored) => {
-                if let Some(last) = stored.last() {
-                    self.latest.send_replace(last.seq);
+            // Nobody following: nothing to hand over, not even an allocation per event.
+            Ok(stored) if self.live.receiver_count() > 0 => {
+                for event in stored {
+                    // An error only means the last follower just left.
+                    let _ = self.live.send(Arc::new(event));
                 }
             }
+            Ok(_) => {}
             Err(error) => self.log_failure(&error),
         }
     }

@@ -9,11 +9,11 @@ use berth_core::config::DriverConfig;
 use berth_core::environment::Environment;
 use berth_core::ids::RunId;
 use berth_core::lease::LeaseStatus;
-use berth_core::run::{EventKind, Run};
+use berth_core::run::{EventKind, Run, RunEvent};
 use berth_core::time::Timestamp;
 use berth_drivers::registry::DriverRegistry;
 use serde_json::json;
-use tokio::sync::watch;
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -51,7 +51,6 @@ pub struct RunContext {
 #[derive(Debug)]
 struct LiveRun {
     cancel: CancellationToken,
-    latest: watch::Receiver<i64>,
     events: EventWriter,
 }
 
@@ -120,12 +119,10 @@ impl RunManager {
         events: EventWriter,
     ) {
         let cancel = self.inner.stopping.child_token();
-        let latest = events.subscribe();
         self.live().insert(
             run.id,
             LiveRun {
                 cancel: cancel.clone(),
-                latest,
                 events: events.clone(),
             },
         );
@@ -166,9 +163,9 @@ impl RunManager {
         }
     }
 
-    /// A wake-up for followers of a run this node executes: the latest event seq.
-    pub fn follow(&self, run_id: RunId) -> Option<watch::Receiver<i64>> {
-        self.live().get(&run_id).map(|live| live.latest.clone())
+    /// The events of a run this node executes, as they are stored from now on (see [`EventWriter::subscribe`]).
+    pub fn follow(&self, run_id: RunId) -> Option<broadcast::Receiver<Arc<RunEvent>>> {
+        self.live().get(&run_id).map(|live| live.events.subscribe())
     }
 
     fn live(&self) -> std::sync::MutexGuard<'_, HashMap<RunId, LiveRun>> {
