@@ -121,6 +121,13 @@ impl SshDriver {
                     .to_owned();
                 let per_run = lease.metadata.get(META_MODE).and_then(Value::as_str)
                     == Some(WorkspaceMode::PerRun.as_str());
+                // The config may have moved on since the lease (another host, another root): clean up only what
+                // is certainly this lease's workspace, never a path elsewhere.
+                if !names_same_place(config, lease, &dir) {
+                    return Err(DriverError::failed(
+                        "the environment's ssh config no longer points at this lease's host and workspace root; the old workspace is left as it is",
+                    ));
+                }
                 (SshTarget::from_config(config), dir, per_run)
             }
         };
@@ -134,6 +141,20 @@ impl SshDriver {
             Ok(())
         }
     }
+}
+
+/// Whether `config` reaches the host of `lease` as the same user, and `dir` is a workspace under its root.
+fn names_same_place(config: &SshConfig, lease: &LeaseHandle, dir: &str) -> bool {
+    let same = |key: &str, value: Value| lease.metadata.get(key) == Some(&value);
+    let root = config.remote_workspace_path.trim_end_matches('/');
+    let under_root = ["runs", "envs"].iter().any(|kind| {
+        dir.strip_prefix(&format!("{root}/{kind}/"))
+            .is_some_and(|name| !name.is_empty() && !name.contains('/') && name != "..")
+    });
+    same("host", json!(config.host))
+        && same("port", json!(config.port))
+        && same("username", json!(config.username))
+        && under_root
 }
 
 fn ssh_config(config: &DriverConfig) -> Result<&SshConfig, DriverError> {
@@ -361,5 +382,58 @@ impl EnvironmentDriver for SshDriver {
                 .await
                 .map(Some)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use berth_core::ids::{EnvironmentId, RunId};
+
+    use super::*;
+
+    fn config(host: &str, root: &str) -> SshConfig {
+        let parsed = DriverConfig::parse(
+            Driver::Ssh,
+            &json!({"host": host, "username": "agent", "remoteWorkspacePath": root, "password": "x"}),
+            &crate::registry::ProviderRegistry::new(),
+        )
+        .unwrap();
+        match parsed {
+            DriverConfig::Ssh(ssh) => ssh,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn cleanup_after_a_restart_touches_only_the_leases_own_workspace() {
+        let original = config("build.internal", "/srv/berth");
+        let request = LeaseRequest {
+            environment_id: EnvironmentId::new(),
+            run_id: RunId::new(),
+        };
+        let dir = workspace_dir(&original, &request);
+        let lease = handle_for(&original, &request, &dir);
+        assert!(names_same_place(&original, &lease, &dir));
+        // The environment moved to another host or root since: hands off.
+        assert!(!names_same_place(
+            &config("other.internal", "/srv/berth"),
+            &lease,
+            &dir
+        ));
+        assert!(!names_same_place(
+            &config("build.internal", "/srv/other"),
+            &lease,
+            &dir
+        ));
+        // Metadata that names a path outside the root is refused whatever the config says.
+        for bad in [
+            "/etc",
+            "/srv/berth",
+            "/srv/berth/runs/",
+            "/srv/berth/runs/../../etc",
+            "/srv/berth/runs/a/b",
+        ] {
+            assert!(!names_same_place(&original, &lease, bad), "{bad}");
+        }
     }
 }
