@@ -32,8 +32,6 @@ use berth_core::environment::Driver;
 use berth_core::probe::ProbeResult;
 use serde_json::{Map, Value, json};
 
-pub use connect::CONNECT_TIMEOUT;
-pub use exec::shell_quote;
 use pool::{Pool, SshTarget};
 use workspace::SyncedIn;
 
@@ -64,11 +62,6 @@ struct LeaseState {
 }
 
 impl SshDriver {
-    /// The connection pool (benchmarks and tests look at it).
-    pub fn pool(&self) -> &Arc<Pool> {
-        &self.pool
-    }
-
     fn state(&self, lease: &LeaseHandle) -> Result<Arc<LeaseState>, DriverError> {
         let key = lease_key(lease)?;
         self.leases
