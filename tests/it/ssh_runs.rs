@@ -920,3 +920,42 @@ async fn a_run_on_a_dead_host_fails_fast_and_says_why() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn what_a_chatty_login_shell_prints_never_reaches_the_output() {
+    let sshd = TestSshd::start();
+    let entry = std::process::Command::new("getent")
+        .args(["passwd", &sshd.user])
+        .output()
+        .unwrap();
+    let entry = String::from_utf8_lossy(&entry.stdout).trim().to_owned();
+    let home = entry.split(':').nth(5).unwrap().to_owned();
+    assert!(
+        sshd.user.starts_with("berth") && home.starts_with("/tmp/"),
+        "this test reshapes the throwaway user, which needs root: {entry}"
+    );
+    // bash reads ~/.bashrc for commands sshd starts; this one greets on stdout and stderr.
+    fs::write(
+        Path::new(&home).join(".bashrc"),
+        "echo 'Welcome to the build box'\necho 'motd on stderr' >&2\n",
+    )
+    .unwrap();
+    let status = std::process::Command::new("usermod")
+        .args(["-s", "/bin/bash", &sshd.user])
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let env = ssh_env(&server, &company, &sshd, json!({})).await;
+    let (run, events) = run_to_end(
+        &server,
+        &company,
+        json!({"environmentId": env, "command": ["echo", "only this"], "bridge": false}),
+    )
+    .await;
+    assert_eq!(run["status"], "succeeded", "{run} {events:?}");
+    assert_eq!(text_of(&events, "stdout"), "only this\n");
+    server.stop().await;
+}

@@ -35,6 +35,8 @@ const LEFTOVER_GRACE: Duration = Duration::from_millis(250);
 
 /// The stdout line the bootstrap writes first: `berth-pid <pid>\n`.
 const PID_PREFIX: &[u8] = b"berth-pid ";
+/// What a login shell may print before the bootstrap's pid line before berth gives up on it.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// The string sent as the `exec` request. It must stay free of anything from the request: see the module docs.
 fn bootstrap() -> String {
@@ -243,16 +245,17 @@ async fn supervise(
             ChannelMsg::Data { data } => {
                 if pgid.is_none() {
                     header.extend_from_slice(&data);
-                    let Some(end) = header.iter().position(|&byte| byte == b'\n') else {
+                    // Login shells may print (a chatty rc file) before the bootstrap: skip whole lines until
+                    // the pid line; none of it is the command's output.
+                    let Some((pid, rest)) = find_pid_line(&mut header) else {
+                        if header.len() > MAX_HEADER_BYTES {
+                            return Err(DriverError::failed(
+                                "the remote shell did not start the berth bootstrap (is the login shell POSIX?)",
+                            ));
+                        }
                         continue;
                     };
-                    pgid = parse_pid(&header[..end]);
-                    let rest = header.split_off(end + 1);
-                    if pgid.is_none() {
-                        return Err(DriverError::failed(
-                            "the remote shell did not start the berth bootstrap (is the login shell POSIX?)",
-                        ));
-                    }
+                    pgid = Some(pid);
                     if killed.is_some() {
                         // The kill came before the pid: deliver it now.
                         kill_group(pool, target, pgid).await;
@@ -294,6 +297,19 @@ async fn supervise(
         outcome.signal = Some("SIGKILL".to_owned());
     }
     Ok(outcome)
+}
+
+/// Takes complete lines off the front of `header` until one is the pid line; returns the pid and what follows it.
+fn find_pid_line(header: &mut Vec<u8>) -> Option<(u32, Vec<u8>)> {
+    while let Some(end) = header.iter().position(|&byte| byte == b'\n') {
+        let pid = parse_pid(&header[..end]);
+        let rest = header.split_off(end + 1);
+        match pid {
+            Some(pid) => return Some((pid, rest)),
+            None => *header = rest,
+        }
+    }
+    None
 }
 
 fn parse_pid(line: &[u8]) -> Option<u32> {
@@ -451,5 +467,18 @@ mod tests {
     fn pid_lines_parse() {
         assert_eq!(parse_pid(b"berth-pid 4242"), Some(4242));
         assert_eq!(parse_pid(b"hello"), None);
+    }
+
+    #[test]
+    fn what_a_login_shell_prints_before_the_pid_line_is_skipped() {
+        let mut header = b"Welcome!\nberth-pid 77\noutput".to_vec();
+        assert_eq!(find_pid_line(&mut header), Some((77, b"output".to_vec())));
+        let mut partial = b"motd\nberth-pi".to_vec();
+        assert_eq!(find_pid_line(&mut partial), None);
+        assert_eq!(
+            partial,
+            b"berth-pi".to_vec(),
+            "an incomplete line waits for more"
+        );
     }
 }
