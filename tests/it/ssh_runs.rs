@@ -48,6 +48,18 @@ async fn lease_of(server: &TestServer, run: &Value) -> Value {
     lease
 }
 
+/// Waits until the run's stdout holds `text` (at most 20 s).
+async fn wait_for_stdout(server: &TestServer, run_id: &str, text: &str) {
+    let started = Instant::now();
+    while !text_of(&all_events(server, run_id).await, "stdout").contains(text) {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the run never printed {text:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Whether a process whose command line holds `marker` runs on this machine (both hosts).
 fn pgrep(marker: &str) -> bool {
     std::process::Command::new("pgrep")
@@ -147,18 +159,7 @@ async fn secret_env_values_never_appear_in_any_command_line_and_nowhere_in_the_a
     )
     .await;
     // While the command sleeps, read every process's command line on this machine: both hosts.
-    let started = Instant::now();
-    loop {
-        let events = all_events(&server, &run_id).await;
-        if text_of(&events, "stdout").contains("started") {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the run never started"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_stdout(&server, &run_id, "started").await;
     let mut scanned = 0;
     for entry in fs::read_dir("/proc").unwrap().flatten() {
         if let Ok(cmdline) = fs::read(entry.path().join("cmdline")) {
@@ -272,11 +273,7 @@ async fn cancel_kills_the_remote_command() {
         json!({"environmentId": env, "command": ["sh", "-c", "echo up; sleep 300"], "bridge": false}),
     )
     .await;
-    let started = Instant::now();
-    while !text_of(&all_events(&server, &run_id).await, "stdout").contains("up") {
-        assert!(started.elapsed() < Duration::from_secs(20));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_stdout(&server, &run_id, "up").await;
     let (status, _) = server
         .post(&format!("/api/runs/{run_id}/cancel"), json!({}))
         .await;
@@ -446,11 +443,7 @@ async fn a_file_changed_on_both_sides_is_a_reported_conflict_and_nothing_is_lost
         }),
     )
     .await;
-    let started = Instant::now();
-    while !text_of(&all_events(&server, &run_id).await, "stdout").contains("ready") {
-        assert!(started.elapsed() < Duration::from_secs(20));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_stdout(&server, &run_id, "ready").await;
     // The host edits the same file while the run is live.
     fs::write(local.path().join("shared.txt"), "local edit\n").unwrap();
     let run = wait_run(&server, &run_id, Duration::from_secs(30)).await;
@@ -560,11 +553,7 @@ async fn a_connection_killed_mid_run_fails_the_run_and_releases_its_lease() {
         json!({"environmentId": env, "command": ["sh", "-c", "echo up; sleep 300"], "bridge": false}),
     )
     .await;
-    let started = Instant::now();
-    while !text_of(&all_events(&server, &run_id).await, "stdout").contains("up") {
-        assert!(started.elapsed() < Duration::from_secs(20));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_stdout(&server, &run_id, "up").await;
     // Kill the per-connection sshd processes (the privileged monitor and the user's network child, not the
     // command): the TCP connection drops.
     let killed = std::process::Command::new("pkill")
@@ -609,11 +598,7 @@ async fn a_killed_server_leaves_no_ssh_lease_workspace_or_process_after_the_next
         json!({"environmentId": env, "command": ["sh", "-c", format!("echo up; sh -c 'sleep 1000; true {marker}'")], "bridge": false}),
     )
     .await;
-    let started = Instant::now();
-    while !text_of(&all_events(&server, &run_id).await, "stdout").contains("up") {
-        assert!(started.elapsed() < Duration::from_secs(20));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_stdout(&server, &run_id, "up").await;
     assert!(pgrep(&marker), "the command is not running");
     let (_, run) = server.get(&format!("/api/runs/{run_id}")).await;
     let held = lease_of(&server, &run).await;
