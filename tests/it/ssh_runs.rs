@@ -30,6 +30,28 @@ async fn ssh_env(server: &TestServer, company: &str, sshd: &TestSshd, extra: Val
     env["id"].as_str().unwrap().to_owned()
 }
 
+/// A real sshd, a real server, and an ssh environment pointing at the one from the other.
+struct Lab {
+    sshd: TestSshd,
+    server: TestServer,
+    company: String,
+    env: String,
+}
+
+/// Starts a [`Lab`] whose environment config is the sshd's plus `extra`.
+async fn lab(extra: Value) -> Lab {
+    let sshd = TestSshd::start();
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let env = ssh_env(&server, &company, &sshd, extra).await;
+    Lab {
+        sshd,
+        server,
+        company,
+        env,
+    }
+}
+
 async fn run_to_end(server: &TestServer, company: &str, body: Value) -> (Value, Vec<Value>) {
     let run_id = start_run(server, company, body).await;
     let run = wait_run(server, &run_id, Duration::from_secs(60)).await;
@@ -79,10 +101,12 @@ fn workspace_event<'a>(events: &'a [Value], phase: &str) -> &'a Value {
 
 #[tokio::test]
 async fn a_command_runs_over_ssh_with_stdin_env_and_exactly_its_environment() {
-    let sshd = TestSshd::start();
-    let server = TestServer::start().await;
-    let company = server.default_company().await;
-    let env = ssh_env(&server, &company, &sshd, json!({})).await;
+    let Lab {
+        sshd,
+        server,
+        company,
+        env,
+    } = lab(json!({})).await;
 
     let (first, events) = run_to_end(
         &server,
@@ -143,10 +167,12 @@ async fn a_command_runs_over_ssh_with_stdin_env_and_exactly_its_environment() {
 
 #[tokio::test]
 async fn secret_env_values_never_appear_in_any_command_line_and_nowhere_in_the_api() {
-    let sshd = TestSshd::start();
-    let server = TestServer::start().await;
-    let company = server.default_company().await;
-    let env = ssh_env(&server, &company, &sshd, json!({})).await;
+    let Lab {
+        sshd,
+        server,
+        company,
+        env,
+    } = lab(json!({})).await;
     let secret = format!("sk-live-{}", uuid::Uuid::new_v4().simple());
     let run_id = start_run(
         &server,
@@ -212,10 +238,12 @@ async fn secret_env_values_never_appear_in_any_command_line_and_nowhere_in_the_a
 
 #[tokio::test]
 async fn a_timeout_kills_the_remote_process_tree_and_keeps_partial_output() {
-    let sshd = TestSshd::start();
-    let server = TestServer::start().await;
-    let company = server.default_company().await;
-    let env = ssh_env(&server, &company, &sshd, json!({})).await;
+    let Lab {
+        sshd: _sshd,
+        server,
+        company,
+        env,
+    } = lab(json!({})).await;
     let marker = format!("berth-grandchild-{}", uuid::Uuid::new_v4().simple());
     let started = Instant::now();
     let watcher = {
@@ -263,10 +291,12 @@ async fn a_timeout_kills_the_remote_process_tree_and_keeps_partial_output() {
 
 #[tokio::test]
 async fn cancel_kills_the_remote_command() {
-    let sshd = TestSshd::start();
-    let server = TestServer::start().await;
-    let company = server.default_company().await;
-    let env = ssh_env(&server, &company, &sshd, json!({})).await;
+    let Lab {
+        sshd: _sshd,
+        server,
+        company,
+        env,
+    } = lab(json!({})).await;
     let run_id = start_run(
         &server,
         &company,
@@ -306,10 +336,12 @@ fn make_tree(root: &Path, count: usize) {
 
 #[tokio::test]
 async fn a_thousand_files_round_trip_with_modes_and_symlinks() {
-    let sshd = TestSshd::start();
-    let server = TestServer::start().await;
-    let company = server.default_company().await;
-    let env = ssh_env(&server, &company, &sshd, json!({})).await;
+    let Lab {
+        sshd: _sshd,
+        server,
+        company,
+        env,
+    } = lab(json!({})).await;
     let local = tempfile::tempdir().unwrap();
     make_tree(local.path(), 1000);
 
@@ -425,10 +457,12 @@ async fn persistent_workspaces_sync_only_what_changed() {
 
 #[tokio::test]
 async fn a_file_changed_on_both_sides_is_a_reported_conflict_and_nothing_is_lost() {
-    let sshd = TestSshd::start();
-    let server = TestServer::start().await;
-    let company = server.default_company().await;
-    let env = ssh_env(&server, &company, &sshd, json!({})).await;
+    let Lab {
+        sshd: _sshd,
+        server,
+        company,
+        env,
+    } = lab(json!({})).await;
     let local = tempfile::tempdir().unwrap();
     fs::write(local.path().join("shared.txt"), "original\n").unwrap();
     fs::write(local.path().join("only-remote.txt"), "original\n").unwrap();
@@ -470,10 +504,12 @@ async fn a_file_changed_on_both_sides_is_a_reported_conflict_and_nothing_is_lost
 
 #[tokio::test]
 async fn an_agent_on_the_remote_host_calls_back_through_the_forwarded_bridge() {
-    let sshd = TestSshd::start();
-    let server = TestServer::start().await;
-    let company = server.default_company().await;
-    let env = ssh_env(&server, &company, &sshd, json!({})).await;
+    let Lab {
+        sshd: _sshd,
+        server,
+        company,
+        env,
+    } = lab(json!({})).await;
     let server_port = server.url.rsplit(':').next().unwrap().to_owned();
     let script = "echo \"url=$BERTH_API_URL\"; \
         curl -fsS -H \"Authorization: Bearer $BERTH_API_TOKEN\" \"$BERTH_API_URL/api/agent/run\"; echo; \
@@ -533,20 +569,24 @@ async fn concurrent_runs(server: &TestServer, company: &str, env: &str, count: u
 
 #[tokio::test]
 async fn fifty_concurrent_runs_share_one_host() {
-    let sshd = TestSshd::start();
-    let server = TestServer::start().await;
-    let company = server.default_company().await;
-    let env = ssh_env(&server, &company, &sshd, json!({})).await;
+    let Lab {
+        sshd: _sshd,
+        server,
+        company,
+        env,
+    } = lab(json!({})).await;
     concurrent_runs(&server, &company, &env, 50, 0.2).await;
     server.stop().await;
 }
 
 #[tokio::test]
 async fn a_connection_killed_mid_run_fails_the_run_and_releases_its_lease() {
-    let sshd = TestSshd::start();
-    let server = TestServer::start().await;
-    let company = server.default_company().await;
-    let env = ssh_env(&server, &company, &sshd, json!({})).await;
+    let Lab {
+        sshd,
+        server,
+        company,
+        env,
+    } = lab(json!({})).await;
     let run_id = start_run(
         &server,
         &company,
@@ -587,10 +627,12 @@ async fn a_connection_killed_mid_run_fails_the_run_and_releases_its_lease() {
 
 #[tokio::test]
 async fn a_killed_server_leaves_no_ssh_lease_workspace_or_process_after_the_next_start() {
-    let sshd = TestSshd::start();
-    let server = TestServer::start().await;
-    let company = server.default_company().await;
-    let env = ssh_env(&server, &company, &sshd, json!({})).await;
+    let Lab {
+        sshd: _sshd,
+        server,
+        company,
+        env,
+    } = lab(json!({})).await;
     let marker = format!("berth-ssh-orphan-{}", uuid::Uuid::new_v4().simple());
     let run_id = start_run(
         &server,
@@ -815,10 +857,12 @@ async fn a_kept_persistent_lease_is_resumed_by_the_next_run() {
 
 #[tokio::test]
 async fn a_command_that_exits_with_a_child_holding_its_output_ends_promptly_and_the_child_dies() {
-    let sshd = TestSshd::start();
-    let server = TestServer::start().await;
-    let company = server.default_company().await;
-    let env = ssh_env(&server, &company, &sshd, json!({})).await;
+    let Lab {
+        sshd: _sshd,
+        server,
+        company,
+        env,
+    } = lab(json!({})).await;
     let marker = format!("berth-leftover-{}", uuid::Uuid::new_v4().simple());
     let started = Instant::now();
     let (run, events) = run_to_end(
@@ -869,10 +913,12 @@ async fn a_server_with_few_sessions_per_connection_still_serves_every_run() {
 
 #[tokio::test]
 async fn a_run_on_a_dead_host_fails_fast_and_says_why() {
-    let sshd = TestSshd::start();
-    let server = TestServer::start().await;
-    let company = server.default_company().await;
-    let env = ssh_env(&server, &company, &sshd, json!({})).await;
+    let Lab {
+        sshd,
+        server,
+        company,
+        env,
+    } = lab(json!({})).await;
     let port = sshd.port;
     drop(sshd);
     let started = Instant::now();
