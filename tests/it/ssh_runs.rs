@@ -407,16 +407,12 @@ async fn a_thousand_files_round_trip_with_modes_and_symlinks() {
 
 #[tokio::test]
 async fn persistent_workspaces_sync_only_what_changed() {
-    let sshd = TestSshd::start();
-    let server = TestServer::start().await;
-    let company = server.default_company().await;
-    let env = ssh_env(
-        &server,
-        &company,
-        &sshd,
-        json!({"workspaceMode": "persistent"}),
-    )
-    .await;
+    let Lab {
+        sshd: _sshd,
+        server,
+        company,
+        env,
+    } = lab(json!({"workspaceMode": "persistent"})).await;
     let local = tempfile::tempdir().unwrap();
     make_tree(local.path(), 200);
     let body = json!({
@@ -678,16 +674,12 @@ async fn a_killed_server_leaves_no_ssh_lease_workspace_or_process_after_the_next
 
 #[tokio::test]
 async fn excluded_paths_are_neither_sent_nor_brought_back() {
-    let sshd = TestSshd::start();
-    let server = TestServer::start().await;
-    let company = server.default_company().await;
-    let env = ssh_env(
-        &server,
-        &company,
-        &sshd,
-        json!({"syncExclude": ["node_modules", "*.log"]}),
-    )
-    .await;
+    let Lab {
+        sshd: _sshd,
+        server,
+        company,
+        env,
+    } = lab(json!({"syncExclude": ["node_modules", "*.log"]})).await;
     let local = tempfile::tempdir().unwrap();
     fs::create_dir_all(local.path().join("web/node_modules/dep")).unwrap();
     fs::write(local.path().join("web/node_modules/dep/index.js"), "big").unwrap();
@@ -819,16 +811,12 @@ async fn rsa_ecdsa_and_encrypted_keys_authenticate() {
 
 #[tokio::test]
 async fn a_kept_persistent_lease_is_resumed_by_the_next_run() {
-    let sshd = TestSshd::start();
-    let server = TestServer::start().await;
-    let company = server.default_company().await;
-    let env = ssh_env(
-        &server,
-        &company,
-        &sshd,
-        json!({"workspaceMode": "persistent"}),
-    )
-    .await;
+    let Lab {
+        sshd: _sshd,
+        server,
+        company,
+        env,
+    } = lab(json!({"workspaceMode": "persistent"})).await;
     let body = json!({
         "environmentId": env,
         "command": ["sh", "-c", "cat counter 2>/dev/null || echo 0; echo 1 > counter"],
