@@ -178,11 +178,12 @@ impl Fingerprint {
     }
 }
 
-/// [`scan_tree`], reading only the files whose fingerprint changed since `cache` last saw them.
+/// [`scan_tree`], reading only the files whose fingerprint changed since `cache` last saw them. Also returns each
+/// file's mtime (whole seconds), which the stat for the fingerprint has already read.
 pub async fn scan_tree_cached(
     dir: &Path,
     cache: &std::sync::Arc<HashCache>,
-) -> Result<Manifest, DriverError> {
+) -> Result<(Manifest, BTreeMap<String, i64>), DriverError> {
     let (dir, cache) = (dir.to_path_buf(), cache.clone());
     blocking("the workspace sync", move || {
         let known = cache
@@ -192,6 +193,7 @@ pub async fn scan_tree_cached(
             .and_then(|mut roots| roots.remove(&dir))
             .unwrap_or_default();
         let mut seen = HashMap::with_capacity(known.len());
+        let mut mtimes = BTreeMap::new();
         let mut manifest = Manifest::default();
         walk(&dir, "", &mut manifest, &mut |relative, path, entry| {
             let Entry::File { size, sha256, .. } = entry else {
@@ -200,6 +202,7 @@ pub async fn scan_tree_cached(
             let meta = fs::symlink_metadata(path)
                 .map_err(io_error(format!("reading {}", path.display())))?;
             let fingerprint = Fingerprint::of(&meta);
+            mtimes.insert(relative.to_owned(), fingerprint.mtime.0);
             let (hashed_size, hash) = match known.get(relative) {
                 Some((cached, hash)) if *cached == fingerprint => (fingerprint.size, hash.clone()),
                 _ => hash_file(path)?,
@@ -218,7 +221,7 @@ pub async fn scan_tree_cached(
             }
             roots.insert(dir, seen);
         }
-        Ok(manifest)
+        Ok((manifest, mtimes))
     })
     .await
 }
@@ -652,17 +655,18 @@ mod tests {
         sample(&root, temp.path());
         let cache = std::sync::Arc::new(HashCache::default());
         assert_eq!(
-            scan_tree_cached(&root, &cache).await.unwrap(),
+            scan_tree_cached(&root, &cache).await.unwrap().0,
             scan_tree(&root).await.unwrap()
         );
         // Same size, new content; a new file; a removed one: the cached scan must not trust what it saw before.
         fs::write(root.join("README.md"), "HELLO\n").unwrap();
         fs::write(root.join("src/added.txt"), "new").unwrap();
         fs::remove_file(root.join("src/nested/deep.txt")).unwrap();
-        let cached = scan_tree_cached(&root, &cache).await.unwrap();
+        let (cached, mtimes) = scan_tree_cached(&root, &cache).await.unwrap();
         assert_eq!(cached, scan_tree(&root).await.unwrap());
         assert!(cached.get("src/nested/deep.txt").is_none());
-        assert_eq!(scan_tree_cached(&root, &cache).await.unwrap(), cached);
+        assert!(mtimes.contains_key("src/added.txt") && !mtimes.contains_key("src"));
+        assert_eq!(scan_tree_cached(&root, &cache).await.unwrap().0, cached);
     }
 
     #[tokio::test]

@@ -9,11 +9,13 @@
 //!
 //! sshd makes every session its own process group (it calls `setsid` for the child), and the bootstrap `exec`s down
 //! to the command, so the command's pid is its process group id: timeouts and cancels kill the whole group with
-//! `kill -KILL -PGID` on a second channel (no `--`: dash's `kill` takes none). So does a command that exits while something it started still holds
-//! its output open (the channel would never close). A command that ends cleanly costs one session and no kill; what
-//! it left running detached in a per-run workspace is killed when the workspace is removed.
+//! `kill -KILL -PGID` on a second channel (no `--`: dash's `kill` takes none). So does a command that exits while
+//! something it started still holds its output open (the channel would never close). A command that ends cleanly
+//! costs one session and no kill; what it left running detached in a per-run workspace is killed when the workspace
+//! is removed.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,9 +23,10 @@ use berth_core::driver::{
     CancelSignal, DriverError, ExecOutcome, ExecRequest, OutputSink, OutputStream,
 };
 use russh::{ChannelMsg, Sig};
+use tokio::sync::mpsc;
 
 use super::pool::{Pool, SessionChannel, SshTarget};
-use crate::process::DEFAULT_PATH;
+use crate::process::{DEFAULT_PATH, command_cwd};
 
 /// How long short control commands (mkdir, kill, rm, listings) may take.
 pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -184,7 +187,6 @@ async fn supervise(
     let mut outcome = ExecOutcome::default();
     let mut header = Vec::new();
     let mut pgid: Option<u32> = None;
-    let mut exited = false;
     let mut killed: Option<Kill> = None;
     let mut drain_until: Option<tokio::time::Instant> = None;
     // Set once the command has exited: when its output is still open then, the leftovers are killed.
@@ -202,7 +204,7 @@ async fn supervise(
                 None => std::future::pending().await,
             }
         };
-        let live = killed.is_none() && !exited;
+        let live = killed.is_none() && !has_exited(&outcome);
         let wake = tokio::select! {
             message = session.channel.wait() => Wake::Message(message),
             () = &mut deadline, if live => Wake::Kill(Kill::Timeout),
@@ -230,7 +232,7 @@ async fn supervise(
             }
         };
         let Some(message) = message else {
-            if !exited && killed.is_none() {
+            if !has_exited(&outcome) && killed.is_none() {
                 // The connection went away under the command: it may still run on a healthy host.
                 pool.forget(target, &session.connection);
                 spawn_kill(pool, target, pgid);
@@ -241,6 +243,7 @@ async fn supervise(
             }
             break;
         };
+        let had_exited = has_exited(&outcome);
         match message {
             ChannelMsg::Data { data } => {
                 if pgid.is_none() {
@@ -271,21 +274,16 @@ async fn supervise(
                 sink.output(OutputStream::Stderr, &data).await;
             }
             ChannelMsg::ExitStatus { exit_status } => {
-                exited = true;
                 outcome.exit_code = i32::try_from(exit_status).ok();
-                if killed.is_none() {
-                    leftovers_at = Some(tokio::time::Instant::now() + LEFTOVER_GRACE);
-                }
             }
             ChannelMsg::ExitSignal { signal_name, .. } => {
-                exited = true;
                 outcome.signal = Some(signal_text(&signal_name));
-                if killed.is_none() {
-                    leftovers_at = Some(tokio::time::Instant::now() + LEFTOVER_GRACE);
-                }
             }
             ChannelMsg::Close => break,
             _ => {}
+        }
+        if !had_exited && has_exited(&outcome) && killed.is_none() {
+            leftovers_at = Some(tokio::time::Instant::now() + LEFTOVER_GRACE);
         }
     }
     match killed {
@@ -297,6 +295,11 @@ async fn supervise(
         outcome.signal = Some("SIGKILL".to_owned());
     }
     Ok(outcome)
+}
+
+/// The exit status or signal arrived: the command itself is done (its output may still be on its way).
+fn has_exited(outcome: &ExecOutcome) -> bool {
+    outcome.exit_code.is_some() || outcome.signal.is_some()
 }
 
 /// Takes complete lines off the front of `header` until one is the pid line; returns the pid and what follows it.
@@ -324,24 +327,16 @@ fn signal_text(signal: &Sig) -> String {
     }
 }
 
-/// The command's working directory on the remote host: the workspace, or `request.cwd` inside it.
+/// The command's working directory on the remote host: the workspace, or `request.cwd` inside it, by the same
+/// rules as on this host (both are POSIX paths).
 fn remote_cwd(dir: &str, request: &ExecRequest) -> Result<String, DriverError> {
-    let Some(relative) = request.cwd.as_deref() else {
-        return Ok(dir.to_owned());
-    };
-    let clean = !relative.starts_with('/')
-        && relative
-            .split('/')
-            .all(|segment| segment != ".." && !segment.contains('\0'));
-    if !clean {
-        return Err(DriverError::Spawn {
+    let cwd = command_cwd(Path::new(dir), request)?;
+    cwd.to_str()
+        .map(str::to_owned)
+        .ok_or_else(|| DriverError::Spawn {
             program: request.argv.first().cloned().unwrap_or_default(),
-            message: format!(
-                "the working directory `{relative}` must be a relative path inside the workspace, without `..`"
-            ),
-        });
-    }
-    Ok(format!("{}/{}", dir.trim_end_matches('/'), relative))
+            message: "the working directory is not UTF-8".to_owned(),
+        })
 }
 
 /// Kills the command's process group and waits for the kill to be delivered.
@@ -361,15 +356,16 @@ fn spawn_kill(pool: &Arc<Pool>, target: &SshTarget, pgid: Option<u32>) {
     tokio::spawn(async move { kill_group(&pool, &target, pgid).await });
 }
 
-/// What a control command printed and how it exited.
+/// What a script printed and how it exited.
 #[derive(Debug)]
-pub struct ControlOutput {
+pub struct ScriptOutput {
     pub status: Option<u32>,
+    /// Empty when stdout went to a channel.
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
 }
 
-impl ControlOutput {
+impl ScriptOutput {
     pub fn success(&self) -> bool {
         self.status == Some(0)
     }
@@ -391,39 +387,68 @@ pub async fn control(
     target: &SshTarget,
     script: &str,
     stdin: Option<Vec<u8>>,
-) -> Result<ControlOutput, DriverError> {
+) -> Result<ScriptOutput, DriverError> {
+    let (input, received) = mpsc::channel(1);
+    if let Some(stdin) = stdin {
+        // The channel is empty and holds one: this cannot fail.
+        let _ = input.try_send(stdin);
+    }
+    drop(input);
+    run_script(pool, target, script, received, None, CONTROL_TIMEOUT).await
+}
+
+/// Runs a berth-written script on its own session with `input`'s chunks as its stdin, its stdout handed to `output`
+/// chunk by chunk (backpressure both ways) or else collected, within `limit`. A stopped `output` ends the read
+/// early: its side reports why.
+pub async fn run_script(
+    pool: &Arc<Pool>,
+    target: &SshTarget,
+    script: &str,
+    mut input: mpsc::Receiver<Vec<u8>>,
+    output: Option<mpsc::Sender<Vec<u8>>>,
+    limit: Duration,
+) -> Result<ScriptOutput, DriverError> {
     let mut session = pool.open_session(target).await?;
-    let result = tokio::time::timeout(CONTROL_TIMEOUT, async {
+    let result = tokio::time::timeout(limit, async {
         let lost = |error: russh::Error| {
             DriverError::failed(format!("lost {}: {error}", session.connection.target()))
         };
         session.channel.exec(true, script).await.map_err(lost)?;
-        if let Some(stdin) = stdin {
-            session.channel.data_bytes(stdin).await.map_err(lost)?;
+        while let Some(chunk) = input.recv().await {
+            session.channel.data_bytes(chunk).await.map_err(lost)?;
         }
         session.channel.eof().await.map_err(lost)?;
-        let mut output = ControlOutput {
+        let mut collected = ScriptOutput {
             status: None,
             stdout: Vec::new(),
             stderr: Vec::new(),
         };
         while let Some(message) = session.channel.wait().await {
             match message {
-                ChannelMsg::Data { data } => output.stdout.extend_from_slice(&data),
-                ChannelMsg::ExtendedData { data, ext: 1 } => output.stderr.extend_from_slice(&data),
-                ChannelMsg::ExitStatus { exit_status } => output.status = Some(exit_status),
+                ChannelMsg::Data { data } => match &output {
+                    Some(output) => {
+                        if output.send(data.to_vec()).await.is_err() {
+                            break;
+                        }
+                    }
+                    None => collected.stdout.extend_from_slice(&data),
+                },
+                ChannelMsg::ExtendedData { data, ext: 1 } => {
+                    collected.stderr.extend_from_slice(&data)
+                }
+                ChannelMsg::ExitStatus { exit_status } => collected.status = Some(exit_status),
                 ChannelMsg::Close => break,
                 _ => {}
             }
         }
-        Ok(output)
+        Ok(collected)
     })
     .await
     .unwrap_or_else(|_| {
         Err(DriverError::failed(format!(
             "a command on {} did not finish within {}s",
             target.display(),
-            CONTROL_TIMEOUT.as_secs()
+            limit.as_secs()
         )))
     });
     session.close().await;

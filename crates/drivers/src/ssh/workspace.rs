@@ -1,8 +1,8 @@
 //! Workspaces over SSH: incremental sync in, sync back of what the remote changed, with conflicts reported.
 //!
 //! **Sync in.** The host tree is scanned into a content manifest ([`crate::sync::Manifest`]: modes, sizes,
-//! SHA-256, symlink targets; a file unchanged since the last scan is not read again, see [`HashCache`]). The remote tree is listed with `find -printf` (kind, mode, size, mtime, link target;
-//! no hashing on the remote). A file travels when the remote has nothing there, or something of another kind, size,
+//! SHA-256, symlink targets; a file unchanged since the last scan is not read again, see [`HashCache`]). The remote
+//! tree is listed with `find -printf` (kind, mode, size, mtime, link target; no hashing on the remote). A file travels when the remote has nothing there, or something of another kind, size,
 //! mode or mtime (tar keeps mtimes, so a file synced before matches until either side changes it: rsync's quick
 //! check). What travels goes as one tar stream over one channel into `tar -x` on the remote. Nothing of the remote
 //! is deleted at sync-in: a persistent workspace keeps its build products.
@@ -17,17 +17,15 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
 use std::sync::Arc;
 
 use berth_core::config::SyncExclude;
 use berth_core::driver::{DriverError, SyncReport};
-use russh::ChannelMsg;
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::exec::{control, shell_quote};
+use super::exec::{control, run_script, shell_quote};
 use super::pool::{Pool, SshTarget};
 use crate::fs::{blocking, io_error};
 use crate::sync::{self, Entry, HashCache, Manifest};
@@ -42,8 +40,7 @@ const TRANSFER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(360
 pub const CONFLICT_SUFFIX: &str = ".berth-conflict";
 
 /// One entry of a remote listing.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RemoteEntry {
     /// `f` file, `d` directory, `l` symlink.
     pub kind: char,
@@ -51,7 +48,6 @@ pub struct RemoteEntry {
     pub size: u64,
     /// Seconds since the epoch.
     pub mtime: i64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link: Option<String>,
 }
 
@@ -121,7 +117,10 @@ fn parse_listing(bytes: &[u8]) -> Result<RemoteListing, DriverError> {
             break;
         }
         let link = fields.next().ok_or_else(malformed)?;
-        let head = std::str::from_utf8(head).map_err(|_| malformed())?;
+        // Names that are not UTF-8, or not clean, are skipped, as the host side skips them.
+        let Ok(head) = std::str::from_utf8(head) else {
+            continue;
+        };
         let mut parts = head.splitn(5, ' ');
         let (Some(kind), Some(mode), Some(size), Some(mtime), Some(path)) = (
             parts.next(),
@@ -132,7 +131,6 @@ fn parse_listing(bytes: &[u8]) -> Result<RemoteListing, DriverError> {
         ) else {
             return Err(malformed());
         };
-        // Names that are not UTF-8, or not clean, are skipped, as the host side skips them.
         if !sync::is_clean_relative(path) {
             continue;
         }
@@ -162,34 +160,6 @@ fn parse_listing(bytes: &[u8]) -> Result<RemoteListing, DriverError> {
     Ok(listing)
 }
 
-/// The host tree, hashed, with the mtimes the quick check compares.
-async fn scan_host(
-    local: &Path,
-    hashes: &Arc<HashCache>,
-) -> Result<(Manifest, BTreeMap<String, i64>), DriverError> {
-    let manifest = sync::scan_tree_cached(local, hashes).await?;
-    let (root, paths): (PathBuf, Vec<String>) = (
-        local.to_path_buf(),
-        manifest
-            .entries()
-            .iter()
-            .filter(|(_, entry)| matches!(entry, Entry::File { .. }))
-            .map(|(path, _)| path.clone())
-            .collect(),
-    );
-    let mtimes = blocking("the workspace sync", move || {
-        let mut mtimes = BTreeMap::new();
-        for path in paths {
-            if let Ok(meta) = std::fs::symlink_metadata(root.join(&path)) {
-                mtimes.insert(path, meta.mtime());
-            }
-        }
-        Ok(mtimes)
-    })
-    .await?;
-    Ok((manifest, mtimes))
-}
-
 /// Whether the remote already holds what the host has at this path.
 fn up_to_date(host: &Entry, host_mtime: Option<i64>, remote: Option<&RemoteEntry>) -> bool {
     let Some(remote) = remote else { return false };
@@ -215,7 +185,7 @@ pub async fn sync_in(
     exclude: &SyncExclude,
     hashes: &Arc<HashCache>,
 ) -> Result<SyncedIn, DriverError> {
-    let (mut host, mtimes) = scan_host(local, hashes).await?;
+    let (mut host, mtimes) = sync::scan_tree_cached(local, hashes).await?;
     if !exclude.is_empty() {
         host.retain(|path| !exclude.matches(path));
     }
@@ -321,78 +291,19 @@ async fn upload(
     let (chunks, received) = mpsc::channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
     let root = local.to_path_buf();
     let packer = tokio::task::spawn_blocking(move || pack(&root, &paths, chunks));
-    let transferred = stream(pool, target, &script, received, None, "upload").await;
+    let transferred = run_script(pool, target, &script, received, None, TRANSFER_TIMEOUT).await;
     let packed = packer
         .await
         .map_err(|error| DriverError::failed(format!("the workspace packer failed: {error}")))?;
-    let (status, stderr) = transferred?;
+    let output = transferred?;
     packed?;
-    if status != Some(0) {
+    if !output.success() {
         return Err(DriverError::failed(format!(
             "the remote could not unpack the workspace into {dir}: {}",
-            first_line(&stderr)
+            output.error_line()
         )));
     }
     Ok(())
-}
-
-/// Runs `script` on its own session with `input`'s chunks as its stdin, handing its stdout to `output` chunk by
-/// chunk (backpressure both ways), and returns its exit status and stderr. A stopped `output` ends the read early:
-/// its side reports why.
-async fn stream(
-    pool: &Arc<Pool>,
-    target: &SshTarget,
-    script: &str,
-    mut input: mpsc::Receiver<Vec<u8>>,
-    output: Option<mpsc::Sender<Vec<u8>>>,
-    what: &str,
-) -> Result<(Option<u32>, Vec<u8>), DriverError> {
-    let mut session = pool.open_session(target).await?;
-    let transfer = tokio::time::timeout(TRANSFER_TIMEOUT, async {
-        let lost = |error: russh::Error| {
-            DriverError::failed(format!(
-                "lost {} during the workspace {what}: {error}",
-                session.connection.target()
-            ))
-        };
-        session.channel.exec(true, script).await.map_err(lost)?;
-        while let Some(chunk) = input.recv().await {
-            session.channel.data_bytes(chunk).await.map_err(lost)?;
-        }
-        session.channel.eof().await.map_err(lost)?;
-        let (mut status, mut stderr) = (None, Vec::new());
-        while let Some(message) = session.channel.wait().await {
-            match message {
-                ChannelMsg::Data { data } => {
-                    if let Some(output) = &output
-                        && output.send(data.to_vec()).await.is_err()
-                    {
-                        break;
-                    }
-                }
-                ChannelMsg::ExtendedData { data, .. } => stderr.extend_from_slice(&data),
-                ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
-                ChannelMsg::Close => break,
-                _ => {}
-            }
-        }
-        Ok((status, stderr))
-    })
-    .await;
-    session.close().await;
-    transfer.unwrap_or_else(|_| {
-        Err(DriverError::failed(format!(
-            "the workspace {what} timed out"
-        )))
-    })
-}
-
-fn first_line(stderr: &[u8]) -> String {
-    String::from_utf8_lossy(stderr)
-        .lines()
-        .next()
-        .unwrap_or("no message")
-        .to_owned()
 }
 
 /// Writes a tar of `paths` into `chunks`. Links are archived as links, never followed.
@@ -607,23 +518,23 @@ async fn download(
     let (list, list_received) = mpsc::channel(1);
     let _ = list.send(nul_list(paths)).await;
     drop(list);
-    let transferred = stream(
+    let transferred = run_script(
         pool,
         target,
         &script,
         list_received,
         Some(chunks),
-        "download",
+        TRANSFER_TIMEOUT,
     )
     .await;
     let unpacked = unpacker
         .await
         .map_err(|error| DriverError::failed(format!("the workspace unpacker failed: {error}")))?;
-    let (status, stderr) = transferred?;
-    if status != Some(0) {
+    let output = transferred?;
+    if !output.success() {
         return Err(DriverError::failed(format!(
             "the remote could not pack the workspace {dir}: {}",
-            first_line(&stderr)
+            output.error_line()
         )));
     }
     unpacked
@@ -846,6 +757,13 @@ mod tests {
         assert_eq!(listing["src"].size, 0);
         assert_eq!(listing["src/link"].link.as_deref(), Some("../a.txt"));
         assert!(!listing.contains_key("../escape"));
+        let not_utf8 = b"f 644 1 1.0 caf\xe9\0\0f 644 2 1.0 ok\0\0";
+        let listing = parse_listing(not_utf8).unwrap();
+        assert_eq!(
+            listing.keys().collect::<Vec<_>>(),
+            ["ok"],
+            "a name that is not UTF-8 is skipped"
+        );
     }
 
     #[test]
