@@ -18,7 +18,7 @@
 //!   with the bytes that did (logged), so a run's history stays readable.
 //! - Every segment holds the UTF-8 text of one event, so each range decodes on its own.
 //! - Retention follows the rows: segment files whose run is gone (a company was deleted, cascading to its runs) are
-//!   removed when the store is opened ([`OutputSegments::remove_orphans`]).
+//!   removed when the store is opened (`Store::open_output`).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, Read, Seek, Write};

@@ -87,7 +87,8 @@ const LIVE_RUNS_OF_ENVIRONMENT: &str = concat!(
 );
 
 /// Whether a run still exists (the output sweep).
-const RUN_EXISTS: &str = "SELECT id FROM runs WHERE id = $1";
+/// Every run id, to tell which segment files have lost their run: one query at start-up, not one per file.
+const ALL_RUN_IDS: &str = "SELECT id FROM runs";
 /// Serializes appenders to one run on PostgreSQL, where concurrent transactions would otherwise both read the same
 /// `MAX(seq)`. The lock is held until commit, so the next appender's insert sees this one's events.
 const LOCK_RUN_POSTGRES: &str = "SELECT id FROM runs WHERE id = $1 FOR UPDATE";
@@ -463,18 +464,17 @@ impl Store {
         .map_err(io::Error::other)
         .and_then(|runs| runs)
         .map_err(output_unavailable)?;
-        let mut orphans = Vec::new();
-        for run_id in runs {
-            let exists: Option<String> = on_pool!(&self.db, |pool| {
-                sqlx::query_scalar(RUN_EXISTS)
-                    .bind(run_id.to_string())
-                    .fetch_optional(pool)
-                    .await?
-            });
-            if exists.is_none() {
-                orphans.push(run_id);
-            }
+        if runs.is_empty() {
+            return Ok(());
         }
+        let known: Vec<String> = on_pool!(&self.db, |pool| {
+            sqlx::query_scalar(ALL_RUN_IDS).fetch_all(pool).await?
+        });
+        let known: std::collections::HashSet<String> = known.into_iter().collect();
+        let orphans: Vec<RunId> = runs
+            .into_iter()
+            .filter(|run_id| !known.contains(&run_id.to_string()))
+            .collect();
         if orphans.is_empty() {
             return Ok(());
         }
