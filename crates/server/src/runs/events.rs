@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use berth_core::driver::{BoxFuture, OutputSink, OutputStream};
 use berth_core::ids::RunId;
@@ -169,8 +169,6 @@ async fn write_output(
     // Bytes of an incomplete UTF-8 character at the end of the last chunk, per stream.
     let mut carry: HashMap<OutputStream, Vec<u8>> = HashMap::new();
     let mut batch = Vec::with_capacity(OUTPUT_BATCH_CHUNKS);
-    let started = Instant::now();
-    let (mut bytes, mut events_written, mut staging) = (0_usize, 0_usize, Duration::ZERO);
     while chunks.recv_many(&mut batch, OUTPUT_BATCH_CHUNKS).await > 0 {
         let pending: usize = batch.iter().map(|(_, data)| data.len()).sum();
         if pending < LINGER_BELOW_BYTES
@@ -195,7 +193,6 @@ async fn write_output(
             .into_iter()
             .filter_map(|(stream, data)| {
                 let text = take_complete_utf8_owned(carry.entry(stream).or_default(), data);
-                bytes += text.len();
                 (!text.is_empty()).then(|| NewRunEvent {
                     at: now,
                     kind: kind_of(stream),
@@ -206,10 +203,7 @@ async fn write_output(
         if events.is_empty() {
             continue;
         }
-        events_written += events.len();
-        let stage_started = Instant::now();
         let staged = writer.stage(events).await;
-        staging += stage_started.elapsed();
         // The inserter only stops once this sender is dropped, so a send error cannot lose a batch here.
         if let Some(staged) = staged {
             let _ = staged_tx.send(staged).await;
@@ -230,25 +224,13 @@ async fn write_output(
         let _ = staged_tx.send(staged).await;
     }
     drop(staged_tx);
-    let inserts = inserter.await.unwrap_or_else(|error| {
+    if let Err(error) = inserter.await {
         tracing::error!(run.id = %writer.run_id, %error, "the output inserter failed");
-        0
-    });
-    // Where a run's output time goes, for throughput work: file writes, inserts, or waiting for the command.
-    tracing::debug!(
-        run.id = %writer.run_id,
-        bytes,
-        events = events_written,
-        inserts,
-        elapsed_ms = started.elapsed().as_millis(),
-        staging_ms = staging.as_millis(),
-        "run output written"
-    );
+    }
 }
 
-/// Inserts the rows of staged batches, all that have accumulated at once, in order. Returns how many inserts it took.
-async fn insert_output(writer: EventWriter, mut staged: mpsc::Receiver<StagedEvents>) -> usize {
-    let mut inserts = 0;
+/// Inserts the rows of staged batches, all that have accumulated at once, in order.
+async fn insert_output(writer: EventWriter, mut staged: mpsc::Receiver<StagedEvents>) {
     let mut received = Vec::with_capacity(STAGED_QUEUE_BATCHES);
     while staged.recv_many(&mut received, STAGED_QUEUE_BATCHES).await > 0 {
         let mut batches = received.drain(..);
@@ -259,13 +241,10 @@ async fn insert_output(writer: EventWriter, mut staged: mpsc::Receiver<StagedEve
             // Every batch is this run's, so nothing comes back; if it did, it goes in on its own, in order.
             if let Err(other) = merged.absorb(later) {
                 writer.insert(std::mem::replace(&mut merged, other)).await;
-                inserts += 1;
             }
         }
         writer.insert(merged).await;
-        inserts += 1;
     }
-    inserts
 }
 
 /// Consecutive chunks of one stream are merged up to this size (the driver's largest read), so a chatty command
