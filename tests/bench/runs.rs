@@ -3,12 +3,13 @@
 //! - (a) the overhead of a run of `true` — through the API (POST, then the event stream to its final event) and as
 //!   `berth run -- true` from the shell — on the local driver and the fake provider, beside a bare spawn of `true`;
 //! - (b) lease acquire + release cycles per second on SQLite and PostgreSQL (the real lease code and local driver);
-//! - (c) output throughput of a run writing 100 MB to stdout (stored, and followed over SSE to the final event),
-//!   beside the same command piped to /dev/null, and piped through `cat` into a file (reading the pipe and storing
-//!   every byte with no server: the floor under berth's figure).
+//! - (c) output throughput of a run writing 100 MB to stdout (stored with nobody following, and stored and followed
+//!   over SSE to the final event), beside the same command piped to /dev/null, and two coreutils pipelines that do
+//!   berth's work with no server: `cat` into a file (store every byte) and `tee` into a file and on to `cat` (store
+//!   every byte and hand it to a consumer). These are the floors under berth's two figures.
 //!
 //! Run: `bash scripts/bench.sh runs`. Knobs: `BERTH_BENCH_RUNS` (default 200), `BERTH_BENCH_LEASE_CYCLES` (default
-//! 2000), `BERTH_BENCH_OUTPUT_MB` (default 100).
+//! 2000), `BERTH_BENCH_OUTPUT_MB` (default 100), `BERTH_BENCH_OUTPUT_ROUNDS` (default 5).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -58,13 +59,13 @@ fn row(label: &str, samples: &mut [Duration]) {
     println!("{label:<44} {:>8} {p50:>10.2} {p99:>10.2}", samples.len());
 }
 
-/// POSTs a run and reads its event stream to the end (the final event); returns the stream's bytes.
-async fn run_to_completion(
+/// POSTs a run; returns its id.
+async fn create_run(
     http: &reqwest::Client,
     server: &TestServer,
     company: &str,
     body: &Value,
-) -> usize {
+) -> String {
     let response = http
         .post(format!("{}/api/companies/{company}/runs", server.url))
         .bearer_auth(&server.admin_token)
@@ -74,12 +75,19 @@ async fn run_to_completion(
         .unwrap();
     assert_eq!(response.status(), StatusCode::CREATED);
     let run: Value = response.json().await.unwrap();
+    run["id"].as_str().unwrap().to_owned()
+}
+
+/// POSTs a run and reads its event stream to the end (the final event); returns the stream's bytes.
+async fn run_to_completion(
+    http: &reqwest::Client,
+    server: &TestServer,
+    company: &str,
+    body: &Value,
+) -> usize {
+    let id = create_run(http, server, company, body).await;
     let stream = http
-        .get(format!(
-            "{}/api/runs/{}/events",
-            server.url,
-            run["id"].as_str().unwrap()
-        ))
+        .get(format!("{}/api/runs/{id}/events", server.url))
         .bearer_auth(&server.admin_token)
         .header("accept", "text/event-stream")
         .send()
@@ -102,6 +110,47 @@ async fn run_to_completion(
         "the run did not succeed: {tail}"
     );
     total
+}
+
+/// POSTs a run and polls it until its status is final, without reading its events; returns its id.
+async fn run_unfollowed(
+    http: &reqwest::Client,
+    server: &TestServer,
+    company: &str,
+    body: &Value,
+) -> String {
+    let id = create_run(http, server, company, body).await;
+    loop {
+        let (_, run) = server.get(&format!("/api/runs/{id}")).await;
+        match run["status"].as_str().unwrap() {
+            "queued" | "running" => tokio::time::sleep(Duration::from_millis(2)).await,
+            "succeeded" => return id,
+            other => panic!("the run ended {other}"),
+        }
+    }
+}
+
+/// The stdout bytes a finished run's stored events hold, read back page by page.
+async fn replayed_output_bytes(server: &TestServer, run_id: &str) -> usize {
+    let mut after = 0;
+    let mut total = 0;
+    loop {
+        let (_, page) = server
+            .get(&format!(
+                "/api/runs/{run_id}/events?after={after}&limit=500"
+            ))
+            .await;
+        let events = page.as_array().unwrap();
+        let Some(last) = events.last() else {
+            return total;
+        };
+        after = last["seq"].as_i64().unwrap();
+        total += events
+            .iter()
+            .filter(|event| event["type"] == "stdout")
+            .map(|event| event["data"]["text"].as_str().unwrap().len())
+            .sum::<usize>();
+    }
 }
 
 async fn overhead(server: &TestServer, runs: usize) {
@@ -217,72 +266,144 @@ async fn lease_cycles(label: &str, store: Store, cycles: usize) {
     );
 }
 
-async fn throughput(server: &TestServer, megabytes: usize) {
+/// One way of moving the producer's output, timed over several rounds.
+struct Variant {
+    label: &'static str,
+    samples: Vec<Duration>,
+    /// CPU time the berth server spent per round (berth rows only): steadier than wall time on a shared machine.
+    server_cpu: Vec<Duration>,
+}
+
+impl Variant {
+    fn new(label: &'static str) -> Self {
+        Self {
+            label,
+            samples: Vec::new(),
+            server_cpu: Vec::new(),
+        }
+    }
+}
+
+/// User + system CPU time of a process and its threads so far (`/proc/PID/stat`, in clock ticks of 10 ms).
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name in parentheses may hold spaces: count fields after its closing parenthesis.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+/// Flushes dirty pages before a timed variant, so none pays for writing back what the one before it stored.
+async fn settle() {
+    let status = tokio::process::Command::new("sync").status().await.unwrap();
+    assert!(status.success());
+}
+
+/// Times `producer` piped into `consumer` (a shell pipeline tail) with no berth involved.
+async fn time_pipeline(producer: &str, consumer: &str) -> Duration {
+    settle().await;
+    let started = Instant::now();
+    let status = tokio::process::Command::new("sh")
+        .args(["-c", &format!("{producer} {consumer}")])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    started.elapsed()
+}
+
+async fn throughput(server: &TestServer, megabytes: usize, rounds: usize) {
     let company = server.default_company().await;
     let bytes = megabytes * 1_000_000;
     let producer = format!("head -c {bytes} /dev/zero | tr '\\0' x");
-
-    let started = Instant::now();
-    let status = tokio::process::Command::new("sh")
-        .args(["-c", &format!("{producer} > /dev/null")])
-        .status()
-        .await
-        .unwrap();
-    assert!(status.success());
-    let bare = started.elapsed();
-
-    // What reading the pipe and storing every byte costs with no server at all: the floor under berth's figure.
-    let stored_dir = tempfile::tempdir().unwrap();
-    let stored_file = stored_dir.path().join("output");
-    let started = Instant::now();
-    let status = tokio::process::Command::new("sh")
-        .args([
-            "-c",
-            &format!("{producer} | cat > '{}'", stored_file.display()),
-        ])
-        .status()
-        .await
-        .unwrap();
-    assert!(status.success());
-    let stored = started.elapsed();
-    drop(stored_dir);
-
+    let run = json!({"command": ["sh", "-c", &producer], "timeoutMs": 600000});
+    // Each round stores into new files, as each berth run does, and all are kept until the end, as runs are.
+    let scratch = tempfile::tempdir().unwrap();
     let http = reqwest::Client::new();
-    let started = Instant::now();
-    run_to_completion(
-        &http,
-        server,
-        &company,
-        &json!({"command": ["sh", "-c", producer], "timeoutMs": 600000}),
-    )
-    .await;
-    let through_berth = started.elapsed();
-    let rate = |elapsed: Duration| megabytes as f64 / elapsed.as_secs_f64();
-    println!("\n(c) output throughput: {megabytes} MB to stdout");
-    println!("{:<44} {:>10} {:>10}", "", "seconds", "MB/s");
+    let pid = server.pid().unwrap();
+
+    let mut bare = Variant::new("piped to /dev/null (baseline)");
+    // Reading the pipe and storing every byte with no server at all: the floor under an unfollowed run.
+    let mut cat = Variant::new("piped through `cat` into a file");
+    // Storing every byte and handing it, as it comes, to one consumer: berth's job done by coreutils (`tee` writes
+    // the file, `cat` stands for the follower), with no framing, no database and no network.
+    let mut tee = Variant::new("piped through `tee` into a file and `cat`");
+    // A run nobody follows: what capturing and storing the output costs on its own (the status turns final only
+    // once every byte is stored). Polled every 2 ms.
+    let mut unfollowed = Variant::new("through a berth run, nobody following");
+    let mut followed = Variant::new("through a berth run, followed over SSE");
+    // Interleaved rounds and medians: on a small shared machine single runs swing by a fifth.
+    for round in 0..rounds {
+        let file = |name: &str| {
+            scratch
+                .path()
+                .join(format!("{name}-{round}"))
+                .display()
+                .to_string()
+        };
+        bare.samples
+            .push(time_pipeline(&producer, "> /dev/null").await);
+        cat.samples
+            .push(time_pipeline(&producer, &format!("| cat > '{}'", file("cat"))).await);
+        tee.samples.push(
+            time_pipeline(
+                &producer,
+                &format!("| tee '{}' | cat > /dev/null", file("tee")),
+            )
+            .await,
+        );
+        settle().await;
+        let cpu = cpu_time(pid);
+        let started = Instant::now();
+        let run_id = run_unfollowed(&http, server, &company, &run).await;
+        unfollowed.samples.push(started.elapsed());
+        unfollowed.server_cpu.push(cpu_time(pid) - cpu);
+        assert_eq!(
+            replayed_output_bytes(server, &run_id).await,
+            bytes,
+            "the unfollowed run lost output"
+        );
+        settle().await;
+        let cpu = cpu_time(pid);
+        let started = Instant::now();
+        run_to_completion(&http, server, &company, &run).await;
+        followed.samples.push(started.elapsed());
+        followed.server_cpu.push(cpu_time(pid) - cpu);
+    }
+    drop(scratch);
+
     println!(
-        "{:<44} {:>10.2} {:>10.1}",
-        "piped to /dev/null (baseline)",
-        bare.as_secs_f64(),
-        rate(bare)
+        "\n(c) output throughput: {megabytes} MB to stdout, median of {rounds} interleaved rounds"
     );
     println!(
-        "{:<44} {:>10.2} {:>10.1}",
-        "piped through `cat` into a file (reference)",
-        stored.as_secs_f64(),
-        rate(stored)
+        "{:<44} {:>10} {:>10} {:>12} {:>14}",
+        "", "seconds", "MB/s", "of baseline", "server CPU-s"
     );
-    println!(
-        "{:<44} {:>10.2} {:>10.1}",
-        "through a berth run (stored + streamed)",
-        through_berth.as_secs_f64(),
-        rate(through_berth)
-    );
-    println!(
-        "{:<44} {:>21.0}%",
-        "berth / baseline",
-        100.0 * rate(through_berth) / rate(bare)
-    );
+    let baseline = percentile(&mut bare.samples, 0.5);
+    for variant in [
+        &mut bare,
+        &mut cat,
+        &mut tee,
+        &mut unfollowed,
+        &mut followed,
+    ] {
+        let median = percentile(&mut variant.samples, 0.5);
+        let server_cpu = if variant.server_cpu.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "{:.2}",
+                percentile(&mut variant.server_cpu, 0.5).as_secs_f64()
+            )
+        };
+        println!(
+            "{:<44} {:>10.3} {:>10.1} {:>11.0}% {server_cpu:>14}",
+            variant.label,
+            median.as_secs_f64(),
+            megabytes as f64 / median.as_secs_f64(),
+            100.0 * baseline.as_secs_f64() / median.as_secs_f64()
+        );
+    }
 }
 
 #[tokio::main]
@@ -290,6 +411,7 @@ async fn main() {
     let runs = env_number("BERTH_BENCH_RUNS", 200);
     let cycles = env_number("BERTH_BENCH_LEASE_CYCLES", 2000);
     let megabytes = env_number("BERTH_BENCH_OUTPUT_MB", 100);
+    let rounds = env_number("BERTH_BENCH_OUTPUT_ROUNDS", 5);
     println!("berth runs benchmark (release build, SQLite server unless noted)");
 
     let server = TestServer::start().await;
@@ -316,6 +438,6 @@ async fn main() {
         );
     }
 
-    throughput(&server, megabytes).await;
+    throughput(&server, megabytes, rounds).await;
     server.stop().await;
 }

@@ -268,6 +268,12 @@ impl TestServer {
         self._temp.take()
     }
 
+    /// The server process's id while it runs (the runs bench reads its CPU time).
+    #[allow(dead_code)]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
     /// SIGKILL — the crash case — keeping the data dir for a restart.
     pub async fn kill_keeping_data(mut self) -> Option<TempDir> {
         let mut child = self.child.take().expect("running");
