@@ -132,22 +132,42 @@ pub async fn run_process(
     env.entry("HOME".to_owned())
         .or_insert_with(|| cwd.display().to_string());
 
-    let mut command = Command::new(&program);
-    command
-        .args(&argv[1..])
-        .env_clear()
-        .envs(&env)
-        .current_dir(&cwd)
-        .process_group(0)
-        .kill_on_drop(true)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = command.spawn().map_err(|err| DriverError::Spawn {
+    // The program is found in the command's own PATH here rather than by std: given a bare name and a PATH of the
+    // child's, std must search that PATH after forking, so it forks the whole server (page tables and all, blocking
+    // this worker until the exec) instead of using posix_spawn. Not found: std's own lookup reports it as before.
+    let resolved = env
+        .get("PATH")
+        .and_then(|search| find_in_path(&program, search, &cwd));
+    let command = |path: &Path| {
+        let mut command = Command::new(path);
+        command
+            .arg0(&program)
+            .args(&argv[1..])
+            .env_clear()
+            .envs(&env)
+            .current_dir(&cwd)
+            .process_group(0)
+            .kill_on_drop(true)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        command
+    };
+    let spawned = match &resolved {
+        Some(path) => match command(path).spawn() {
+            // A script without `#!`: posix_spawn refuses it where execvp hands it to /bin/sh, so let execvp have it.
+            Err(err) if err.raw_os_error() == Some(rustix::io::Errno::NOEXEC.raw_os_error()) => {
+                command(Path::new(&program)).spawn()
+            }
+            spawned => spawned,
+        },
+        None => command(Path::new(&program)).spawn(),
+    };
+    let mut child = spawned.map_err(|err| DriverError::Spawn {
         program: program.clone(),
         message: err.to_string(),
     })?;
@@ -224,6 +244,23 @@ pub async fn run_process(
     };
     tracing::debug!(program = %program, ?outcome, "command finished");
     Ok(outcome)
+}
+
+/// Where `execvp` would find `program` with `search` as PATH: the first executable regular file among the
+/// directories, relative ones (and empty entries, meaning `.`) taken from `cwd`. `None` for a name with a slash, which
+/// is not looked up, and for a name found nowhere.
+fn find_in_path(program: &str, search: &str, cwd: &Path) -> Option<PathBuf> {
+    if program.is_empty() || program.contains('/') {
+        return None;
+    }
+    search.split(':').find_map(|dir| {
+        let candidate = cwd
+            .join(if dir.is_empty() { "." } else { dir })
+            .join(program);
+        let executable = std::fs::metadata(&candidate).is_ok_and(|meta| meta.is_file())
+            && rustix::fs::access(&candidate, rustix::fs::Access::EXEC_OK).is_ok();
+        executable.then_some(candidate)
+    })
 }
 
 /// The command's working directory: the workspace, or `request.cwd` inside it. Absolute paths and `..` segments are
@@ -716,6 +753,84 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.code(), "spawn_failed");
+    }
+
+    fn write_program(path: &std::path::Path, text: &str, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(path, text).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn programs_are_found_as_execvp_finds_them() {
+        let temp = tempfile::tempdir().unwrap();
+        let root = temp.path();
+        for dir in ["first", "second", "cwd/rel", "cwd"] {
+            std::fs::create_dir_all(root.join(dir)).unwrap();
+        }
+        write_program(&root.join("first/tool"), "", 0o644); // not executable: skipped
+        std::fs::create_dir(root.join("first/dir-tool")).unwrap(); // a directory: skipped
+        write_program(&root.join("second/tool"), "", 0o755);
+        write_program(&root.join("second/dir-tool"), "", 0o755);
+        write_program(&root.join("cwd/rel/local"), "", 0o755);
+        write_program(&root.join("cwd/here"), "", 0o755);
+        let search = format!("{0}/first:{0}/second", root.display());
+        let cwd = root.join("cwd");
+        assert_eq!(
+            find_in_path("tool", &search, &cwd),
+            Some(root.join("second/tool"))
+        );
+        assert_eq!(
+            find_in_path("dir-tool", &search, &cwd),
+            Some(root.join("second/dir-tool"))
+        );
+        assert_eq!(find_in_path("missing", &search, &cwd), None);
+        // Relative entries, and an empty one, are taken from the command's working directory.
+        assert_eq!(
+            find_in_path("local", "rel", &cwd),
+            Some(cwd.join("rel/local"))
+        );
+        assert_eq!(
+            find_in_path("here", "/nowhere::", &cwd),
+            Some(cwd.join("./here"))
+        );
+        // A name with a slash is a path, never looked up.
+        assert_eq!(find_in_path("rel/local", &search, &cwd), None);
+        assert_eq!(find_in_path("", &search, &cwd), None);
+    }
+
+    #[tokio::test]
+    async fn found_programs_keep_their_name_and_scripts_without_a_shebang_still_run() {
+        let temp = tempfile::tempdir().unwrap();
+        let bin = temp.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        write_program(&bin.join("shebang-less"), "echo \"ran as $0\"\n", 0o755);
+        let mut spec = command(temp.path(), &["shebang-less"]);
+        spec.env.insert(
+            "PATH".to_owned(),
+            format!("{}:/usr/bin:/bin", bin.display()),
+        );
+        let sink = Recorder::default();
+        let outcome = run_process(spec, &sink, never()).await.unwrap();
+        assert_eq!(
+            outcome.exit_code,
+            Some(0),
+            "{}",
+            sink.text(OutputStream::Stderr)
+        );
+        assert!(
+            sink.text(OutputStream::Stdout).starts_with("ran as "),
+            "{}",
+            sink.text(OutputStream::Stdout)
+        );
+
+        // argv[0] is the name the run gave, not the path it was found at.
+        let sink = Recorder::default();
+        let mut spec = command(temp.path(), &["sh", "-c", "echo $0"]);
+        spec.env
+            .insert("PATH".to_owned(), "/usr/bin:/bin".to_owned());
+        run_process(spec, &sink, never()).await.unwrap();
+        assert_eq!(sink.text(OutputStream::Stdout), "sh\n");
     }
 
     #[tokio::test]
