@@ -17,6 +17,10 @@
 #[allow(dead_code, unreachable_pub)]
 mod server;
 
+#[path = "../it/support/runs.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod runs_api;
+
 #[path = "../it/support/db.rs"]
 #[allow(dead_code, unreachable_pub)]
 mod db;
@@ -37,7 +41,7 @@ use berth_server::runs::manager::RunContext;
 use berth_server::secrets::SecretCipher;
 use berth_server::store::Store;
 use futures::StreamExt;
-use reqwest::StatusCode;
+use runs_api::{all_events, start_run, text_of};
 use serde_json::{Value, json};
 use server::TestServer;
 
@@ -59,25 +63,6 @@ fn row(label: &str, samples: &mut [Duration]) {
     println!("{label:<44} {:>8} {p50:>10.2} {p99:>10.2}", samples.len());
 }
 
-/// POSTs a run; returns its id.
-async fn create_run(
-    http: &reqwest::Client,
-    server: &TestServer,
-    company: &str,
-    body: &Value,
-) -> String {
-    let response = http
-        .post(format!("{}/api/companies/{company}/runs", server.url))
-        .bearer_auth(&server.admin_token)
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::CREATED);
-    let run: Value = response.json().await.unwrap();
-    run["id"].as_str().unwrap().to_owned()
-}
-
 /// POSTs a run and reads its event stream to the end (the final event); returns the stream's bytes.
 async fn run_to_completion(
     http: &reqwest::Client,
@@ -85,7 +70,7 @@ async fn run_to_completion(
     company: &str,
     body: &Value,
 ) -> usize {
-    let id = create_run(http, server, company, body).await;
+    let id = start_run(server, company, body.clone()).await;
     let stream = http
         .get(format!("{}/api/runs/{id}/events", server.url))
         .bearer_auth(&server.admin_token)
@@ -113,13 +98,8 @@ async fn run_to_completion(
 }
 
 /// POSTs a run and polls it until its status is final, without reading its events; returns its id.
-async fn run_unfollowed(
-    http: &reqwest::Client,
-    server: &TestServer,
-    company: &str,
-    body: &Value,
-) -> String {
-    let id = create_run(http, server, company, body).await;
+async fn run_unfollowed(server: &TestServer, company: &str, body: &Value) -> String {
+    let id = start_run(server, company, body.clone()).await;
     loop {
         let (_, run) = server.get(&format!("/api/runs/{id}")).await;
         match run["status"].as_str().unwrap() {
@@ -127,29 +107,6 @@ async fn run_unfollowed(
             "succeeded" => return id,
             other => panic!("the run ended {other}"),
         }
-    }
-}
-
-/// The stdout bytes a finished run's stored events hold, read back page by page.
-async fn replayed_output_bytes(server: &TestServer, run_id: &str) -> usize {
-    let mut after = 0;
-    let mut total = 0;
-    loop {
-        let (_, page) = server
-            .get(&format!(
-                "/api/runs/{run_id}/events?after={after}&limit=500"
-            ))
-            .await;
-        let events = page.as_array().unwrap();
-        let Some(last) = events.last() else {
-            return total;
-        };
-        after = last["seq"].as_i64().unwrap();
-        total += events
-            .iter()
-            .filter(|event| event["type"] == "stdout")
-            .map(|event| event["data"]["text"].as_str().unwrap().len())
-            .sum::<usize>();
     }
 }
 
@@ -355,11 +312,11 @@ async fn throughput(server: &TestServer, megabytes: usize, rounds: usize) {
         settle().await;
         let cpu = cpu_time(pid);
         let started = Instant::now();
-        let run_id = run_unfollowed(&http, server, &company, &run).await;
+        let run_id = run_unfollowed(server, &company, &run).await;
         unfollowed.samples.push(started.elapsed());
         unfollowed.server_cpu.push(cpu_time(pid) - cpu);
         assert_eq!(
-            replayed_output_bytes(server, &run_id).await,
+            text_of(&all_events(server, &run_id).await, "stdout").len(),
             bytes,
             "the unfollowed run lost output"
         );

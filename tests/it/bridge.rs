@@ -14,7 +14,7 @@ use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use crate::runs::{all_events, start_run, text_of, wait_run, wait_status};
+use crate::support::runs::{all_events, start_run, text_of, wait_run, wait_status};
 use crate::support::server::{ServerOptions, TestServer};
 
 /// The shell an agent would run: call back, report progress, try what it must not.

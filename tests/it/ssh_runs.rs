@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::runs::{all_events, start_run, text_of, wait_run};
+use crate::support::runs::{all_events, start_run, text_of, wait_run};
 use crate::support::server::TestServer;
 use crate::support::sshd::TestSshd;
 

@@ -1,5 +1,6 @@
 //! Shared test infrastructure.
 
 pub mod db;
+pub mod runs;
 pub mod server;
 pub mod sshd;
