@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 benches=("$@")
-[ ${#benches[@]} -gt 0 ] || benches=(api runs bridge ssh)
+[ ${#benches[@]} -gt 0 ] || benches=(api runs bridge ssh isolated)
 # The ssh bench runs a real sshd and compares with the ssh CLI and rsync: install them if missing (as root).
 if [[ " ${benches[*]} " == *" ssh "* ]]; then
   missing=()
@@ -20,6 +20,17 @@ if [[ " ${benches[*]} " == *" ssh "* ]]; then
       echo "missing packages: ${missing[*]} (run as root to install them)" >&2
       exit 1
     fi
+  fi
+fi
+# Local runs are contained by bubblewrap, and the isolated bench compares with a bare `bwrap`.
+if ! command -v bwrap >/dev/null 2>&1; then
+  if [ "$(id -u)" -eq 0 ]; then
+    echo "==> installing bubblewrap" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends bubblewrap >/dev/null
+  else
+    echo "missing package: bubblewrap (run as root to install it)" >&2
+    exit 1
   fi
 fi
 if [ -z "${BERTH_TEST_POSTGRES_URL:-}" ]; then

@@ -7,12 +7,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "common.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod common;
+
 #[path = "../it/support/server.rs"]
 #[allow(dead_code, unreachable_pub)]
 mod server;
 
 use std::time::{Duration, Instant};
 
+use common::env_number;
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 use server::{ServerOptions, TestServer};
@@ -37,13 +42,6 @@ impl Measured {
         let index = ((sorted.len() as f64 - 1.0) * fraction).round() as usize;
         sorted[index]
     }
-}
-
-fn env_number(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(default)
 }
 
 async fn drive(

@@ -8,6 +8,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "common.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod common;
+
 #[path = "../it/support/server.rs"]
 #[allow(dead_code, unreachable_pub)]
 mod server;
@@ -21,19 +25,13 @@ use berth_bridge::signing::{
 };
 use berth_core::ids::RunId;
 use berth_core::time::Timestamp;
+use common::env_number;
 use reqwest::StatusCode;
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use server::TestServer;
 
 const PATH: &str = "/api/agent/run";
-
-fn env_number(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(default)
-}
 
 /// How one request is sent: straight to the server, or through the bridge.
 #[derive(Clone)]

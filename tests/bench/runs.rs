@@ -13,6 +13,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "common.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod common;
+
 #[path = "../it/support/server.rs"]
 #[allow(dead_code, unreachable_pub)]
 mod server;
@@ -34,67 +38,22 @@ use berth_core::environment::Environment;
 use berth_core::ids::{CompanyId, RunId};
 use berth_core::lease::LeasePolicy;
 use berth_core::time::Timestamp;
+use berth_drivers::contain::Containment;
 use berth_drivers::local::LocalDriver;
 use berth_drivers::registry::{DriverRegistry, ProviderRegistry};
 use berth_server::runs::leases;
 use berth_server::runs::manager::RunContext;
 use berth_server::secrets::SecretCipher;
 use berth_server::store::Store;
-use futures::StreamExt;
-use runs_api::{all_events, start_run, text_of};
+use common::{env_number, percentile};
+use runs_api::{all_events, run_to_completion, start_run, text_of};
 use serde_json::{Value, json};
 use server::TestServer;
-
-fn env_number(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(default)
-}
-
-fn percentile(samples: &mut [Duration], fraction: f64) -> Duration {
-    samples.sort();
-    samples[((samples.len() as f64 - 1.0) * fraction).round() as usize]
-}
 
 fn row(label: &str, samples: &mut [Duration]) {
     let p50 = percentile(samples, 0.5).as_secs_f64() * 1000.0;
     let p99 = percentile(samples, 0.99).as_secs_f64() * 1000.0;
     println!("{label:<44} {:>8} {p50:>10.2} {p99:>10.2}", samples.len());
-}
-
-/// POSTs a run and reads its event stream to the end (the final event); returns the stream's bytes.
-async fn run_to_completion(
-    http: &reqwest::Client,
-    server: &TestServer,
-    company: &str,
-    body: &Value,
-) -> usize {
-    let id = start_run(server, company, body.clone()).await;
-    let stream = http
-        .get(format!("{}/api/runs/{id}/events", server.url))
-        .bearer_auth(&server.admin_token)
-        .header("accept", "text/event-stream")
-        .send()
-        .await
-        .unwrap();
-    let mut body = stream.bytes_stream();
-    let mut total = 0;
-    let mut tail = Vec::new();
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.unwrap();
-        total += chunk.len();
-        tail.extend_from_slice(&chunk[chunk.len().saturating_sub(512)..]);
-        if tail.len() > 4096 {
-            tail.drain(..tail.len() - 1024);
-        }
-    }
-    let tail = String::from_utf8_lossy(&tail);
-    assert!(
-        tail.contains("\"status\":\"succeeded\""),
-        "the run did not succeed: {tail}"
-    );
-    total
 }
 
 /// POSTs a run and polls it until its status is final, without reading its events; returns its id.
@@ -176,7 +135,7 @@ async fn lease_cycles(label: &str, store: Store, cycles: usize) {
     let environment: Environment = store.ensure_local_environment(company.id).await.unwrap();
     let root = tempfile::tempdir().unwrap();
     let drivers = Arc::new(DriverRegistry::new(
-        LocalDriver::new(root.path()),
+        LocalDriver::new(root.path(), Containment::disabled_for_tests()),
         Arc::new(ProviderRegistry::new()),
     ));
     let driver = drivers.get(environment.driver);

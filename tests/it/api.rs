@@ -159,7 +159,12 @@ async fn missing_forged_and_malformed_tokens_are_401() {
 
 #[tokio::test]
 async fn companies_are_admin_only_unique_and_start_with_a_local_environment() {
-    let server = TestServer::start().await;
+    // With `--local-environments all`; the default policy is covered in `workspace_roots`.
+    let server = TestServer::start_with(ServerOptions {
+        args: vec!["--local-environments".into(), "all".into()],
+        ..Default::default()
+    })
+    .await;
     let acme = server.create_company("acme").await;
     let (status, body) = server.post("/api/companies", json!({"name": "acme"})).await;
     assert_error(status, &body, StatusCode::CONFLICT, "company_name_taken");
@@ -334,7 +339,11 @@ async fn readers_see_redacted_config_and_cannot_mutate_or_read_leases() {
 
 #[tokio::test]
 async fn keys_are_confined_to_their_company() {
-    let server = TestServer::start().await;
+    let server = TestServer::start_with(ServerOptions {
+        args: vec!["--local-environments".into(), "all".into()],
+        ..Default::default()
+    })
+    .await;
     let home = server.default_company().await;
     let other = server.create_company("other").await;
     let manager = server.create_key(&home, "manager").await;
@@ -988,7 +997,15 @@ async fn capabilities_list_drivers_and_providers_with_schemas() {
     assert_eq!(capabilities["drivers"]["local"]["status"], "supported");
     let fake = &capabilities["sandboxProviders"]["fake"];
     assert_eq!(fake["source"], "builtin");
-    assert_eq!(fake["status"], "supported");
+    assert_eq!(fake["status"], "ready");
+    let isolated = &capabilities["sandboxProviders"]["isolated"];
+    assert_eq!(isolated["source"], "builtin");
+    assert_eq!(isolated["status"], "ready", "{capabilities}");
+    assert_eq!(isolated["supportsReusableLeases"], true);
+    assert_eq!(
+        isolated["configSchema"]["properties"]["network"]["enum"][0],
+        "none"
+    );
     assert_eq!(fake["supportsReusableLeases"], true);
     assert_eq!(
         fake["configSchema"]["properties"]["image"]["default"],

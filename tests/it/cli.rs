@@ -5,7 +5,7 @@ use std::process::Output;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::support::server::{TestServer, berth_bin};
+use crate::support::server::{ServerOptions, TestServer, berth_bin};
 
 /// Runs `berth ARGS` against `server` with a clean environment; the token comes from the data dir unless given.
 async fn berth(server: &TestServer, args: &[&str], extra_env: &[(&str, &str)]) -> Output {
@@ -161,7 +161,11 @@ async fn config_from_a_file_and_clear_errors() {
 
 #[tokio::test]
 async fn keys_from_the_environment_act_for_their_own_company() {
-    let server = TestServer::start().await;
+    let server = TestServer::start_with(ServerOptions {
+        args: vec!["--local-environments".into(), "all".into()],
+        ..Default::default()
+    })
+    .await;
     let acme = server.create_company("acme").await;
     let manager = server.create_key(&acme, "manager").await;
     let created = berth(

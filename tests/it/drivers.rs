@@ -4,13 +4,14 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use berth_core::capabilities::SupportStatus;
+use berth_core::capabilities::ProviderStatus;
 use berth_core::config::DriverConfig;
 use berth_core::driver::{
     BoxFuture, ExecRequest, LeaseRequest, OutputSink, OutputStream, WorkspaceRequest,
 };
 use berth_core::environment::Driver;
 use berth_core::ids::{EnvironmentId, RunId};
+use berth_drivers::contain::Containment;
 use berth_drivers::local::LocalDriver;
 use berth_drivers::registry::{DriverRegistry, ProviderRegistry};
 use berth_fake_provider::{FakeProvider, register_builtin};
@@ -29,7 +30,7 @@ fn registry_with(fake: FakeProvider, temp: &tempfile::TempDir) -> DriverRegistry
     let mut providers = ProviderRegistry::new();
     providers.register(Arc::new(fake)).unwrap();
     DriverRegistry::new(
-        LocalDriver::new(temp.path().join("local")),
+        LocalDriver::new(temp.path().join("local"), Containment::disabled_for_tests()),
         Arc::new(providers),
     )
 }
@@ -37,10 +38,10 @@ fn registry_with(fake: FakeProvider, temp: &tempfile::TempDir) -> DriverRegistry
 #[test]
 fn the_builtin_fake_is_installed_and_runs_commands() {
     let mut providers = ProviderRegistry::new();
-    register_builtin(&mut providers).unwrap();
+    register_builtin(&mut providers, Containment::disabled_for_tests()).unwrap();
     let capabilities = providers.capabilities();
     let fake = &capabilities.sandbox_providers["fake"];
-    assert_eq!(fake.status, SupportStatus::Supported);
+    assert_eq!(fake.status, ProviderStatus::Ready);
     assert!(fake.supports_run_execution);
     assert!(fake.supports_reusable_leases);
     assert_eq!(fake.config_schema, FakeProvider::spec().config_schema);

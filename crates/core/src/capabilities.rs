@@ -48,10 +48,33 @@ impl ProviderSource {
     }
 }
 
+/// Whether an installed provider can serve leases now (API.md §4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProviderStatus {
+    Ready,
+    Starting,
+    /// It cannot serve leases on this host or right now; the reason says why and how to fix it.
+    Unavailable,
+    Failed,
+}
+
+impl ProviderStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderStatus::Ready => "ready",
+            ProviderStatus::Starting => "starting",
+            ProviderStatus::Unavailable => "unavailable",
+            ProviderStatus::Failed => "failed",
+        }
+    }
+}
+
 /// One installed sandbox provider.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SandboxProviderCapability {
-    pub status: SupportStatus,
+    pub status: ProviderStatus,
+    /// Why the provider is not ready.
+    pub reason: Option<String>,
     pub display_name: String,
     pub description: String,
     pub source: ProviderSource,

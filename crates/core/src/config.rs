@@ -24,6 +24,15 @@ pub const CONFIG_PATH: &str = "config";
 /// Longest accepted sandbox timeout: one day.
 pub const MAX_SANDBOX_TIMEOUT_MS: i64 = 86_400_000;
 
+/// The sync-back bound (`syncBackMaxMb`, MiB) of an environment whose config names none.
+pub const DEFAULT_SYNC_BACK_MAX_MB: u64 = 1024;
+
+/// Largest accepted `syncBackMaxMb`: 1 TiB.
+pub const MAX_SYNC_BACK_MAX_MB: i64 = 1_048_576;
+
+/// The config key of the sync-back bound, as error messages name it.
+pub const SYNC_BACK_MAX_MB_KEY: &str = "syncBackMaxMb";
+
 /// A validated environment config.
 #[derive(Debug)]
 pub enum DriverConfig {
@@ -119,6 +128,15 @@ pub struct SshConfig {
     pub workspace_mode: WorkspaceMode,
     /// Paths the workspace sync leaves alone, both ways (`syncExclude`).
     pub sync_exclude: SyncExclude,
+    /// Most MiB of file content one sync-back may bring from the remote host (`syncBackMaxMb`); `None`: the default.
+    pub sync_back_max_mb: Option<u64>,
+}
+
+impl SshConfig {
+    /// The sync-back bound in MiB, default applied.
+    pub fn sync_back_limit_mb(&self) -> u64 {
+        self.sync_back_max_mb.unwrap_or(DEFAULT_SYNC_BACK_MAX_MB)
+    }
 }
 
 /// Most patterns one `syncExclude` may hold, and the longest pattern.
@@ -198,8 +216,17 @@ pub struct SandboxConfig {
     pub provider: String,
     pub reuse_lease: bool,
     pub timeout_ms: Option<u64>,
+    /// Most MiB of file content one sync-back may bring from the sandbox (`syncBackMaxMb`); `None`: the default.
+    pub sync_back_max_mb: Option<u64>,
     /// The provider's own fields, validated against its schema, defaults applied.
     pub fields: Map<String, Value>,
+}
+
+impl SandboxConfig {
+    /// The sync-back bound in MiB, default applied.
+    pub fn sync_back_limit_mb(&self) -> u64 {
+        self.sync_back_max_mb.unwrap_or(DEFAULT_SYNC_BACK_MAX_MB)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -327,12 +354,18 @@ impl DriverConfig {
                         ssh.sync_exclude.patterns().to_vec().into(),
                     );
                 }
+                if let Some(mb) = ssh.sync_back_max_mb {
+                    stored.insert(SYNC_BACK_MAX_MB_KEY.to_owned(), mb.into());
+                }
             }
             DriverConfig::Sandbox(sandbox) => {
                 stored.insert("provider".to_owned(), sandbox.provider.clone().into());
                 stored.insert("reuseLease".to_owned(), sandbox.reuse_lease.into());
                 if let Some(timeout_ms) = sandbox.timeout_ms {
                     stored.insert("timeoutMs".to_owned(), timeout_ms.into());
+                }
+                if let Some(mb) = sandbox.sync_back_max_mb {
+                    stored.insert(SYNC_BACK_MAX_MB_KEY.to_owned(), mb.into());
                 }
                 stored.extend(sandbox.fields.clone());
             }
@@ -443,6 +476,7 @@ fn parse_ssh(mut reader: ObjectReader<'_>) -> SshConfig {
         }
         sync_exclude.patterns = patterns;
     }
+    let sync_back_max_mb = read_sync_back_max_mb(&mut reader);
     reader.finish();
     SshConfig {
         host,
@@ -455,7 +489,15 @@ fn parse_ssh(mut reader: ObjectReader<'_>) -> SshConfig {
         strict_host_key_checking,
         workspace_mode,
         sync_exclude,
+        sync_back_max_mb,
     }
+}
+
+/// `syncBackMaxMb`: a whole number of MiB, at least 1.
+fn read_sync_back_max_mb(reader: &mut ObjectReader<'_>) -> Option<u64> {
+    reader
+        .optional_integer(SYNC_BACK_MAX_MB_KEY, 1, MAX_SYNC_BACK_MAX_MB)
+        .and_then(|mb| u64::try_from(mb).ok())
 }
 
 fn read_secret_slot(reader: &mut ObjectReader<'_>, field: SecretField) -> Option<SecretSlot> {
@@ -490,12 +532,14 @@ fn parse_sandbox_envelope(mut reader: ObjectReader<'_>) -> (SandboxConfig, Map<S
     let timeout_ms = reader
         .optional_integer("timeoutMs", 1, MAX_SANDBOX_TIMEOUT_MS)
         .and_then(|ms| u64::try_from(ms).ok());
+    let sync_back_max_mb = read_sync_back_max_mb(&mut reader);
     let provider_fields = reader.into_remaining();
     (
         SandboxConfig {
             provider,
             reuse_lease,
             timeout_ms,
+            sync_back_max_mb,
             fields: Map::new(),
         },
         provider_fields,

@@ -72,6 +72,39 @@ pub struct SyncReport {
     /// Paths that changed on both sides during the run: the host's version was kept (and the environment's written
     /// beside it, where the driver says so).
     pub conflicts: Vec<String>,
+    /// What the environment sent that was not brought back, and why.
+    pub skipped: Vec<SkippedEntry>,
+}
+
+/// An entry sync-back left out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SkippedEntry {
+    /// The path relative to the workspace (`/`-separated).
+    pub path: String,
+    pub reason: SkipReason,
+}
+
+/// Why sync-back left an entry out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SkipReason {
+    /// Not a regular file, directory or symlink: a device node, FIFO, socket or hard link.
+    SpecialFile,
+    /// A directory on the way to it on the host is not a real directory (a symlink, a file): nothing is written
+    /// through it.
+    UnsafeHostPath,
+    /// The environment listed it but did not send it (or sent something else in its place).
+    NotSent,
+}
+
+impl SkipReason {
+    /// The stable, snake_case name of this reason.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::SpecialFile => "special_file",
+            SkipReason::UnsafeHostPath => "unsafe_host_path",
+            SkipReason::NotSent => "not_sent",
+        }
+    }
 }
 
 /// A way from inside a lease's environment back to an address on the berth host (the run's callback bridge), open
@@ -79,6 +112,9 @@ pub struct SyncReport {
 pub struct Tunnel {
     /// `host:port` to use from inside the environment instead of the berth host's address.
     pub address: String,
+    /// A Unix socket on this host that the bridge must serve: the environment's end of the tunnel reaches the
+    /// bridge through it (a sandbox whose network has nothing but loopback).
+    pub unix_socket: Option<PathBuf>,
     _guard: Box<dyn Send + Sync>,
 }
 
@@ -87,7 +123,17 @@ impl Tunnel {
     pub fn new(address: String, guard: impl Send + Sync + 'static) -> Self {
         Self {
             address,
+            unix_socket: None,
             _guard: Box::new(guard),
+        }
+    }
+
+    /// A tunnel reachable at `address` inside the environment, which relays to the bridge served at `socket`.
+    pub fn through_unix_socket(address: String, socket: PathBuf) -> Self {
+        Self {
+            address,
+            unix_socket: Some(socket),
+            _guard: Box::new(()),
         }
     }
 }
@@ -164,6 +210,9 @@ pub struct ExecOutcome {
     pub timed_out: bool,
     /// Killed because the run was cancelled.
     pub cancelled: bool,
+    /// The environment ended the command for exceeding one of its limits: which one, for people
+    /// (`memoryMb=256: the run used more than its 256 MiB of memory and was killed`).
+    pub limit_exceeded: Option<String>,
 }
 
 /// An environment driver.
@@ -271,6 +320,10 @@ pub enum DriverError {
     #[error("{message}")]
     Failed { message: String },
 
+    /// berth cannot contain a command here, and will not run it uncontained: the reason names the fix.
+    #[error("{reason}")]
+    Uncontained { reason: String },
+
     /// The command could not be started (missing program, bad cwd).
     #[error("cannot start `{program}`: {message}")]
     Spawn { program: String, message: String },
@@ -281,6 +334,20 @@ pub enum DriverError {
         #[source]
         source: std::io::Error,
     },
+
+    /// The environment sent back more file content than its config allows; what was staged is gone.
+    #[error(
+        "sync-back stopped: the environment sent more than syncBackMaxMb={limit_mb} MiB; raise config.syncBackMaxMb or write less"
+    )]
+    SyncBackTooLarge { limit_mb: u64 },
+
+    /// The run was cancelled while its workspace was being synced back; what was staged is gone.
+    #[error("sync-back stopped: the run was cancelled")]
+    SyncBackCancelled,
+
+    /// The environment stopped sending its workspace for too long.
+    #[error("sync-back stopped: the environment sent nothing for {idle_secs} s")]
+    SyncBackStalled { idle_secs: u64 },
 }
 
 impl DriverError {
@@ -292,16 +359,24 @@ impl DriverError {
             DriverError::InvalidProvider(_) => "invalid_provider",
             DriverError::Unsupported { .. } => "driver_unsupported",
             DriverError::Failed { .. } => "driver_failed",
+            DriverError::Uncontained { .. } => "isolation_unavailable",
             DriverError::Spawn { .. } => "spawn_failed",
             DriverError::Io { .. } => "driver_io_error",
+            DriverError::SyncBackTooLarge { .. } => "sync_back_too_large",
+            DriverError::SyncBackCancelled => "sync_back_cancelled",
+            DriverError::SyncBackStalled { .. } => "sync_back_stalled",
         }
     }
 
     pub fn kind(&self) -> ErrorKind {
         match self {
-            DriverError::ProviderNotInstalled { .. } | DriverError::Failed { .. } => {
+            DriverError::ProviderNotInstalled { .. }
+            | DriverError::Failed { .. }
+            | DriverError::Uncontained { .. } => ErrorKind::Unavailable,
+            DriverError::SyncBackCancelled | DriverError::SyncBackStalled { .. } => {
                 ErrorKind::Unavailable
             }
+            DriverError::SyncBackTooLarge { .. } => ErrorKind::PayloadTooLarge,
             DriverError::DuplicateProvider { .. } => ErrorKind::Conflict,
             DriverError::Unsupported { .. } | DriverError::Spawn { .. } => ErrorKind::Validation,
             DriverError::InvalidProvider(_) | DriverError::Io { .. } => ErrorKind::Internal,

@@ -137,6 +137,11 @@ pub trait ProviderCatalog {
 pub trait SandboxProvider: Send + Sync + fmt::Debug + 'static {
     fn descriptor(&self) -> &ProviderDescriptor;
 
+    /// Whether it can serve leases now, and why not when it cannot (shown in capabilities).
+    fn status(&self) -> (crate::capabilities::ProviderStatus, Option<String>) {
+        (crate::capabilities::ProviderStatus::Ready, None)
+    }
+
     /// Checks that the provider can serve `config`. Never errs: failures are `ok: false` results.
     fn probe<'a>(&'a self, config: &'a SandboxConfig) -> BoxFuture<'a, ProbeResult>;
 
@@ -184,6 +189,17 @@ pub trait SandboxProvider: Send + Sync + fmt::Debug + 'static {
         sink: &'a dyn OutputSink,
         cancel: CancelSignal,
     ) -> BoxFuture<'a, Result<ExecOutcome, DriverError>>;
+
+    /// Makes `local` (the run's callback bridge on this host's loopback) reachable from inside the sandbox while the
+    /// tunnel lives; see [`crate::driver::EnvironmentDriver::open_tunnel`]. `None`: the sandbox shares this host's
+    /// loopback.
+    fn open_tunnel<'a>(
+        &'a self,
+        _lease: &'a LeaseHandle,
+        _local: std::net::SocketAddr,
+    ) -> BoxFuture<'a, Result<Option<crate::driver::Tunnel>, DriverError>> {
+        Box::pin(async { Ok(None) })
+    }
 
     /// Copies what changed in the sandbox's workspace back to the host.
     fn sync_back<'a>(

@@ -12,7 +12,9 @@
 //!
 //! This crate depends on no provider: the built-in fake (`berth-fake-provider`) depends on it and registers itself.
 
+pub mod contain;
 pub mod fs;
+pub mod isolated;
 pub mod local;
 pub mod process;
 pub mod registry;

@@ -18,6 +18,7 @@ use berth_core::ids::RunId;
 use berth_core::probe::ProbeResult;
 use serde_json::{Map, Value};
 
+use crate::contain::Containment;
 use crate::process::{ProcessSpec, command_cwd, run_process};
 
 /// Lease metadata key: the run-private directory.
@@ -31,6 +32,7 @@ const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 #[derive(Clone, Debug)]
 pub struct LocalDriver {
     workspace_root: PathBuf,
+    containment: Containment,
 }
 
 /// What a successful local probe found.
@@ -46,9 +48,11 @@ struct HostFacts {
 impl LocalDriver {
     /// A driver whose run workspaces live under `workspace_root`. Nothing is touched until it is used: the root is
     /// created on demand, so a misconfigured root shows up as a failed probe rather than a server that won't start.
-    pub fn new(workspace_root: impl Into<PathBuf>) -> Self {
+    /// Commands run under `containment` (see [`crate::contain`]).
+    pub fn new(workspace_root: impl Into<PathBuf>, containment: Containment) -> Self {
         Self {
             workspace_root: workspace_root.into(),
+            containment,
         }
     }
 
@@ -170,7 +174,17 @@ impl EnvironmentDriver for LocalDriver {
     fn probe<'a>(&'a self, config: &'a DriverConfig) -> BoxFuture<'a, ProbeResult> {
         Box::pin(async move {
             match config {
-                DriverConfig::Local => self.probe_host().await,
+                DriverConfig::Local => {
+                    let mut result = self.probe_host().await;
+                    result
+                        .details
+                        .insert("containment".to_owned(), self.containment.describe());
+                    if let Some(refusal) = self.containment.refusal() {
+                        result.ok = false;
+                        result.summary = refusal.to_string();
+                    }
+                    result
+                }
                 other => ProbeResult::failed(
                     Driver::Local,
                     format!("the local driver cannot probe a {} config", other.driver()),
@@ -320,6 +334,7 @@ impl EnvironmentDriver for LocalDriver {
                 stdin: request.stdin,
                 timeout: request.timeout,
             };
+            let spec = self.containment.confine(spec, Path::new(&workspace.cwd))?;
             run_process(spec, sink, cancel).await
         })
     }
@@ -460,7 +475,7 @@ mod tests {
     async fn probe_creates_the_root_and_reports_the_host() {
         let temp = tempfile::tempdir().unwrap();
         let root = temp.path().join("workspaces").join("nested");
-        let driver = LocalDriver::new(&root);
+        let driver = LocalDriver::new(&root, Containment::disabled_for_tests());
         let result = driver.probe(&DriverConfig::Local).await;
 
         assert!(result.ok, "{result:?}");
@@ -495,7 +510,7 @@ mod tests {
     #[tokio::test]
     async fn probe_of_an_existing_root_is_ok() {
         let temp = tempfile::tempdir().unwrap();
-        let result = LocalDriver::new(temp.path())
+        let result = LocalDriver::new(temp.path(), Containment::disabled_for_tests())
             .probe(&DriverConfig::Local)
             .await;
         assert!(result.ok, "{result:?}");
@@ -507,7 +522,9 @@ mod tests {
         let file = temp.path().join("plain-file");
         std::fs::write(&file, b"not a directory").unwrap();
         let root = file.join("workspaces");
-        let result = LocalDriver::new(&root).probe(&DriverConfig::Local).await;
+        let result = LocalDriver::new(&root, Containment::disabled_for_tests())
+            .probe(&DriverConfig::Local)
+            .await;
 
         assert!(!result.ok);
         assert_eq!(result.driver, Driver::Local);
@@ -519,7 +536,13 @@ mod tests {
             "{}",
             result.summary
         );
-        assert!(result.details.is_empty());
+        // A failed probe says nothing of the host but how its commands would be contained.
+        assert_eq!(
+            result.details.keys().collect::<Vec<_>>(),
+            ["containment"],
+            "{:?}",
+            result.details
+        );
     }
 
     #[tokio::test]
@@ -527,7 +550,9 @@ mod tests {
         let temp = tempfile::tempdir().unwrap();
         let file = temp.path().join("plain-file");
         std::fs::write(&file, b"x").unwrap();
-        let result = LocalDriver::new(&file).probe(&DriverConfig::Local).await;
+        let result = LocalDriver::new(&file, Containment::disabled_for_tests())
+            .probe(&DriverConfig::Local)
+            .await;
         assert!(!result.ok);
         assert!(
             result.summary.contains("workspace root"),
@@ -540,7 +565,7 @@ mod tests {
     async fn a_run_private_workspace_lives_from_acquire_to_release() {
         let temp = tempfile::tempdir().unwrap();
         let root = temp.path().join("root");
-        let driver = LocalDriver::new(&root);
+        let driver = LocalDriver::new(&root, Containment::disabled_for_tests());
         let request = lease_request();
         let lease = driver
             .acquire(&DriverConfig::Local, &request)
@@ -622,7 +647,7 @@ mod tests {
         let project = temp.path().join("project");
         std::fs::create_dir_all(project.join("sub")).unwrap();
         std::fs::write(project.join("sub/in.txt"), "input").unwrap();
-        let driver = LocalDriver::new(temp.path().join("root"));
+        let driver = LocalDriver::new(temp.path().join("root"), Containment::disabled_for_tests());
         let request = lease_request();
         let lease = driver
             .acquire(&DriverConfig::Local, &request)
@@ -679,7 +704,7 @@ mod tests {
     #[tokio::test]
     async fn command_cwds_stay_inside_the_workspace() {
         let temp = tempfile::tempdir().unwrap();
-        let driver = LocalDriver::new(temp.path());
+        let driver = LocalDriver::new(temp.path(), Containment::disabled_for_tests());
         let request = lease_request();
         let lease = driver
             .acquire(&DriverConfig::Local, &request)
@@ -725,7 +750,7 @@ mod tests {
         std::fs::create_dir(&victim).unwrap();
         std::fs::write(victim.join("precious"), "x").unwrap();
         let root = temp.path().join("root");
-        let driver = LocalDriver::new(&root);
+        let driver = LocalDriver::new(&root, Containment::disabled_for_tests());
         let lease = driver
             .acquire(&DriverConfig::Local, &lease_request())
             .await
@@ -769,11 +794,12 @@ mod tests {
     #[tokio::test]
     async fn other_configs_are_refused() {
         let temp = tempfile::tempdir().unwrap();
-        let driver = LocalDriver::new(temp.path());
+        let driver = LocalDriver::new(temp.path(), Containment::disabled_for_tests());
         let config = DriverConfig::Sandbox(berth_core::config::SandboxConfig {
             provider: "fake".to_owned(),
             reuse_lease: false,
             timeout_ms: None,
+            sync_back_max_mb: None,
             fields: Map::new(),
         });
         let result = driver.probe(&config).await;

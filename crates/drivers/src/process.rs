@@ -241,6 +241,7 @@ pub async fn run_process(
         signal: status.signal().map(signal_name),
         timed_out: termination == Some(Termination::TimedOut),
         cancelled: termination == Some(Termination::Cancelled),
+        limit_exceeded: None,
     };
     tracing::debug!(program = %program, ?outcome, "command finished");
     Ok(outcome)
@@ -249,7 +250,7 @@ pub async fn run_process(
 /// Where `execvp` would find `program` with `search` as PATH: the first executable regular file among the
 /// directories, relative ones (and empty entries, meaning `.`) taken from `cwd`. `None` for a name with a slash, which
 /// is not looked up, and for a name found nowhere.
-fn find_in_path(program: &str, search: &str, cwd: &Path) -> Option<PathBuf> {
+pub(crate) fn find_in_path(program: &str, search: &str, cwd: &Path) -> Option<PathBuf> {
     if program.is_empty() || program.contains('/') {
         return None;
     }

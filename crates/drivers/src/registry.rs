@@ -77,8 +77,10 @@ impl ProviderRegistry {
             .iter()
             .map(|(key, installed)| {
                 let spec = installed.provider.descriptor().spec();
+                let (status, reason) = installed.provider.status();
                 let capability = SandboxProviderCapability {
-                    status: SupportStatus::Supported,
+                    status,
+                    reason,
                     display_name: spec.display_name.clone(),
                     description: spec.description.clone(),
                     source: installed.source,
@@ -380,6 +382,7 @@ mod tests {
             provider: provider.to_owned(),
             reuse_lease: false,
             timeout_ms: None,
+            sync_back_max_mb: None,
             fields: Map::new(),
         })
     }
@@ -396,7 +399,13 @@ mod tests {
     }
 
     fn drivers(temp: &tempfile::TempDir, providers: Arc<ProviderRegistry>) -> DriverRegistry {
-        DriverRegistry::new(LocalDriver::new(temp.path()), providers)
+        DriverRegistry::new(
+            LocalDriver::new(
+                temp.path(),
+                crate::contain::Containment::disabled_for_tests(),
+            ),
+            providers,
+        )
     }
 
     #[test]
@@ -465,7 +474,7 @@ mod tests {
             ["no-runs", "stub"]
         );
         let stub = &capabilities.sandbox_providers["stub"];
-        assert_eq!(stub.status, SupportStatus::Supported);
+        assert_eq!(stub.status, berth_core::capabilities::ProviderStatus::Ready);
         assert_eq!(stub.source, ProviderSource::Builtin);
         assert_eq!(stub.display_name, "Stub stub");
         assert!(stub.supports_reusable_leases);

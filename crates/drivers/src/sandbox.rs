@@ -114,7 +114,14 @@ impl SandboxDriver {
 }
 
 /// Leases always name the provider that made them, whatever the provider filled in: later operations dispatch on it.
-fn stamp(mut lease: LeaseHandle, key: &str) -> LeaseHandle {
+/// They also carry the environment's sync-back bound (`syncBackMaxMb`), a field common to every sandbox config, which
+/// providers read back with [`SyncBackLimits::for_lease`](crate::sync::SyncBackLimits::for_lease).
+fn stamp(mut lease: LeaseHandle, sandbox: &SandboxConfig) -> LeaseHandle {
+    lease.metadata.insert(
+        berth_core::config::SYNC_BACK_MAX_MB_KEY.to_owned(),
+        sandbox.sync_back_limit_mb().into(),
+    );
+    let key = sandbox.provider.as_str();
     if lease.provider.as_deref() != Some(key) {
         if lease.provider.is_some() {
             tracing::warn!(provider = %key, named = ?lease.provider, "a provider's lease named another provider");
@@ -158,7 +165,7 @@ impl EnvironmentDriver for SandboxDriver {
                 )));
             }
             let lease = provider.acquire(sandbox, request).await?;
-            let lease = stamp(lease, &sandbox.provider);
+            let lease = stamp(lease, sandbox);
             tracing::debug!(
                 run.id = %request.run_id,
                 provider = %sandbox.provider,
@@ -190,7 +197,7 @@ impl EnvironmentDriver for SandboxDriver {
                 return Ok(None);
             }
             let resumed = provider.resume(sandbox, lease, request).await?;
-            Ok(resumed.map(|lease| stamp(lease, &sandbox.provider)))
+            Ok(resumed.map(|lease| stamp(lease, sandbox)))
         })
     }
 
@@ -209,6 +216,14 @@ impl EnvironmentDriver for SandboxDriver {
         _config: Option<&'a DriverConfig>,
     ) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(async move { self.for_lease(lease)?.destroy(lease).await })
+    }
+
+    fn open_tunnel<'a>(
+        &'a self,
+        lease: &'a LeaseHandle,
+        local: std::net::SocketAddr,
+    ) -> BoxFuture<'a, Result<Option<berth_core::driver::Tunnel>, DriverError>> {
+        Box::pin(async move { self.for_lease(lease)?.open_tunnel(lease, local).await })
     }
 
     fn realize_workspace<'a>(

@@ -2,36 +2,52 @@
 //!
 //! Drivers that cannot run in place (sandboxes) copy the host workspace in with [`copy_tree`], keep the
 //! [`Manifest`] it returns (in [`RealizedWorkspace::metadata`](berth_core::driver::RealizedWorkspace), see
-//! [`Manifest::to_value`]), and after the run call [`sync_back`]: files the command created or changed are written
-//! to the host, files it deleted are deleted there, and anything it did not touch is left alone, even if the host
-//! changed it meanwhile.
+//! [`Manifest::to_value`]), and after the run call [`sync_back_with`]: files the command created or changed are
+//! written to the host, files it deleted are deleted there, and anything it did not touch is left alone, even if the
+//! host changed it meanwhile.
 //!
 //! Symlinks are copied as symlinks and never followed, in either direction: a link to `/etc` in a workspace stays a
 //! link, and nothing is ever read or written through one. Only regular files, directories and symlinks are copied;
 //! sockets, fifos and devices are skipped, as are entries whose names are not UTF-8 (the manifest is JSON).
 //! File modes are kept (the permission bits, `0o777`; setuid, setgid and sticky bits are dropped).
+//!
+//! **What comes back is untrusted**: the environment chooses it.
+//!
+//! - Both trees are walked from directory descriptors, one name at a time, never following a link (`openat` with
+//!   `O_NOFOLLOW`): a link the environment plants, or a host directory swapped for one, never makes berth read or
+//!   write outside either root. What lies beyond such a host link is skipped and reported.
+//! - Files land with their permission bits only — never setuid, setgid or sticky — through a temporary file in the
+//!   same directory and a rename. An existing host path is never opened for writing and nothing is opened blocking,
+//!   so a FIFO on either side cannot hang a sync. FIFOs, sockets and devices the environment made are skipped and
+//!   reported in [`SyncReport::skipped`].
+//! - The file content one sync-back brings is bounded ([`SyncBackLimits`]: the environment's `syncBackMaxMb`),
+//!   counted while it is read and before anything is written, so a sparse 2 GB file counts as 2 GB. Past the bound
+//!   sync-back fails with [`DriverError::SyncBackTooLarge`] before it has changed the host.
+//! - A [`StopFlag`] (set when the run is cancelled) stops it between chunks; [`CancelLatch`] keeps a run's cancel
+//!   signal past `execute` so a driver's sync-back can watch it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, File, OpenOptions, Permissions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::fs;
+use std::io::{self, Read};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::fs::{blocking, io_error};
-use berth_core::driver::{DriverError, SyncReport};
+use crate::fs::{
+    BUFFER_SIZE, Kind, Meta, Placement, Reach, RemovedDir, Slot, Tree, blocking,
+    create_private_dir, io_error,
+};
+use berth_core::config::{DEFAULT_SYNC_BACK_MAX_MB, SYNC_BACK_MAX_MB_KEY};
+use berth_core::driver::{
+    CancelSignal, DriverError, LeaseHandle, SkipReason, SkippedEntry, SyncReport,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 /// The permission bits that are copied.
 const MODE_MASK: u32 = 0o777;
-
-/// Read and hash files in chunks of this size.
-const BUFFER_SIZE: usize = 64 * 1024;
-
-/// Makes temporary names unique within this process; the pid makes them unique across processes.
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// What a tree held when it was copied: relative path (`/`-separated, no `.` or `..`) → entry. The tree's root is not
 /// listed.
@@ -134,6 +150,198 @@ pub(crate) fn is_clean_relative(path: &str) -> bool {
             .all(|segment| !segment.is_empty() && segment != "." && segment != "..")
 }
 
+// === Limits, stops and cancels ===
+
+/// Set once to stop a sync-back: it stops between chunks and between entries, and cleans up what it staged.
+#[derive(Clone, Debug, Default)]
+pub struct StopFlag(Arc<StopInner>);
+
+#[derive(Debug, Default)]
+struct StopInner {
+    stopped: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl StopFlag {
+    pub fn stop(&self) {
+        self.0.stopped.store(true, Ordering::SeqCst);
+        self.0.notify.notify_waiters();
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.0.stopped.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once [`stop`](Self::stop) has been called.
+    pub async fn stopped(&self) {
+        loop {
+            let notified = self.0.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_stopped() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// What one sync-back may take from an environment, and what stops it.
+#[derive(Clone, Debug)]
+pub struct SyncBackLimits {
+    max_mb: u64,
+    stop: StopFlag,
+}
+
+impl Default for SyncBackLimits {
+    fn default() -> Self {
+        Self::new(DEFAULT_SYNC_BACK_MAX_MB)
+    }
+}
+
+impl SyncBackLimits {
+    /// At most `max_mb` MiB of file content (`syncBackMaxMb`).
+    pub fn new(max_mb: u64) -> Self {
+        Self {
+            max_mb: max_mb.max(1),
+            stop: StopFlag::default(),
+        }
+    }
+
+    /// The bound a sandbox lease carries (`syncBackMaxMb` in its metadata, stamped by the sandbox driver from the
+    /// environment's config), else the default.
+    pub fn for_lease(lease: &LeaseHandle) -> Self {
+        lease
+            .metadata
+            .get(SYNC_BACK_MAX_MB_KEY)
+            .and_then(Value::as_u64)
+            .map_or_else(Self::default, Self::new)
+    }
+
+    /// Stops when `stop` is set.
+    pub fn with_stop(mut self, stop: StopFlag) -> Self {
+        self.stop = stop;
+        self
+    }
+
+    pub fn max_mb(&self) -> u64 {
+        self.max_mb
+    }
+
+    pub fn max_bytes(&self) -> u64 {
+        self.max_mb.saturating_mul(1024 * 1024)
+    }
+
+    pub fn stop_flag(&self) -> &StopFlag {
+        &self.stop
+    }
+}
+
+/// The bytes one pass of a sync-back has taken from the environment, against its bound.
+#[derive(Debug)]
+pub(crate) struct Budget {
+    limit_mb: u64,
+    max_bytes: u64,
+    used: u64,
+    stop: StopFlag,
+}
+
+impl Budget {
+    pub(crate) fn new(limits: &SyncBackLimits) -> Self {
+        Self {
+            limit_mb: limits.max_mb(),
+            max_bytes: limits.max_bytes(),
+            used: 0,
+            stop: limits.stop.clone(),
+        }
+    }
+
+    pub(crate) fn limit_mb(&self) -> u64 {
+        self.limit_mb
+    }
+
+    /// Fails when `bytes` more would go past the bound, without taking them.
+    pub(crate) fn check_fits(&self, bytes: u64) -> Result<(), DriverError> {
+        if self.used.saturating_add(bytes) > self.max_bytes {
+            return Err(DriverError::SyncBackTooLarge {
+                limit_mb: self.limit_mb,
+            });
+        }
+        self.check_stop()
+    }
+
+    /// Takes `bytes` (read, about to be written); fails past the bound or when stopped.
+    pub(crate) fn take(&mut self, bytes: u64) -> Result<(), DriverError> {
+        self.check_fits(bytes)?;
+        self.used += bytes;
+        Ok(())
+    }
+
+    pub(crate) fn check_stop(&self) -> Result<(), DriverError> {
+        if self.stop.is_stopped() {
+            Err(DriverError::SyncBackCancelled)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Keeps a run's cancel signal after `execute` returns, so that the sync-back that follows can watch it:
+/// `execute` gets [`hold`](Self::hold)'s signal, sync-back waits on [`cancelled`](Self::cancelled).
+#[derive(Clone, Default)]
+pub struct CancelLatch(Arc<LatchInner>);
+
+#[derive(Default)]
+struct LatchInner {
+    signal: tokio::sync::Mutex<Option<CancelSignal>>,
+    fired: AtomicBool,
+}
+
+impl std::fmt::Debug for CancelLatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CancelLatch")
+            .field("fired", &self.has_fired())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CancelLatch {
+    /// Keeps `cancel`; returns a signal that fires when it does, for `execute`.
+    pub async fn hold(&self, cancel: CancelSignal) -> CancelSignal {
+        *self.0.signal.lock().await = Some(cancel);
+        self.0.fired.store(false, Ordering::SeqCst);
+        let latch = self.clone();
+        Box::pin(async move { latch.cancelled().await })
+    }
+
+    /// Whether the held signal has fired so far.
+    pub fn has_fired(&self) -> bool {
+        self.0.fired.load(Ordering::SeqCst)
+    }
+
+    /// Resolves when the held signal fires (at once if it has); never, if none is held. One waiter at a time
+    /// polls the signal; others wait their turn.
+    pub async fn cancelled(&self) {
+        let mut slot = self.0.signal.lock().await;
+        if self.has_fired() {
+            return;
+        }
+        match slot.as_mut() {
+            Some(signal) => {
+                signal.as_mut().await;
+                *slot = None;
+                self.0.fired.store(true, Ordering::SeqCst);
+            }
+            None => {
+                drop(slot);
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+// === Copy in, scan ===
+
 /// Copies the directory tree `from` into `to` (created if missing; it must hold nothing yet), preserving modes and
 /// copying symlinks as symlinks. Returns what was copied, with a content hash of every file.
 pub async fn copy_tree(from: &Path, to: &Path) -> Result<Manifest, DriverError> {
@@ -166,14 +374,13 @@ struct Fingerprint {
 }
 
 impl Fingerprint {
-    fn of(meta: &fs::Metadata) -> Self {
-        use std::os::unix::fs::MetadataExt;
+    fn of(meta: &Meta) -> Self {
         Self {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.len(),
-            mtime: (meta.mtime(), meta.mtime_nsec()),
-            ctime: (meta.ctime(), meta.ctime_nsec()),
+            dev: meta.dev,
+            ino: meta.ino,
+            size: meta.size,
+            mtime: meta.mtime,
+            ctime: meta.ctime,
         }
     }
 }
@@ -182,10 +389,11 @@ impl Fingerprint {
 /// file's mtime (whole seconds), which the stat for the fingerprint has already read.
 pub async fn scan_tree_cached(
     dir: &Path,
-    cache: &std::sync::Arc<HashCache>,
+    cache: &Arc<HashCache>,
 ) -> Result<(Manifest, BTreeMap<String, i64>), DriverError> {
     let (dir, cache) = (dir.to_path_buf(), cache.clone());
     blocking("the workspace sync", move || {
+        let tree = Tree::open(&dir)?;
         let known = cache
             .roots
             .lock()
@@ -195,26 +403,31 @@ pub async fn scan_tree_cached(
         let mut seen = HashMap::with_capacity(known.len());
         let mut mtimes = BTreeMap::new();
         let mut manifest = Manifest::default();
-        walk(&dir, "", &mut manifest, &mut |relative, path, entry| {
-            let Entry::File { size, sha256, .. } = entry else {
-                return Ok(());
-            };
-            let meta = fs::symlink_metadata(path)
-                .map_err(io_error(format!("reading {}", path.display())))?;
-            let fingerprint = Fingerprint::of(&meta);
-            mtimes.insert(relative.to_owned(), fingerprint.mtime.0);
-            let (hashed_size, hash) = match known.get(relative) {
-                Some((cached, hash)) if *cached == fingerprint => (fingerprint.size, hash.clone()),
-                _ => hash_file(path)?,
-            };
-            // A file that changed while it was hashed is not remembered: its next scan reads it again.
-            if hashed_size == fingerprint.size {
-                seen.insert(relative.to_owned(), (fingerprint, hash.clone()));
-            }
-            *size = hashed_size;
-            *sha256 = hash;
-            Ok(())
-        })?;
+        walk(
+            &tree,
+            &mut manifest,
+            &mut Vec::new(),
+            &mut |relative, slot, meta, entry| {
+                let Entry::File { size, sha256, .. } = entry else {
+                    return Ok(());
+                };
+                let fingerprint = Fingerprint::of(meta);
+                mtimes.insert(relative.to_owned(), fingerprint.mtime.0);
+                let (hashed_size, hash) = match known.get(relative) {
+                    Some((cached, hash)) if *cached == fingerprint => {
+                        (fingerprint.size, hash.clone())
+                    }
+                    _ => hash_slot(slot)?,
+                };
+                // A file that changed while it was hashed is not remembered: its next scan reads it again.
+                if hashed_size == fingerprint.size {
+                    seen.insert(relative.to_owned(), (fingerprint, hash.clone()));
+                }
+                *size = hashed_size;
+                *sha256 = hash;
+                Ok(())
+            },
+        )?;
         if let Ok(mut roots) = cache.roots.lock() {
             if roots.len() >= HASH_CACHE_ROOTS {
                 roots.clear();
@@ -230,11 +443,53 @@ pub async fn scan_tree_cached(
 pub async fn scan_tree(dir: &Path) -> Result<Manifest, DriverError> {
     let dir = dir.to_path_buf();
     blocking("the workspace sync", move || {
+        let tree = Tree::open(&dir)?;
         let mut manifest = Manifest::default();
-        walk(&dir, "", &mut manifest, &mut hash_entry)?;
+        walk(&tree, &mut manifest, &mut Vec::new(), &mut hash_entry)?;
         Ok(manifest)
     })
     .await
+}
+
+// === Sync back ===
+
+/// [`sync_back_with`] under the default [`SyncBackLimits`].
+pub async fn sync_back(
+    sandbox_dir: &Path,
+    host_dir: &Path,
+    at_copy_in: &Manifest,
+) -> Result<SyncReport, DriverError> {
+    sync_back_with(
+        sandbox_dir,
+        host_dir,
+        at_copy_in,
+        &SyncBackLimits::default(),
+    )
+    .await
+}
+
+/// Makes `workspace` an empty private directory for a fresh copy of `local_path`, and returns `local_path` resolved,
+/// checked to be a directory. Blocking; the sandbox providers' copy-in starts here.
+pub fn empty_for_copy(workspace: &Path, local_path: &Path) -> Result<PathBuf, DriverError> {
+    match std::fs::remove_dir_all(workspace) {
+        Ok(()) => {}
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+        Err(err) => return Err(io_error(format!("clearing {}", workspace.display()))(err)),
+    }
+    create_private_dir(workspace)?;
+    let resolved = std::fs::canonicalize(local_path).map_err(|err| {
+        DriverError::failed(format!(
+            "the workspace path {} is not usable: {err}",
+            local_path.display()
+        ))
+    })?;
+    if !resolved.is_dir() {
+        return Err(DriverError::failed(format!(
+            "the workspace path {} is not a directory",
+            local_path.display()
+        )));
+    }
+    Ok(resolved)
 }
 
 /// Brings what changed in `sandbox_dir` since `at_copy_in` (the manifest [`copy_tree`] returned) to `host_dir`.
@@ -242,132 +497,150 @@ pub async fn scan_tree(dir: &Path) -> Result<Manifest, DriverError> {
 /// New or changed files and symlinks are written atomically (temporary file, then rename) with their modes; new
 /// directories are created; entries of `at_copy_in` that are gone from the sandbox are deleted from the host
 /// (directories only when empty: the host may have added files to them). The sandbox wins over concurrent host
-/// changes to the same path. Nothing is written outside `host_dir`, and never through a symlink.
-pub async fn sync_back(
+/// changes to the same path. Nothing is read outside `sandbox_dir` or written outside `host_dir`, and never through
+/// a symlink: what a host link stands in the way of is skipped and reported. The sandbox's file content is counted
+/// against `limits` while it is read, before anything is written: past it, nothing is changed on the host.
+pub async fn sync_back_with(
     sandbox_dir: &Path,
     host_dir: &Path,
     at_copy_in: &Manifest,
+    limits: &SyncBackLimits,
 ) -> Result<SyncReport, DriverError> {
-    let (sandbox_dir, host_dir, before) = (
+    let (sandbox_dir, host_dir, before, limits) = (
         sandbox_dir.to_path_buf(),
         host_dir.to_path_buf(),
         at_copy_in.clone(),
+        limits.clone(),
     );
     blocking("the workspace sync", move || {
-        sync_back_blocking(&sandbox_dir, &host_dir, &before)
+        sync_back_blocking(&sandbox_dir, &host_dir, &before, &limits)
     })
     .await
 }
 
-/// Calls `visit(relative path, source path, entry)` for every entry under `dir`, parents before children, then
-/// records the entry in `manifest`. Never follows a symlink. File entries arrive without their hash: `visit` fills it
-/// in (a copy hashes while it copies, a scan just hashes), so each file is read once.
+/// What a walk calls for every entry: its relative path, its slot, its `lstat`, and the entry (a file's hash still
+/// empty: the visitor fills it in, so each file is read once).
+type Visit<'v> = dyn FnMut(&str, &Slot, &Meta, &mut Entry) -> Result<(), DriverError> + 'v;
+
+/// Calls `visit` for every entry of `tree`, parents before children, then records the entry in `manifest`. Never
+/// follows a symlink; special files (FIFOs, sockets, devices) are not visited but listed in `specials`.
 fn walk(
-    dir: &Path,
+    tree: &Tree,
+    manifest: &mut Manifest,
+    specials: &mut Vec<String>,
+    visit: &mut Visit<'_>,
+) -> Result<(), DriverError> {
+    walk_dir(
+        tree,
+        &tree.root(),
+        tree.path(),
+        "",
+        manifest,
+        specials,
+        visit,
+    )
+}
+
+fn walk_dir(
+    tree: &Tree,
+    dir: &Arc<OwnedFd>,
+    dir_path: &Path,
     prefix: &str,
     manifest: &mut Manifest,
-    visit: &mut dyn FnMut(&str, &Path, &mut Entry) -> Result<(), DriverError>,
+    specials: &mut Vec<String>,
+    visit: &mut Visit<'_>,
 ) -> Result<(), DriverError> {
-    let reading = || format!("reading {}", dir.display());
-    let mut children = Vec::new();
-    for item in fs::read_dir(dir).map_err(io_error(reading()))? {
-        children.push(item.map_err(io_error(reading()))?);
-    }
-    // A stable order makes failures reproducible.
-    children.sort_by_key(fs::DirEntry::file_name);
-    for child in children {
-        let path = child.path();
-        let Some(name) = child.file_name().to_str().map(str::to_owned) else {
-            tracing::warn!(path = %path.display(), "skipping a workspace entry whose name is not UTF-8");
-            continue;
-        };
+    for name in Tree::names(dir, dir_path)? {
         let relative = if prefix.is_empty() {
-            name
+            name.clone()
         } else {
             format!("{prefix}/{name}")
         };
-        let meta =
-            fs::symlink_metadata(&path).map_err(io_error(format!("reading {}", path.display())))?;
-        let file_type = meta.file_type();
-        let mode = meta.permissions().mode() & MODE_MASK;
-        let mut entry = if file_type.is_symlink() {
-            let target = fs::read_link(&path)
-                .map_err(io_error(format!("reading the link {}", path.display())))?;
-            let Some(target) = target.to_str().map(str::to_owned) else {
-                tracing::warn!(path = %path.display(), "skipping a symlink whose target is not UTF-8");
-                continue;
-            };
-            Entry::Symlink { target }
-        } else if file_type.is_dir() {
-            Entry::Dir { mode }
-        } else if file_type.is_file() {
-            Entry::File {
-                mode,
-                size: meta.len(),
-                sha256: String::new(),
-            }
-        } else {
-            tracing::debug!(path = %path.display(), "skipping a workspace entry that is not a file, directory or symlink");
+        let slot = tree.slot_in(dir, &name, &relative);
+        let Some(meta) = slot.meta()? else {
+            // Gone since the directory was read.
             continue;
         };
-        visit(&relative, &path, &mut entry)?;
+        let mode = meta.mode & MODE_MASK;
+        let mut entry = match meta.kind {
+            Kind::Symlink => match slot.read_link()? {
+                Some(target) => Entry::Symlink { target },
+                None => {
+                    tracing::warn!(path = %slot.path().display(), "skipping a symlink whose target is not UTF-8");
+                    continue;
+                }
+            },
+            Kind::Dir => Entry::Dir { mode },
+            Kind::File => Entry::File {
+                mode,
+                size: meta.size,
+                sha256: String::new(),
+            },
+            Kind::Special => {
+                tracing::debug!(path = %slot.path().display(), "skipping a workspace entry that is not a file, directory or symlink");
+                specials.push(relative);
+                continue;
+            }
+        };
+        visit(&relative, &slot, &meta, &mut entry)?;
         let is_dir = entry.is_dir();
         manifest.entries.insert(relative.clone(), entry);
         if is_dir {
-            walk(&path, &relative, manifest, visit)?;
+            // Opened without following a link: a directory swapped for one since its stat is not entered.
+            if let Some(child) = slot.open_dir()? {
+                walk_dir(
+                    tree,
+                    &child,
+                    slot.path(),
+                    &relative,
+                    manifest,
+                    specials,
+                    visit,
+                )?;
+            }
         }
     }
     Ok(())
 }
 
-/// Opens a file for reading without following a symlink swapped in for it.
-fn open_nofollow(path: &Path) -> Result<File, DriverError> {
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(path)
-        .map_err(io_error(format!("opening {}", path.display())))
-}
-
 /// The visitor of a scan: hashes files, leaves the rest as listed.
-fn hash_entry(_relative: &str, path: &Path, entry: &mut Entry) -> Result<(), DriverError> {
+fn hash_entry(
+    _relative: &str,
+    slot: &Slot,
+    _meta: &Meta,
+    entry: &mut Entry,
+) -> Result<(), DriverError> {
     if let Entry::File { size, sha256, .. } = entry {
-        let (hashed_size, hash) = hash_file(path)?;
+        let (hashed_size, hash) = hash_slot(slot)?;
         *size = hashed_size;
         *sha256 = hash;
     }
     Ok(())
 }
 
-pub(crate) fn hash_file(path: &Path) -> Result<(u64, String), DriverError> {
-    let mut file = open_nofollow(path)?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0_u8; BUFFER_SIZE];
-    let mut size = 0_u64;
-    loop {
-        let n = match file.read(&mut buffer) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-            Err(err) => return Err(io_error(format!("reading {}", path.display()))(err)),
-        };
-        hasher.update(&buffer[..n]);
-        size += n as u64;
-    }
-    Ok((size, hex::encode(hasher.finalize())))
+/// Size and hash of the regular file in `slot`.
+pub(crate) fn hash_slot(slot: &Slot) -> Result<(u64, String), DriverError> {
+    let Some((mut file, _)) = slot.open_file()? else {
+        return Err(changed_while_read(slot.path()));
+    };
+    hash_reader(&mut file, slot.path(), u64::MAX, None)
 }
 
-/// Copies `from` to a new file `to` (which must not exist: `create_new` also refuses to write through a symlink
-/// there) with `mode`, returning the size and hash of what was copied.
-fn copy_file(from: &Path, to: &Path, mode: u32) -> Result<(u64, String), DriverError> {
-    let mut source = open_nofollow(from)?;
-    let writing = || format!("writing {}", to.display());
-    let mut target = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(to)
-        .map_err(io_error(writing()))?;
+fn changed_while_read(path: &Path) -> DriverError {
+    DriverError::failed(format!(
+        "{} changed while it was being read (it is no longer a regular file)",
+        path.display()
+    ))
+}
+
+/// Reads `source` to its end, hashing it. The first `free` bytes are not counted; every byte after them is taken
+/// from `budget` (when given) before it is hashed.
+pub(crate) fn hash_reader(
+    source: &mut dyn Read,
+    path: &Path,
+    free: u64,
+    mut budget: Option<&mut Budget>,
+) -> Result<(u64, String), DriverError> {
     let mut hasher = Sha256::new();
     let mut buffer = vec![0_u8; BUFFER_SIZE];
     let mut size = 0_u64;
@@ -376,57 +649,64 @@ fn copy_file(from: &Path, to: &Path, mode: u32) -> Result<(u64, String), DriverE
             Ok(0) => break,
             Ok(n) => n,
             Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-            Err(err) => return Err(io_error(format!("reading {}", from.display()))(err)),
+            Err(err) => return Err(io_error(format!("reading {}", path.display()))(err)),
         };
+        if let Some(budget) = budget.as_deref_mut() {
+            let counted = (size + n as u64).saturating_sub(free.max(size));
+            budget.take(counted)?;
+        }
         hasher.update(&buffer[..n]);
-        target
-            .write_all(&buffer[..n])
-            .map_err(io_error(writing()))?;
         size += n as u64;
     }
-    // Through the descriptor: exact (no umask) and immune to the path being swapped.
-    target
-        .set_permissions(Permissions::from_mode(mode))
-        .map_err(io_error(writing()))?;
     Ok((size, hex::encode(hasher.finalize())))
 }
 
 fn copy_tree_blocking(from: &Path, to: &Path) -> Result<Manifest, DriverError> {
-    let meta = fs::metadata(from).map_err(io_error(format!("reading {}", from.display())))?;
-    if !meta.is_dir() {
-        return Err(DriverError::failed(format!(
-            "{} is not a directory",
-            from.display()
-        )));
-    }
+    let source = Tree::open(from)?;
     fs::create_dir_all(to).map_err(io_error(format!("creating {}", to.display())))?;
+    let target = Tree::open(to)?;
     let mut manifest = Manifest::default();
     // Directory modes are applied last, deepest first: a read-only directory must still receive its contents.
-    let mut dir_modes: Vec<(PathBuf, u32)> = Vec::new();
-    walk(from, "", &mut manifest, &mut |relative, source, entry| {
-        let target = to.join(relative);
-        match entry {
-            Entry::Dir { mode } => {
-                fs::create_dir(&target)
-                    .map_err(io_error(format!("creating {}", target.display())))?;
-                dir_modes.push((target, *mode));
+    let mut dir_modes: Vec<(String, u32)> = Vec::new();
+    walk(
+        &source,
+        &mut manifest,
+        &mut Vec::new(),
+        &mut |relative, slot, _meta, entry| {
+            let Reach::Slot(into) = target.reach(relative, false)? else {
+                return Err(DriverError::failed(format!(
+                    "cannot copy `{relative}`: its directory in {} is gone",
+                    to.display()
+                )));
+            };
+            match entry {
+                Entry::Dir { mode } => {
+                    into.create_dir()?;
+                    dir_modes.push((relative.to_owned(), *mode));
+                }
+                Entry::File { mode, size, sha256 } => {
+                    let Some((mut file, _)) = slot.open_file()? else {
+                        return Err(changed_while_read(slot.path()));
+                    };
+                    // Hash what was actually copied: the file may have changed since it was listed.
+                    let (copied_size, hash) =
+                        into.write_file(&mut file, *mode, None, Placement::CreateNew, &mut |_| {
+                            Ok(())
+                        })?;
+                    *size = copied_size;
+                    *sha256 = hash;
+                }
+                Entry::Symlink { target: link } => {
+                    into.write_symlink(link, Placement::CreateNew)?
+                }
             }
-            Entry::File { mode, size, sha256 } => {
-                // Hash what was actually copied: the file may have changed since it was listed.
-                let (copied_size, hash) = copy_file(source, &target, *mode)?;
-                *size = copied_size;
-                *sha256 = hash;
-            }
-            Entry::Symlink { target: link } => {
-                std::os::unix::fs::symlink(&*link, &target)
-                    .map_err(io_error(format!("creating the link {}", target.display())))?;
-            }
+            Ok(())
+        },
+    )?;
+    for (relative, mode) in dir_modes.into_iter().rev() {
+        if let Reach::Slot(slot) = target.reach(&relative, false)? {
+            slot.set_dir_mode(mode)?;
         }
-        Ok(())
-    })?;
-    for (dir, mode) in dir_modes.into_iter().rev() {
-        fs::set_permissions(&dir, Permissions::from_mode(mode))
-            .map_err(io_error(format!("setting the mode of {}", dir.display())))?;
     }
     Ok(manifest)
 }
@@ -439,188 +719,172 @@ fn must_delete(old: &Entry, new: Option<&Entry>) -> bool {
     }
 }
 
+/// Reports `path` as skipped: `at`, a directory on its way on the host, is a symlink or not a directory.
+fn blocked(report: &mut SyncReport, path: &str, at: &str) {
+    tracing::warn!(
+        path,
+        at,
+        "not writing through a host path that is not a real directory"
+    );
+    report.skipped.push(SkippedEntry {
+        path: path.to_owned(),
+        reason: SkipReason::UnsafeHostPath,
+    });
+}
+
+fn skip(report: &mut SyncReport, path: &str, reason: SkipReason) {
+    tracing::warn!(path, reason = reason.as_str(), "sync-back skipped an entry");
+    report.skipped.push(SkippedEntry {
+        path: path.to_owned(),
+        reason,
+    });
+}
+
 fn sync_back_blocking(
     sandbox_dir: &Path,
     host_dir: &Path,
     before: &Manifest,
+    limits: &SyncBackLimits,
 ) -> Result<SyncReport, DriverError> {
-    let host_meta =
-        fs::metadata(host_dir).map_err(io_error(format!("reading {}", host_dir.display())))?;
-    if !host_meta.is_dir() {
-        return Err(DriverError::failed(format!(
-            "{} is not a directory",
-            host_dir.display()
-        )));
-    }
-    let mut after = Manifest::default();
-    walk(sandbox_dir, "", &mut after, &mut hash_entry)?;
+    let sandbox = Tree::open(sandbox_dir)?;
+    let host = Tree::open(host_dir)?;
     let mut report = SyncReport::default();
+
+    // Read (and count) everything the sandbox sends before touching the host: past the bound, nothing changes.
+    let mut budget = Budget::new(limits);
+    let mut after = Manifest::default();
+    let mut specials = Vec::new();
+    walk(
+        &sandbox,
+        &mut after,
+        &mut specials,
+        &mut |relative, slot, meta, entry| {
+            budget.check_stop()?;
+            let Entry::File { size, sha256, .. } = entry else {
+                return Ok(());
+            };
+            let known = match before.get(relative) {
+                Some(Entry::File { size, sha256, .. }) => Some((*size, sha256.as_str())),
+                _ => None,
+            };
+            // A file as large as at copy-in may be unchanged: its bytes count only once it turns out otherwise.
+            let free = known.map_or(0, |(known_size, _)| known_size.min(meta.size));
+            budget.check_fits(meta.size - free)?;
+            let Some((mut file, _)) = slot.open_file()? else {
+                return Err(changed_while_read(slot.path()));
+            };
+            let (read, hash) = hash_reader(&mut file, slot.path(), free, Some(&mut budget))?;
+            if known.is_none_or(|(known_size, known_hash)| known_size != read || known_hash != hash)
+            {
+                budget.take(free.min(read))?;
+            }
+            *size = read;
+            *sha256 = hash;
+            Ok(())
+        },
+    )?;
+    for path in &specials {
+        skip(&mut report, path, SkipReason::SpecialFile);
+    }
 
     // Deletions first, children before parents, so that a path that changed kind is free for its new entry.
     for (relative, old) in before.entries.iter().rev() {
         if !must_delete(old, after.get(relative)) {
             continue;
         }
-        let target = host_target(host_dir, relative)?;
-        let Some(meta) = lstat(&target)? else {
+        budget.check_stop()?;
+        let slot = match host.reach(relative, false)? {
+            Reach::Slot(slot) => slot,
+            Reach::Missing => continue,
+            Reach::Blocked { at } => {
+                blocked(&mut report, relative, &at);
+                continue;
+            }
+        };
+        let Some(meta) = slot.meta()? else {
             continue;
         };
         if old.is_dir() {
-            if meta.is_dir() {
-                match fs::remove_dir(&target) {
-                    Ok(()) => {}
-                    Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-                    Err(err) if err.kind() == io::ErrorKind::DirectoryNotEmpty => {
-                        tracing::debug!(path = %target.display(), "keeping a deleted directory that still holds host files");
-                    }
-                    Err(err) => {
-                        return Err(io_error(format!("removing {}", target.display()))(err));
-                    }
-                }
+            if meta.kind == Kind::Dir && slot.remove_dir()? == RemovedDir::NotEmpty {
+                tracing::debug!(path = %slot.path().display(), "keeping a deleted directory that still holds host files");
             }
-        } else if !meta.is_dir() {
-            match fs::remove_file(&target) {
-                Ok(()) => report.files_deleted += 1,
-                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-                Err(err) => return Err(io_error(format!("removing {}", target.display()))(err)),
-            }
+        } else if meta.kind != Kind::Dir && slot.remove_file()? {
+            report.files_deleted += 1;
         }
     }
 
-    // Then writes, parents before children.
-    let mut dir_modes: Vec<(PathBuf, u32)> = Vec::new();
+    // Then writes, parents before children. What is copied is counted again: it may have grown since it was read.
+    let mut copied = Budget::new(limits);
+    let mut dir_modes: Vec<(String, u32)> = Vec::new();
     for (relative, new) in &after.entries {
         if before.get(relative) == Some(new) {
             continue;
         }
-        let target = host_target(host_dir, relative)?;
-        let source = sandbox_dir.join(relative);
+        copied.check_stop()?;
+        let slot = match host.reach(relative, true)? {
+            Reach::Slot(slot) => slot,
+            Reach::Missing => continue,
+            Reach::Blocked { at } => {
+                blocked(&mut report, relative, &at);
+                continue;
+            }
+        };
         match new {
             Entry::Dir { mode } => {
-                match lstat(&target)? {
-                    Some(meta) if meta.is_dir() => {}
+                match slot.meta()? {
+                    Some(meta) if meta.kind == Kind::Dir => {}
                     Some(_) => {
-                        // A file or link the host put where the sandbox now has a directory: the sandbox wins.
-                        fs::remove_file(&target)
-                            .map_err(io_error(format!("removing {}", target.display())))?;
-                        create_dir(&target)?;
+                        // A file, link or FIFO the host put where the sandbox now has a directory: the sandbox wins.
+                        slot.remove_file()?;
+                        slot.create_dir()?;
                     }
-                    None => create_dir(&target)?,
+                    None => slot.create_dir()?,
                 }
-                dir_modes.push((target, *mode));
+                dir_modes.push((relative.clone(), *mode));
             }
             Entry::File { mode, .. } => {
-                let size = replace_with_file(&source, &target, *mode)?;
+                let source = match sandbox.reach(relative, false)? {
+                    Reach::Slot(source) => source.open_file()?,
+                    Reach::Missing | Reach::Blocked { .. } => None,
+                };
+                let Some((mut source, _)) = source else {
+                    skip(&mut report, relative, SkipReason::NotSent);
+                    continue;
+                };
+                let (size, _) =
+                    slot.write_file(&mut source, *mode, None, Placement::Replace, &mut |n| {
+                        copied.take(n)
+                    })?;
                 report.files_written += 1;
                 report.bytes_written += size;
             }
             Entry::Symlink { target: link } => {
-                replace_with_symlink(link, &target)?;
+                slot.write_symlink(link, Placement::Replace)?;
                 report.files_written += 1;
             }
         }
     }
-    for (dir, mode) in dir_modes.into_iter().rev() {
-        fs::set_permissions(&dir, Permissions::from_mode(mode))
-            .map_err(io_error(format!("setting the mode of {}", dir.display())))?;
+    for (relative, mode) in dir_modes.into_iter().rev() {
+        if let Reach::Slot(slot) = host.reach(&relative, false)? {
+            slot.set_dir_mode(mode)?;
+        }
     }
     tracing::debug!(
         host_dir = %host_dir.display(),
         files_written = report.files_written,
         files_deleted = report.files_deleted,
         bytes_written = report.bytes_written,
+        skipped = report.skipped.len(),
         "workspace synced back"
     );
     Ok(report)
 }
 
-pub(crate) fn lstat(path: &Path) -> Result<Option<fs::Metadata>, DriverError> {
-    match fs::symlink_metadata(path) {
-        Ok(meta) => Ok(Some(meta)),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(err) => Err(io_error(format!("reading {}", path.display()))(err)),
-    }
-}
-
-pub(crate) fn create_dir(path: &Path) -> Result<(), DriverError> {
-    fs::DirBuilder::new()
-        .mode(0o700)
-        .create(path)
-        .map_err(io_error(format!("creating {}", path.display())))
-}
-
-/// The host path for `relative`, after checking that every directory on the way is a real directory inside
-/// `host_dir` (created when missing), never a symlink: nothing may be written through a link.
-pub(crate) fn host_target(host_dir: &Path, relative: &str) -> Result<PathBuf, DriverError> {
-    if !is_clean_relative(relative) {
-        return Err(DriverError::failed(format!(
-            "refusing to sync the invalid path `{relative}`"
-        )));
-    }
-    let segments: Vec<&str> = relative.split('/').collect();
-    let mut current = host_dir.to_path_buf();
-    for segment in &segments[..segments.len() - 1] {
-        current.push(segment);
-        match lstat(&current)? {
-            Some(meta) if meta.is_dir() => {}
-            Some(_) => {
-                return Err(DriverError::failed(format!(
-                    "refusing to sync `{relative}`: {} on the host is not a directory (a symlink?)",
-                    current.display()
-                )));
-            }
-            None => create_dir(&current)?,
-        }
-    }
-    Ok(host_dir.join(relative))
-}
-
-/// A fresh name next to `target` for writing before the atomic rename.
-fn temp_sibling(target: &Path) -> PathBuf {
-    let name = target
-        .file_name()
-        .map(|name| name.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    target.with_file_name(format!(".{name}.berth-sync-{}-{n}", std::process::id()))
-}
-
-fn rename_into_place(temp: &Path, target: &Path) -> Result<(), DriverError> {
-    fs::rename(temp, target).map_err(|err| {
-        let _ = fs::remove_file(temp);
-        io_error(format!("replacing {}", target.display()))(err)
-    })
-}
-
-/// Writes `source`'s content to `target` atomically with `mode`; returns the bytes written.
-pub(crate) fn replace_with_file(
-    source: &Path,
-    target: &Path,
-    mode: u32,
-) -> Result<u64, DriverError> {
-    let temp = temp_sibling(target);
-    let copied = copy_file(source, &temp, mode);
-    let (size, _) = match copied {
-        Ok(copied) => copied,
-        Err(err) => {
-            let _ = fs::remove_file(&temp);
-            return Err(err);
-        }
-    };
-    rename_into_place(&temp, target)?;
-    Ok(size)
-}
-
-pub(crate) fn replace_with_symlink(link: &str, target: &Path) -> Result<(), DriverError> {
-    let temp = temp_sibling(target);
-    std::os::unix::fs::symlink(link, &temp)
-        .map_err(io_error(format!("creating the link {}", target.display())))?;
-    rename_into_place(&temp, target)
-}
-
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::symlink;
+    use std::fs::Permissions;
+    use std::os::unix::fs::{PermissionsExt, symlink};
+    use std::time::Duration;
 
     use serde_json::json;
 
@@ -843,6 +1107,7 @@ mod tests {
                 files_deleted: 2,
                 bytes_written: 8 + 13 + 9 + 4,
                 conflicts: Vec::new(),
+                skipped: Vec::new(),
             }
         );
 
@@ -899,8 +1164,15 @@ mod tests {
         symlink(&outside, host.join("dir")).unwrap();
         fs::write(sandbox.join("dir/file"), "v2").unwrap();
 
-        let err = sync_back(&sandbox, &host, &manifest).await.unwrap_err();
-        assert!(err.to_string().contains("refusing"), "{err}");
+        let report = sync_back(&sandbox, &host, &manifest).await.unwrap();
+        assert_eq!(
+            report.skipped,
+            [SkippedEntry {
+                path: "dir/file".to_owned(),
+                reason: SkipReason::UnsafeHostPath
+            }]
+        );
+        assert_eq!(report.files_written, 0);
         assert!(!outside.join("file").exists());
     }
 
@@ -941,5 +1213,399 @@ mod tests {
         assert!(copy_tree(&from, &to).await.is_err());
         // The pre-existing link in the target was not written through.
         assert_eq!(fs::read_to_string(&file).unwrap(), "x");
+    }
+
+    // === What comes back is untrusted ===
+
+    /// Every path under `root` (not following links) whose mode has a setuid or setgid bit.
+    fn setid_files(root: &Path) -> Vec<PathBuf> {
+        let mut found = Vec::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            for entry in fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                let meta = fs::symlink_metadata(&path).unwrap();
+                if meta.permissions().mode() & 0o6000 != 0 {
+                    found.push(path.clone());
+                }
+                if meta.is_dir() {
+                    stack.push(path);
+                }
+            }
+        }
+        found
+    }
+
+    fn mkfifo(path: &Path) {
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            path,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+    }
+
+    /// A sandbox copied from an empty host, and the manifest of that copy.
+    async fn empty_pair(temp: &Path) -> (PathBuf, PathBuf, Manifest) {
+        let host = temp.join("host");
+        fs::create_dir(&host).unwrap();
+        let sandbox = temp.join("sandbox");
+        let manifest = copy_tree(&host, &sandbox).await.unwrap();
+        (host, sandbox, manifest)
+    }
+
+    #[tokio::test]
+    async fn setuid_setgid_and_sticky_bits_never_land_on_either_side() {
+        let temp = tempfile::tempdir().unwrap();
+        let host = temp.path().join("host");
+        fs::create_dir(&host).unwrap();
+        fs::write(host.join("host-suid"), "#!/bin/sh\n").unwrap();
+        fs::set_permissions(host.join("host-suid"), Permissions::from_mode(0o4755)).unwrap();
+        let sandbox = temp.path().join("sandbox");
+        let manifest = copy_tree(&host, &sandbox).await.unwrap();
+        assert_eq!(mode_of(&sandbox.join("host-suid")), 0o755);
+
+        // The environment makes a setuid copy of a binary, a setgid file, and a setgid, sticky directory.
+        fs::copy("/usr/bin/id", sandbox.join("suid")).unwrap();
+        fs::set_permissions(sandbox.join("suid"), Permissions::from_mode(0o4755)).unwrap();
+        fs::write(sandbox.join("sgid"), "x").unwrap();
+        fs::set_permissions(sandbox.join("sgid"), Permissions::from_mode(0o2750)).unwrap();
+        fs::create_dir(sandbox.join("shared")).unwrap();
+        fs::write(sandbox.join("shared/file"), "y").unwrap();
+        fs::set_permissions(sandbox.join("shared"), Permissions::from_mode(0o3777)).unwrap();
+        fs::set_permissions(sandbox.join("host-suid"), Permissions::from_mode(0o6711)).unwrap();
+
+        let report = sync_back(&sandbox, &host, &manifest).await.unwrap();
+        assert_eq!(mode_of(&host.join("suid")), 0o755);
+        assert_eq!(
+            fs::read(host.join("suid")).unwrap(),
+            fs::read("/usr/bin/id").unwrap()
+        );
+        assert_eq!(mode_of(&host.join("sgid")), 0o750);
+        assert_eq!(mode_of(&host.join("shared")), 0o777);
+        // A mode change that only adds setid bits is no change at all.
+        assert_eq!(mode_of(&host.join("host-suid")), 0o4711 & 0o777);
+        assert!(setid_files(&host).is_empty(), "{:?}", setid_files(&host));
+        assert!(report.skipped.is_empty(), "{report:?}");
+    }
+
+    #[tokio::test]
+    async fn a_host_fifo_is_replaced_never_opened() {
+        let temp = tempfile::tempdir().unwrap();
+        let (host, sandbox, manifest) = empty_pair(temp.path()).await;
+        // The host grows FIFOs where the environment writes a file and makes a directory; nobody ever opens them.
+        mkfifo(&host.join("pipe"));
+        mkfifo(&host.join("dir"));
+        fs::write(sandbox.join("pipe"), "data").unwrap();
+        fs::create_dir(sandbox.join("dir")).unwrap();
+        fs::write(sandbox.join("dir/inside"), "in").unwrap();
+
+        let report = tokio::time::timeout(
+            Duration::from_secs(10),
+            sync_back(&sandbox, &host, &manifest),
+        )
+        .await
+        .expect("sync-back blocked on a FIFO")
+        .unwrap();
+        assert_eq!(fs::read_to_string(host.join("pipe")).unwrap(), "data");
+        assert_eq!(fs::read_to_string(host.join("dir/inside")).unwrap(), "in");
+        assert_eq!(report.files_written, 2);
+    }
+
+    #[tokio::test]
+    async fn a_file_swapped_for_a_fifo_in_the_sandbox_is_never_opened() {
+        let temp = tempfile::tempdir().unwrap();
+        let host = temp.path().join("host");
+        fs::create_dir(&host).unwrap();
+        fs::write(host.join("file"), "host").unwrap();
+        let sandbox = temp.path().join("sandbox");
+        let manifest = copy_tree(&host, &sandbox).await.unwrap();
+        fs::remove_file(sandbox.join("file")).unwrap();
+        mkfifo(&sandbox.join("file"));
+
+        let report = tokio::time::timeout(
+            Duration::from_secs(10),
+            sync_back(&sandbox, &host, &manifest),
+        )
+        .await
+        .expect("sync-back blocked on a FIFO")
+        .unwrap();
+        // The file is gone from the sandbox (a FIFO is no file): gone from the host too, and the FIFO reported.
+        assert!(!host.join("file").exists());
+        assert_eq!(
+            report.skipped,
+            [SkippedEntry {
+                path: "file".to_owned(),
+                reason: SkipReason::SpecialFile
+            }]
+        );
+    }
+
+    #[tokio::test]
+    async fn fifos_sockets_and_devices_from_the_environment_are_skipped_and_reported() {
+        let temp = tempfile::tempdir().unwrap();
+        let (host, sandbox, manifest) = empty_pair(temp.path()).await;
+        mkfifo(&sandbox.join("fifo"));
+        let _listener = std::os::unix::net::UnixListener::bind(sandbox.join("socket")).unwrap();
+        fs::create_dir(sandbox.join("dev")).unwrap();
+        // A device node needs CAP_MKNOD: the tests run as root (see ARCHITECTURE: the sshd tests need it too).
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            sandbox.join("dev/null"),
+            rustix::fs::FileType::CharacterDevice,
+            rustix::fs::Mode::from_raw_mode(0o666),
+            rustix::fs::makedev(1, 3),
+        )
+        .unwrap();
+        fs::write(sandbox.join("regular"), "ok").unwrap();
+
+        let report = tokio::time::timeout(
+            Duration::from_secs(10),
+            sync_back(&sandbox, &host, &manifest),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let mut skipped: Vec<(&str, SkipReason)> = report
+            .skipped
+            .iter()
+            .map(|entry| (entry.path.as_str(), entry.reason))
+            .collect();
+        skipped.sort_by_key(|(path, _)| *path);
+        assert_eq!(
+            skipped,
+            [
+                ("dev/null", SkipReason::SpecialFile),
+                ("fifo", SkipReason::SpecialFile),
+                ("socket", SkipReason::SpecialFile),
+            ]
+        );
+        assert_eq!(fs::read_to_string(host.join("regular")).unwrap(), "ok");
+        assert!(fs::symlink_metadata(host.join("dev")).unwrap().is_dir());
+        for gone in ["fifo", "socket", "dev/null"] {
+            assert!(
+                fs::symlink_metadata(host.join(gone)).is_err(),
+                "{gone} reached the host"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_planted_symlink_never_redirects_writes_outside_the_host_workspace() {
+        let temp = tempfile::tempdir().unwrap();
+        let outside = temp.path().join("etc");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("passwd"), "root:x:0:0\n").unwrap();
+        let host = temp.path().join("host");
+        fs::create_dir_all(host.join("x")).unwrap();
+        fs::write(host.join("x/passwd"), "v1").unwrap();
+        let sandbox = temp.path().join("sandbox");
+        let manifest = copy_tree(&host, &sandbox).await.unwrap();
+
+        // In the environment: `ln -s /etc link; echo pwned > link/passwd` (through the environment's own link), and
+        // a changed x/passwd...
+        symlink(&outside, sandbox.join("link")).unwrap();
+        fs::write(sandbox.join("x/passwd"), "pwned").unwrap();
+        // ...while a link to the same place is planted on the host where the manifest knows a directory, by an
+        // earlier sync or anyone.
+        fs::remove_dir_all(host.join("x")).unwrap();
+        symlink(&outside, host.join("x")).unwrap();
+
+        let report = sync_back(&sandbox, &host, &manifest).await.unwrap();
+        assert_eq!(
+            fs::read_to_string(outside.join("passwd")).unwrap(),
+            "root:x:0:0\n"
+        );
+        // The environment's link comes back as a link, never followed.
+        assert_eq!(fs::read_link(host.join("link")).unwrap(), outside);
+        assert_eq!(
+            report.skipped,
+            [SkippedEntry {
+                path: "x/passwd".to_owned(),
+                reason: SkipReason::UnsafeHostPath
+            }]
+        );
+        assert!(
+            !fs::read_dir(&outside).unwrap().any(|entry| entry
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains("berth-sync")),
+            "a temporary file was written outside"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_sandbox_directory_swapped_for_a_link_is_never_read_through() {
+        let temp = tempfile::tempdir().unwrap();
+        let outside = temp.path().join("secrets");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("key"), "secret").unwrap();
+        let (host, sandbox, manifest) = empty_pair(temp.path()).await;
+        symlink(&outside, sandbox.join("data")).unwrap();
+
+        sync_back(&sandbox, &host, &manifest).await.unwrap();
+        // A link, not a copy of what it points at.
+        assert_eq!(fs::read_link(host.join("data")).unwrap(), outside);
+        assert!(!fs::symlink_metadata(host.join("data")).unwrap().is_dir());
+    }
+
+    #[tokio::test]
+    async fn the_size_bound_trips_on_a_sparse_file_before_anything_lands() {
+        let temp = tempfile::tempdir().unwrap();
+        let host = temp.path().join("host");
+        fs::create_dir(&host).unwrap();
+        fs::write(host.join("keep.txt"), "host").unwrap();
+        let sandbox = temp.path().join("sandbox");
+        let manifest = copy_tree(&host, &sandbox).await.unwrap();
+
+        // `truncate -s 2G` in the environment: 2 GiB of nothing that reads as 2 GiB of zeros.
+        let sparse = fs::File::create(sandbox.join("sparse")).unwrap();
+        sparse.set_len(2 * 1024 * 1024 * 1024).unwrap();
+        fs::write(sandbox.join("keep.txt"), "changed").unwrap();
+        fs::write(sandbox.join("new.txt"), "new").unwrap();
+
+        let started = std::time::Instant::now();
+        let err = sync_back_with(&sandbox, &host, &manifest, &SyncBackLimits::new(1))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DriverError::SyncBackTooLarge { limit_mb: 1 }));
+        assert_eq!(err.code(), "sync_back_too_large");
+        assert_eq!(
+            err.to_string(),
+            "sync-back stopped: the environment sent more than syncBackMaxMb=1 MiB; raise config.syncBackMaxMb or write less"
+        );
+        // It was refused from its size, not read to the end.
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // Nothing was applied: not the small files either.
+        assert_eq!(fs::read_to_string(host.join("keep.txt")).unwrap(), "host");
+        assert!(!host.join("new.txt").exists());
+        assert!(!host.join("sparse").exists());
+    }
+
+    #[tokio::test]
+    async fn the_size_bound_counts_changed_content_only() {
+        let temp = tempfile::tempdir().unwrap();
+        let host = temp.path().join("host");
+        fs::create_dir(&host).unwrap();
+        let mib = 1024 * 1024;
+        fs::write(host.join("big-unchanged"), vec![7_u8; 3 * mib]).unwrap();
+        fs::write(host.join("big-rewritten"), vec![1_u8; 2 * mib]).unwrap();
+        let sandbox = temp.path().join("sandbox");
+        let manifest = copy_tree(&host, &sandbox).await.unwrap();
+        let limits = SyncBackLimits::new(1);
+
+        // Three untouched MiB cost nothing.
+        fs::write(sandbox.join("small"), vec![2_u8; mib / 2]).unwrap();
+        let report = sync_back_with(&sandbox, &host, &manifest, &limits)
+            .await
+            .unwrap();
+        assert_eq!(report.bytes_written, (mib / 2) as u64);
+
+        // Same size, other content: all of it counts, and two MiB are past a 1 MiB bound.
+        let manifest = scan_tree(&sandbox).await.unwrap();
+        fs::write(sandbox.join("big-rewritten"), vec![9_u8; 2 * mib]).unwrap();
+        let err = sync_back_with(&sandbox, &host, &manifest, &limits)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DriverError::SyncBackTooLarge { .. }), "{err}");
+        assert_eq!(
+            fs::read(host.join("big-rewritten")).unwrap(),
+            vec![1_u8; 2 * mib]
+        );
+
+        // Files that fit one by one but not together.
+        let manifest = scan_tree(&sandbox).await.unwrap();
+        fs::write(sandbox.join("a"), vec![3_u8; mib / 2 + 1]).unwrap();
+        fs::write(sandbox.join("b"), vec![4_u8; mib / 2]).unwrap();
+        let err = sync_back_with(&sandbox, &host, &manifest, &limits)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DriverError::SyncBackTooLarge { .. }), "{err}");
+        assert!(!host.join("a").exists() && !host.join("b").exists());
+    }
+
+    #[tokio::test]
+    async fn a_stopped_sync_back_changes_nothing() {
+        let temp = tempfile::tempdir().unwrap();
+        let (host, sandbox, manifest) = empty_pair(temp.path()).await;
+        fs::write(sandbox.join("new.txt"), "new").unwrap();
+        let stop = StopFlag::default();
+        stop.stop();
+        let limits = SyncBackLimits::default().with_stop(stop);
+        let err = sync_back_with(&sandbox, &host, &manifest, &limits)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DriverError::SyncBackCancelled), "{err}");
+        assert!(!host.join("new.txt").exists());
+    }
+
+    #[tokio::test]
+    async fn the_bound_travels_on_sandbox_leases() {
+        let mut lease = LeaseHandle::default();
+        assert_eq!(
+            SyncBackLimits::for_lease(&lease).max_mb(),
+            DEFAULT_SYNC_BACK_MAX_MB
+        );
+        lease
+            .metadata
+            .insert(SYNC_BACK_MAX_MB_KEY.to_owned(), json!(5));
+        assert_eq!(
+            SyncBackLimits::for_lease(&lease).max_bytes(),
+            5 * 1024 * 1024
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cancel_latch_outlives_execute() {
+        // Execute's signal fires with the run's cancel.
+        let latch = CancelLatch::default();
+        let (fire, fired) = tokio::sync::oneshot::channel::<()>();
+        let held = latch
+            .hold(Box::pin(async move {
+                let _ = fired.await;
+            }))
+            .await;
+        fire.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), held)
+            .await
+            .unwrap();
+        assert!(latch.has_fired());
+        latch.cancelled().await;
+
+        // A cancel that comes after execute returned still reaches sync-back.
+        let latch = CancelLatch::default();
+        let (fire, fired) = tokio::sync::oneshot::channel::<()>();
+        let held = latch
+            .hold(Box::pin(async move {
+                let _ = fired.await;
+            }))
+            .await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), held)
+                .await
+                .is_err()
+        );
+        assert!(!latch.has_fired());
+        let waiting = tokio::spawn({
+            let latch = latch.clone();
+            async move { latch.cancelled().await }
+        });
+        fire.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(latch.has_fired());
+
+        // Nothing held: never fires.
+        let idle = CancelLatch::default();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), idle.cancelled())
+                .await
+                .is_err()
+        );
     }
 }

@@ -28,6 +28,7 @@ use berth_core::error::Error;
 use berth_core::ids::{EnvironmentId, RunId};
 use berth_core::probe::ProbeResult;
 use berth_core::provider::{BoxFuture, ProviderDescriptor, ProviderSpec, SandboxProvider};
+use berth_drivers::contain::Containment;
 use berth_drivers::fs::{blocking, create_private_dir, io_error};
 use berth_drivers::process::{ProcessSpec, command_cwd, run_process};
 use berth_drivers::registry::ProviderRegistry;
@@ -48,8 +49,14 @@ pub const LEASE_ID_PREFIX: &str = "sandbox://fake/";
 pub const MANIFEST_KEY: &str = "manifest";
 
 /// Registers the built-in fake (default root, no faults) in `registry`.
-pub fn register_builtin(registry: &mut ProviderRegistry) -> Result<(), DriverError> {
-    registry.register(Arc::new(FakeProvider::new()?))
+/// Registers the fake, its commands run under `containment` like Local's: they run on this host too.
+pub fn register_builtin(
+    registry: &mut ProviderRegistry,
+    containment: Containment,
+) -> Result<(), DriverError> {
+    registry.register(Arc::new(
+        FakeProvider::builder().containment(containment).build()?,
+    ))
 }
 
 /// A sandbox provider that needs no outside service: sandboxes are private directories on this machine.
@@ -60,6 +67,7 @@ pub struct FakeProvider {
     root: PathBuf,
     /// The `n` of the next `sandbox://fake/<runId>/<n>` lease id.
     next_lease: AtomicU64,
+    containment: Containment,
 }
 
 /// Failures the fake injects on purpose. Every knob defaults to "behave".
@@ -84,6 +92,7 @@ pub struct FakeProviderBuilder {
     faults: FakeFaults,
     root: Option<PathBuf>,
     seed: u64,
+    containment: Option<Containment>,
 }
 
 /// Which sandbox a lease id names. Parsed strictly, so a lease id read back from storage can only ever name a
@@ -426,27 +435,7 @@ impl SandboxProvider for FakeProvider {
                     }
                     return Ok(None);
                 };
-                match std::fs::remove_dir_all(&workspace) {
-                    Ok(()) => {}
-                    Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-                    Err(err) => {
-                        return Err(io_error(format!("clearing {}", workspace.display()))(err));
-                    }
-                }
-                create_private_dir(&workspace)?;
-                let resolved = std::fs::canonicalize(&local_path).map_err(|err| {
-                    DriverError::failed(format!(
-                        "the workspace path {} is not usable: {err}",
-                        local_path.display()
-                    ))
-                })?;
-                if !resolved.is_dir() {
-                    return Err(DriverError::failed(format!(
-                        "the workspace path {} is not a directory",
-                        local_path.display()
-                    )));
-                }
-                Ok(Some(resolved))
+                sync::empty_for_copy(&workspace, &local_path).map(Some)
             })
             .await?;
             let mut metadata = Map::new();
@@ -494,6 +483,8 @@ impl SandboxProvider for FakeProvider {
                 stdin: request.stdin,
                 timeout: request.timeout,
             };
+            // The sandbox directory (HOME and workspace) comes back into view over the masked provider root.
+            let spec = self.containment.confine(spec, &sandbox)?;
             let sink: &dyn OutputSink = if self.faults.drop_output {
                 tracing::debug!(lease.id = %key.id(), "fake drop-output fault injected");
                 &Discard
@@ -520,11 +511,15 @@ impl SandboxProvider for FakeProvider {
                 ));
             };
             let manifest = Manifest::from_value(manifest)?;
-            let report = sync::sync_back(&workspace_dir, host_dir, &manifest).await?;
+            // What the sandbox holds is the command's doing: bounded by the environment's `syncBackMaxMb` (stamped on
+            // the lease by the sandbox driver), never setuid, never through a link, special files left out.
+            let limits = sync::SyncBackLimits::for_lease(lease);
+            let report = sync::sync_back_with(&workspace_dir, host_dir, &manifest, &limits).await?;
             tracing::debug!(
                 lease.id = ?lease.provider_lease_id,
                 files_written = report.files_written,
                 files_deleted = report.files_deleted,
+                skipped = report.skipped.len(),
                 "fake workspace synced back"
             );
             Ok(report)
@@ -577,6 +572,13 @@ impl FakeProviderBuilder {
         self
     }
 
+    /// How commands are contained. Unset: not at all, which suits only tests of the fake itself; the server
+    /// always passes its containment ([`register_builtin`]).
+    pub fn containment(mut self, containment: Containment) -> Self {
+        self.containment = Some(containment);
+        self
+    }
+
     /// See [`FakeProvider::new`] for why this is fallible.
     pub fn build(self) -> Result<FakeProvider, Error> {
         Ok(FakeProvider {
@@ -584,6 +586,9 @@ impl FakeProviderBuilder {
             faults: self.faults,
             root: self.root.unwrap_or_else(FakeProvider::default_root),
             next_lease: AtomicU64::new(self.seed),
+            containment: self
+                .containment
+                .unwrap_or_else(Containment::disabled_for_tests),
         })
     }
 }
@@ -784,6 +789,7 @@ mod tests {
             provider: "e2b".to_owned(),
             reuse_lease: false,
             timeout_ms: None,
+            sync_back_max_mb: None,
             fields: Map::new(),
         };
         let result = block_on(fake.probe(&config));
@@ -1078,6 +1084,7 @@ mod tests {
                 files_deleted: 1,
                 bytes_written: 3,
                 conflicts: Vec::new(),
+                skipped: Vec::new(),
             }
         );
         assert_eq!(
@@ -1372,10 +1379,12 @@ mod tests {
         let fake = FakeProvider::new().unwrap();
         assert_eq!(fake.root(), std::env::temp_dir().join("berth-fake"));
         let mut registry = ProviderRegistry::new();
-        register_builtin(&mut registry).unwrap();
+        register_builtin(&mut registry, Containment::disabled_for_tests()).unwrap();
         assert!(registry.get("fake").is_some());
         assert_eq!(
-            register_builtin(&mut registry).unwrap_err().code(),
+            register_builtin(&mut registry, Containment::disabled_for_tests())
+                .unwrap_err()
+                .code(),
             "duplicate_provider"
         );
     }
@@ -1404,5 +1413,142 @@ mod tests {
         ] {
             assert_eq!(LeaseKey::parse(&bad), None, "{bad}");
         }
+    }
+
+    /// The fake behind the real sandbox driver, as the server uses it: configs go through the common envelope and
+    /// leases get the driver's stamp (the sync-back bound among it).
+    fn sandbox_driver(root: &Path) -> berth_drivers::sandbox::SandboxDriver {
+        let mut registry = ProviderRegistry::new();
+        registry.register(Arc::new(fake_in(root))).unwrap();
+        berth_drivers::sandbox::SandboxDriver::new(Arc::new(registry))
+    }
+
+    /// Acquires through `driver` with `config`, copies `host` in, runs `script` there; returns what sync-back needs.
+    async fn run_in_sandbox(
+        driver: &berth_drivers::sandbox::SandboxDriver,
+        config: Value,
+        host: &Path,
+        script: &str,
+    ) -> (LeaseHandle, RealizedWorkspace) {
+        use berth_core::driver::EnvironmentDriver;
+        let catalog = OnlyFake(FakeProvider::new().unwrap());
+        let config = DriverConfig::parse(Driver::Sandbox, &config, &catalog).unwrap();
+        let request = request();
+        let lease = driver.acquire(&config, &request).await.unwrap();
+        let workspace = driver
+            .realize_workspace(
+                &lease,
+                &WorkspaceRequest {
+                    run_id: request.run_id,
+                    local_path: Some(host.to_path_buf()),
+                },
+            )
+            .await
+            .unwrap();
+        let sink = Collect::default();
+        let outcome = driver
+            .execute(
+                &lease,
+                &workspace,
+                exec(&["sh", "-c", script]),
+                &sink,
+                never(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(outcome.exit_code, Some(0), "{:?}", sink.0.lock().unwrap());
+        (lease, workspace)
+    }
+
+    #[tokio::test]
+    async fn a_sandbox_that_sends_back_too_much_changes_nothing_on_the_host() {
+        use berth_core::driver::EnvironmentDriver;
+        let temp = tempfile::tempdir().unwrap();
+        let driver = sandbox_driver(&temp.path().join("root"));
+        let host = temp.path().join("project");
+        std::fs::create_dir(&host).unwrap();
+        std::fs::write(host.join("keep.txt"), "host\n").unwrap();
+
+        let (lease, workspace) = run_in_sandbox(
+            &driver,
+            json!({"provider": "fake", "syncBackMaxMb": 1}),
+            &host,
+            "cp /usr/bin/id suid && chmod 4755 suid && truncate -s 2G big && echo changed > keep.txt",
+        )
+        .await;
+        assert_eq!(lease.metadata["syncBackMaxMb"], 1);
+
+        let err = driver.sync_back(&lease, &workspace).await.unwrap_err();
+        assert!(
+            matches!(err, DriverError::SyncBackTooLarge { limit_mb: 1 }),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("syncBackMaxMb=1 MiB")
+                && err.to_string().contains("config.syncBackMaxMb"),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(host.join("keep.txt")).unwrap(),
+            "host\n"
+        );
+        assert!(!host.join("suid").exists() && !host.join("big").exists());
+        driver.release(&lease, false, None).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn what_a_sandbox_sends_back_is_never_setuid_special_or_blocking() {
+        use berth_core::driver::{EnvironmentDriver, SkipReason, SkippedEntry};
+        use std::os::unix::fs::PermissionsExt;
+        let temp = tempfile::tempdir().unwrap();
+        let driver = sandbox_driver(&temp.path().join("root"));
+        let host = temp.path().join("project");
+        std::fs::create_dir(&host).unwrap();
+        // A FIFO on the host, where the command writes a regular file: it must not be opened (nobody writes to it).
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            host.join("pipe"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+
+        let (lease, workspace) = run_in_sandbox(
+            &driver,
+            json!({"provider": "fake"}),
+            &host,
+            "cp /usr/bin/id suid && chmod 4755 suid && mkfifo fifo && echo data > pipe && ln -s /etc etc",
+        )
+        .await;
+        assert_eq!(lease.metadata["syncBackMaxMb"], 1024, "the default bound");
+
+        let report = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            driver.sync_back(&lease, &workspace),
+        )
+        .await
+        .expect("sync-back blocked")
+        .unwrap();
+        let suid = std::fs::symlink_metadata(host.join("suid")).unwrap();
+        assert_eq!(suid.permissions().mode() & 0o7777, 0o755);
+        assert_eq!(
+            std::fs::read_to_string(host.join("pipe")).unwrap(),
+            "data\n"
+        );
+        assert_eq!(
+            std::fs::read_link(host.join("etc")).unwrap(),
+            Path::new("/etc")
+        );
+        assert!(std::fs::symlink_metadata(host.join("fifo")).is_err());
+        assert_eq!(
+            report.skipped,
+            [SkippedEntry {
+                path: "fifo".to_owned(),
+                reason: SkipReason::SpecialFile
+            }]
+        );
+        assert_eq!(report.files_written, 3);
+        driver.release(&lease, false, None).await.unwrap();
     }
 }

@@ -42,7 +42,10 @@ pub struct BridgeSettings {
 
 /// A run's bridge while its command runs. Its `Debug` names the variables but never shows the credential.
 pub struct RunningBridge {
+    bridge: Bridge,
     listener: BridgeListener,
+    /// A Unix socket the environment reaches the bridge through (a sandbox with a network of its own).
+    unix: Option<BridgeListener>,
     audit: AuditWriter,
     address: std::net::SocketAddr,
     url_name: String,
@@ -110,6 +113,8 @@ impl RunningBridge {
         }
         tracing::debug!(run.id = %run_id, %address, "bridge listening");
         Ok(Self {
+            bridge,
+            unix: None,
             listener,
             audit,
             address,
@@ -131,9 +136,18 @@ impl RunningBridge {
         }
     }
 
+    /// Also serves the bridge on a Unix socket at `path` (which must not exist), until [`stop`](Self::stop).
+    pub async fn serve_unix(&mut self, path: &std::path::Path) -> Result<(), BridgeError> {
+        self.unix = Some(self.bridge.listen_unix(path).await?);
+        Ok(())
+    }
+
     /// Stops accepting, lets in-flight requests finish, and writes their audit events before returning: the run's
     /// final event must come after every bridge event.
     pub async fn stop(self) {
+        if let Some(unix) = self.unix {
+            unix.shutdown(SHUTDOWN_GRACE).await;
+        }
         self.listener.shutdown(SHUTDOWN_GRACE).await;
         self.audit.finish().await;
     }

@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
 use crate::client::ApiClient;
+use crate::host_policy::LocalEnvironments;
 use crate::serve::{ADMIN_TOKEN_FILE, ServeOptions};
 use crate::telemetry::LogFormat;
 
@@ -46,6 +47,14 @@ pub enum Command {
     Lab(crate::lab::LabCommand),
 }
 
+/// `--isolation-tier`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum IsolationTier {
+    Auto,
+    Namespaces,
+    Landlock,
+}
+
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Address to listen on; port 0 picks a free port.
@@ -64,6 +73,35 @@ pub struct ServeArgs {
     /// The bridge policy: a JSON file, or a built-in profile (`default`, `paperclip`).
     #[arg(long, env = "BERTH_BRIDGE_POLICY")]
     pub bridge_policy: Option<String>,
+    /// A directory that company API keys may name (or name directories inside of) as a run's workspace.localPath:
+    /// DIR for every company, COMPANY_ID=DIR for one. Repeatable; a value (and BERTH_WORKSPACE_ROOTS) may list
+    /// several, separated by `:`. Without one, company keys cannot use workspace.localPath; the admin token may
+    /// name any directory. Nobody may name berth's data dir (or its database's or sandboxes' directories).
+    #[arg(
+        long = "workspace-root",
+        env = "BERTH_WORKSPACE_ROOTS",
+        value_name = "[COMPANY_ID=]DIR",
+        value_delimiter = ':'
+    )]
+    pub workspace_roots: Vec<String>,
+    /// Which companies get a Local environment (runs on this host): only the `default` company, or all.
+    #[arg(
+        long,
+        env = "BERTH_LOCAL_ENVIRONMENTS",
+        value_enum,
+        default_value_t = LocalEnvironments::DefaultCompany
+    )]
+    pub local_environments: LocalEnvironments,
+    /// Run Local and fake-provider commands without containment (own PID namespace, berth's data dir hidden, no
+    /// capabilities) when this host cannot provide it, instead of refusing them. Such commands can read the admin
+    /// token and master key: only for a single-user machine you trust every run on.
+    #[arg(long, env = "BERTH_ALLOW_UNCONTAINED_LOCAL")]
+    pub allow_uncontained_local: bool,
+    /// How the `isolated` sandbox provider builds sandboxes: `namespaces` (bubblewrap, with Landlock as a second
+    /// layer), `landlock` (Landlock as the boundary, for hosts such as containers that refuse namespaces; needs
+    /// Landlock ABI 6), or `auto`: namespaces where the host allows them, else Landlock.
+    #[arg(long, env = "BERTH_ISOLATION_TIER", value_enum, default_value_t = IsolationTier::Auto)]
+    pub isolation_tier: IsolationTier,
 }
 
 /// How client subcommands find the server, the token and the company.
@@ -181,6 +219,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         bridge_upstream: args.bridge_upstream,
         bridge_policy: args.bridge_policy,
         bridge_upstream_token: secret_env("BERTH_BRIDGE_UPSTREAM_TOKEN"),
+        workspace_roots: args.workspace_roots,
+        local_environments: args.local_environments,
+        allow_uncontained_local: args.allow_uncontained_local,
+        isolation_tier: match args.isolation_tier {
+            IsolationTier::Auto => berth_drivers::isolated::TierChoice::Auto,
+            IsolationTier::Namespaces => berth_drivers::isolated::TierChoice::Namespaces,
+            IsolationTier::Landlock => berth_drivers::isolated::TierChoice::Landlock,
+        },
         sweep_interval: std::env::var("BERTH_SWEEP_INTERVAL_MS")
             .ok()
             .and_then(|value| value.parse::<u64>().ok())

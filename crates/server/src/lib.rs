@@ -1,7 +1,8 @@
 //! berth-server: the berth control plane.
 //!
 //! The REST API ([`api`]), persistence on SQLite or PostgreSQL ([`store`]), secrets at rest ([`secrets`],
-//! [`vault`]), start-up and shutdown ([`serve`]) and the `berth` command line ([`cli`], [`client`]).
+//! [`vault`]), what of the host companies may use ([`host_policy`]), start-up and shutdown ([`serve`]) and the
+//! `berth` command line ([`cli`], [`client`]).
 //!
 //! Architecture invariant: SQL lives only in [`store`], and JSON wire types only in [`api::dto`] (and the CLI's
 //! rendering of them).
@@ -10,6 +11,7 @@ pub mod api;
 pub mod bridge;
 pub mod cli;
 pub mod client;
+pub mod host_policy;
 pub mod lab;
 pub mod run_command;
 pub mod runs;

@@ -8,6 +8,12 @@ use berth_server::cli::{self, Cli};
 use berth_server::telemetry;
 
 fn main() -> ExitCode {
+    // The isolated provider's internal steps (`berth sandbox enter|init|exec`) run before anything else: no logging,
+    // no runtime, no command-line parser between the sandbox and its command.
+    let args: Vec<_> = std::env::args_os().collect();
+    if let Some(code) = berth_isolation::init::dispatch(&args) {
+        return code;
+    }
     let cli = Cli::parse();
     telemetry::init(cli.log_format, cli.default_log_filter());
     // Client commands make a handful of requests: a single-threaded runtime starts faster and is plenty.

@@ -14,8 +14,11 @@ use berth_core::company::DEFAULT_COMPANY_NAME;
 use std::sync::Arc;
 
 use axum::serve::ListenerExt;
+use berth_drivers::contain::{Containment, Hidden};
 use berth_drivers::local::LocalDriver;
 use berth_drivers::registry::{DriverRegistry, ProviderRegistry};
+use berth_fake_provider::FakeProvider;
+use berth_isolation::probe::HostSupport;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
@@ -24,6 +27,7 @@ use berth_bridge::policy::BridgePolicy;
 use berth_bridge::signing::BridgeSecrets;
 
 use crate::bridge::BridgeSettings;
+use crate::host_policy::{HostPolicy, LocalEnvironments, RootError};
 use crate::runs::RunManager;
 use crate::runs::manager::DEFAULT_SWEEP_INTERVAL;
 use crate::secrets::{SecretCipher, SecretsError};
@@ -58,6 +62,15 @@ pub struct ServeOptions {
     pub bridge_policy: Option<String>,
     /// `BERTH_BRIDGE_UPSTREAM_TOKEN`: the credential presented to a foreign upstream.
     pub bridge_upstream_token: Option<Zeroizing<String>>,
+    /// `--workspace-root` / `BERTH_WORKSPACE_ROOTS`: `DIR` or `COMPANY_ID=DIR` entries (empty ones are skipped).
+    pub workspace_roots: Vec<String>,
+    /// `--local-environments`: which companies get a Local environment.
+    pub local_environments: LocalEnvironments,
+    /// `--allow-uncontained-local`: run Local and fake-provider commands without containment when the host cannot
+    /// contain them (or at all).
+    pub allow_uncontained_local: bool,
+    /// `--isolation-tier`: how the `isolated` provider builds sandboxes.
+    pub isolation_tier: berth_drivers::isolated::TierChoice,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +104,8 @@ pub enum ServeError {
     BridgeUpstream(String),
     #[error("cannot set up the callback bridge")]
     Bridge(#[from] berth_bridge::BridgeError),
+    #[error(transparent)]
+    WorkspaceRoot(#[from] RootError),
 }
 
 /// Starts berth and serves until `shutdown` resolves, then drains for up to [`SHUTDOWN_GRACE`].
@@ -156,6 +171,40 @@ async fn finish(
     }
 }
 
+/// How Local and fake-provider commands are contained: berth's data dir, the fake provider's root and a SQLite
+/// database kept elsewhere are out of their sight.
+fn host_containment(options: &ServeOptions, database_url: &str) -> Containment {
+    let mut hidden = Hidden {
+        dirs: vec![options.data_dir.clone(), FakeProvider::default_root()],
+        files: Vec::new(),
+    };
+    if let Some(path) = database_url.strip_prefix("sqlite://") {
+        let path = path.split('?').next().unwrap_or(path);
+        for suffix in ["", "-wal", "-shm"] {
+            hidden.files.push(PathBuf::from(format!("{path}{suffix}")));
+        }
+        hidden.dirs.push(PathBuf::from(format!("{path}-output")));
+    }
+    let support = HostSupport::detect();
+    let containment = Containment::new(&support, hidden, options.allow_uncontained_local);
+    if options.allow_uncontained_local {
+        tracing::warn!(
+            "--allow-uncontained-local: Local and fake-provider commands run as the server's user and can read its \
+             data dir and see its processes"
+        );
+    } else if let Some(refusal) = containment.refusal() {
+        tracing::warn!(reason = %refusal, "Local and fake-provider runs will be refused");
+    }
+    containment
+}
+
+/// berth's own binary, which the isolated provider mounts into each sandbox as its init.
+fn init_program() -> PathBuf {
+    std::env::current_exe()
+        .and_then(std::fs::canonicalize)
+        .unwrap_or_else(|_| PathBuf::from("/proc/self/exe"))
+}
+
 /// Everything before accepting connections: data dir, keys, database, the default company.
 pub async fn prepare(options: &ServeOptions) -> Result<AppState, ServeError> {
     create_private_dir(&options.data_dir)?;
@@ -169,11 +218,20 @@ pub async fn prepare(options: &ServeOptions) -> Result<AppState, ServeError> {
     };
     let store = Store::connect(&database_url).await?;
     let company = store.ensure_company(DEFAULT_COMPANY_NAME).await?;
+    // The operator's own company always has its Local environment; others per `--local-environments`.
     store.ensure_local_environment(company.id).await?;
+    let host = host_policy(options, &store, company.id).await?;
     let admin_token = load_or_create_admin_token(&options.data_dir, options.admin_token.as_ref())?;
+    let containment = host_containment(options, &database_url);
     let mut providers = ProviderRegistry::new();
-    berth_fake_provider::register_builtin(&mut providers)?;
-    let local = LocalDriver::new(options.data_dir.join("workspaces"));
+    berth_fake_provider::register_builtin(&mut providers, containment.clone())?;
+    berth_drivers::isolated::register_builtin(
+        &mut providers,
+        options.data_dir.join("isolated"),
+        init_program(),
+        options.isolation_tier,
+    )?;
+    let local = LocalDriver::new(options.data_dir.join("workspaces"), containment);
     let drivers = Arc::new(DriverRegistry::new(local, Arc::new(providers)));
     let node_id = load_or_create_node_id(&options.data_dir)?;
     let bridge = Arc::new(bridge_settings(options, &cipher)?);
@@ -186,7 +244,50 @@ pub async fn prepare(options: &ServeOptions) -> Result<AppState, ServeError> {
         options.sweep_interval.unwrap_or(DEFAULT_SWEEP_INTERVAL),
     );
     runs.startup_sweep().await;
-    Ok(AppState::new(store, cipher, &admin_token, drivers, runs))
+    Ok(AppState::new(
+        store,
+        cipher,
+        &admin_token,
+        drivers,
+        runs,
+        host,
+    ))
+}
+
+/// The workspace roots (resolved, and refused when missing or overlapping what berth keeps to itself: the data dir,
+/// the SQLite database's directory and the fake provider's sandboxes) and the Local environment policy.
+async fn host_policy(
+    options: &ServeOptions,
+    store: &Store,
+    default_company: berth_core::ids::CompanyId,
+) -> Result<HostPolicy, ServeError> {
+    let fake_root = FakeProvider::default_root();
+    let mut protected = vec![options.data_dir.as_path(), fake_root.as_path()];
+    if let Some(file) = store.database_file() {
+        // A bare file name lives in the working directory.
+        protected.push(
+            file.parent()
+                .filter(|dir| !dir.as_os_str().is_empty())
+                .unwrap_or(Path::new(".")),
+        );
+    }
+    let policy = HostPolicy::new(
+        &options.workspace_roots,
+        &protected,
+        options.local_environments,
+        default_company,
+    )?;
+    for company_id in policy.companies_with_roots() {
+        if store.get_company(company_id).await?.is_none() {
+            tracing::warn!(company.id = %company_id, "a workspace root is granted to a company that does not exist");
+        }
+    }
+    tracing::info!(
+        workspace_roots = ?policy.root_summary(),
+        local_environments = policy.local_environments().as_str(),
+        "host policy"
+    );
+    Ok(policy)
 }
 
 /// The one line tests and scripts wait for, on stdout.

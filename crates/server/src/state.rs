@@ -6,6 +6,7 @@ use std::sync::Arc;
 use berth_drivers::registry::DriverRegistry;
 
 use crate::api::auth::token_digest;
+use crate::host_policy::HostPolicy;
 use crate::runs::RunManager;
 use crate::secrets::SecretCipher;
 use crate::store::Store;
@@ -22,6 +23,7 @@ struct Inner {
     admin_token_digest: [u8; 32],
     drivers: Arc<DriverRegistry>,
     runs: RunManager,
+    host: HostPolicy,
 }
 
 impl AppState {
@@ -31,6 +33,7 @@ impl AppState {
         admin_token: &str,
         drivers: Arc<DriverRegistry>,
         runs: RunManager,
+        host: HostPolicy,
     ) -> Self {
         let admin_token_digest = token_digest(admin_token);
         Self {
@@ -40,6 +43,7 @@ impl AppState {
                 admin_token_digest,
                 drivers,
                 runs,
+                host,
             }),
         }
     }
@@ -65,6 +69,11 @@ impl AppState {
     /// This node's runs.
     pub fn runs(&self) -> &RunManager {
         &self.inner.runs
+    }
+
+    /// What of this host the companies may use: workspace roots and Local environments.
+    pub fn host(&self) -> &HostPolicy {
+        &self.inner.host
     }
 
     /// The SHA-256 of the admin token; the token itself is not kept in memory.

@@ -2,6 +2,8 @@
 
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
+
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -73,4 +75,39 @@ pub fn text_of(events: &[Value], kind: &str) -> String {
         .filter(|event| event["type"] == kind)
         .map(|event| event["data"]["text"].as_str().unwrap())
         .collect()
+}
+
+/// POSTs a run and reads its event stream to the end (the final event); returns the stream's bytes.
+#[allow(dead_code)]
+pub async fn run_to_completion(
+    http: &reqwest::Client,
+    server: &TestServer,
+    company: &str,
+    body: &Value,
+) -> usize {
+    let id = start_run(server, company, body.clone()).await;
+    let stream = http
+        .get(format!("{}/api/runs/{id}/events", server.url))
+        .bearer_auth(&server.admin_token)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    let mut body = stream.bytes_stream();
+    let mut total = 0;
+    let mut tail = Vec::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.unwrap();
+        total += chunk.len();
+        tail.extend_from_slice(&chunk[chunk.len().saturating_sub(512)..]);
+        if tail.len() > 4096 {
+            tail.drain(..tail.len() - 1024);
+        }
+    }
+    let tail = String::from_utf8_lossy(&tail);
+    assert!(
+        tail.contains("\"status\":\"succeeded\""),
+        "the run did not succeed: {tail}"
+    );
+    total
 }

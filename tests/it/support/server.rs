@@ -40,6 +40,85 @@ pub struct ServerOptions {
     pub env: Vec<(String, String)>,
     /// Reuse this data dir instead of a fresh one (restarts).
     pub data_dir: Option<PathBuf>,
+    /// Extra `berth serve` flags, e.g. `--workspace-root DIR`.
+    pub args: Vec<String>,
+    /// Run the server as this (unprivileged) uid and gid, from a copy of the binary it can reach; its data dir is
+    /// made its own.
+    pub user: Option<u32>,
+}
+
+/// `berth serve` on a free port with `options`, its environment cleared but for PATH and HOME.
+fn serve_command(options: &ServerOptions, data_dir: &Path) -> Command {
+    let program = match options.user {
+        Some(uid) => binary_for(uid, data_dir),
+        None => berth_bin().to_path_buf(),
+    };
+    let mut command = Command::new(program);
+    if let Some(uid) = options.user {
+        command.uid(uid).gid(uid);
+    }
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .args(&options.args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", data_dir)
+        .env("BERTH_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(url) = &options.database_url {
+        command.arg("--database-url").arg(url);
+    }
+    for (key, value) in &options.env {
+        command.env(key, value);
+    }
+    command
+}
+
+/// A copy of the berth binary beside `data_dir` that `uid` can run (the checkout may sit where it cannot), with
+/// `data_dir` created and given to `uid`.
+fn binary_for(uid: u32, data_dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = data_dir.parent().expect("data dir has a parent");
+    std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let copy = parent.join("berth");
+    if !copy.exists() {
+        std::fs::copy(berth_bin(), &copy).unwrap();
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::create_dir_all(data_dir).unwrap();
+    std::os::unix::fs::chown(data_dir, Some(uid), Some(uid)).unwrap();
+    copy
+}
+
+/// Runs `berth serve` with options it must refuse: waits for it to exit (within 60 s) and returns its exit code and
+/// everything it wrote to stderr. Panics if it starts listening instead.
+#[allow(dead_code)]
+pub async fn serve_refused(options: ServerOptions) -> (Option<i32>, String) {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let data_dir = options
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| temp.path().join("data"));
+    let child = serve_command(&options, &data_dir)
+        .spawn()
+        .expect("spawn berth serve");
+    let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("berth serve did not exit within 60 s")
+        .expect("wait for berth serve");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        !stdout.contains("berth listening on"),
+        "berth started although it should have refused: {stdout}"
+    );
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 #[derive(Debug)]
@@ -59,7 +138,7 @@ impl TestServer {
     }
 
     pub async fn start_with(options: ServerOptions) -> Self {
-        let (temp, data_dir) = match options.data_dir {
+        let (temp, data_dir) = match options.data_dir.clone() {
             Some(dir) => (None, dir),
             None => {
                 let temp = tempfile::tempdir().expect("temp dir");
@@ -67,25 +146,9 @@ impl TestServer {
                 (Some(temp), dir)
             }
         };
-        let mut command = Command::new(berth_bin());
-        command
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(&data_dir)
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("HOME", &data_dir)
-            .env("BERTH_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        if let Some(url) = &options.database_url {
-            command.arg("--database-url").arg(url);
-        }
-        for (key, value) in &options.env {
-            command.env(key, value);
-        }
-        let mut child = command.spawn().expect("spawn berth serve");
+        let mut child = serve_command(&options, &data_dir)
+            .spawn()
+            .expect("spawn berth serve");
 
         let logs = Arc::new(Mutex::new(String::new()));
         let mut stderr = child.stderr.take().expect("stderr");

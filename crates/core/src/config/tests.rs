@@ -236,3 +236,66 @@ fn plugin_keys_are_checked() {
         ]
     );
 }
+
+#[test]
+fn sync_back_bounds_are_common_to_ssh_and_sandbox_configs() {
+    // Absent: the default applies, and the stored shape does not grow a key.
+    let ssh = DriverConfig::parse(Driver::Ssh, &ssh_base(), &catalog()).unwrap();
+    let DriverConfig::Ssh(parsed) = &ssh else {
+        panic!("not ssh")
+    };
+    assert_eq!(parsed.sync_back_limit_mb(), DEFAULT_SYNC_BACK_MAX_MB);
+    assert!(!ssh.to_stored().unwrap().contains_key("syncBackMaxMb"));
+
+    let mut config = ssh_base();
+    config["syncBackMaxMb"] = json!(64);
+    let ssh = DriverConfig::parse(Driver::Ssh, &config, &catalog()).unwrap();
+    assert_eq!(ssh.to_stored().unwrap()["syncBackMaxMb"], 64);
+    let DriverConfig::Ssh(parsed) = &ssh else {
+        panic!("not ssh")
+    };
+    assert_eq!(parsed.sync_back_limit_mb(), 64);
+
+    // A common sandbox field: read by the envelope, never handed to the provider's schema (which would refuse it).
+    let sandbox = DriverConfig::parse(
+        Driver::Sandbox,
+        &json!({"provider": "fake", "syncBackMaxMb": 2048}),
+        &catalog(),
+    )
+    .unwrap();
+    let DriverConfig::Sandbox(parsed) = &sandbox else {
+        panic!("not sandbox")
+    };
+    assert_eq!(parsed.sync_back_limit_mb(), 2048);
+    assert!(!parsed.fields.contains_key("syncBackMaxMb"));
+    assert_eq!(
+        json!(sandbox.to_stored().unwrap()),
+        json!({"provider": "fake", "reuseLease": false, "syncBackMaxMb": 2048, "image": "fake:latest"})
+    );
+    let DriverConfig::Sandbox(default) =
+        DriverConfig::parse(Driver::Sandbox, &json!({"provider": "fake"}), &catalog()).unwrap()
+    else {
+        panic!("not sandbox")
+    };
+    assert_eq!(default.sync_back_limit_mb(), 1024);
+
+    for bad in [
+        json!(0),
+        json!(-1),
+        json!(1.5),
+        json!("1024"),
+        json!(MAX_SYNC_BACK_MAX_MB + 1),
+    ] {
+        let mut config = ssh_base();
+        config["syncBackMaxMb"] = bad.clone();
+        let errors = DriverConfig::parse(Driver::Ssh, &config, &catalog()).unwrap_err();
+        assert_eq!(paths(&errors), ["config.syncBackMaxMb"], "{bad}");
+        let errors = DriverConfig::parse(
+            Driver::Sandbox,
+            &json!({"provider": "fake", "syncBackMaxMb": bad}),
+            &catalog(),
+        )
+        .unwrap_err();
+        assert_eq!(paths(&errors), ["config.syncBackMaxMb"]);
+    }
+}

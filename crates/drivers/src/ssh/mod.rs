@@ -35,7 +35,7 @@ use serde_json::{Map, Value, json};
 use pool::{Pool, SshTarget};
 use workspace::SyncedIn;
 
-use crate::sync::HashCache;
+use crate::sync::{CancelLatch, HashCache, StopFlag, SyncBackLimits};
 
 /// Lease metadata keys. Lease metadata is returned by the API: it names the host and the directory, never a secret.
 const META_KEY: &str = "leaseKey";
@@ -58,7 +58,11 @@ struct LeaseState {
     dir: String,
     per_run: bool,
     exclude: SyncExclude,
+    /// The environment's `syncBackMaxMb`.
+    sync_back_max_mb: u64,
     synced: tokio::sync::Mutex<Option<SyncedIn>>,
+    /// The run's cancel, kept past `execute` for sync-back.
+    cancel: CancelLatch,
 }
 
 impl SshDriver {
@@ -227,7 +231,9 @@ impl EnvironmentDriver for SshDriver {
                     dir,
                     per_run: config.workspace_mode == WorkspaceMode::PerRun,
                     exclude: config.sync_exclude.clone(),
+                    sync_back_max_mb: config.sync_back_limit_mb(),
                     synced: tokio::sync::Mutex::new(None),
+                    cancel: CancelLatch::default(),
                 },
             );
             tracing::debug!(run.id = %request.run_id, env.id = %request.environment_id, "ssh lease acquired");
@@ -326,6 +332,7 @@ impl EnvironmentDriver for SshDriver {
     ) -> BoxFuture<'a, Result<ExecOutcome, DriverError>> {
         Box::pin(async move {
             let state = self.state(lease)?;
+            let cancel = state.cancel.hold(cancel).await;
             exec::execute(
                 &self.pool,
                 &state.target,
@@ -352,15 +359,32 @@ impl EnvironmentDriver for SshDriver {
             let Some(synced) = synced else {
                 return Ok(SyncReport::default());
             };
-            workspace::sync_back(
+            let stop = StopFlag::default();
+            let limits = SyncBackLimits::new(state.sync_back_max_mb).with_stop(stop.clone());
+            let work = workspace::sync_back(
                 &self.pool,
                 &state.target,
                 &state.dir,
                 local,
                 &synced,
                 &state.exclude,
-            )
-            .await
+                &limits,
+            );
+            if state.cancel.has_fired() {
+                // The command was cancelled: what it did still comes back (within the bounds), as for any run.
+                return work.await;
+            }
+            // A cancel that arrives while the workspace comes back stops it; what was staged is removed.
+            tokio::pin!(work);
+            let cancelled = state.cancel.cancelled();
+            tokio::pin!(cancelled);
+            tokio::select! {
+                result = &mut work => result,
+                () = &mut cancelled => {
+                    stop.stop();
+                    work.await
+                }
+            }
         })
     }
 

@@ -10,25 +10,36 @@
 //! **Sync back.** The remote is listed again and compared with the listing taken right after sync-in; what the
 //! command created or changed comes back as one tar stream, into a private staging directory, and is applied to the
 //! host path by path. A host path that changed during the run (its content differs from the manifest taken at
-//! sync-in) is never overwritten: the remote version is written beside it as `NAME.berth-conflict` and reported.
-//! Remote deletions delete on the host only what is still as it was at sync-in.
+//! sync-in, or holds something berth never synced, like a FIFO) is never overwritten: the remote version is written
+//! beside it as `NAME.berth-conflict` and reported. Remote deletions delete on the host only what is still as it was
+//! at sync-in.
+//!
+//! **The remote is untrusted**: it chooses what its listing says and what its tar sends. The sizes it lists must fit
+//! the environment's `syncBackMaxMb` before anything is staged, and what it sends is counted again while it is read.
+//! Staging is a 0700 directory of plain files berth names (mode 0600): the archive is read entry by entry, never
+//! unpacked as it says, so no setuid file, device, FIFO, hard link or path outside the staging directory ever exists
+//! there. What lands on the host gets permission bits only, through [`crate::fs`]'s descriptor walk (see
+//! [`crate::sync`]). A remote that stalls for [`SYNC_BACK_IDLE`] is given up on, and the run's cancel stops it.
 //!
 //! Symlinks are copied as links and never followed on either side; paths are checked before anything is written.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use berth_core::config::SyncExclude;
-use berth_core::driver::{DriverError, SyncReport};
+use berth_core::driver::{DriverError, SkipReason, SkippedEntry, SyncReport};
+use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use super::exec::{control, run_script, shell_quote};
+use super::exec::{CONTROL_TIMEOUT, ScriptOutput, control, run_script, shell_quote};
 use super::pool::{Pool, SshTarget};
-use crate::fs::{blocking, io_error};
-use crate::sync::{self, Entry, HashCache, Manifest};
+use crate::fs::{Kind, Placement, Reach, Slot, Tree, blocking, io_error};
+use crate::sync::{self, Budget, Entry, HashCache, Manifest, StopFlag, SyncBackLimits};
 
 /// Bytes per chunk between the tar thread and the channel.
 const CHUNK: usize = 256 * 1024;
@@ -38,6 +49,14 @@ const CHUNKS_IN_FLIGHT: usize = 16;
 const TRANSFER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
 /// The suffix of the remote version of a path that changed on both sides.
 pub const CONFLICT_SUFFIX: &str = ".berth-conflict";
+/// How long the remote may send nothing while it sends the workspace back before berth gives up on it.
+pub const SYNC_BACK_IDLE: Duration = Duration::from_secs(60);
+/// The prefix of a sync-back staging directory's name.
+pub const STAGING_PREFIX: &str = ".berth-sync-";
+/// Most bytes of a remote listing berth reads.
+const MAX_LISTING_BYTES: usize = 256 * 1024 * 1024;
+/// Archive bytes allowed per entry asked for, beyond file content: headers, long names, padding.
+const ARCHIVE_OVERHEAD_PER_ENTRY: u64 = 16 * 1024;
 
 /// One entry of a remote listing.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -91,7 +110,7 @@ async fn list_if_present(
         "cd -- {} 2>/dev/null || exit {MISSING_DIR_STATUS}; exec find . -mindepth 1 \\( -type f -o -type d -o -type l \\) -printf '%y %m %s %T@ %P\\0%l\\0'",
         shell_quote(dir)
     );
-    let output = control(pool, target, &script, None).await?;
+    let output = bounded_listing(pool, target, &script).await?;
     if output.status == Some(MISSING_DIR_STATUS) {
         return Ok(None);
     }
@@ -106,6 +125,48 @@ async fn list_if_present(
         listing.retain(|path, _| !exclude.matches(path));
     }
     Ok(Some(listing))
+}
+
+/// Runs a listing script, keeping at most [`MAX_LISTING_BYTES`] of what it prints: the remote chooses how much
+/// that is.
+async fn bounded_listing(
+    pool: &Arc<Pool>,
+    target: &SshTarget,
+    script: &str,
+) -> Result<ScriptOutput, DriverError> {
+    let (input, received) = mpsc::channel(1);
+    drop(input);
+    let (output, mut chunks) = mpsc::channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
+    let collect = async move {
+        let mut stdout = Vec::new();
+        while let Some(chunk) = chunks.recv().await {
+            if stdout.len() + chunk.len() > MAX_LISTING_BYTES {
+                return None;
+            }
+            stdout.extend_from_slice(&chunk);
+        }
+        Some(stdout)
+    };
+    let (ran, stdout) = tokio::join!(
+        run_script(
+            pool,
+            target,
+            script,
+            received,
+            Some(output),
+            CONTROL_TIMEOUT
+        ),
+        collect
+    );
+    let Some(stdout) = stdout else {
+        return Err(DriverError::failed(format!(
+            "the remote workspace listing is larger than {} MiB",
+            MAX_LISTING_BYTES / (1024 * 1024)
+        )));
+    };
+    let mut output = ran?;
+    output.stdout = stdout;
+    Ok(output)
 }
 
 fn parse_listing(bytes: &[u8]) -> Result<RemoteListing, DriverError> {
@@ -353,10 +414,15 @@ impl Write for ChunkWriter {
     }
 }
 
+/// The receiving end of a download: chunks as they arrive, counted. Past `max` bytes it stops reading and raises
+/// `overflow`: a remote may not send an archive much larger than the file content it is allowed.
 struct ChunkReader {
     chunks: mpsc::Receiver<Vec<u8>>,
     current: Vec<u8>,
     position: usize,
+    received: Arc<AtomicU64>,
+    max: u64,
+    overflow: Arc<AtomicBool>,
 }
 
 impl Read for ChunkReader {
@@ -364,6 +430,14 @@ impl Read for ChunkReader {
         while self.position == self.current.len() {
             match self.chunks.blocking_recv() {
                 Some(chunk) => {
+                    let total = self
+                        .received
+                        .fetch_add(chunk.len() as u64, Ordering::Relaxed)
+                        .saturating_add(chunk.len() as u64);
+                    if total > self.max {
+                        self.overflow.store(true, Ordering::Relaxed);
+                        return Err(io::Error::other("the remote archive is too large"));
+                    }
                     self.current = chunk;
                     self.position = 0;
                 }
@@ -423,7 +497,14 @@ fn is_at_or_below(path: &str, parent: &str) -> bool {
             .is_some_and(|rest| rest.starts_with('/'))
 }
 
-/// Brings what the command changed in `dir` back to `local`.
+/// Brings what the command changed in `dir` back to `local`, within `limits`.
+///
+/// The remote is untrusted. What it claims (the listing's sizes) must fit the bound before anything is staged; what
+/// it sends is counted again while it is read, before it is written. It lands in a private staging directory (mode
+/// 0700) as plain files named by berth, mode 0600 — never a setuid file, a device, a FIFO or a link there — and is
+/// applied to the host through [`crate::fs`]'s descriptor walk, with permission bits only. A remote that sends
+/// nothing for [`SYNC_BACK_IDLE`] is given up on; a stop (the run's cancel) ends it at once. The staging directory
+/// is removed however it ends.
 pub async fn sync_back(
     pool: &Arc<Pool>,
     target: &SshTarget,
@@ -431,6 +512,7 @@ pub async fn sync_back(
     local: &Path,
     synced: &SyncedIn,
     exclude: &SyncExclude,
+    limits: &SyncBackLimits,
 ) -> Result<SyncReport, DriverError> {
     let now = list(pool, target, dir, exclude).await?;
     let changed_paths: Vec<String> = now
@@ -447,89 +529,165 @@ pub async fn sync_back(
     if changed_paths.is_empty() && deleted.is_empty() {
         return Ok(SyncReport::default());
     }
-    // Staged beside the workspace, on its filesystem: a large sync-back must not fill a small /tmp (or its quota).
-    let staging = local
-        .parent()
-        .and_then(|parent| {
-            tempfile::Builder::new()
-                .prefix(".berth-sync-")
-                .tempdir_in(parent)
-                .ok()
-        })
-        .map_or_else(tempfile::tempdir, Ok)
-        .map_err(io_error("creating a staging directory"))?;
     let fetch: Vec<String> = changed_paths
         .iter()
         .filter(|path| now.get(*path).is_some_and(|entry| entry.kind != 'd'))
         .cloned()
         .collect();
-    if !fetch.is_empty() {
-        download(pool, target, dir, &fetch, staging.path()).await?;
+    // What the remote says it will send must fit before anything is staged.
+    let listed: u64 = fetch
+        .iter()
+        .filter_map(|path| now.get(path))
+        .filter(|entry| entry.kind == 'f')
+        .map(|entry| entry.size)
+        .fold(0, u64::saturating_add);
+    Budget::new(limits).check_fits(listed)?;
+
+    let staging = create_staging(local)?;
+    let applied = async {
+        let unpacked = if fetch.is_empty() {
+            Unpacked::default()
+        } else {
+            download(pool, target, dir, &fetch, staging.path(), limits).await?
+        };
+        let (host_dir, before, stop) = (
+            local.to_path_buf(),
+            synced.host.clone(),
+            limits.stop_flag().clone(),
+        );
+        blocking("the workspace sync", move || {
+            apply(
+                &host_dir,
+                &before,
+                &now,
+                &changed_paths,
+                &deleted,
+                unpacked,
+                &stop,
+            )
+        })
+        .await
     }
-    let (host_dir, staging_dir, before) = (
-        local.to_path_buf(),
-        staging.path().to_path_buf(),
-        synced.host.clone(),
-    );
-    let report = blocking("the workspace sync", move || {
-        apply(
-            &host_dir,
-            &staging_dir,
-            &before,
-            &now,
-            &changed_paths,
-            &deleted,
-        )
+    .await;
+    let removed = blocking("the workspace sync", move || {
+        let path = staging.path().to_path_buf();
+        staging
+            .close()
+            .map_err(io_error(format!("removing {}", path.display())))
     })
-    .await?;
-    drop(staging);
-    Ok(report)
+    .await;
+    if let Err(error) = removed {
+        tracing::warn!(error = %error, "could not remove a sync-back staging directory");
+    }
+    applied
 }
 
-/// Streams a tar of `paths` in `dir` into `staging`.
+/// A private staging directory beside the workspace, on its filesystem (a large sync-back must not fill a small
+/// /tmp), else in the temporary directory: mode 0700 whatever the umask.
+fn create_staging(local: &Path) -> Result<tempfile::TempDir, DriverError> {
+    let private = || std::fs::Permissions::from_mode(0o700);
+    let beside = local.parent().and_then(|parent| {
+        tempfile::Builder::new()
+            .prefix(STAGING_PREFIX)
+            .permissions(private())
+            .tempdir_in(parent)
+            .ok()
+    });
+    let staging = match beside {
+        Some(staging) => staging,
+        None => tempfile::Builder::new()
+            .prefix(STAGING_PREFIX)
+            .permissions(private())
+            .tempdir()
+            .map_err(io_error("creating a staging directory"))?,
+    };
+    crate::fs::make_private(staging.path())?;
+    Ok(staging)
+}
+
+/// What the remote sent back for one path.
+#[derive(Debug)]
+enum Staged {
+    /// Content in a staging file berth named; `mode` is the permission bits only.
+    File {
+        staged: PathBuf,
+        mode: u32,
+        sha256: String,
+    },
+    Symlink {
+        target: String,
+    },
+}
+
+/// What a download staged, and what it left out.
+#[derive(Debug, Default)]
+struct Unpacked {
+    staged: BTreeMap<String, Staged>,
+    skipped: Vec<SkippedEntry>,
+}
+
+/// Streams a tar of `paths` in `dir` into `staging`, within `limits`.
 async fn download(
     pool: &Arc<Pool>,
     target: &SshTarget,
     dir: &str,
     paths: &[String],
     staging: &Path,
-) -> Result<(), DriverError> {
+    limits: &SyncBackLimits,
+) -> Result<Unpacked, DriverError> {
     let script = format!(
         "cd -- {} && exec tar -c -f - --no-recursion --null -T -",
         shell_quote(dir)
     );
     let (chunks, received) = mpsc::channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
+    let progress = Arc::new(AtomicU64::new(0));
+    let overflow = Arc::new(AtomicBool::new(false));
+    let reader = ChunkReader {
+        chunks: received,
+        current: Vec::new(),
+        position: 0,
+        received: progress.clone(),
+        max: limits.max_bytes().saturating_add(
+            (paths.len() as u64)
+                .saturating_add(16)
+                .saturating_mul(ARCHIVE_OVERHEAD_PER_ENTRY),
+        ),
+        overflow: overflow.clone(),
+    };
     let root = staging.to_path_buf();
+    let wanted: HashSet<String> = paths.iter().cloned().collect();
+    let budget = Budget::new(limits);
     let unpacker = tokio::task::spawn_blocking(move || {
-        let mut archive = tar::Archive::new(ChunkReader {
-            chunks: received,
-            current: Vec::new(),
-            position: 0,
-        });
-        archive.set_preserve_permissions(true);
-        archive.set_preserve_mtime(true);
-        archive.set_overwrite(false);
-        // `unpack` refuses `..` and absolute names and never writes through a link it extracted.
-        archive
-            .unpack(&root)
-            .map_err(io_error("unpacking the remote workspace"))
+        let limit_mb = budget.limit_mb();
+        let unpacked = unpack(reader, &root, &wanted, budget);
+        if overflow.load(Ordering::Relaxed) {
+            return Err(DriverError::SyncBackTooLarge { limit_mb });
+        }
+        unpacked
     });
     // The list of paths is the remote tar's stdin.
     let (list, list_received) = mpsc::channel(1);
     let _ = list.send(nul_list(paths)).await;
     drop(list);
-    let transferred = run_script(
-        pool,
-        target,
-        &script,
-        list_received,
-        Some(chunks),
-        TRANSFER_TIMEOUT,
-    )
-    .await;
+    let stop = limits.stop_flag();
+    let transferred = tokio::select! {
+        output = run_script(pool, target, &script, list_received, Some(chunks), TRANSFER_TIMEOUT) => output,
+        () = stop.stopped() => Err(DriverError::SyncBackCancelled),
+        () = idle(&progress, SYNC_BACK_IDLE) => Err(DriverError::SyncBackStalled {
+            idle_secs: SYNC_BACK_IDLE.as_secs(),
+        }),
+    };
+    // The transfer is over (or dropped, which ends the stream): the unpacker finishes with what arrived.
     let unpacked = unpacker
         .await
         .map_err(|error| DriverError::failed(format!("the workspace unpacker failed: {error}")))?;
+    if let Err(error @ (DriverError::SyncBackCancelled | DriverError::SyncBackStalled { .. })) =
+        transferred
+    {
+        return Err(error);
+    }
+    // The unpacker's failure (a bound crossed) is why the transfer stopped, when it stopped early.
+    let unpacked = unpacked?;
     let output = transferred?;
     if !output.success() {
         return Err(DriverError::failed(format!(
@@ -537,152 +695,358 @@ async fn download(
             output.error_line()
         )));
     }
-    unpacked
+    Ok(unpacked)
 }
 
-/// What a host path holds now, in manifest terms (files hashed).
-fn host_entry(path: &Path) -> Result<Option<Entry>, DriverError> {
-    let Some(meta) = sync::lstat(path)? else {
-        return Ok(None);
-    };
-    let mode = meta.permissions().mode() & 0o777;
-    let file_type = meta.file_type();
-    Ok(Some(if file_type.is_symlink() {
-        let link =
-            std::fs::read_link(path).map_err(io_error(format!("reading {}", path.display())))?;
-        Entry::Symlink {
-            target: link.to_string_lossy().into_owned(),
+/// Resolves once `progress` has not moved for a whole `limit`.
+async fn idle(progress: &AtomicU64, limit: Duration) {
+    let mut seen = progress.load(Ordering::Relaxed);
+    loop {
+        tokio::time::sleep(limit).await;
+        let now = progress.load(Ordering::Relaxed);
+        if now == seen {
+            return;
         }
-    } else if file_type.is_dir() {
-        Entry::Dir { mode }
-    } else {
-        let (size, sha256) = sync::hash_file(path)?;
-        Entry::File { mode, size, sha256 }
-    }))
+        seen = now;
+    }
+}
+
+/// Reads a tar archive from the remote into `staging`: regular files asked for (`wanted`) become staging files named
+/// by berth (mode 0600; their mode is kept aside, permission bits only), symlinks are kept in memory, and
+/// everything else — devices, FIFOs, hard links, paths not asked for — is never written. File content is counted
+/// against `budget` while it is read, before it is written.
+fn unpack(
+    reader: impl Read,
+    staging: &Path,
+    wanted: &HashSet<String>,
+    mut budget: Budget,
+) -> Result<Unpacked, DriverError> {
+    let reading = || io_error("reading the remote workspace archive");
+    let mut archive = tar::Archive::new(reader);
+    let mut unpacked = Unpacked::default();
+    let max_entries = wanted.len().saturating_mul(2).saturating_add(16);
+    let mut next_name = 0_u64;
+    for (index, entry) in archive.entries().map_err(reading())?.enumerate() {
+        budget.check_stop()?;
+        if index >= max_entries {
+            return Err(DriverError::failed(
+                "the remote sent more archive entries than were asked for",
+            ));
+        }
+        let mut entry = entry.map_err(reading())?;
+        let kind = entry.header().entry_type();
+        let size = entry.size();
+        let path = entry.path().ok().and_then(|path| {
+            path.to_str().map(|path| {
+                path.trim_start_matches("./")
+                    .trim_end_matches('/')
+                    .to_owned()
+            })
+        });
+        let Some(path) = path.filter(|path| wanted.contains(path)) else {
+            // Not asked for: its content is read past (and counted), never written.
+            budget.take(size)?;
+            tracing::debug!(kind = ?kind, "skipping an archive entry that was not asked for");
+            continue;
+        };
+        match kind {
+            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+                budget.check_fits(size)?;
+                let mode = entry.header().mode().unwrap_or(0o600) & 0o777;
+                let staged = staging.join(next_name.to_string());
+                next_name += 1;
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+                    .open(&staged)
+                    .map_err(io_error(format!("staging `{path}`")))?;
+                let sha256 = stage(&mut entry, file, &path, &mut budget)?;
+                let replaced = unpacked.staged.insert(
+                    path,
+                    Staged::File {
+                        staged,
+                        mode,
+                        sha256,
+                    },
+                );
+                if let Some(Staged::File { staged, .. }) = replaced {
+                    let _ = std::fs::remove_file(staged);
+                }
+            }
+            tar::EntryType::Symlink => {
+                let target = entry
+                    .link_name()
+                    .ok()
+                    .flatten()
+                    .and_then(|target| target.to_str().map(str::to_owned));
+                match target {
+                    Some(target) => {
+                        unpacked.staged.insert(path, Staged::Symlink { target });
+                    }
+                    None => unpacked.skipped.push(SkippedEntry {
+                        path,
+                        reason: SkipReason::NotSent,
+                    }),
+                }
+            }
+            // Directories come from the listing.
+            tar::EntryType::Directory => {}
+            _ => {
+                tracing::warn!(path, kind = ?kind, "the remote sent a special file; it is not synced back");
+                unpacked.skipped.push(SkippedEntry {
+                    path,
+                    reason: SkipReason::SpecialFile,
+                });
+            }
+        }
+    }
+    Ok(unpacked)
+}
+
+/// Copies one archive entry into its staging file, counting each chunk before it is written; returns its hash.
+fn stage(
+    entry: &mut impl Read,
+    mut file: std::fs::File,
+    path: &str,
+    budget: &mut Budget,
+) -> Result<String, DriverError> {
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0_u8; crate::fs::BUFFER_SIZE];
+    loop {
+        let n = match entry.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(err) => {
+                return Err(io_error("reading the remote workspace archive")(err));
+            }
+        };
+        budget.take(n as u64)?;
+        hasher.update(&buffer[..n]);
+        file.write_all(&buffer[..n])
+            .map_err(io_error(format!("staging `{path}`")))?;
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// What a host path holds now.
+#[derive(Debug)]
+enum HostState {
+    Absent,
+    /// In manifest terms (files hashed).
+    Entry(Entry),
+    /// A FIFO, socket or device (never opened), or a link whose target is not UTF-8.
+    Other,
+}
+
+fn host_state(slot: &Slot) -> Result<HostState, DriverError> {
+    let Some(meta) = slot.meta()? else {
+        return Ok(HostState::Absent);
+    };
+    Ok(match meta.kind {
+        Kind::Symlink => match slot.read_link()? {
+            Some(target) => HostState::Entry(Entry::Symlink { target }),
+            None => HostState::Other,
+        },
+        Kind::Dir => HostState::Entry(Entry::Dir {
+            mode: meta.mode & 0o777,
+        }),
+        Kind::File => match slot.open_file()? {
+            Some((mut file, meta)) => {
+                let (size, sha256) = sync::hash_reader(&mut file, slot.path(), u64::MAX, None)?;
+                HostState::Entry(Entry::File {
+                    mode: meta.mode & 0o777,
+                    size,
+                    sha256,
+                })
+            }
+            None => HostState::Other,
+        },
+        Kind::Special => HostState::Other,
+    })
 }
 
 /// Same content (modes aside): what decides whether the host changed a path during the run.
-fn same_content(a: Option<&Entry>, b: Option<&Entry>) -> bool {
-    match (a, b) {
-        (None, None) => true,
-        (Some(Entry::Dir { .. }), Some(Entry::Dir { .. })) => true,
-        (Some(Entry::File { sha256: x, .. }), Some(Entry::File { sha256: y, .. })) => x == y,
-        (Some(Entry::Symlink { target: x }), Some(Entry::Symlink { target: y })) => x == y,
+fn same_content(current: &HostState, before: Option<&Entry>) -> bool {
+    match (current, before) {
+        (HostState::Absent, None) => true,
+        (HostState::Entry(current), Some(before)) => match (current, before) {
+            (Entry::Dir { .. }, Entry::Dir { .. }) => true,
+            (Entry::File { sha256: x, .. }, Entry::File { sha256: y, .. }) => x == y,
+            (Entry::Symlink { target: x }, Entry::Symlink { target: y }) => x == y,
+            _ => false,
+        },
         _ => false,
+    }
+}
+
+/// Whether the host already holds what the remote sent (modes aside).
+fn already_there(current: &HostState, incoming: &Staged) -> bool {
+    match (current, incoming) {
+        (HostState::Entry(Entry::File { sha256: x, .. }), Staged::File { sha256: y, .. }) => x == y,
+        (HostState::Entry(Entry::Symlink { target: x }), Staged::Symlink { target: y }) => x == y,
+        _ => false,
+    }
+}
+
+/// Reports `path` as skipped: `at`, a directory on its way on the host, is a symlink or not a directory.
+fn blocked(report: &mut SyncReport, path: &str, at: &str) {
+    tracing::warn!(
+        path,
+        at,
+        "not writing through a host path that is not a real directory"
+    );
+    report.skipped.push(SkippedEntry {
+        path: path.to_owned(),
+        reason: SkipReason::UnsafeHostPath,
+    });
+}
+
+fn skip(report: &mut SyncReport, path: &str, reason: SkipReason) {
+    tracing::warn!(path, reason = reason.as_str(), "sync-back skipped an entry");
+    report.skipped.push(SkippedEntry {
+        path: path.to_owned(),
+        reason,
+    });
+}
+
+fn check_stop(stop: &StopFlag) -> Result<(), DriverError> {
+    if stop.is_stopped() {
+        Err(DriverError::SyncBackCancelled)
+    } else {
+        Ok(())
     }
 }
 
 fn apply(
     host_dir: &Path,
-    staging: &Path,
     before: &Manifest,
     now: &RemoteListing,
     changed_paths: &[String],
     deleted: &[String],
+    unpacked: Unpacked,
+    stop: &StopFlag,
 ) -> Result<SyncReport, DriverError> {
-    let mut report = SyncReport::default();
+    let host = Tree::open(host_dir)?;
+    let mut report = SyncReport {
+        skipped: unpacked.skipped,
+        ..SyncReport::default()
+    };
     // Deletions, children first.
     for path in deleted.iter().rev() {
-        let target = sync::host_target(host_dir, path)?;
-        let current = host_entry(&target)?;
-        let Some(current) = current else { continue };
-        if !same_content(Some(&current), before.get(path)) {
+        check_stop(stop)?;
+        let slot = match host.reach(path, false)? {
+            Reach::Slot(slot) => slot,
+            Reach::Missing => continue,
+            Reach::Blocked { at } => {
+                blocked(&mut report, path, &at);
+                continue;
+            }
+        };
+        let current = host_state(&slot)?;
+        if matches!(current, HostState::Absent) {
+            continue;
+        }
+        if !same_content(&current, before.get(path)) {
             report.conflicts.push(path.clone());
             continue;
         }
-        let removed = if matches!(current, Entry::Dir { .. }) {
+        if matches!(current, HostState::Entry(Entry::Dir { .. })) {
             // Only when empty: the host may hold files the run never saw.
-            std::fs::remove_dir(&target).is_ok()
-        } else {
-            std::fs::remove_file(&target)
-                .map_err(io_error(format!("removing {}", target.display())))
-                .map(|()| true)?
-        };
-        if removed && !matches!(current, Entry::Dir { .. }) {
+            slot.remove_dir()?;
+        } else if slot.remove_file()? {
             report.files_deleted += 1;
         }
     }
     // Writes, parents first.
     let mut dir_modes = Vec::new();
     for path in changed_paths {
+        check_stop(stop)?;
         let Some(remote) = now.get(path) else {
             continue;
         };
-        let target = sync::host_target(host_dir, path)?;
-        let current = host_entry(&target)?;
+        let slot = match host.reach(path, true)? {
+            Reach::Slot(slot) => slot,
+            Reach::Missing => continue,
+            Reach::Blocked { at } => {
+                blocked(&mut report, path, &at);
+                continue;
+            }
+        };
+        let current = host_state(&slot)?;
         if remote.kind == 'd' {
             match &current {
-                Some(Entry::Dir { .. }) => {}
-                Some(_) => {
+                HostState::Entry(Entry::Dir { .. }) => {}
+                HostState::Absent => slot.create_dir()?,
+                _ => {
                     report.conflicts.push(path.clone());
                     continue;
                 }
-                None => sync::create_dir(&target)?,
             }
-            dir_modes.push((target, remote.mode));
+            dir_modes.push((path.clone(), remote.mode));
             continue;
         }
-        let staged = staging.join(path);
-        let Some(incoming) = host_entry(&staged)? else {
-            return Err(DriverError::failed(format!(
-                "the remote did not send `{path}`"
-            )));
+        let Some(incoming) = unpacked.staged.get(path) else {
+            if !report.skipped.iter().any(|skipped| skipped.path == *path) {
+                skip(&mut report, path, SkipReason::NotSent);
+            }
+            continue;
         };
-        if same_content(current.as_ref(), Some(&incoming)) {
+        if already_there(&current, incoming) {
             // Already as the remote has it (or only the mode moved): bring the mode along.
-            if let (Some(Entry::File { mode, .. }), Entry::File { mode: new_mode, .. }) =
-                (&current, &incoming)
+            if let (HostState::Entry(Entry::File { mode, .. }), Staged::File { mode: new_mode, .. }) =
+                (&current, incoming)
                 && mode != new_mode
             {
-                std::fs::set_permissions(&target, std::fs::Permissions::from_mode(*new_mode))
-                    .map_err(io_error(format!(
-                        "setting the mode of {}",
-                        target.display()
-                    )))?;
+                slot.set_file_mode(*new_mode)?;
             }
             continue;
         }
-        let host_unchanged = same_content(current.as_ref(), before.get(path));
+        let host_unchanged = same_content(&current, before.get(path));
+        if host_unchanged && matches!(current, HostState::Entry(Entry::Dir { .. })) {
+            report.conflicts.push(path.clone());
+            continue;
+        }
         let destination = if host_unchanged {
-            target.clone()
+            slot
         } else {
-            // Changed on both sides: the host's version stays, the remote's is kept beside it.
+            // Changed on both sides (or something berth never synced is there, a FIFO): the host's version stays,
+            // the remote's is kept beside it.
             report.conflicts.push(path.clone());
-            sync::host_target(host_dir, &format!("{path}{CONFLICT_SUFFIX}"))?
-        };
-        if host_unchanged && matches!(current, Some(Entry::Dir { .. })) {
-            report.conflicts.push(path.clone());
-            continue;
-        }
-        match incoming {
-            Entry::File { mode, .. } => {
-                report.bytes_written += sync::replace_with_file(&staged, &destination, mode)?;
-                // The remote's mtime, so that the next sync's quick check sees both sides in step.
-                set_mtime(&destination, remote.mtime)?;
+            match host.reach(&format!("{path}{CONFLICT_SUFFIX}"), true)? {
+                Reach::Slot(slot) => slot,
+                Reach::Missing | Reach::Blocked { .. } => {
+                    skip(&mut report, path, SkipReason::UnsafeHostPath);
+                    continue;
+                }
             }
-            Entry::Symlink { target: link } => sync::replace_with_symlink(&link, &destination)?,
-            Entry::Dir { .. } => continue,
+        };
+        match incoming {
+            Staged::File { staged, mode, .. } => {
+                let mut source = std::fs::File::open(staged)
+                    .map_err(io_error(format!("reading the staged `{path}`")))?;
+                // The remote's mtime, so that the next sync's quick check sees both sides in step.
+                let (size, _) = destination.write_file(
+                    &mut source,
+                    *mode,
+                    Some(remote.mtime),
+                    Placement::Replace,
+                    &mut |_| check_stop(stop),
+                )?;
+                report.bytes_written += size;
+            }
+            Staged::Symlink { target } => destination.write_symlink(target, Placement::Replace)?,
         }
         report.files_written += 1;
     }
-    for (dir, mode) in dir_modes.into_iter().rev() {
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))
-            .map_err(io_error(format!("setting the mode of {}", dir.display())))?;
+    for (path, mode) in dir_modes.into_iter().rev() {
+        if let Reach::Slot(slot) = host.reach(&path, false)? {
+            slot.set_dir_mode(mode)?;
+        }
     }
     Ok(report)
-}
-
-fn set_mtime(path: &Path, seconds: i64) -> Result<(), DriverError> {
-    let Ok(seconds) = u64::try_from(seconds) else {
-        return Ok(());
-    };
-    let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(path)
-        .and_then(|file| file.set_modified(at))
-        .map_err(io_error(format!("setting the mtime of {}", path.display())))
 }
 
 /// Shell that sets `d` to `dir` resolved (or exits 0 when it is gone) and kills every process of the user whose
@@ -788,5 +1152,450 @@ mod tests {
             ..remote
         };
         assert!(!up_to_date(&file, Some(10), Some(&moved)));
+    }
+
+    /// One raw tar entry: the name is written as is (a hostile remote's tar need not refuse `..` or `/`).
+    fn raw_entry(
+        archive: &mut Vec<u8>,
+        name: &str,
+        kind: tar::EntryType,
+        mode: u32,
+        size: u64,
+        data: &[u8],
+        link: Option<&str>,
+    ) {
+        let mut header = tar::Header::new_gnu();
+        header.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name.as_bytes());
+        header.set_entry_type(kind);
+        header.set_mode(mode);
+        header.set_size(size);
+        if let Some(link) = link {
+            header.as_gnu_mut().unwrap().linkname[..link.len()].copy_from_slice(link.as_bytes());
+        }
+        header.set_cksum();
+        archive.extend_from_slice(header.as_bytes());
+        archive.extend_from_slice(data);
+        let padding = (512 - data.len() % 512) % 512;
+        archive.extend(std::iter::repeat_n(0, padding));
+    }
+
+    fn finish(mut archive: Vec<u8>) -> Vec<u8> {
+        archive.extend(std::iter::repeat_n(0, 1024));
+        archive
+    }
+
+    fn wanted(paths: &[&str]) -> HashSet<String> {
+        paths.iter().map(|path| (*path).to_owned()).collect()
+    }
+
+    fn mode_of(path: &Path) -> u32 {
+        std::fs::symlink_metadata(path)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    }
+
+    #[test]
+    fn a_hostile_archive_stages_only_private_plain_files() {
+        let temp = tempfile::tempdir().unwrap();
+        let staging = temp.path().join("staging");
+        std::fs::create_dir(&staging).unwrap();
+        let mut archive = Vec::new();
+        raw_entry(
+            &mut archive,
+            "suid",
+            tar::EntryType::Regular,
+            0o4755,
+            3,
+            b"ELF",
+            None,
+        );
+        raw_entry(
+            &mut archive,
+            "fifo",
+            tar::EntryType::Fifo,
+            0o644,
+            0,
+            b"",
+            None,
+        );
+        raw_entry(
+            &mut archive,
+            "dev/null",
+            tar::EntryType::Char,
+            0o666,
+            0,
+            b"",
+            None,
+        );
+        raw_entry(
+            &mut archive,
+            "hard",
+            tar::EntryType::Link,
+            0o644,
+            0,
+            b"",
+            Some("/etc/shadow"),
+        );
+        raw_entry(
+            &mut archive,
+            "../escape",
+            tar::EntryType::Regular,
+            0o644,
+            1,
+            b"x",
+            None,
+        );
+        raw_entry(
+            &mut archive,
+            "/etc/cron.d/x",
+            tar::EntryType::Regular,
+            0o644,
+            1,
+            b"y",
+            None,
+        );
+        raw_entry(
+            &mut archive,
+            "link",
+            tar::EntryType::Symlink,
+            0o777,
+            0,
+            b"",
+            Some("/etc"),
+        );
+        raw_entry(
+            &mut archive,
+            "link/passwd",
+            tar::EntryType::Regular,
+            0o644,
+            5,
+            b"pwned",
+            None,
+        );
+        let archive = finish(archive);
+
+        let unpacked = unpack(
+            &archive[..],
+            &staging,
+            &wanted(&["suid", "fifo", "dev/null", "hard", "link", "link/passwd"]),
+            Budget::new(&SyncBackLimits::default()),
+        )
+        .unwrap();
+
+        let Some(Staged::File { staged, mode, .. }) = unpacked.staged.get("suid") else {
+            panic!("{unpacked:?}");
+        };
+        assert_eq!(*mode, 0o755, "kept aside without the setuid bit");
+        assert_eq!(std::fs::read(staged).unwrap(), b"ELF");
+        assert!(matches!(
+            unpacked.staged.get("link"),
+            Some(Staged::Symlink { target }) if target == "/etc"
+        ));
+        // A file below the link is staged flat, under a name berth chose: nothing went through the link.
+        assert!(matches!(
+            unpacked.staged.get("link/passwd"),
+            Some(Staged::File { .. })
+        ));
+        let mut skipped: Vec<(&str, SkipReason)> = unpacked
+            .skipped
+            .iter()
+            .map(|entry| (entry.path.as_str(), entry.reason))
+            .collect();
+        skipped.sort_by_key(|(path, _)| *path);
+        assert_eq!(
+            skipped,
+            [
+                ("dev/null", SkipReason::SpecialFile),
+                ("fifo", SkipReason::SpecialFile),
+                ("hard", SkipReason::SpecialFile),
+            ]
+        );
+        // Staging holds plain 0600 files only; nothing was written beside it.
+        for entry in std::fs::read_dir(&staging).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            assert!(meta.is_file(), "{path:?}");
+            assert_eq!(mode_of(&path), 0o600, "{path:?}");
+        }
+        assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 2);
+        assert!(!temp.path().join("escape").exists());
+    }
+
+    #[test]
+    fn archives_past_the_bound_stop_before_their_content_is_written() {
+        let temp = tempfile::tempdir().unwrap();
+        let staging = temp.path().join("staging");
+        std::fs::create_dir(&staging).unwrap();
+        let limits = SyncBackLimits::new(1);
+
+        // A header that claims 2 GiB (a sparse file, sent whole) is refused before a byte of it is read.
+        let mut archive = Vec::new();
+        raw_entry(
+            &mut archive,
+            "sparse",
+            tar::EntryType::Regular,
+            0o644,
+            2 << 30,
+            b"",
+            None,
+        );
+        let err = unpack(
+            &archive[..],
+            &staging,
+            &wanted(&["sparse"]),
+            Budget::new(&limits),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, DriverError::SyncBackTooLarge { limit_mb: 1 }),
+            "{err}"
+        );
+
+        // Entries that fit one by one but not together: the one that crosses the bound is never completed.
+        let half = vec![b'z'; 512 * 1024];
+        let mut archive = Vec::new();
+        for name in ["a", "b", "c"] {
+            raw_entry(
+                &mut archive,
+                name,
+                tar::EntryType::Regular,
+                0o644,
+                half.len() as u64,
+                &half,
+                None,
+            );
+        }
+        let archive = finish(archive);
+        let err = unpack(
+            &archive[..],
+            &staging,
+            &wanted(&["a", "b", "c"]),
+            Budget::new(&limits),
+        )
+        .unwrap_err();
+        assert!(matches!(err, DriverError::SyncBackTooLarge { .. }), "{err}");
+
+        // Content sent for a path nobody asked for counts too.
+        let mut archive = Vec::new();
+        raw_entry(
+            &mut archive,
+            "x",
+            tar::EntryType::Regular,
+            0o644,
+            2 << 20,
+            b"",
+            None,
+        );
+        let err = unpack(
+            &archive[..],
+            &staging,
+            &wanted(&["a"]),
+            Budget::new(&limits),
+        )
+        .unwrap_err();
+        assert!(matches!(err, DriverError::SyncBackTooLarge { .. }), "{err}");
+    }
+
+    #[test]
+    fn an_archive_of_endless_entries_is_cut_off() {
+        let temp = tempfile::tempdir().unwrap();
+        let mut archive = Vec::new();
+        for index in 0..100 {
+            raw_entry(
+                &mut archive,
+                &format!("d{index}"),
+                tar::EntryType::Directory,
+                0o755,
+                0,
+                b"",
+                None,
+            );
+        }
+        let archive = finish(archive);
+        let err = unpack(
+            &archive[..],
+            temp.path(),
+            &wanted(&["a"]),
+            Budget::new(&SyncBackLimits::default()),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("more archive entries"), "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_remote_that_stops_sending_is_given_up_on() {
+        let progress = Arc::new(AtomicU64::new(0));
+        let moving = progress.clone();
+        let feeder = tokio::spawn(async move {
+            for _ in 0..5 {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                moving.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        let started = tokio::time::Instant::now();
+        idle(&progress, Duration::from_secs(60)).await;
+        // Progress for 150 s, then a whole minute of nothing.
+        assert!(
+            started.elapsed() >= Duration::from_secs(180),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(
+            started.elapsed() <= Duration::from_secs(300),
+            "{:?}",
+            started.elapsed()
+        );
+        feeder.await.unwrap();
+    }
+
+    #[test]
+    fn staging_is_private() {
+        let temp = tempfile::tempdir().unwrap();
+        let workspace = temp.path().join("ws");
+        std::fs::create_dir(&workspace).unwrap();
+        let staging = create_staging(&workspace).unwrap();
+        assert_eq!(staging.path().parent(), Some(temp.path()));
+        assert!(
+            staging
+                .path()
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(STAGING_PREFIX)
+        );
+        assert_eq!(mode_of(staging.path()), 0o700);
+    }
+
+    fn remote_file(size: u64) -> RemoteEntry {
+        RemoteEntry {
+            kind: 'f',
+            mode: 0o644,
+            size,
+            mtime: 1_700_000_000,
+            link: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn applying_meets_a_host_fifo_without_opening_it() {
+        let temp = tempfile::tempdir().unwrap();
+        let host = temp.path().join("host");
+        std::fs::create_dir(&host).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            host.join("pipe"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        let staging = temp.path().join("staging");
+        std::fs::create_dir(&staging).unwrap();
+        std::fs::write(staging.join("0"), "data").unwrap();
+        let mut unpacked = Unpacked::default();
+        unpacked.staged.insert(
+            "pipe".to_owned(),
+            Staged::File {
+                staged: staging.join("0"),
+                mode: 0o755,
+                sha256: hex::encode(Sha256::digest(b"data")),
+            },
+        );
+        let mut now = RemoteListing::new();
+        now.insert("pipe".to_owned(), remote_file(4));
+
+        let host_dir = host.clone();
+        let report = tokio::time::timeout(
+            Duration::from_secs(10),
+            blocking("test", move || {
+                apply(
+                    &host_dir,
+                    &Manifest::default(),
+                    &now,
+                    &["pipe".to_owned()],
+                    &[],
+                    unpacked,
+                    &StopFlag::default(),
+                )
+            }),
+        )
+        .await
+        .expect("applying blocked on a host FIFO")
+        .unwrap();
+        // The FIFO is something berth never synced: it stays, and the remote's file is kept beside it.
+        assert_eq!(report.conflicts, ["pipe"]);
+        let meta = std::fs::symlink_metadata(host.join("pipe")).unwrap();
+        assert!(std::os::unix::fs::FileTypeExt::is_fifo(&meta.file_type()));
+        assert_eq!(
+            std::fs::read_to_string(host.join("pipe.berth-conflict")).unwrap(),
+            "data"
+        );
+        assert_eq!(mode_of(&host.join("pipe.berth-conflict")), 0o755);
+    }
+
+    #[tokio::test]
+    async fn applying_never_writes_through_a_link_the_remote_planted() {
+        let temp = tempfile::tempdir().unwrap();
+        let outside = temp.path().join("etc");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("passwd"), "root").unwrap();
+        let host = temp.path().join("host");
+        std::fs::create_dir(&host).unwrap();
+        let staging = temp.path().join("staging");
+        std::fs::create_dir(&staging).unwrap();
+        std::fs::write(staging.join("0"), "pwned").unwrap();
+        // The remote lists (and sends) a link to /etc, then a file below it.
+        let mut unpacked = Unpacked::default();
+        unpacked.staged.insert(
+            "x".to_owned(),
+            Staged::Symlink {
+                target: outside.display().to_string(),
+            },
+        );
+        unpacked.staged.insert(
+            "x/passwd".to_owned(),
+            Staged::File {
+                staged: staging.join("0"),
+                mode: 0o644,
+                sha256: hex::encode(Sha256::digest(b"pwned")),
+            },
+        );
+        let mut now = RemoteListing::new();
+        now.insert(
+            "x".to_owned(),
+            RemoteEntry {
+                kind: 'l',
+                mode: 0o777,
+                size: 0,
+                mtime: 0,
+                link: Some(outside.display().to_string()),
+            },
+        );
+        now.insert("x/passwd".to_owned(), remote_file(5));
+
+        let report = apply(
+            &host,
+            &Manifest::default(),
+            &now,
+            &["x".to_owned(), "x/passwd".to_owned()],
+            &[],
+            unpacked,
+            &StopFlag::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(outside.join("passwd")).unwrap(),
+            "root"
+        );
+        assert_eq!(std::fs::read_link(host.join("x")).unwrap(), outside);
+        assert_eq!(
+            report.skipped,
+            [SkippedEntry {
+                path: "x/passwd".to_owned(),
+                reason: SkipReason::UnsafeHostPath
+            }]
+        );
     }
 }

@@ -48,8 +48,10 @@ pub async fn create(
         created_at: Timestamp::now(),
     };
     state.store().insert_company(&company).await?;
-    // Every company can run on this machine from the start.
-    state.store().ensure_local_environment(company.id).await?;
+    // With `--local-environments all`, every company can run on this machine from the start.
+    if state.host().may_use_local(company.id) {
+        state.store().ensure_local_environment(company.id).await?;
+    }
     tracing::info!(company.id = %company.id, "company created");
     record_activity(
         &state,

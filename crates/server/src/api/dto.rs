@@ -248,6 +248,8 @@ pub struct DriverCapabilityResponse {
 #[serde(rename_all = "camelCase")]
 pub struct SandboxProviderResponse {
     pub status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     pub display_name: String,
     pub description: String,
     pub source: &'static str,
@@ -267,6 +269,7 @@ impl From<&Capabilities> for CapabilitiesResponse {
         };
         let provider = |capability: &SandboxProviderCapability| SandboxProviderResponse {
             status: capability.status.as_str(),
+            reason: capability.reason.clone(),
             display_name: capability.display_name.clone(),
             description: capability.description.clone(),
             source: capability.source.as_str(),

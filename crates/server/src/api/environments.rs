@@ -73,6 +73,9 @@ pub async fn create(
     let name = record(normalize_name(&request.name), "name", &mut errors);
     let description = normalize_description(request.description, &mut errors);
     let driver = parse_or_record::<Driver>(&request.driver, "driver", &mut errors);
+    if driver == Some(Driver::Local) {
+        state.host().check_local(company_id)?;
+    }
     let status = match request.status.as_deref() {
         None => Some(EnvironmentStatus::Active),
         Some(text) => parse_or_record(text, "status", &mut errors),
@@ -155,6 +158,9 @@ pub async fn patch(
         None => Some(current.driver),
         Some(text) => parse_or_record::<Driver>(text, "driver", &mut errors),
     };
+    if driver == Some(Driver::Local) && current.driver != Driver::Local {
+        state.host().check_local(current.company_id)?;
+    }
     let status = match request.status.as_deref() {
         None => Some(current.status),
         Some(text) => parse_or_record(text, "status", &mut errors),
@@ -339,9 +345,19 @@ pub async fn capabilities(
     let company_id: CompanyId = parse_path_id(&company_id, "company")?;
     principal.access(company_id)?;
     load_company(&state, company_id).await?;
-    Ok(Json(CapabilitiesResponse::from(
-        &state.drivers().capabilities(),
-    )))
+    let mut response = CapabilitiesResponse::from(&state.drivers().capabilities());
+    if !state.host().may_use_local(company_id)
+        && let Some(local) = response.drivers.get_mut(Driver::Local.as_str())
+    {
+        local.status = "unavailable";
+        local.supports_saved_probe = false;
+        local.supports_unsaved_probe = false;
+        local.supports_run_execution = false;
+        local.note = Some(
+            "Local environments belong to the default company only; the operator allows them for every company with `berth serve --local-environments all`",
+        );
+    }
+    Ok(Json(response))
 }
 
 // === helpers ===
@@ -356,6 +372,12 @@ fn view(environment: &Environment, access: CompanyAccess) -> EnvironmentResponse
 /// Probes with the config's secrets decrypted for the moment of the probe. A probe never fails as an error: an
 /// unreadable secret is a failed probe that says so.
 async fn run_probe(state: &AppState, company_id: CompanyId, config: DriverConfig) -> ProbeResult {
+    // A company without Local environments learns nothing about this host (the local probe names paths on it).
+    if config.driver() == Driver::Local
+        && let Err(refused) = state.host().check_local(company_id)
+    {
+        return ProbeResult::failed(Driver::Local, refused.to_string());
+    }
     let mut config = config;
     if let Err(error) = vault::resolve_secrets(state, company_id, &mut config).await {
         return ProbeResult::failed(

@@ -11,6 +11,7 @@ use berth_core::ErrorKind;
 use berth_core::validation::{FieldError, ValidationErrors};
 use serde::Serialize;
 
+use crate::host_policy::HostPolicyError;
 use crate::secrets::SecretsError;
 use crate::store::StoreError;
 
@@ -191,6 +192,19 @@ impl From<SecretsError> for ApiError {
         match error.kind() {
             ErrorKind::Internal => ApiError::internal(&error),
             kind => ApiError::new(kind, error.code(), error.to_string()),
+        }
+    }
+}
+
+impl From<HostPolicyError> for ApiError {
+    fn from(error: HostPolicyError) -> Self {
+        match error {
+            // The request's own field is wrong: the same 422 as every other validation failure.
+            HostPolicyError::NotADirectory => ApiError::validation(ValidationErrors::single(
+                "workspace.localPath",
+                error.to_string(),
+            )),
+            other => ApiError::new(other.kind(), other.code(), other.to_string()),
         }
     }
 }

@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use berth_core::ErrorKind;
 use berth_core::config::DriverConfig;
 use berth_core::driver::ExecRequest;
-use berth_core::environment::{Environment, EnvironmentStatus};
+use berth_core::environment::{Driver, Environment, EnvironmentStatus};
 use berth_core::ids::{CompanyId, EnvironmentId, RunId};
 use berth_core::lease::LeasePolicy;
 use berth_core::run::{EventKind, Run, RunEvent, RunStatus, check_env_name, check_no_nul};
@@ -31,6 +31,7 @@ use super::dto::{CreateRunRequest, EventResponse, RunResponse};
 use super::error::ApiError;
 use super::json::ApiJson;
 use super::{load_company, parse_path_id, query_or_400};
+use crate::host_policy::{HostPolicyError, WorkspaceCaller};
 use crate::runs::RunPlan;
 use crate::runs::events::EventWriter;
 use crate::state::AppState;
@@ -64,7 +65,24 @@ pub async fn create(
     load_company(&state, company_id).await?;
 
     let reserved = reserved_env_names(&state);
-    let (plan, environment_id) = validate(request, &reserved)?;
+    let (mut plan, environment_id) = validate(request, &reserved)?;
+    // Before anything else happens (even a Local environment being created): the run uses the resolved directory.
+    if let Some(requested) = plan.workspace.take() {
+        let resolved = state
+            .host()
+            .confine_workspace(workspace_caller(&principal), &requested)
+            .await
+            .inspect_err(|error| {
+                tracing::warn!(
+                    company.id = %company_id,
+                    actor = %principal.actor(),
+                    path = %requested.display(),
+                    code = error.code(),
+                    "run refused: workspace.localPath"
+                );
+            })?;
+        plan.workspace = Some(resolved);
+    }
     let environment = resolve_environment(&state, company_id, environment_id).await?;
     let mut config = runnable_config(&state, &environment)?;
     // Decrypted for the run's lifetime only (the driver connects with them); never stored, zeroized on drop.
@@ -367,7 +385,16 @@ async fn load_run(state: &AppState, id: &str) -> Result<Run, ApiError> {
         .ok_or_else(|| ApiError::not_found("run"))
 }
 
-/// Checks the request field by field, reporting every problem.
+/// Whose workspace rules apply: the admin token is the host's operator; a key is its company.
+fn workspace_caller(principal: &Principal) -> WorkspaceCaller {
+    match principal {
+        Principal::Admin => WorkspaceCaller::Operator,
+        Principal::ApiKey(key) => WorkspaceCaller::Company(key.company_id),
+    }
+}
+
+/// Checks the request field by field, reporting every problem. `workspace.localPath` is checked for its form here;
+/// whether the caller may use it is [`HostPolicy::confine_workspace`](crate::host_policy::HostPolicy)'s call.
 fn validate(
     request: CreateRunRequest,
     reserved: &[String],
@@ -427,16 +454,11 @@ fn validate(
                 .local_path
                 .split('/')
                 .any(|segment| segment == "..")
+            || workspace.local_path.contains('\0')
         {
             errors.push(
                 "workspace.localPath",
                 "must be an absolute path without '..'",
-            );
-            None
-        } else if !path.is_dir() {
-            errors.push(
-                "workspace.localPath",
-                "is not a directory on the berth host",
             );
             None
         } else {
@@ -468,13 +490,17 @@ fn validate(
     ))
 }
 
-/// The given environment (of this company, active), else the company's Local one.
+/// The given environment (of this company, active), else the company's Local one — if the company may have one
+/// (`--local-environments`).
 async fn resolve_environment(
     state: &AppState,
     company_id: CompanyId,
     environment_id: Option<String>,
 ) -> Result<Environment, ApiError> {
     let environment = match environment_id {
+        None if !state.host().may_use_local(company_id) => {
+            return Err(HostPolicyError::NoLocalEnvironment.into());
+        }
         None => state.store().ensure_local_environment(company_id).await?,
         Some(id) => {
             let not_found = || {
@@ -495,6 +521,10 @@ async fn resolve_environment(
             environment
         }
     };
+    // A Local environment kept from a time when every company had one does not outlive the policy.
+    if environment.driver == Driver::Local {
+        state.host().check_local(company_id)?;
+    }
     if environment.status == EnvironmentStatus::Archived {
         return Err(ApiError::new(
             ErrorKind::Conflict,

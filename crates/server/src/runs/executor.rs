@@ -184,6 +184,17 @@ async fn with_lease(
                     // driver's tunnel; the agent sees that end's address.
                     match driver.open_tunnel(&held.handle, bridge.local_addr()).await {
                         Ok(Some(opened)) => {
+                            if let Some(socket) = &opened.unix_socket
+                                && let Err(error) = bridge.serve_unix(socket).await
+                            {
+                                bridge.stop().await;
+                                return Finish::berth_failed(
+                                    "bridge_failed",
+                                    format!(
+                                        "could not serve the callback bridge on the environment's socket: {error}"
+                                    ),
+                                );
+                            }
                             bridge.reroute(&opened.address);
                             tunnel = Some(opened);
                         }
@@ -288,6 +299,9 @@ impl Finish {
             RunStatus::TimedOut
         } else if outcome.cancelled {
             RunStatus::Cancelled
+        } else if outcome.limit_exceeded.is_some() {
+            // Whatever the command's exit code says, the environment ended it.
+            RunStatus::Failed
         } else if outcome.exit_code == Some(0) {
             RunStatus::Succeeded
         } else {
@@ -297,8 +311,11 @@ impl Finish {
             status,
             exit_code: outcome.exit_code,
             signal: outcome.signal.clone(),
-            error: None,
-            error_event: None,
+            error: outcome.limit_exceeded.clone(),
+            error_event: outcome
+                .limit_exceeded
+                .clone()
+                .map(|message| ("limit_exceeded".to_owned(), message)),
         }
     }
 

@@ -124,6 +124,8 @@ pub struct Store {
     /// Where output bytes go instead of `run_events.data`: set for a SQLite database file, `None` for PostgreSQL
     /// (replicas must read each other's runs) and in-memory SQLite (nothing to keep them beside).
     output: Option<OutputSegments>,
+    /// The SQLite database file, when there is one.
+    file: Option<PathBuf>,
 }
 
 /// Which database a [`Store`] talks to.
@@ -196,12 +198,9 @@ impl Store {
     /// connection that is never recycled, since every SQLite connection to `:memory:` would otherwise see its own
     /// empty database), and `postgres://…` / `postgresql://…`.
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
-        let (db, output) = if url.starts_with("sqlite:") {
+        let (db, file) = if url.starts_with("sqlite:") {
             let (pool, file) = connect_sqlite(url).await?;
-            (
-                Db::Sqlite(pool),
-                file.map(|file| OutputSegments::beside(&file)),
-            )
+            (Db::Sqlite(pool), file)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             (Db::Postgres(connect_postgres(url).await?), None)
         } else {
@@ -211,10 +210,16 @@ impl Store {
                     .into(),
             )));
         };
-        let store = Store { db, output };
+        let output = file.as_deref().map(OutputSegments::beside);
+        let store = Store { db, output, file };
         store.migrate().await?;
         store.open_output().await?;
         Ok(store)
+    }
+
+    /// The SQLite database file (its output segments live beside it); `None` for PostgreSQL and in-memory SQLite.
+    pub fn database_file(&self) -> Option<&Path> {
+        self.file.as_deref()
     }
 
     pub fn backend(&self) -> Backend {
