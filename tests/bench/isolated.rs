@@ -2,7 +2,8 @@
 //!
 //! - (a) a run of `true` through the API (POST, then the event stream to its final event) on `isolated` and on the
 //!   contained Local driver, beside a bare `bwrap … true` with the same namespaces and a bare spawn of `true`
-//!   (p50/p99). Target: the isolated run's p50 within 10 ms of the Local run's.
+//!   (p50/p99). Target: the isolated run's p50 within 10 ms of the Local run's. A third row runs `isolated` with
+//!   `memoryMb` and `pids`, whose cgroups the run must join (each join costs the kernel an RCU grace period).
 //! - (b) isolated acquire + release cycles per second, through the provider itself (sandbox directories, passwd,
 //!   cleanup), beside the same cycles of the `fake` provider.
 //!
@@ -93,6 +94,15 @@ async fn overhead(server: &TestServer, runs: usize) {
         .await;
     assert!(status.is_success(), "{isolated}");
     let isolated = isolated["id"].as_str().unwrap().to_owned();
+    let (status, limited) = server
+        .post(
+            &format!("/api/companies/{company}/environments"),
+            json!({"name": "bench isolated, limited", "driver": "sandbox",
+                   "config": {"provider": "isolated", "memoryMb": 256, "pids": 128}}),
+        )
+        .await;
+    assert!(status.is_success(), "{limited}");
+    let limited = limited["id"].as_str().unwrap().to_owned();
     let http = reqwest::Client::new();
 
     let mut bare = Vec::with_capacity(runs);
@@ -115,6 +125,7 @@ async fn overhead(server: &TestServer, runs: usize) {
     // Interleaved, so both see the same machine.
     let mut local = Vec::with_capacity(runs);
     let mut sandboxed = Vec::with_capacity(runs);
+    let mut with_limits = Vec::with_capacity(runs);
     for _ in 0..runs {
         let started = Instant::now();
         run_to_completion(&http, server, &company, &json!({"command": ["true"]})).await;
@@ -128,6 +139,15 @@ async fn overhead(server: &TestServer, runs: usize) {
         )
         .await;
         sandboxed.push(started.elapsed());
+        let started = Instant::now();
+        run_to_completion(
+            &http,
+            server,
+            &company,
+            &json!({"command": ["true"], "environmentId": limited}),
+        )
+        .await;
+        with_limits.push(started.elapsed());
     }
     println!("\n(a) run overhead: `true`, sequential");
     println!("{:<52} {:>8} {:>10} {:>10}", "", "runs", "p50 ms", "p99 ms");
@@ -135,6 +155,10 @@ async fn overhead(server: &TestServer, runs: usize) {
     row("bare `bwrap … true`, the sandbox's namespaces", &mut bwrap);
     let local_p50 = row("run via API, Local (contained) (baseline)", &mut local);
     let isolated_p50 = row("run via API, isolated sandbox", &mut sandboxed);
+    row(
+        "run via API, isolated with memoryMb + pids (cgroups)",
+        &mut with_limits,
+    );
     println!(
         "isolated p50 - Local p50 = {:.2} ms (target: within 10 ms)",
         isolated_p50 - local_p50

@@ -67,6 +67,23 @@ pub struct Limits {
     pub cpus: Option<f64>,
 }
 
+impl Limits {
+    /// The controllers these limits need.
+    pub fn controllers(&self) -> Vec<Controller> {
+        let mut wanted = Vec::new();
+        if self.memory_bytes.is_some() {
+            wanted.push(Controller::Memory);
+        }
+        if self.pids.is_some() {
+            wanted.push(Controller::Pids);
+        }
+        if self.cpus.is_some() {
+            wanted.push(Controller::Cpu);
+        }
+        wanted
+    }
+}
+
 /// What the kernel counted for a run cgroup.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Events {
@@ -241,12 +258,19 @@ impl Layout {
         *slot = Some(hierarchy);
     }
 
-    /// The distinct directories a run cgroup named `name` occupies, one per hierarchy.
-    fn dirs_for(&self, name: &str) -> Vec<(Version, PathBuf)> {
+    /// The distinct directories a run cgroup named `name` occupies, one per hierarchy of `controllers`; with
+    /// `track`, also one that tracks membership even when no controller is wanted (the unified v2 hierarchy where
+    /// berth may write it, else any of the others).
+    fn dirs_for(
+        &self,
+        name: &str,
+        controllers: &[Controller],
+        track: bool,
+    ) -> Vec<(Version, PathBuf)> {
         let mut dirs: Vec<(Version, PathBuf)> = Vec::new();
-        let hierarchies = Controller::ALL
-            .into_iter()
-            .filter_map(|controller| self.get(controller))
+        let hierarchies = controllers
+            .iter()
+            .filter_map(|controller| self.get(*controller))
             .map(|hierarchy| (hierarchy.version, hierarchy.base.clone()));
         for (version, base) in hierarchies {
             let dir = base.join(name);
@@ -254,25 +278,45 @@ impl Layout {
                 dirs.push((version, dir));
             }
         }
-        if !dirs.iter().any(|(version, _)| *version == Version::V2)
-            && let Some(unified) = &self.unified
-            && fs::create_dir_all(unified).is_ok()
-            && rustix::fs::access(unified, rustix::fs::Access::WRITE_OK).is_ok()
+        if track && dirs.is_empty() {
+            let unified = self.unified.as_ref().filter(|unified| {
+                fs::create_dir_all(unified).is_ok()
+                    && rustix::fs::access(*unified, rustix::fs::Access::WRITE_OK).is_ok()
+            });
+            match unified {
+                Some(unified) => dirs.push((Version::V2, unified.join(name))),
+                None => {
+                    if let Some(hierarchy) = Controller::ALL.into_iter().find_map(|c| self.get(c)) {
+                        dirs.push((hierarchy.version, hierarchy.base.join(name)));
+                    }
+                }
+            }
+        }
+        dirs
+    }
+
+    /// Every directory a run cgroup named `name` could occupy, for cleanup.
+    fn all_dirs_for(&self, name: &str) -> Vec<(Version, PathBuf)> {
+        let mut dirs = self.dirs_for(name, &Controller::ALL, false);
+        if let Some(unified) = &self.unified
+            && !dirs.iter().any(|(version, _)| *version == Version::V2)
         {
             dirs.push((Version::V2, unified.join(name)));
         }
         dirs
     }
 
-    /// Creates the run cgroup `name` in every hierarchy with `limits` applied. A leftover of the same name (a crashed
-    /// run) is killed and replaced.
-    pub fn create(&self, name: &str, limits: Limits) -> Result<RunCgroup, Error> {
+    /// Creates the run cgroup `name` in the hierarchies `limits` needs (and, with `track`, one that tracks the run's
+    /// processes even without limits), with the limits applied. A leftover of the same name (a crashed run) is
+    /// killed and replaced. Joining a cgroup costs the kernel an RCU grace period per hierarchy, so a run joins only
+    /// those it needs.
+    pub fn create(&self, name: &str, limits: Limits, track: bool) -> Result<RunCgroup, Error> {
         let stale = RunCgroup {
-            dirs: self.dirs_for(name),
+            dirs: self.all_dirs_for(name),
         };
         stale.kill_and_remove();
         let cgroup = RunCgroup {
-            dirs: self.dirs_for(name),
+            dirs: self.dirs_for(name, &limits.controllers(), track),
         };
         for (_, dir) in &cgroup.dirs {
             fs::create_dir(dir).map_err(|source| Error::Cgroup {
@@ -290,8 +334,28 @@ impl Layout {
     /// The run cgroup `name`, whether or not it exists: for cleanup after a restart.
     pub fn existing(&self, name: &str) -> RunCgroup {
         RunCgroup {
-            dirs: self.dirs_for(name),
+            dirs: self.all_dirs_for(name),
         }
+    }
+
+    /// Every run cgroup whose name starts with `prefix`: a lease's, whatever its commands were called.
+    pub fn existing_with_prefix(&self, prefix: &str) -> RunCgroup {
+        let mut dirs: Vec<(Version, PathBuf)> = Vec::new();
+        for (version, probe) in self.all_dirs_for(prefix) {
+            let Some(base) = probe.parent() else { continue };
+            let Ok(entries) = fs::read_dir(base) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                if name.to_string_lossy().starts_with(prefix)
+                    && entry.file_type().is_ok_and(|kind| kind.is_dir())
+                {
+                    dirs.push((version, entry.path()));
+                }
+            }
+        }
+        RunCgroup { dirs }
     }
 }
 
@@ -427,19 +491,11 @@ impl RunCgroup {
         events
     }
 
-    /// Kills every process in the cgroup, waits (briefly) until it is empty, and removes it. Best effort: what cannot
-    /// be removed is logged and left for the next attempt.
+    /// Kills every process in the cgroup and removes it, waiting (at most a few seconds) for killed processes to
+    /// leave. Best effort: what cannot be removed is logged and left for the next attempt.
     pub fn kill_and_remove(&self) {
         for (version, dir) in &self.dirs {
-            if !dir.is_dir() {
-                continue;
-            }
-            if *version == Version::V2 && fs::write(dir.join("cgroup.kill"), "1").is_ok() {
-                wait_empty(dir);
-            } else {
-                kill_members(dir);
-            }
-            if let Err(err) = remove_dir_when_empty(dir) {
+            if let Err(err) = kill_and_remove_dir(*version, dir) {
                 tracing::warn!(cgroup = %dir.display(), error = %err, "could not remove a run cgroup");
             }
         }
@@ -471,48 +527,36 @@ fn members(dir: &Path) -> Vec<i32> {
         .collect()
 }
 
-/// v1 has no `cgroup.kill`: signal every member until none is left. The pids limit bounds a fork bomb, and each
-/// round kills whatever the last one missed.
-fn kill_members(dir: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let pids = members(dir);
-        if pids.is_empty() || Instant::now() > deadline {
-            return;
-        }
-        for pid in pids {
-            if let Some(pid) = rustix::process::Pid::from_raw(pid) {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-            }
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn wait_empty(dir: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !members(dir).is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// Removes a cgroup directory (children first); killed processes take a moment to leave it.
-fn remove_dir_when_empty(dir: &Path) -> io::Result<()> {
+/// Removes one cgroup directory. The common case — the run's processes are gone — is one `rmdir`; otherwise its
+/// members are killed (v2: `cgroup.kill`; v1 has none, so each member is signalled, round after round, which the pids
+/// limit keeps finite for a fork bomb) and the `rmdir` retried with a short backoff until they have left.
+fn kill_and_remove_dir(version: Version, dir: &Path) -> io::Result<()> {
     if let Ok(entries) = fs::read_dir(dir) {
         for entry in entries.flatten() {
             if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
-                kill_members(&entry.path());
-                remove_dir_when_empty(&entry.path())?;
+                kill_and_remove_dir(version, &entry.path())?;
             }
         }
     }
     let deadline = Instant::now() + Duration::from_secs(5);
+    let mut pause = Duration::from_micros(200);
     loop {
         match fs::remove_dir(dir) {
             Ok(()) => return Ok(()),
             Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(err) if err.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(5));
+                let killed_at_once =
+                    version == Version::V2 && fs::write(dir.join("cgroup.kill"), "1").is_ok();
+                if !killed_at_once {
+                    for pid in members(dir) {
+                        if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+                            let _ =
+                                rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                        }
+                    }
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(10));
             }
             Err(err) => return Err(err),
         }

@@ -1,15 +1,15 @@
-//! The three steps of an `isolated` command, each a mode of berth's own binary (`berth sandbox STEP`), so nothing
-//! needs `unsafe` to run between fork and exec:
+//! The two steps of an `isolated` command that run berth's own binary (`berth sandbox STEP`), so nothing needs
+//! `unsafe` between fork and exec:
 //!
 //! 1. **enter** (on the host): joins the run's cgroups, then becomes bubblewrap (`exec`). Every process of the run
 //!    descends from it, so none starts outside the limits.
 //! 2. **init** (inside, as the sandbox's first process after bubblewrap's reaper): reads the [`InitSpec`] framed at
-//!    the head of stdin, relays the callback bridge from `127.0.0.1:PORT` to the Unix socket berth mounted in,
-//!    starts step 3 as the unprivileged sandbox user, waits, and writes an [`InitReport`] for the host.
-//! 3. **exec** (inside, as the sandbox user): applies rlimits, Landlock and the seccomp filter to itself, then
-//!    becomes the command. What it set up is inherited and cannot be undone.
+//!    the head of stdin, starts the relay that carries the callback bridge from `127.0.0.1:PORT` to the Unix socket
+//!    berth mounted in, applies rlimits, Landlock and the seccomp filter to itself, starts the command as the
+//!    unprivileged sandbox user (which inherits all of it, for good), waits, and writes an [`InitReport`] for the
+//!    host through a file it opened before Landlock closed the rest.
 //!
-//! The spec travels on stdin and in step 3's environment, never in an argv: it holds the command's env values.
+//! The spec travels on stdin, never in an argv: it holds the command's env values.
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
@@ -33,8 +33,6 @@ use crate::bwrap::SANDBOX_RUN_DIR;
 pub const MAX_SPEC_BYTES: usize = 8 << 20;
 /// The status file, inside [`SANDBOX_RUN_DIR`].
 pub const STATUS_FILE: &str = "status.json";
-/// Step 3's environment variable carrying the spec.
-const SPEC_ENV: &str = "BERTH_SANDBOX_SPEC";
 /// Exit codes the init uses for its own failures, as shells do.
 const EXIT_CANNOT_RUN: u8 = 126;
 const EXIT_NOT_FOUND: u8 = 127;
@@ -171,10 +169,9 @@ pub fn dispatch(args: &[OsString]) -> Option<ExitCode> {
     Some(match step {
         Some("enter") => enter_main(&args[3..]),
         Some("init") => init_main(),
-        Some("exec") => exec_main(),
         _ => {
             eprintln!(
-                "berth sandbox: internal steps of the isolated provider (enter, init, exec); not for direct use"
+                "berth sandbox: internal steps of the isolated provider (enter, init); not for direct use"
             );
             ExitCode::from(2)
         }
@@ -246,123 +243,95 @@ pub fn init_main() -> ExitCode {
             return fail_early(&err.to_string());
         }
     };
-    let status_file = PathBuf::from(&spec.status_file);
-    let write_report = |report: &InitReport| write_report(&status_file, report);
-    // What step 3 will get, checked here on a throwaway thread (both apply per thread) so the report says so.
-    let (landlock, seccomp) = std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                (
-                    restrict_landlock(&spec.landlock),
-                    crate::seccomp::apply(spec.tcp_only),
-                )
-            })
-            .join()
-            .unwrap_or((
-                Err(Error::Landlock("the check panicked".to_owned())),
-                Ok(()),
-            ))
-    });
-    report.landlock = landlock.unwrap_or_default();
-    report.seccomp = seccomp.is_ok();
-    if spec.require_landlock && report.landlock != LandlockState::FullyEnforced {
-        let message =
-            "Landlock is the boundary here and this kernel does not fully enforce it".to_owned();
-        report.error = Some(message.clone());
-        write_report(&report);
-        return fail_early(&message);
-    }
-    if let Err(err) = seccomp {
-        // The filter is not optional: without it the sandbox is weaker than documented.
-        report.error = Some(format!("cannot install the seccomp filter: {err}"));
-        write_report(&report);
-        return fail_early(&err.to_string());
-    }
+    // Opened before Landlock narrows what this process may open; the command never gets it (close-on-exec).
+    let status = match std::fs::File::create(&spec.status_file) {
+        Ok(file) => file,
+        Err(err) => return fail_early(&format!("cannot open the run's status file: {err}")),
+    };
+    let fail = |mut report: InitReport, message: String| {
+        eprintln!("berth sandbox: {message}");
+        report.error = Some(message);
+        write_report_to(&status, &report);
+        ExitCode::from(EXIT_CANNOT_RUN)
+    };
+    // The relay's threads start before the restrictions below, which bind only the thread that applies them (and
+    // what it starts afterwards: the command).
     if let Some(relay) = &spec.relay
         && let Err(err) = start_relay(relay)
     {
-        report.error = Some(format!("cannot relay the callback bridge: {err}"));
-        write_report(&report);
-        return fail_early(&err.to_string());
+        return fail(report, format!("cannot relay the callback bridge: {err}"));
     }
-    let json = match serde_json::to_string(&spec) {
-        Ok(json) => json,
-        Err(err) => return fail_early(&err.to_string()),
+    if let Err(err) = apply_rlimits(&spec) {
+        return fail(report, format!("cannot set resource limits: {err}"));
+    }
+    match restrict_landlock(&spec.landlock) {
+        Ok(state) => report.landlock = state,
+        Err(err) => return fail(report, format!("cannot apply Landlock: {err}")),
+    }
+    if spec.require_landlock && report.landlock != LandlockState::FullyEnforced {
+        return fail(
+            report,
+            "Landlock is the boundary here and this kernel does not fully enforce it".to_owned(),
+        );
+    }
+    // The filter is not optional: without it the sandbox is weaker than documented.
+    if let Err(err) = crate::seccomp::apply(spec.tcp_only) {
+        return fail(report, format!("cannot install the seccomp filter: {err}"));
+    }
+    report.seccomp = true;
+
+    let Some((program, args)) = spec.argv.split_first() else {
+        return fail(report, "the command is empty".to_owned());
     };
-    let mut command = Command::new(
-        std::env::current_exe().unwrap_or_else(|_| PathBuf::from(crate::bwrap::SANDBOX_INIT)),
-    );
+    let mut command = Command::new(program);
     command
-        .args(["sandbox", "exec"])
+        .args(args)
         .env_clear()
-        .env(SPEC_ENV, json)
+        .envs(&spec.env)
+        .current_dir(&spec.cwd)
         .stdin(Stdio::inherit());
     if let Some(uid) = spec.run_as {
         // std also clears the supplementary groups when it changes the uid.
         command.uid(uid).gid(uid);
     }
-    let status = match command.status() {
+    let status_of_command = match command.status() {
         Ok(status) => status,
         Err(err) => {
-            report.error = Some(format!("cannot start the command: {err}"));
-            write_report(&report);
-            return fail_early(&err.to_string());
+            let code = if err.kind() == io::ErrorKind::NotFound {
+                EXIT_NOT_FOUND
+            } else {
+                EXIT_CANNOT_RUN
+            };
+            let message = format!("cannot run `{program}`: {err}");
+            eprintln!("berth sandbox: {message}");
+            // Like a shell: a command that cannot start is the command's failure, with its exit code.
+            report.started = true;
+            report.exit_code = Some(i32::from(code));
+            write_report_to(&status, &report);
+            return ExitCode::from(code);
         }
     };
     report.started = true;
-    report.exit_code = status.code();
-    report.signal = status.signal();
+    report.exit_code = status_of_command.code();
+    report.signal = status_of_command.signal();
     if let Some(dir) = &spec.bounded_dir {
         report.bounded_dir_full = rustix::fs::statvfs(dir.as_str())
             .is_ok_and(|stats| stats.f_bavail == 0 || stats.f_favail == 0);
     }
-    write_report(&report);
-    match (status.code(), status.signal()) {
+    write_report_to(&status, &report);
+    match (status_of_command.code(), status_of_command.signal()) {
         (Some(code), _) => ExitCode::from(code.clamp(0, 255) as u8),
         (None, Some(signal)) => ExitCode::from((128 + signal).clamp(0, 255) as u8),
         _ => ExitCode::FAILURE,
     }
 }
 
-/// Step 3: restrict this process, then become the command.
-pub fn exec_main() -> ExitCode {
-    let spec: InitSpec = match std::env::var(SPEC_ENV)
-        .map_err(|err| Error::Spec(err.to_string()))
-        .and_then(|json| serde_json::from_str(&json).map_err(|err| Error::Spec(err.to_string())))
-    {
-        Ok(spec) => spec,
-        Err(err) => return fail_early(&err.to_string()),
-    };
-    if let Err(err) = apply_rlimits(&spec) {
-        return fail_early(&format!("cannot set resource limits: {err}"));
-    }
-    match restrict_landlock(&spec.landlock) {
-        Ok(LandlockState::FullyEnforced) => {}
-        Ok(_) if spec.require_landlock => {
-            return fail_early(
-                "Landlock is the boundary here and this kernel does not fully enforce it",
-            );
-        }
-        Ok(_) => {}
-        Err(err) => return fail_early(&format!("cannot apply Landlock: {err}")),
-    }
-    if let Err(err) = crate::seccomp::apply(spec.tcp_only) {
-        return fail_early(&format!("cannot install the seccomp filter: {err}"));
-    }
-    let Some((program, args)) = spec.argv.split_first() else {
-        return fail_early("the command is empty");
-    };
-    let err = Command::new(program)
-        .args(args)
-        .env_clear()
-        .envs(&spec.env)
-        .current_dir(&spec.cwd)
-        .exec();
-    eprintln!("berth sandbox: cannot run `{program}`: {err}");
-    if err.kind() == io::ErrorKind::NotFound {
-        ExitCode::from(EXIT_NOT_FOUND)
-    } else {
-        ExitCode::from(EXIT_CANNOT_RUN)
+fn write_report_to(mut file: &std::fs::File, report: &InitReport) {
+    let written = serde_json::to_vec(report)
+        .map_err(io::Error::other)
+        .and_then(|json| file.write_all(&json));
+    if let Err(err) = written {
+        eprintln!("berth sandbox: cannot write the run's status: {err}");
     }
 }
 

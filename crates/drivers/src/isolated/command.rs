@@ -18,7 +18,7 @@ use crate::fs::{blocking, create_private_dir, io_error};
 use crate::process::{DEFAULT_PATH, ProcessSpec, command_cwd, run_process, signal_name};
 
 impl IsolatedProvider {
-    /// One command in the sandbox at `dir`, in the cgroup `cgroup_name`.
+    /// One command in the sandbox at `dir`, in the cgroup `cgroup_name` (unique to the command).
     pub(super) async fn run_in(
         &self,
         dir: &Path,
@@ -113,6 +113,7 @@ impl IsolatedProvider {
         let status_path = run_dir.join(berth_isolation::init::STATUS_FILE);
         let owner = self.sandbox_owner();
         let fresh_tmp = (tier == Tier::Landlock).then(|| tmp.clone());
+        let tier_tracks = tier == Tier::Landlock;
         let cgroup = blocking("the isolated provider", move || {
             let _ = std::fs::remove_file(&status_path);
             if let Some(tmp) = fresh_tmp {
@@ -127,24 +128,31 @@ impl IsolatedProvider {
                     chown_tree(&tmp, uid)?;
                 }
             }
+            // Without a PID namespace (the Landlock tier), the cgroup is also how a process that left the command's
+            // group is found and killed.
             layout
-                .create(&name, cgroup_limits)
+                .create(&name, cgroup_limits, tier_tracks)
                 .map_err(|err| DriverError::Uncontained {
                     reason: format!("the isolated provider cannot set the run's limits: {err}"),
                 })
         })
         .await?;
 
-        let mut argv = vec![
-            text(&self.init_program)?,
-            "sandbox".to_owned(),
-            "enter".to_owned(),
-        ];
-        for file in cgroup.procs_files() {
-            argv.push("--cgroup".to_owned());
-            argv.push(text(&file)?);
+        // With cgroups to join, `enter` joins them and becomes the sandbox; without, the sandbox starts directly.
+        let procs_files = cgroup.procs_files();
+        let mut argv = Vec::new();
+        if !procs_files.is_empty() {
+            argv.extend([
+                text(&self.init_program)?,
+                "sandbox".to_owned(),
+                "enter".to_owned(),
+            ]);
+            for file in procs_files {
+                argv.push("--cgroup".to_owned());
+                argv.push(text(&file)?);
+            }
+            argv.push("--".to_owned());
         }
-        argv.push("--".to_owned());
         match tier {
             Tier::Namespaces(bwrap) => {
                 let view = SandboxView {
@@ -181,9 +189,12 @@ impl IsolatedProvider {
         let ran = run_process(process, sink, cancel).await;
         let events = cgroup.events();
         let report = read_report(&run_dir);
-        tokio::task::spawn_blocking(move || cgroup.kill_and_remove())
-            .await
-            .map_err(|err| DriverError::failed(format!("the cgroup cleanup task failed: {err}")))?;
+        // The sandbox's PID namespace died with it; what is left is removing the cgroup (and, in the Landlock tier,
+        // killing a process that left the command's group), which the run need not wait for: each command's cgroup
+        // has a name of its own, and the lease's cleanup sweeps whatever a crash leaves.
+        drop(tokio::task::spawn_blocking(move || {
+            cgroup.kill_and_remove()
+        }));
         let outer = ran?;
         Ok(outcome_of(outer, report, events, limits))
     }

@@ -97,17 +97,7 @@ impl SandboxLimits {
     }
 
     pub(super) fn controllers(&self) -> Vec<Controller> {
-        let mut wanted = Vec::new();
-        if self.memory_mb.is_some() {
-            wanted.push(Controller::Memory);
-        }
-        if self.pids.is_some() {
-            wanted.push(Controller::Pids);
-        }
-        if self.cpus.is_some() {
-            wanted.push(Controller::Cpu);
-        }
-        wanted
+        self.cgroup_limits().controllers()
     }
 
     pub(super) fn cgroup_limits(&self) -> Limits {

@@ -4,9 +4,9 @@
 //! A lease is a private directory `<root>/<key>` holding the sandbox's `workspace` (seen inside at `/workspace`) and
 //! berth's `run` directory (the bridge socket, the init's status file, the sandbox's `passwd`). A command goes
 //! `berth sandbox enter` (joins the run's cgroup) → `bwrap` (namespaces, the filesystem view of
-//! [`berth_isolation::bwrap::SandboxView`]) → `berth sandbox init` (bridge relay, report) → `berth sandbox exec`
-//! (rlimits, Landlock, seccomp) → the command, as an unprivileged user. Nothing here falls back to running a
-//! command unisolated: a host that cannot isolate refuses with the reason and the fix.
+//! [`berth_isolation::bwrap::SandboxView`]) → `berth sandbox init` (bridge relay, rlimits, Landlock, seccomp,
+//! report) → the command, as an unprivileged user. Nothing here falls back to running a command unisolated: a host
+//! that cannot isolate refuses with the reason and the fix.
 
 mod command;
 mod host_fs;
@@ -292,7 +292,10 @@ impl IsolatedProvider {
 
     async fn remove_sandbox(&self, lease: &LeaseHandle, why: &str) -> Result<(), DriverError> {
         let (key, dir) = self.sandbox_dir(lease)?;
-        let cgroup = self.support.cgroups.existing(&key.dir_name());
+        let cgroup = self
+            .support
+            .cgroups
+            .existing_with_prefix(&cgroup_prefix(key));
         blocking("the isolated provider", move || {
             // A run that outlived its server (kill -9) may still have processes here.
             cgroup.kill_and_remove();
@@ -514,7 +517,10 @@ impl SandboxProvider for IsolatedProvider {
             if keep {
                 let (key, _) = self.sandbox_dir(lease)?;
                 // Kept: its files stay for the next run; no process does.
-                let cgroup = self.support.cgroups.existing(&key.dir_name());
+                let cgroup = self
+                    .support
+                    .cgroups
+                    .existing_with_prefix(&cgroup_prefix(key));
                 let _ = tokio::task::spawn_blocking(move || cgroup.kill_and_remove()).await;
                 return Ok(());
             }
@@ -604,7 +610,9 @@ impl SandboxProvider for IsolatedProvider {
         Box::pin(async move {
             let (key, dir) = self.sandbox_dir(lease)?;
             let limits = SandboxLimits::from_lease(lease);
-            self.run_in(&dir, &key.dir_name(), &limits, request, sink, cancel)
+            let serial = self.next_lease.fetch_add(1, Ordering::Relaxed);
+            let cgroup = format!("{}{serial}", cgroup_prefix(key));
+            self.run_in(&dir, &cgroup, &limits, request, sink, cancel)
                 .await
         })
     }
@@ -631,6 +639,11 @@ impl SandboxProvider for IsolatedProvider {
             sync::sync_back_with(&dir.join("workspace"), host_dir, &manifest, &limits).await
         })
     }
+}
+
+/// The names of a lease's command cgroups start with this: `<lease dir>.`, then a serial.
+fn cgroup_prefix(key: LeaseKey) -> String {
+    format!("{}.", key.dir_name())
 }
 
 fn config_schema() -> Value {
