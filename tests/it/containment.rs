@@ -316,8 +316,17 @@ async fn local_and_fake_runs_are_contained_for_every_company() {
     assert_eq!(status, StatusCode::CREATED, "{fake}");
     let port = port_of(&server);
     let script = format!(
-        "{}\ntry server_port bash -c 'echo > /dev/tcp/127.0.0.1/{port}'\ntry host_tools uname -a\n",
-        server_probes(&server)
+        r#"{probes}
+try server_port bash -c 'echo > /dev/tcp/127.0.0.1/{port}'
+try host_tools uname -a
+try write_etc touch /etc/berth-escape
+try write_usr touch /usr/berth-escape
+try sysctl sh -c 'echo 1 > /proc/sys/vm/drop_caches'
+try block_devices sh -c 'ls /dev/sd* /dev/vd* /dev/nvme* /dev/xvd*'
+try write_workspace sh -c 'echo x > made-here.txt'
+try write_tmp sh -c 'echo x > /tmp/berth-local-$$ && rm /tmp/berth-local-$$'
+"#,
+        probes = server_probes(&server)
     );
 
     let cases = [
@@ -347,9 +356,15 @@ async fn local_and_fake_runs_are_contained_for_every_company() {
         let probes = results(&output);
         assert_contained(&probes, &output, Some(admin_token));
         assert!(!output.contains(&master_key), "{label}: {output}");
-        // Local keeps what makes it useful: the host's tools and the network.
+        // Local keeps what makes it useful: the host's tools, its workspace and the network.
         assert_eq!(probes["host_tools"], "reached", "{label}: {output}");
         assert_eq!(probes["server_port"], "reached", "{label}: {output}");
+        assert_eq!(probes["write_workspace"], "reached", "{label}: {output}");
+        assert_eq!(probes["write_tmp"], "reached", "{label}: {output}");
+        // The host itself is read-only, even to a run that is uid 0 without capabilities.
+        for name in ["write_etc", "write_usr", "sysctl", "block_devices"] {
+            assert_eq!(probes[name], "blocked", "{label}: {name}: {output}");
+        }
     }
     server.stop().await;
 }

@@ -192,27 +192,18 @@ impl BridgeError {
         }
     }
 
-    /// The HTTP status the bridge answers the agent with. Finer than [`kind`](Self::kind) where a gateway status
-    /// says more: an upstream failure is 502, an upstream timeout 504.
+    /// The HTTP status the bridge answers the agent with: the status of its [`kind`](Self::kind)
+    /// ([`ErrorKind::http_status`]), overridden only where a gateway status says more than the kind's 503
+    /// (`Unavailable`): an upstream failure is 502, an upstream timeout 504.
     pub fn status(&self) -> StatusCode {
         match self {
             BridgeError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             BridgeError::UpstreamUnavailable | BridgeError::UpstreamResponseTooLarge { .. } => {
                 StatusCode::BAD_GATEWAY
             }
-            _ => match self.kind() {
-                ErrorKind::InvalidRequest => StatusCode::BAD_REQUEST,
-                ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
-                ErrorKind::Forbidden => StatusCode::FORBIDDEN,
-                ErrorKind::NotFound => StatusCode::NOT_FOUND,
-                ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-                ErrorKind::Conflict => StatusCode::CONFLICT,
-                ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-                ErrorKind::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                ErrorKind::Validation => StatusCode::UNPROCESSABLE_ENTITY,
-                ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-                ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-            },
+            // Everything else: the status of its kind, the same table the server answers with.
+            _ => StatusCode::from_u16(self.kind().http_status())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         }
     }
 }

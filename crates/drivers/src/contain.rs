@@ -145,11 +145,8 @@ impl Containment {
             privilege,
             masked_dirs: masked_dirs.clone(),
             masked_files: masked_files.clone(),
-            exposed_dirs: if masked_dirs.iter().any(|dir| workspace.starts_with(dir)) {
-                vec![workspace]
-            } else {
-                Vec::new()
-            },
+            // The host is read-only; the workspace is where the run writes (besides the host's /tmp).
+            exposed_dirs: vec![workspace],
         };
         // bwrap exports its own PWD; the contract gives the command exactly the environment the run asked for, so
         // `env` (which then execs the command) puts back what was asked: the run's PWD, or none.
@@ -315,7 +312,7 @@ mod tests {
 
     #[test]
     fn contained_commands_run_under_bwrap_with_the_data_dir_hidden() {
-        let data = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir_in("/var/tmp").unwrap();
         let workspace = data.path().join("workspaces").join("run");
         std::fs::create_dir_all(&workspace).unwrap();
         let host = support(Ok(PathBuf::from("/usr/bin/bwrap")), Privilege::Root, false);

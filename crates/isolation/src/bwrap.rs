@@ -82,16 +82,19 @@ impl Args {
     }
 }
 
-/// The view for Local and fake-provider runs: the whole host filesystem, minus berth's own directories, in a PID and
-/// IPC namespace of its own (the server and every other host process out of sight), with the network shared.
+/// The view for Local and fake-provider runs: the host filesystem read-only (its tools, its files), minus berth's own
+/// directories, with the run's workspace and the host's `/tmp` read-write, the basic devices and a read-only `/proc` of its
+/// own PID namespace (the server and every other host process out of sight; no sysctl writes), an IPC namespace of its
+/// own, and the network shared. Read-only matters most when berth is root: the command is then uid 0 without
+/// capabilities, and the owner's permissions on the host's files would otherwise let it rewrite them.
 #[derive(Clone, Debug)]
 pub struct HostView {
     pub privilege: Privilege,
-    /// Directories hidden behind an empty read-only tmpfs: the data dir, provider roots.
+    /// Directories hidden behind an empty read-only tmpfs: the data dir, provider roots, workspace roots.
     pub masked_dirs: Vec<PathBuf>,
     /// Files hidden behind `/dev/null`: a database that lives outside the data dir.
     pub masked_files: Vec<PathBuf>,
-    /// Directories inside a masked one that this run may still use, read-write at the same path: its own workspace.
+    /// Directories the run may write, at the same path: its own workspace (possibly inside a masked one).
     pub exposed_dirs: Vec<PathBuf>,
 }
 
@@ -107,10 +110,13 @@ impl HostView {
             Privilege::Root => args.pair("--cap-drop", "ALL"),
             Privilege::UserNamespace => args.flag("--unshare-user"),
         };
-        // `--bind` mounts are `nodev`, so /dev comes back with its devices; /proc is the new PID namespace's.
-        args.triple("--bind", "/", "/")
-            .triple("--dev-bind", "/dev", "/dev")
-            .pair("--proc", "/proc");
+        // `--ro-bind` is recursive: /sys and every other mount come read-only too. /dev is bwrap's minimal one (no
+        // disks), /proc the new PID namespace's, made read-only so /proc/sys cannot be written either.
+        // /tmp stays the host's, writable: Local runs hand files to and from the host there.
+        args.triple("--ro-bind", "/", "/")
+            .pair("--dev", "/dev")
+            .pair("--proc", "/proc")
+            .triple("--bind", "/tmp", "/tmp");
         // Only existing directories: bwrap would create a missing mount point through the host's own `/`.
         let masked: Vec<&PathBuf> = self.masked_dirs.iter().filter(|dir| dir.is_dir()).collect();
         for dir in &masked {
@@ -124,11 +130,15 @@ impl HostView {
         // Mount points inside a mask are made while it is still writable, the directories on the way search-only
         // (no listing of what else was there); then the masks turn read-only.
         for dir in &self.exposed_dirs {
-            if let Some(mask) = masked.iter().find(|mask| dir.starts_with(mask)) {
+            let hiding = masked
+                .iter()
+                .map(|mask| mask.as_path())
+                .find(|mask| dir.starts_with(mask));
+            if let Some(mask) = hiding {
                 let mut between: Vec<&Path> = dir
                     .ancestors()
                     .skip(1)
-                    .take_while(|ancestor| ancestor != mask)
+                    .take_while(|ancestor| *ancestor != mask)
                     .collect();
                 between.reverse();
                 for ancestor in between {
@@ -140,6 +150,7 @@ impl HostView {
         for dir in masked {
             args.pair("--remount-ro", dir);
         }
+        args.pair("--remount-ro", "/proc");
         args.flag("--");
         args.0.extend(argv.iter().map(OsString::from));
         args.0
@@ -269,7 +280,7 @@ mod tests {
 
     #[test]
     fn the_host_view_masks_existing_dirs_and_reexposes_the_workspace() {
-        let data = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir_in("/var/tmp").unwrap();
         let workspace = data.path().join("workspaces/run");
         std::fs::create_dir_all(&workspace).unwrap();
         let view = HostView {

@@ -13,13 +13,12 @@ use berth_bridge::service::{AuditEntry, AuditSink, Bridge, BridgeConfig, BridgeL
 use berth_bridge::signing::{BridgeSecrets, NonceStore};
 use berth_core::driver::BoxFuture;
 use berth_core::ids::RunId;
-use berth_core::run::EventKind;
 use berth_core::time::Timestamp;
 use secrecy::SecretString;
-use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::api::error::DisplayChain;
+use crate::runs::event_data::EventData;
 use crate::runs::events::EventWriter;
 use crate::store::Store;
 
@@ -247,17 +246,14 @@ impl AuditWriter {
 
 async fn emit(events: &EventWriter, entry: AuditEntry) {
     events
-        .emit(
-            EventKind::Bridge,
-            json!({
-                "method": entry.method,
-                "path": entry.path,
-                "status": entry.status,
-                "latencyMs": entry.latency.as_secs_f64() * 1000.0,
-                "requestBytes": entry.request_bytes,
-                "responseBytes": entry.response_bytes,
-                "code": entry.code,
-            }),
-        )
+        .record(EventData::Bridge {
+            method: &entry.method,
+            path: &entry.path,
+            status: entry.status,
+            latency_ms: entry.latency.as_secs_f64() * 1000.0,
+            request_bytes: entry.request_bytes,
+            response_bytes: entry.response_bytes,
+            code: entry.code,
+        })
         .await;
 }

@@ -153,6 +153,11 @@ impl HostPolicyError {
 }
 
 impl HostPolicy {
+    /// Every granted workspace root, resolved: host commands see none of them but their own workspace.
+    pub fn workspace_roots(&self) -> impl Iterator<Item = &Path> {
+        self.roots.iter().map(|root| root.canonical.as_path())
+    }
+
     /// Resolves every root and the protected directories (one that does not exist yet through its nearest existing
     /// ancestor), and refuses roots that are missing, not directories, or overlap a protected directory. Empty
     /// entries are skipped.

@@ -171,13 +171,17 @@ async fn finish(
     }
 }
 
-/// How Local and fake-provider commands are contained: berth's data dir, the fake provider's root and a SQLite
-/// database kept elsewhere are out of their sight.
-fn host_containment(options: &ServeOptions, database_url: &str) -> Containment {
+/// How Local and fake-provider commands are contained: berth's data dir, the fake provider's root, a SQLite
+/// database kept elsewhere, and every granted workspace root (other companies' files) are out of their sight; each
+/// command gets its own workspace back.
+fn host_containment(options: &ServeOptions, database_url: &str, host: &HostPolicy) -> Containment {
     let mut hidden = Hidden {
         dirs: vec![options.data_dir.clone(), FakeProvider::default_root()],
         files: Vec::new(),
     };
+    hidden
+        .dirs
+        .extend(host.workspace_roots().map(Path::to_path_buf));
     if let Some(path) = database_url.strip_prefix("sqlite://") {
         let path = path.split('?').next().unwrap_or(path);
         for suffix in ["", "-wal", "-shm"] {
@@ -222,7 +226,7 @@ pub async fn prepare(options: &ServeOptions) -> Result<AppState, ServeError> {
     store.ensure_local_environment(company.id).await?;
     let host = host_policy(options, &store, company.id).await?;
     let admin_token = load_or_create_admin_token(&options.data_dir, options.admin_token.as_ref())?;
-    let containment = host_containment(options, &database_url);
+    let containment = host_containment(options, &database_url, &host);
     let mut providers = ProviderRegistry::new();
     berth_fake_provider::register_builtin(&mut providers, containment.clone())?;
     berth_drivers::isolated::register_builtin(

@@ -2,17 +2,33 @@
 //! checks every request signature, and clients that misbehave on purpose.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
 
+use berth_core::provider::BoxFuture;
+use berth_core::time::Timestamp;
 use http::StatusCode;
+use http::header::HeaderMap;
+use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 use hyper::body::Frame;
-use tokio::io::AsyncWriteExt;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use secrecy::ExposeSecret;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::task::JoinSet;
 
 use super::*;
-use crate::signing::{DEFAULT_SIGNATURE_WINDOW, MemoryNonceStore, verify};
+use crate::signing::{
+    DEFAULT_SIGNATURE_WINDOW, HEADER_NONCE, HEADER_RUN_ID, HEADER_SIGNATURE, MemoryNonceStore,
+    verify,
+};
 
 const SECRET: [u8; 32] = [42; 32];
 const MIB: usize = 1024 * 1024;

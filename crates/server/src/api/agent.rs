@@ -10,7 +10,7 @@ use axum::extract::{FromRequest, OriginalUri, Request, State};
 use axum::http::{StatusCode, header};
 use berth_bridge::signing::{DEFAULT_SIGNATURE_WINDOW, verify};
 use berth_core::ErrorKind;
-use berth_core::run::{EventKind, Run};
+use berth_core::run::Run;
 use berth_core::time::Timestamp;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -19,6 +19,7 @@ use super::dto::RunResponse;
 use super::error::ApiError;
 use super::json::{has_json_content_type, parse_json, read_body};
 use crate::bridge::StoreNonces;
+use crate::runs::event_data::EventData;
 use crate::state::AppState;
 
 /// Longest agent event message, in characters.
@@ -148,10 +149,10 @@ pub async fn post_event(
     }
     let writer = state.runs().event_writer(request.run.id);
     writer
-        .emit(
-            EventKind::Agent,
-            json!({"message": event.message, "data": event.data}),
-        )
+        .record(EventData::Agent {
+            message: &event.message,
+            data: event.data.as_ref(),
+        })
         .await;
     Ok((StatusCode::ACCEPTED, Json(json!({"accepted": true}))))
 }

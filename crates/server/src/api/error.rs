@@ -1,6 +1,7 @@
 //! The one place where errors become HTTP responses.
 //!
-//! Every error that can reach a client is classified by an [`ErrorKind`]; [`status_for`] maps kinds onto statuses.
+//! Every error that can reach a client is classified by an [`ErrorKind`], whose status is
+//! [`ErrorKind::http_status`]; [`status_for`] turns it into a `StatusCode`.
 //! Internal errors are logged with their full chain and answered with a generic message: no SQL, no paths, no
 //! secrets ever reach a response body.
 
@@ -24,21 +25,11 @@ pub struct ApiError {
     details: Vec<FieldError>,
 }
 
-/// The status for each kind of error: the single mapping between the domain and HTTP.
+/// The status for each kind of error. The table itself is [`ErrorKind::http_status`], shared with the bridge; this is
+/// only its conversion into axum's type.
 pub fn status_for(kind: ErrorKind) -> StatusCode {
-    match kind {
-        ErrorKind::InvalidRequest => StatusCode::BAD_REQUEST,
-        ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
-        ErrorKind::Forbidden => StatusCode::FORBIDDEN,
-        ErrorKind::NotFound => StatusCode::NOT_FOUND,
-        ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-        ErrorKind::Conflict => StatusCode::CONFLICT,
-        ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-        ErrorKind::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        ErrorKind::Validation => StatusCode::UNPROCESSABLE_ENTITY,
-        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-    }
+    // Every code in the table is a valid status, so the fallback is never taken.
+    StatusCode::from_u16(kind.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
 
 impl ApiError {

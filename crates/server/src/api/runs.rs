@@ -23,7 +23,7 @@ use berth_core::time::Timestamp;
 use berth_core::validation::ValidationErrors;
 use bytes::Bytes;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::broadcast;
 
 use super::auth::Principal;
@@ -33,6 +33,7 @@ use super::json::ApiJson;
 use super::{load_company, parse_path_id, query_or_400};
 use crate::host_policy::{HostPolicyError, WorkspaceCaller};
 use crate::runs::RunPlan;
+use crate::runs::event_data::EventData;
 use crate::runs::events::EventWriter;
 use crate::state::AppState;
 
@@ -108,9 +109,7 @@ pub async fn create(
     };
     state.store().insert_run(&run).await?;
     let events = EventWriter::new(state.store().clone(), run.id);
-    events
-        .emit(EventKind::Status, json!({"status": "queued"}))
-        .await;
+    events.record(EventData::Status(RunStatus::Queued)).await;
     tracing::info!(run.id = %run.id, env.id = %environment.id, "run accepted");
     let response = RunResponse::from(&run);
     state.runs().start(run, environment, config, plan, events);

@@ -10,11 +10,12 @@ use berth_core::driver::{BoxFuture, OutputSink, OutputStream};
 use berth_core::ids::RunId;
 use berth_core::run::{EventKind, NewRunEvent, RunEvent};
 use berth_core::time::Timestamp;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::error::DisplayChain;
+use crate::runs::event_data::{EventData, output_text};
 use crate::store::{StagedEvents, Store, StoreError};
 
 /// Events a live follower may fall behind by before it has to read from the store instead. Output events are at
@@ -91,9 +92,13 @@ impl EventWriter {
         tracing::error!(run.id = %self.run_id, error = %DisplayChain(error), "could not record run events");
     }
 
+    /// Appends what happened, in its documented shape ([`EventData`]).
+    pub async fn record(&self, data: EventData<'_>) {
+        self.emit(data.kind(), data.into_value()).await;
+    }
+
     pub async fn error(&self, code: &str, message: &str) {
-        self.emit(EventKind::Error, json!({"code": code, "message": message}))
-            .await;
+        self.record(EventData::Error { code, message }).await;
     }
 }
 
@@ -196,7 +201,7 @@ async fn write_output(
                 (!text.is_empty()).then(|| NewRunEvent {
                     at: now,
                     kind: kind_of(stream),
-                    data: json!({"text": text}),
+                    data: output_text(&text),
                 })
             })
             .collect();
@@ -215,7 +220,7 @@ async fn write_output(
         .map(|(stream, bytes)| NewRunEvent {
             at: Timestamp::now(),
             kind: kind_of(stream),
-            data: json!({"text": String::from_utf8_lossy(&bytes)}),
+            data: output_text(&String::from_utf8_lossy(&bytes)),
         })
         .collect();
     if !leftovers.is_empty()

@@ -9,10 +9,9 @@ use berth_core::driver::{
     CancelSignal, ExecOutcome, ExecRequest, RealizedWorkspace, WorkspaceRequest,
 };
 use berth_core::environment::Environment;
-use berth_core::lease::{Lease, LeasePolicy};
-use berth_core::run::{EventKind, Run, RunStatus};
+use berth_core::lease::LeasePolicy;
+use berth_core::run::{Run, RunStatus};
 use berth_core::time::Timestamp;
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::events::{EventWriter, OutputEvents};
@@ -20,6 +19,7 @@ use super::leases::{self, HeldLease};
 use super::manager::RunContext;
 use crate::api::error::DisplayChain;
 use crate::bridge::RunningBridge;
+use crate::runs::event_data::EventData;
 
 /// Everything about a run that is not stored: the parts of the request that may hold secrets, and choices made when
 /// it was accepted.
@@ -61,17 +61,13 @@ pub async fn execute(
         run.lease_id = Some(held.lease.id);
         save(&context, &run).await;
         events
-            .emit(
-                EventKind::Lease,
-                json!({
-                    "leaseId": held.lease.id.to_string(),
-                    "status": "active",
-                    "policy": policy.as_str(),
-                    "provider": held.handle.provider,
-                    "providerLeaseId": held.handle.provider_lease_id,
-                    "resumed": held.resumed,
-                }),
-            )
+            .record(EventData::LeaseActive {
+                lease_id: held.lease.id,
+                policy,
+                provider: held.handle.provider.as_deref(),
+                provider_lease_id: held.handle.provider_lease_id.as_deref(),
+                resumed: held.resumed,
+            })
             .await;
 
         let finish = with_lease(&context, &mut run, &held, &plan, &cancel, &events).await;
@@ -87,7 +83,7 @@ pub async fn execute(
             _ => None,
         };
         match leases::release(&context, &held, &config, keep, keep_for).await {
-            Ok(Some(lease)) => events.emit(EventKind::Lease, lease_released(&lease)).await,
+            Ok(Some(lease)) => events.record(EventData::LeaseEnded(&lease)).await,
             Ok(None) => {}
             Err(error) => {
                 tracing::warn!(error = %DisplayChain(&error), "could not release the lease; the sweep will");
@@ -110,10 +106,12 @@ pub async fn execute(
     // The final event goes out before the row turns final, so a follower that sees a final row knows the final
     // event is already there to read.
     events
-        .emit(
-            EventKind::Status,
-            json!({"status": run.status.as_str(), "exitCode": run.exit_code, "signal": run.signal, "error": run.error}),
-        )
+        .record(EventData::Final {
+            status: run.status,
+            exit_code: run.exit_code,
+            signal: run.signal.as_deref(),
+            error: run.error.as_deref(),
+        })
         .await;
     save(&context, &run).await;
     tracing::info!(run.id = %run_id, status = %run.status, exit_code = ?run.exit_code, "run finished");
@@ -147,20 +145,8 @@ async fn with_lease(
         }
     };
     // What an incremental sync sent rides along (the rest of the driver's notes can be large: manifests).
-    let mut realized = serde_json::Map::new();
-    for key in ["filesSent", "bytesSent"] {
-        if let Some(value) = workspace.metadata.get(key) {
-            realized.insert(key.to_owned(), value.clone());
-        }
-    }
-    realized.insert("phase".to_owned(), json!("realized"));
-    realized.insert("cwd".to_owned(), json!(workspace.cwd));
-    realized.insert(
-        "inPlace".to_owned(),
-        json!(workspace.local_path.as_deref() == Some(std::path::Path::new(&workspace.cwd))),
-    );
     events
-        .emit(EventKind::Workspace, serde_json::Value::Object(realized))
+        .record(EventData::WorkspaceRealized(&workspace))
         .await;
     if cancel.is_cancelled() {
         return Finish::cancelled_before_start();
@@ -169,9 +155,7 @@ async fn with_lease(
     run.status = RunStatus::Running;
     run.started_at = Some(Timestamp::now());
     save(context, run).await;
-    events
-        .emit(EventKind::Status, json!({"status": "running"}))
-        .await;
+    events.record(EventData::Status(RunStatus::Running)).await;
 
     // The bridge listens before the command starts and stops after it ends: nothing listens outside the run.
     let mut exec = plan.exec.clone();
@@ -243,18 +227,7 @@ async fn with_lease(
 
     match driver.sync_back(&held.handle, &workspace).await {
         Ok(report) if workspace.local_path.is_some() => {
-            events
-                .emit(
-                    EventKind::Workspace,
-                    json!({
-                        "phase": "synced",
-                        "filesWritten": report.files_written,
-                        "filesDeleted": report.files_deleted,
-                        "bytesWritten": report.bytes_written,
-                        "conflicts": report.conflicts,
-                    }),
-                )
-                .await;
+            events.record(EventData::WorkspaceSynced(&report)).await;
         }
         Ok(_) => {}
         Err(error) => {
@@ -273,14 +246,6 @@ async fn save(context: &RunContext, run: &Run) {
     if let Err(error) = context.store.update_run(run).await {
         tracing::error!(run.id = %run.id, error = %DisplayChain(&error), "could not save the run");
     }
-}
-
-fn lease_released(lease: &Lease) -> serde_json::Value {
-    json!({
-        "leaseId": lease.id.to_string(),
-        "status": lease.status.as_str(),
-        "cleanupStatus": lease.cleanup_status.map(|status| status.as_str()),
-    })
 }
 
 /// How a run ends.

@@ -9,10 +9,9 @@ use berth_core::config::DriverConfig;
 use berth_core::environment::Environment;
 use berth_core::ids::RunId;
 use berth_core::lease::LeaseStatus;
-use berth_core::run::{EventKind, Run, RunEvent};
+use berth_core::run::{Run, RunEvent, RunStatus};
 use berth_core::time::Timestamp;
 use berth_drivers::registry::DriverRegistry;
-use serde_json::json;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -23,6 +22,7 @@ use super::executor::{self, RunPlan};
 use super::leases::{self, CleanupKind};
 use crate::api::error::DisplayChain;
 use crate::bridge::BridgeSettings;
+use crate::runs::event_data::EventData;
 use crate::secrets::SecretCipher;
 use crate::store::Store;
 
@@ -251,7 +251,14 @@ impl RunManager {
                             tracing::warn!(run.id = %run.id, "failed an orphaned run");
                             let events = EventWriter::new(store.clone(), run.id);
                             events.error("orphaned", message).await;
-                            events.emit(EventKind::Status, json!({"status": "failed", "exitCode": null, "signal": null, "error": message})).await;
+                            events
+                                .record(EventData::Final {
+                                    status: RunStatus::Failed,
+                                    exit_code: None,
+                                    signal: None,
+                                    error: Some(message),
+                                })
+                                .await;
                         }
                         Ok(false) => {}
                         Err(error) => {

@@ -4,7 +4,9 @@
 //! - [`executor`]: one run from lease to final status.
 //! - [`leases`]: acquiring, resuming, releasing and cleaning up leases through compare-and-set transitions.
 //! - [`events`]: appending events and streaming output into them.
+//! - [`event_data`]: every event's payload, typed; the one place their JSON shape is written.
 
+pub mod event_data;
 pub mod events;
 pub mod executor;
 pub mod leases;

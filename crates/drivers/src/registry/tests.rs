@@ -1,0 +1,566 @@
+use std::sync::Mutex;
+
+use berth_core::ErrorKind;
+use berth_core::config::SandboxConfig;
+use berth_core::driver::{
+    BoxFuture, CancelSignal, ExecOutcome, ExecRequest, LeaseHandle, LeaseRequest, OutputSink,
+    OutputStream, RealizedWorkspace, SyncReport, WorkspaceRequest,
+};
+use berth_core::ids::{EnvironmentId, RunId};
+use berth_core::provider::ProviderSpec;
+use serde_json::{Map, Value, json};
+
+use super::*;
+
+/// A provider that records what it is asked and answers canned results; `hang_probe` never answers probes.
+#[derive(Debug)]
+struct Stub {
+    descriptor: ProviderDescriptor,
+    hang_probe: bool,
+    calls: Mutex<Vec<String>>,
+}
+
+impl Stub {
+    fn new(key: &str, runs: bool) -> Self {
+        let descriptor = ProviderDescriptor::new(ProviderSpec {
+            key: key.to_owned(),
+            display_name: format!("Stub {key}"),
+            description: "A stub provider for tests".to_owned(),
+            config_schema: json!({"type": "object"}),
+            supports_reusable_leases: true,
+            supports_run_execution: runs,
+        })
+        .unwrap();
+        Self {
+            descriptor,
+            hang_probe: false,
+            calls: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn hung(key: &str) -> Self {
+        Self {
+            hang_probe: true,
+            ..Self::new(key, true)
+        }
+    }
+
+    fn record(&self, call: impl Into<String>) {
+        self.calls.lock().unwrap().push(call.into());
+    }
+
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+impl SandboxProvider for Stub {
+    fn descriptor(&self) -> &ProviderDescriptor {
+        &self.descriptor
+    }
+
+    fn probe<'a>(&'a self, _config: &'a SandboxConfig) -> BoxFuture<'a, ProbeResult> {
+        if self.hang_probe {
+            return Box::pin(std::future::pending());
+        }
+        Box::pin(async move { ProbeResult::ok(Driver::Sandbox, "stub ready", Map::new()) })
+    }
+
+    fn acquire<'a>(
+        &'a self,
+        _config: &'a SandboxConfig,
+        request: &'a LeaseRequest,
+    ) -> BoxFuture<'a, Result<LeaseHandle, DriverError>> {
+        Box::pin(async move {
+            self.record("acquire");
+            Ok(LeaseHandle {
+                // Left out on purpose: the driver stamps it.
+                provider: None,
+                provider_lease_id: Some(format!("stub://{}", request.run_id)),
+                metadata: Map::new(),
+                expires_at: None,
+            })
+        })
+    }
+
+    fn matches_reusable_lease(&self, _config: &SandboxConfig, lease: &LeaseHandle) -> bool {
+        lease.metadata.get("reusable") == Some(&Value::Bool(true))
+    }
+
+    fn resume<'a>(
+        &'a self,
+        _config: &'a SandboxConfig,
+        lease: &'a LeaseHandle,
+        _request: &'a LeaseRequest,
+    ) -> BoxFuture<'a, Result<Option<LeaseHandle>, DriverError>> {
+        Box::pin(async move {
+            self.record("resume");
+            Ok(Some(lease.clone()))
+        })
+    }
+
+    fn release<'a>(
+        &'a self,
+        _lease: &'a LeaseHandle,
+        keep: bool,
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            self.record(format!("release keep={keep}"));
+            Ok(())
+        })
+    }
+
+    fn destroy<'a>(&'a self, _lease: &'a LeaseHandle) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            self.record("destroy");
+            Ok(())
+        })
+    }
+
+    fn prepare_workspace<'a>(
+        &'a self,
+        _lease: &'a LeaseHandle,
+        request: &'a WorkspaceRequest,
+    ) -> BoxFuture<'a, Result<RealizedWorkspace, DriverError>> {
+        Box::pin(async move {
+            self.record("prepare");
+            Ok(RealizedWorkspace {
+                cwd: "/stub".to_owned(),
+                local_path: request.local_path.clone(),
+                ephemeral: true,
+                metadata: Map::new(),
+            })
+        })
+    }
+
+    fn execute<'a>(
+        &'a self,
+        _lease: &'a LeaseHandle,
+        _workspace: &'a RealizedWorkspace,
+        request: ExecRequest,
+        sink: &'a dyn OutputSink,
+        _cancel: CancelSignal,
+    ) -> BoxFuture<'a, Result<ExecOutcome, DriverError>> {
+        Box::pin(async move {
+            self.record(format!("execute {}", request.argv.join(" ")));
+            sink.output(OutputStream::Stdout, b"stub output").await;
+            Ok(ExecOutcome {
+                exit_code: Some(0),
+                ..ExecOutcome::default()
+            })
+        })
+    }
+
+    fn sync_back<'a>(
+        &'a self,
+        _lease: &'a LeaseHandle,
+        _workspace: &'a RealizedWorkspace,
+    ) -> BoxFuture<'a, Result<SyncReport, DriverError>> {
+        Box::pin(async move {
+            self.record("sync_back");
+            Ok(SyncReport {
+                files_written: 1,
+                ..SyncReport::default()
+            })
+        })
+    }
+}
+
+#[derive(Debug, Default)]
+struct Collect(Mutex<Vec<u8>>);
+
+impl OutputSink for Collect {
+    fn output<'a>(&'a self, _stream: OutputStream, data: &'a [u8]) -> BoxFuture<'a, ()> {
+        Box::pin(async move { self.0.lock().unwrap().extend_from_slice(data) })
+    }
+}
+
+fn with_stub() -> (Arc<Stub>, Arc<ProviderRegistry>) {
+    let stub = Arc::new(Stub::new("stub", true));
+    let mut registry = ProviderRegistry::new();
+    registry
+        .register(Arc::clone(&stub) as Arc<dyn SandboxProvider>)
+        .unwrap();
+    registry
+        .register(Arc::new(Stub::new("no-runs", false)))
+        .unwrap();
+    (stub, Arc::new(registry))
+}
+
+fn sandbox(provider: &str) -> DriverConfig {
+    DriverConfig::Sandbox(SandboxConfig {
+        provider: provider.to_owned(),
+        reuse_lease: false,
+        timeout_ms: None,
+        sync_back_max_mb: None,
+        fields: Map::new(),
+    })
+}
+
+fn parse(driver: Driver, config: Value, providers: &ProviderRegistry) -> DriverConfig {
+    DriverConfig::parse(driver, &config, providers).unwrap()
+}
+
+fn lease_request() -> LeaseRequest {
+    LeaseRequest {
+        environment_id: EnvironmentId::new(),
+        run_id: RunId::new(),
+    }
+}
+
+fn drivers(temp: &tempfile::TempDir, providers: Arc<ProviderRegistry>) -> DriverRegistry {
+    DriverRegistry::new(
+        LocalDriver::new(
+            temp.path(),
+            crate::contain::Containment::disabled_for_tests(),
+        ),
+        providers,
+    )
+}
+
+#[test]
+fn duplicate_keys_are_rejected_and_the_first_kept() {
+    let (stub, providers) = with_stub();
+    let mut registry = Arc::try_unwrap(providers).unwrap();
+    let err = registry
+        .register(Arc::new(Stub::new("stub", false)))
+        .unwrap_err();
+    assert_eq!(err.code(), "duplicate_provider");
+    assert_eq!(err.kind(), ErrorKind::Conflict);
+    assert!(err.to_string().contains("`stub`"));
+    let kept = registry.get("stub").unwrap();
+    assert!(std::ptr::addr_eq(Arc::as_ptr(&kept), Arc::as_ptr(&stub)));
+    assert!(registry.get("e2b").is_none());
+    assert_eq!(registry.provider("stub").unwrap().key(), "stub");
+    assert!(registry.provider("e2b").is_none());
+    assert_eq!(registry.provider_keys(), ["no-runs", "stub"]);
+}
+
+#[test]
+fn registry_serves_as_the_catalog_for_config_validation() {
+    let (_, providers) = with_stub();
+    let parsed = parse(
+        Driver::Sandbox,
+        json!({"provider": "stub", "x": 1}),
+        &providers,
+    );
+    assert_eq!(parsed.to_stored().unwrap()["x"], 1);
+    let err = DriverConfig::parse(
+        Driver::Sandbox,
+        &json!({"provider": "e2b"}),
+        providers.as_ref(),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("installed: no-runs, stub"),
+        "{err}"
+    );
+}
+
+#[test]
+fn capabilities_describe_drivers_and_providers() {
+    let temp = tempfile::tempdir().unwrap();
+    let (_, providers) = with_stub();
+    let capabilities = drivers(&temp, providers).capabilities();
+    assert_eq!(
+        capabilities.drivers.keys().copied().collect::<Vec<_>>(),
+        Driver::ALL
+    );
+    for driver in [Driver::Local, Driver::Ssh, Driver::Sandbox] {
+        let capability = &capabilities.drivers[&driver];
+        assert_eq!(capability.status, SupportStatus::Supported);
+        assert!(capability.supports_saved_probe && capability.supports_unsaved_probe);
+        assert!(capability.supports_run_execution);
+        assert_eq!(capability.note, None);
+    }
+
+    let plugin = &capabilities.drivers[&Driver::Plugin];
+    assert_eq!(plugin.status, SupportStatus::Unsupported);
+    assert!(!plugin.supports_saved_probe && !plugin.supports_unsaved_probe);
+    assert_eq!(plugin.note, Some("no plugin host in this build yet"));
+
+    assert_eq!(
+        capabilities.sandbox_providers.keys().collect::<Vec<_>>(),
+        ["no-runs", "stub"]
+    );
+    let stub = &capabilities.sandbox_providers["stub"];
+    assert_eq!(stub.status, berth_core::capabilities::ProviderStatus::Ready);
+    assert_eq!(stub.source, ProviderSource::Builtin);
+    assert_eq!(stub.display_name, "Stub stub");
+    assert!(stub.supports_reusable_leases);
+    assert!(stub.supports_run_execution);
+    assert!(!capabilities.sandbox_providers["no-runs"].supports_run_execution);
+    assert_eq!(stub.config_schema, json!({"type": "object"}));
+}
+
+#[test]
+fn an_empty_registry_lists_no_providers() {
+    let capabilities = ProviderRegistry::new().capabilities();
+    assert!(capabilities.sandbox_providers.is_empty());
+    assert_eq!(capabilities.drivers.len(), 4);
+}
+
+#[test]
+fn each_driver_kind_gets_its_driver() {
+    let temp = tempfile::tempdir().unwrap();
+    let registry = drivers(&temp, Arc::new(ProviderRegistry::new()));
+    for driver in Driver::ALL {
+        assert_eq!(registry.get(driver).driver(), driver);
+    }
+    assert_eq!(registry.local().workspace_root(), temp.path());
+    assert!(registry.providers().provider_keys().is_empty());
+}
+
+#[tokio::test]
+async fn local_configs_probe_the_local_driver() {
+    let temp = tempfile::tempdir().unwrap();
+    let (_, providers) = with_stub();
+    let config = parse(Driver::Local, json!({}), &providers);
+    let result = drivers(&temp, providers).probe(&config).await;
+    assert!(result.ok, "{result:?}");
+    assert_eq!(result.driver, Driver::Local);
+    assert!(result.details.contains_key("freeDiskBytes"));
+}
+
+#[tokio::test]
+async fn ssh_leases_on_a_dead_host_fail_with_what_failed() {
+    let temp = tempfile::tempdir().unwrap();
+    let (_, providers) = with_stub();
+    let config = parse(
+        Driver::Ssh,
+        // Port 1 on loopback: nothing listens, so the probe fails at once, and says so.
+        json!({"host": "127.0.0.1", "port": 1, "username": "ci", "remoteWorkspacePath": "/srv/work"}),
+        &providers,
+    );
+    let registry = drivers(&temp, providers);
+    let result = registry.probe(&config).await;
+    assert!(!result.ok);
+    assert_eq!(result.driver, Driver::Ssh);
+    assert!(
+        result
+            .summary
+            .starts_with("cannot connect to ci@127.0.0.1:1"),
+        "{}",
+        result.summary
+    );
+    let err = registry
+        .get(Driver::Ssh)
+        .acquire(&config, &lease_request())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "driver_failed");
+    assert!(
+        err.to_string()
+            .starts_with("cannot connect to ci@127.0.0.1:1"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn plugin_configs_fail_without_a_plugin_host() {
+    let temp = tempfile::tempdir().unwrap();
+    let (_, providers) = with_stub();
+    let config = parse(
+        Driver::Plugin,
+        json!({"pluginKey": "acme", "driverKey": "vm", "driverConfig": {}}),
+        &providers,
+    );
+    let registry = drivers(&temp, providers);
+    let result = registry.probe(&config).await;
+    assert!(!result.ok);
+    assert_eq!(result.driver, Driver::Plugin);
+    assert_eq!(
+        result.summary,
+        "no plugin host in this build: plugin `acme` is not installed"
+    );
+    assert_eq!(
+        Value::Object(result.details),
+        json!({"pluginKey": "acme", "driverKey": "vm"})
+    );
+    let plugin = registry.get(Driver::Plugin);
+    let err = plugin.acquire(&config, &lease_request()).await.unwrap_err();
+    assert_eq!(err.to_string(), "the plugin driver cannot run commands");
+    assert!(
+        plugin
+            .release(&LeaseHandle::default(), false, None)
+            .await
+            .is_err()
+    );
+    assert!(!plugin.matches_reusable_lease(&config, &LeaseHandle::default()));
+}
+
+#[tokio::test]
+async fn sandbox_configs_probe_their_provider() {
+    let temp = tempfile::tempdir().unwrap();
+    let (_, providers) = with_stub();
+    let result = drivers(&temp, providers).probe(&sandbox("stub")).await;
+    assert!(result.ok, "{result:?}");
+    assert_eq!(result.summary, "stub ready");
+}
+
+#[tokio::test]
+async fn unknown_providers_fail_naming_the_installed_ones() {
+    let temp = tempfile::tempdir().unwrap();
+    let (_, providers) = with_stub();
+    let registry = drivers(&temp, providers);
+    let result = registry.probe(&sandbox("e2b")).await;
+    assert!(!result.ok);
+    assert_eq!(result.driver, Driver::Sandbox);
+    assert_eq!(
+        result.summary,
+        "sandbox provider `e2b` is not installed (installed: no-runs, stub)"
+    );
+    assert_eq!(
+        Value::Object(result.details),
+        json!({"provider": "e2b", "installedProviders": ["no-runs", "stub"]})
+    );
+    let err = registry
+        .get(Driver::Sandbox)
+        .acquire(&sandbox("e2b"), &lease_request())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "provider_not_installed");
+
+    let empty = drivers(&temp, Arc::new(ProviderRegistry::new()));
+    let result = empty.probe(&sandbox("e2b")).await;
+    assert!(
+        result.summary.ends_with("(installed: none)"),
+        "{}",
+        result.summary
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn hung_providers_time_out() {
+    let temp = tempfile::tempdir().unwrap();
+    let mut providers = ProviderRegistry::new();
+    providers.register(Arc::new(Stub::hung("hung"))).unwrap();
+    let result = drivers(&temp, Arc::new(providers))
+        .probe(&sandbox("hung"))
+        .await;
+    assert!(!result.ok);
+    assert_eq!(
+        result.summary,
+        "sandbox provider `hung` did not answer the probe within 30 seconds"
+    );
+    assert_eq!(result.details["provider"], "hung");
+}
+
+#[tokio::test]
+async fn the_sandbox_driver_delegates_to_the_lease_provider() {
+    let temp = tempfile::tempdir().unwrap();
+    let (stub, providers) = with_stub();
+    let registry = drivers(&temp, providers);
+    let driver = registry.get(Driver::Sandbox);
+    let request = lease_request();
+
+    let lease = driver.acquire(&sandbox("stub"), &request).await.unwrap();
+    assert_eq!(lease.provider.as_deref(), Some("stub"));
+    assert_eq!(
+        lease.provider_lease_id,
+        Some(format!("stub://{}", request.run_id))
+    );
+    let workspace = driver
+        .realize_workspace(
+            &lease,
+            &WorkspaceRequest {
+                run_id: request.run_id,
+                local_path: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(workspace.cwd, "/stub");
+    let sink = Collect::default();
+    let command = ExecRequest {
+        argv: vec!["echo".to_owned(), "hi".to_owned()],
+        env: std::collections::BTreeMap::new(),
+        cwd: None,
+        stdin: None,
+        timeout: None,
+    };
+    let outcome = driver
+        .execute(
+            &lease,
+            &workspace,
+            command,
+            &sink,
+            Box::pin(std::future::pending()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome.exit_code, Some(0));
+    assert_eq!(sink.0.lock().unwrap().as_slice(), b"stub output");
+    assert_eq!(
+        driver
+            .sync_back(&lease, &workspace)
+            .await
+            .unwrap()
+            .files_written,
+        1
+    );
+    driver.release(&lease, true, None).await.unwrap();
+    driver.destroy(&lease, None).await.unwrap();
+
+    // Reuse goes through the provider, and only for leases of the provider the config names.
+    let mut kept = lease.clone();
+    kept.metadata.insert("reusable".to_owned(), true.into());
+    assert!(driver.matches_reusable_lease(&sandbox("stub"), &kept));
+    assert!(!driver.matches_reusable_lease(&sandbox("stub"), &lease));
+    assert!(!driver.matches_reusable_lease(&sandbox("no-runs"), &kept));
+    assert!(!driver.matches_reusable_lease(&DriverConfig::Local, &kept));
+    assert_eq!(
+        driver
+            .resume(&sandbox("stub"), &kept, &request)
+            .await
+            .unwrap(),
+        Some(kept.clone())
+    );
+    assert_eq!(
+        driver
+            .resume(&sandbox("no-runs"), &kept, &request)
+            .await
+            .unwrap(),
+        None
+    );
+
+    assert_eq!(
+        stub.calls(),
+        [
+            "acquire",
+            "prepare",
+            "execute echo hi",
+            "sync_back",
+            "release keep=true",
+            "destroy",
+            "resume"
+        ]
+    );
+
+    // Leases of providers that are gone, or that name none, cannot be used.
+    let mut orphan = lease.clone();
+    orphan.provider = Some("e2b".to_owned());
+    let err = driver.release(&orphan, false, None).await.unwrap_err();
+    assert_eq!(err.code(), "provider_not_installed");
+    orphan.provider = None;
+    assert_eq!(
+        driver.destroy(&orphan, None).await.unwrap_err().code(),
+        "driver_failed"
+    );
+
+    // A provider that cannot run commands gets no leases.
+    let err = driver
+        .acquire(&sandbox("no-runs"), &request)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "sandbox provider `no-runs` cannot run commands"
+    );
+    assert!(
+        driver
+            .acquire(&DriverConfig::Local, &request)
+            .await
+            .is_err()
+    );
+}
