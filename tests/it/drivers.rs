@@ -1,30 +1,18 @@
 //! The fake behind the real driver stack: `register_builtin` → `DriverRegistry` → the sandbox driver, as the server
 //! wires it.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use berth_core::capabilities::ProviderStatus;
 use berth_core::config::DriverConfig;
-use berth_core::driver::{
-    BoxFuture, ExecRequest, LeaseRequest, OutputSink, OutputStream, WorkspaceRequest,
-};
+use berth_core::driver::WorkspaceRequest;
 use berth_core::environment::Driver;
-use berth_core::ids::{EnvironmentId, RunId};
 use berth_drivers::contain::Containment;
 use berth_drivers::local::LocalDriver;
 use berth_drivers::registry::{DriverRegistry, ProviderRegistry};
+use berth_drivers::test_support::{Collect, exec, lease_request, never};
 use berth_fake_provider::{FakeProvider, register_builtin};
 use serde_json::json;
-
-#[derive(Debug, Default)]
-struct Collect(Mutex<Vec<u8>>);
-
-impl OutputSink for Collect {
-    fn output<'a>(&'a self, _stream: OutputStream, data: &'a [u8]) -> BoxFuture<'a, ()> {
-        Box::pin(async move { self.0.lock().unwrap().extend_from_slice(data) })
-    }
-}
 
 fn registry_with(fake: FakeProvider, temp: &tempfile::TempDir) -> DriverRegistry {
     let mut providers = ProviderRegistry::new();
@@ -82,10 +70,7 @@ async fn a_run_through_the_sandbox_driver() {
     std::fs::write(host.join("in.txt"), "input\n").unwrap();
 
     let driver = drivers.get(Driver::Sandbox);
-    let request = LeaseRequest {
-        environment_id: EnvironmentId::new(),
-        run_id: RunId::new(),
-    };
+    let request = lease_request();
     let lease = driver.acquire(&config, &request).await.unwrap();
     assert_eq!(lease.provider.as_deref(), Some("fake"));
     assert_eq!(
@@ -107,19 +92,9 @@ async fn a_run_through_the_sandbox_driver() {
         .execute(
             &lease,
             &workspace,
-            ExecRequest {
-                argv: vec![
-                    "sh".into(),
-                    "-c".into(),
-                    "echo hi > out.txt; cat in.txt".into(),
-                ],
-                env: BTreeMap::new(),
-                cwd: None,
-                stdin: None,
-                timeout: None,
-            },
+            exec(&["sh", "-c", "echo hi > out.txt; cat in.txt"]),
             &sink,
-            Box::pin(std::future::pending()),
+            never(),
         )
         .await
         .unwrap();
@@ -181,13 +156,7 @@ async fn acquire_faults_surface_through_the_driver() {
     .unwrap();
     let err = drivers
         .get(Driver::Sandbox)
-        .acquire(
-            &config,
-            &LeaseRequest {
-                environment_id: EnvironmentId::new(),
-                run_id: RunId::new(),
-            },
-        )
+        .acquire(&config, &lease_request())
         .await
         .unwrap_err();
     assert_eq!(err.code(), "driver_failed");

@@ -21,6 +21,8 @@ pub mod registry;
 pub mod sandbox;
 pub mod ssh;
 pub mod sync;
+#[cfg(any(test, feature = "test-support"))]
+pub mod test_support;
 pub mod unsupported;
 
 pub use berth_core::driver::DriverError;

@@ -427,49 +427,8 @@ fn gather_facts(root: &Path) -> Result<HostFacts, String> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-    use std::sync::Mutex;
-
-    use berth_core::driver::OutputStream;
-    use berth_core::ids::EnvironmentId;
-
     use super::*;
-
-    #[derive(Debug, Default)]
-    struct Collect(Mutex<Vec<u8>>);
-
-    impl OutputSink for Collect {
-        fn output<'a>(&'a self, _stream: OutputStream, data: &'a [u8]) -> BoxFuture<'a, ()> {
-            Box::pin(async move { self.0.lock().unwrap().extend_from_slice(data) })
-        }
-    }
-
-    impl Collect {
-        fn text(&self) -> String {
-            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
-        }
-    }
-
-    fn never() -> CancelSignal {
-        Box::pin(std::future::pending())
-    }
-
-    fn lease_request() -> LeaseRequest {
-        LeaseRequest {
-            environment_id: EnvironmentId::new(),
-            run_id: RunId::new(),
-        }
-    }
-
-    fn exec(argv: &[&str]) -> ExecRequest {
-        ExecRequest {
-            argv: argv.iter().map(|arg| (*arg).to_owned()).collect(),
-            env: BTreeMap::new(),
-            cwd: None,
-            stdin: None,
-            timeout: None,
-        }
-    }
+    use crate::test_support::{Collect, exec, lease_request, never};
 
     #[tokio::test]
     async fn probe_creates_the_root_and_reports_the_host() {

@@ -464,35 +464,7 @@ mod tests {
     use sha2::{Digest, Sha256};
 
     use super::*;
-
-    /// Records every chunk with the stream it came from and when it arrived.
-    #[derive(Debug, Default)]
-    struct Recorder {
-        chunks: Mutex<Vec<(OutputStream, Vec<u8>, Instant)>>,
-    }
-
-    impl Recorder {
-        fn text(&self, stream: OutputStream) -> String {
-            let chunks = self.chunks.lock().unwrap();
-            let bytes: Vec<u8> = chunks
-                .iter()
-                .filter(|(s, _, _)| *s == stream)
-                .flat_map(|(_, data, _)| data.clone())
-                .collect();
-            String::from_utf8(bytes).unwrap()
-        }
-    }
-
-    impl OutputSink for Recorder {
-        fn output<'a>(&'a self, stream: OutputStream, data: &'a [u8]) -> BoxFuture<'a, ()> {
-            Box::pin(async move {
-                self.chunks
-                    .lock()
-                    .unwrap()
-                    .push((stream, data.to_vec(), Instant::now()));
-            })
-        }
-    }
+    use crate::test_support::{Recorder, never};
 
     /// Counts and hashes stdout without keeping it.
     #[derive(Debug, Default)]
@@ -509,10 +481,6 @@ mod tests {
                 state.2 = state.2.max(data.len());
             })
         }
-    }
-
-    fn never() -> CancelSignal {
-        Box::pin(std::future::pending())
     }
 
     fn command(cwd: &std::path::Path, argv: &[&str]) -> ProcessSpec {

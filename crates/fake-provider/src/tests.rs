@@ -4,18 +4,18 @@ use std::time::Duration;
 
 use berth_core::config::{DriverConfig, SandboxConfig};
 use berth_core::driver::{
-    CancelSignal, DriverError, ExecRequest, LeaseHandle, LeaseRequest, OutputSink, OutputStream,
-    RealizedWorkspace, SyncReport, WorkspaceRequest,
+    DriverError, LeaseHandle, LeaseRequest, RealizedWorkspace, SyncReport, WorkspaceRequest,
 };
 use berth_core::environment::Driver;
 use berth_core::ids::{EnvironmentId, RunId};
-use berth_core::provider::{BoxFuture, ProviderCatalog, ProviderDescriptor, SandboxProvider};
+use berth_core::provider::{ProviderCatalog, ProviderDescriptor, SandboxProvider};
 use berth_drivers::contain::Containment;
 use berth_drivers::registry::ProviderRegistry;
 use serde_json::{Map, Value, json};
 
 use super::*;
 use crate::provider::LeaseKey;
+use berth_drivers::test_support::{Recorder, exec, lease_request, never};
 
 /// Just enough catalog to parse sandbox configs through the real validation path.
 struct OnlyFake(FakeProvider);
@@ -146,37 +146,7 @@ fn probe_refuses_configs_for_other_providers() {
 // --- leases, workspaces and runs: real directories, real processes ---
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::time::Instant;
-
-#[derive(Debug, Default)]
-struct Collect(Mutex<Vec<(OutputStream, Vec<u8>)>>);
-
-impl OutputSink for Collect {
-    fn output<'a>(&'a self, stream: OutputStream, data: &'a [u8]) -> BoxFuture<'a, ()> {
-        Box::pin(async move { self.0.lock().unwrap().push((stream, data.to_vec())) })
-    }
-}
-
-impl Collect {
-    fn stdout(&self) -> String {
-        let chunks = self.0.lock().unwrap();
-        let bytes: Vec<u8> = chunks
-            .iter()
-            .filter(|(stream, _)| *stream == OutputStream::Stdout)
-            .flat_map(|(_, data)| data.clone())
-            .collect();
-        String::from_utf8(bytes).unwrap()
-    }
-
-    fn is_empty(&self) -> bool {
-        self.0.lock().unwrap().is_empty()
-    }
-}
-
-fn never() -> CancelSignal {
-    Box::pin(std::future::pending())
-}
 
 fn fake_in(root: &Path) -> FakeProvider {
     FakeProvider::builder().root(root).build().unwrap()
@@ -185,7 +155,7 @@ fn fake_in(root: &Path) -> FakeProvider {
 /// A fresh sandbox with an empty workspace: the setup most command tests share.
 async fn empty_sandbox(fake: &FakeProvider) -> (LeaseHandle, RealizedWorkspace) {
     let config = sandbox_config(json!({"provider": "fake"}));
-    let request = request();
+    let request = lease_request();
     let lease = fake.acquire(&config, &request).await.unwrap();
     let workspace = fake
         .prepare_workspace(
@@ -198,23 +168,6 @@ async fn empty_sandbox(fake: &FakeProvider) -> (LeaseHandle, RealizedWorkspace) 
         .await
         .unwrap();
     (lease, workspace)
-}
-
-fn request() -> LeaseRequest {
-    LeaseRequest {
-        environment_id: EnvironmentId::new(),
-        run_id: RunId::new(),
-    }
-}
-
-fn exec(argv: &[&str]) -> ExecRequest {
-    ExecRequest {
-        argv: argv.iter().map(|arg| (*arg).to_owned()).collect(),
-        env: BTreeMap::new(),
-        cwd: None,
-        stdin: None,
-        timeout: None,
-    }
 }
 
 fn mode_of(path: &Path) -> u32 {
@@ -230,7 +183,7 @@ fn sandbox_path(lease: &LeaseHandle) -> PathBuf {
 async fn lease_ids_are_deterministic_for_a_seed() {
     let temp = tempfile::tempdir().unwrap();
     let config = sandbox_config(json!({"provider": "fake"}));
-    let requests = [request(), request(), request()];
+    let requests = [lease_request(), lease_request(), lease_request()];
     let mut runs = Vec::new();
     for root in ["a", "b"] {
         let fake = FakeProvider::builder()
@@ -269,7 +222,7 @@ async fn leases_name_a_private_sandbox() {
     let root = temp.path().join("fake-root");
     let fake = fake_in(&root);
     let config = sandbox_config(json!({"provider": "fake", "image": "demo:3"}));
-    let request = request();
+    let request = lease_request();
     let lease = fake.acquire(&config, &request).await.unwrap();
 
     let dir = root.join(format!("run-{}-0", request.run_id));
@@ -296,7 +249,7 @@ async fn reusable_leases_are_per_environment_and_survive_keep() {
     let temp = tempfile::tempdir().unwrap();
     let fake = fake_in(temp.path());
     let config = sandbox_config(json!({"provider": "fake", "reuseLease": true}));
-    let first = request();
+    let first = lease_request();
     let lease = fake.acquire(&config, &first).await.unwrap();
     assert_eq!(
         lease.provider_lease_id.as_deref(),
@@ -363,7 +316,7 @@ async fn destroy_removes_whatever_the_sandbox_holds() {
     let temp = tempfile::tempdir().unwrap();
     let fake = fake_in(temp.path());
     let config = sandbox_config(json!({"provider": "fake", "reuseLease": true}));
-    let lease = fake.acquire(&config, &request()).await.unwrap();
+    let lease = fake.acquire(&config, &lease_request()).await.unwrap();
     let dir = sandbox_path(&lease);
     std::fs::create_dir_all(dir.join("deep/er")).unwrap();
     std::fs::write(dir.join("deep/er/file"), "x").unwrap();
@@ -382,7 +335,7 @@ async fn workspaces_round_trip_through_the_sandbox() {
     std::fs::write(host.join("doomed.txt"), "delete me").unwrap();
 
     let config = sandbox_config(json!({"provider": "fake"}));
-    let request = request();
+    let request = lease_request();
     let lease = fake.acquire(&config, &request).await.unwrap();
     let workspace = fake
         .prepare_workspace(
@@ -405,7 +358,7 @@ async fn workspaces_round_trip_through_the_sandbox() {
         "from the host\n"
     );
 
-    let sink = Collect::default();
+    let sink = Recorder::default();
     let outcome = fake
         .execute(
             &lease,
@@ -475,7 +428,7 @@ async fn workspaces_without_a_host_path_are_empty_and_sync_nothing() {
     assert_eq!(workspace.local_path, None);
     assert!(Path::new(&workspace.cwd).is_dir());
     assert_eq!(std::fs::read_dir(&workspace.cwd).unwrap().count(), 0);
-    let sink = Collect::default();
+    let sink = Recorder::default();
     let mut command = exec(&["sh", "-c", "mkdir sub; cd sub; pwd"]);
     command.cwd = Some(".".to_owned());
     fake.execute(&lease, &workspace, command, &sink, never())
@@ -491,7 +444,7 @@ async fn workspaces_without_a_host_path_are_empty_and_sync_nothing() {
     let mut command = exec(&["pwd"]);
     command.cwd = Some("../..".to_owned());
     let err = fake
-        .execute(&lease, &workspace, command, &Collect::default(), never())
+        .execute(&lease, &workspace, command, &Recorder::default(), never())
         .await
         .unwrap_err();
     assert_eq!(err.code(), "spawn_failed");
@@ -504,7 +457,7 @@ async fn workspaces_without_a_host_path_are_empty_and_sync_nothing() {
             &lease,
             &elsewhere,
             exec(&["true"]),
-            &Collect::default(),
+            &Recorder::default(),
             never(),
         )
         .await
@@ -531,7 +484,7 @@ async fn commands_see_only_the_environment_they_were_given() {
     let temp = tempfile::tempdir().unwrap();
     let fake = fake_in(temp.path());
     let (lease, workspace) = empty_sandbox(&fake).await;
-    let sink = Collect::default();
+    let sink = Recorder::default();
     let mut command = exec(&["/usr/bin/env"]);
     command.env.insert("ONLY_THIS".to_owned(), "yes".to_owned());
     fake.execute(&lease, &workspace, command, &sink, never())
@@ -559,7 +512,7 @@ async fn timeouts_reach_commands_in_the_sandbox() {
     let temp = tempfile::tempdir().unwrap();
     let fake = fake_in(temp.path());
     let (lease, workspace) = empty_sandbox(&fake).await;
-    let sink = Collect::default();
+    let sink = Recorder::default();
     let mut command = exec(&["sh", "-c", "echo partial; sleep 1000"]);
     command.timeout = Some(Duration::from_millis(300));
     let started = Instant::now();
@@ -582,7 +535,10 @@ async fn acquire_faults_fail_without_a_sandbox() {
         .unwrap();
     assert_eq!(fake.faults().fail_acquire.as_deref(), Some("no capacity"));
     let err = fake
-        .acquire(&sandbox_config(json!({"provider": "fake"})), &request())
+        .acquire(
+            &sandbox_config(json!({"provider": "fake"})),
+            &lease_request(),
+        )
         .await
         .unwrap_err();
     assert_eq!(err.code(), "driver_failed");
@@ -599,9 +555,12 @@ async fn acquire_delays_hold_the_acquire() {
         .build()
         .unwrap();
     let started = Instant::now();
-    fake.acquire(&sandbox_config(json!({"provider": "fake"})), &request())
-        .await
-        .unwrap();
+    fake.acquire(
+        &sandbox_config(json!({"provider": "fake"})),
+        &lease_request(),
+    )
+    .await
+    .unwrap();
     assert!(started.elapsed() >= Duration::from_millis(250));
 }
 
@@ -614,7 +573,10 @@ async fn release_faults_leave_the_sandbox_in_place() {
         .build()
         .unwrap();
     let lease = fake
-        .acquire(&sandbox_config(json!({"provider": "fake"})), &request())
+        .acquire(
+            &sandbox_config(json!({"provider": "fake"})),
+            &lease_request(),
+        )
         .await
         .unwrap();
     for keep in [false, true] {
@@ -638,7 +600,7 @@ async fn dropped_output_never_reaches_the_sink() {
         .unwrap();
     assert!(fake.faults().drop_output);
     let (lease, workspace) = empty_sandbox(&fake).await;
-    let sink = Collect::default();
+    let sink = Recorder::default();
     let outcome = fake
         .execute(
             &lease,
@@ -663,7 +625,7 @@ async fn tampered_lease_ids_never_reach_outside_the_root() {
     std::fs::create_dir(&victim).unwrap();
     let fake = fake_in(&root);
     let config = sandbox_config(json!({"provider": "fake"}));
-    let lease = fake.acquire(&config, &request()).await.unwrap();
+    let lease = fake.acquire(&config, &lease_request()).await.unwrap();
     for bad in [
         "sandbox://fake/../victim".to_owned(),
         "sandbox://fake/../../victim/1".to_owned(),
@@ -681,7 +643,9 @@ async fn tampered_lease_ids_never_reach_outside_the_root() {
         let err = fake.destroy(&tampered).await.unwrap_err();
         assert_eq!(err.code(), "driver_failed", "{bad}");
         assert!(
-            fake.resume(&config, &tampered, &request()).await.is_err(),
+            fake.resume(&config, &tampered, &lease_request())
+                .await
+                .is_err(),
             "{bad}"
         );
     }
@@ -705,16 +669,22 @@ async fn a_shared_root_is_made_private() {
     std::fs::create_dir(&root).unwrap();
     std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o777)).unwrap();
     let fake = fake_in(&root);
-    fake.acquire(&sandbox_config(json!({"provider": "fake"})), &request())
-        .await
-        .unwrap();
+    fake.acquire(
+        &sandbox_config(json!({"provider": "fake"})),
+        &lease_request(),
+    )
+    .await
+    .unwrap();
     assert_eq!(mode_of(&root), 0o700);
 
     // A root that is a symlink is refused.
     let link = temp.path().join("link");
     std::os::unix::fs::symlink(&root, &link).unwrap();
     let err = fake_in(&link)
-        .acquire(&sandbox_config(json!({"provider": "fake"})), &request())
+        .acquire(
+            &sandbox_config(json!({"provider": "fake"})),
+            &lease_request(),
+        )
         .await
         .unwrap_err();
     assert!(err.to_string().contains("not a directory"), "{err}");
@@ -779,7 +749,7 @@ async fn run_in_sandbox(
     use berth_core::driver::EnvironmentDriver;
     let catalog = OnlyFake(FakeProvider::new().unwrap());
     let config = DriverConfig::parse(Driver::Sandbox, &config, &catalog).unwrap();
-    let request = request();
+    let request = lease_request();
     let lease = driver.acquire(&config, &request).await.unwrap();
     let workspace = driver
         .realize_workspace(
@@ -791,7 +761,7 @@ async fn run_in_sandbox(
         )
         .await
         .unwrap();
-    let sink = Collect::default();
+    let sink = Recorder::default();
     let outcome = driver
         .execute(
             &lease,
@@ -802,7 +772,12 @@ async fn run_in_sandbox(
         )
         .await
         .unwrap();
-    assert_eq!(outcome.exit_code, Some(0), "{:?}", sink.0.lock().unwrap());
+    assert_eq!(
+        outcome.exit_code,
+        Some(0),
+        "{:?}",
+        sink.chunks.lock().unwrap()
+    );
     (lease, workspace)
 }
 

@@ -17,7 +17,7 @@ use berth_core::time::Timestamp;
 use secrecy::SecretString;
 use tokio::sync::mpsc;
 
-use crate::api::error::DisplayChain;
+use crate::error_chain::DisplayChain;
 use crate::runs::event_data::EventData;
 use crate::runs::events::EventWriter;
 use crate::store::Store;

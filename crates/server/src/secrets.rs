@@ -10,9 +10,9 @@
 //! protects), else from `<data dir>/master-key`, created on first start. Losing that key loses every stored secret,
 //! so an existing key file is never overwritten, even when it cannot be read or parsed.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write as _};
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
@@ -24,6 +24,8 @@ use chacha20poly1305::aead::{Aead as _, Payload};
 use chacha20poly1305::{KeyInit as _, XChaCha20Poly1305, XNonce};
 use rand::TryRngCore as _;
 use zeroize::Zeroizing;
+
+use crate::private_file::{IfExists, write_private};
 
 /// Name of the key file inside the data directory.
 pub const MASTER_KEY_FILE: &str = "master-key";
@@ -302,7 +304,7 @@ fn create_key_file(
         std::process::id(),
         hex::encode(suffix)
     ));
-    let written = write_private(&temp, text.as_bytes());
+    let written = write_private(&temp, text.as_bytes(), IfExists::Fail);
     // `hard_link` fails when the target exists, unlike `rename`, which would silently replace a key another
     // process has just created (and maybe already used).
     let linked = written.and_then(|()| fs::hard_link(&temp, path));
@@ -337,17 +339,6 @@ fn create_key_file(
             source,
         }),
     }
-}
-
-/// Writes `contents` to a new file that only its owner can read, and flushes it to disk.
-fn write_private(path: &Path, contents: &[u8]) -> io::Result<()> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(contents)?;
-    file.sync_all()
 }
 
 #[cfg(test)]

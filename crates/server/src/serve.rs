@@ -1,10 +1,10 @@
 //! `berth serve`: start-up, the accept loop and graceful shutdown (API.md §1).
 
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::future::Future;
 use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -28,6 +28,7 @@ use berth_bridge::signing::BridgeSecrets;
 
 use crate::bridge::BridgeSettings;
 use crate::host_policy::{HostPolicy, LocalEnvironments, RootError};
+use crate::private_file::{IfExists, write_private};
 use crate::runs::RunManager;
 use crate::runs::manager::DEFAULT_SWEEP_INTERVAL;
 use crate::secrets::{SecretCipher, SecretsError};
@@ -346,17 +347,9 @@ fn load_or_create_admin_token(
             ));
             // create_new + 0600 from the first byte: the token is never readable by others, and a concurrent start
             // cannot overwrite a token already handed out.
-            match OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-            {
-                Ok(mut file) => {
-                    file.write_all(token.as_bytes())
-                        .and_then(|()| file.write_all(b"\n"))
-                        .map_err(error)?;
-                    file.sync_all().map_err(error)?;
+            let line = Zeroizing::new(format!("{}\n", token.as_str()));
+            match write_private(&path, line.as_bytes(), IfExists::Fail) {
+                Ok(()) => {
                     tracing::info!(path = %path.display(), "wrote a new admin token");
                     Ok(token)
                 }
@@ -444,16 +437,8 @@ fn load_or_create_node_id(data_dir: &Path) -> Result<String, ServeError> {
         ))),
         Err(read_error) if read_error.kind() == io::ErrorKind::NotFound => {
             let node_id = uuid::Uuid::new_v4().to_string();
-            match OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-            {
-                Ok(mut file) => {
-                    file.write_all(node_id.as_bytes()).map_err(error)?;
-                    Ok(node_id)
-                }
+            match write_private(&path, node_id.as_bytes(), IfExists::Fail) {
+                Ok(()) => Ok(node_id),
                 Err(create_error) if create_error.kind() == io::ErrorKind::AlreadyExists => {
                     load_or_create_node_id(data_dir)
                 }

@@ -9,9 +9,43 @@ use berth_core::time::Timestamp;
 use berth_core::validation::{ValidationErrors, join_path};
 use secrecy::ExposeSecret;
 
-use crate::api::error::ApiError;
-use crate::state::AppState;
-use crate::store::StoredSecret;
+use berth_core::ErrorKind;
+
+use crate::secrets::{SecretCipher, SecretsError};
+use crate::store::{Store, StoreError, StoredSecret};
+
+/// Why a secret could not be sealed, checked or opened.
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Secrets(#[from] SecretsError),
+    /// A config's secret reference cannot be used (unknown, gone, not text); the paths name the fields.
+    #[error("{0}")]
+    InvalidReference(ValidationErrors),
+}
+
+// === impl VaultError ===
+
+impl VaultError {
+    /// The stable, snake_case code of this error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            VaultError::Store(error) => error.code(),
+            VaultError::Secrets(error) => error.code(),
+            VaultError::InvalidReference(_) => "validation_failed",
+        }
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            VaultError::Store(error) => error.kind(),
+            VaultError::Secrets(error) => error.kind(),
+            VaultError::InvalidReference(_) => ErrorKind::Validation,
+        }
+    }
+}
 
 /// The associated data that ties a ciphertext to its row: moving it to another secret or company fails decryption.
 pub fn secret_aad(company_id: CompanyId, secret_id: SecretId) -> Vec<u8> {
@@ -21,11 +55,12 @@ pub fn secret_aad(company_id: CompanyId, secret_id: SecretId) -> Vec<u8> {
 /// Encrypts and stores every inline secret of `config`, replacing each with a reference. Returns the new ids so the
 /// caller can forget them if persisting the environment then fails.
 pub async fn seal_inline_secrets(
-    state: &AppState,
+    store: &Store,
+    cipher: &SecretCipher,
     company_id: CompanyId,
     environment_id: EnvironmentId,
     config: &mut DriverConfig,
-) -> Result<Vec<SecretId>, ApiError> {
+) -> Result<Vec<SecretId>, VaultError> {
     let mut sealed = Vec::new();
     let inline: Vec<_> = config
         .inline_secrets()
@@ -36,9 +71,7 @@ pub async fn seal_inline_secrets(
         let plaintext = zeroize::Zeroizing::new(plaintext);
         let id = SecretId::new();
         let sealed_result = async {
-            let (nonce, ciphertext) = state
-                .cipher()
-                .encrypt(&secret_aad(company_id, id), &plaintext)?;
+            let (nonce, ciphertext) = cipher.encrypt(&secret_aad(company_id, id), &plaintext)?;
             let secret = StoredSecret {
                 id,
                 company_id,
@@ -48,12 +81,12 @@ pub async fn seal_inline_secrets(
                 ciphertext,
                 created_at: Timestamp::now(),
             };
-            state.store().insert_secret(&secret).await?;
-            Ok::<_, ApiError>(())
+            store.insert_secret(&secret).await?;
+            Ok::<_, VaultError>(())
         }
         .await;
         if let Err(error) = sealed_result {
-            forget(state, &sealed).await;
+            forget(store, &sealed).await;
             return Err(error);
         }
         config.bind_secret(field, id);
@@ -65,14 +98,14 @@ pub async fn seal_inline_secrets(
 /// Checks that every secret reference in `config` names a secret of `company_id` — and, when `environment_id` is
 /// given, one that belongs to that environment (a reference can be kept, never borrowed from elsewhere).
 pub async fn check_secret_refs(
-    state: &AppState,
+    store: &Store,
     company_id: CompanyId,
     environment_id: Option<EnvironmentId>,
     config: &DriverConfig,
-) -> Result<(), ApiError> {
+) -> Result<(), VaultError> {
     let mut errors = ValidationErrors::new();
     for (field, id) in config.secret_refs() {
-        let usable = state.store().get_secret(id).await?.is_some_and(|secret| {
+        let usable = store.get_secret(id).await?.is_some_and(|secret| {
             secret.company_id == company_id
                 && environment_id.is_none_or(|env| secret.environment_id == Some(env))
         });
@@ -86,14 +119,14 @@ pub async fn check_secret_refs(
             );
         }
     }
-    errors.into_result(()).map_err(ApiError::validation)
+    errors.into_result(()).map_err(VaultError::InvalidReference)
 }
 
 /// Deletes secrets nothing refers to any more. Best effort: a failure is logged, and the row stays encrypted.
-pub async fn forget(state: &AppState, ids: &[SecretId]) {
+pub async fn forget(store: &Store, ids: &[SecretId]) {
     for id in ids {
-        if let Err(error) = state.store().delete_secret(*id).await {
-            tracing::warn!(secret.id = %id, error = %crate::api::error::DisplayChain(&error), "could not delete secret");
+        if let Err(error) = store.delete_secret(*id).await {
+            tracing::warn!(secret.id = %id, error = %crate::error_chain::DisplayChain(&error), "could not delete secret");
         }
     }
 }
@@ -101,27 +134,18 @@ pub async fn forget(state: &AppState, ids: &[SecretId]) {
 /// Decrypts every secret `config` references, in place, at the moment of use. The result must never be stored
 /// (`DriverConfig::to_stored` refuses it) and is dropped, zeroized, after the driver call.
 pub async fn resolve_secrets(
-    state: &AppState,
+    store: &Store,
+    cipher: &SecretCipher,
     company_id: CompanyId,
     config: &mut DriverConfig,
-) -> Result<(), ApiError> {
-    resolve_secrets_with(state.store(), state.cipher(), company_id, config).await
-}
-
-/// [`resolve_secrets`] for code that holds the store and the cipher rather than the whole state (the run sweeps).
-pub async fn resolve_secrets_with(
-    store: &crate::store::Store,
-    cipher: &crate::secrets::SecretCipher,
-    company_id: CompanyId,
-    config: &mut DriverConfig,
-) -> Result<(), ApiError> {
+) -> Result<(), VaultError> {
     for (field, id) in config.secret_refs() {
         let secret = store
             .get_secret(id)
             .await?
             .filter(|secret| secret.company_id == company_id)
             .ok_or_else(|| {
-                ApiError::validation(ValidationErrors::single(
+                VaultError::InvalidReference(ValidationErrors::single(
                     join_path(berth_core::config::CONFIG_PATH, field.ref_key()),
                     "the referenced secret is gone",
                 ))
@@ -132,7 +156,7 @@ pub async fn resolve_secrets_with(
             &secret.ciphertext,
         )?;
         let text = String::from_utf8(plaintext.to_vec()).map_err(|_| {
-            ApiError::validation(ValidationErrors::single(
+            VaultError::InvalidReference(ValidationErrors::single(
                 join_path(berth_core::config::CONFIG_PATH, field.ref_key()),
                 "the secret is not text",
             ))
@@ -140,4 +164,24 @@ pub async fn resolve_secrets_with(
         config.set_resolved_secret(field, secrecy::SecretString::from(text));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_and_kinds_are_stable() {
+        let invalid = VaultError::InvalidReference(ValidationErrors::single(
+            "config.passwordRef",
+            "the referenced secret is gone",
+        ));
+        assert_eq!(invalid.code(), "validation_failed");
+        assert_eq!(invalid.kind(), ErrorKind::Validation);
+        assert_eq!(invalid.kind().http_status(), 422);
+
+        let sealed = VaultError::from(SecretsError::Decrypt);
+        assert_eq!(sealed.code(), "secret_decrypt_failed");
+        assert_eq!(sealed.kind(), ErrorKind::Internal);
+    }
 }

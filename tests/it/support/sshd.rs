@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use berth_server::lab::{SshdOptions, sshd_config};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
@@ -102,11 +103,14 @@ impl TestSshd {
         let mut failures = Vec::new();
         for _ in 0..3 {
             let port = free_port();
+            let pid_file = root.join("sshd.pid");
             std::fs::write(
                 &config_file,
-                config_text(port, &host_key, &authorized_keys, &root.join("sshd.pid"))
-                    .replace("MaxSessions 10", &format!("MaxSessions {max_sessions}"))
-                    + extra,
+                sshd_config(&SshdOptions {
+                    max_sessions,
+                    extra,
+                    ..SshdOptions::new(port, &host_key, &authorized_keys, &pid_file)
+                }),
             )
             .expect("write sshd_config");
             let log = std::fs::OpenOptions::new()
@@ -394,31 +398,6 @@ pub fn ssh_client_command(key: &Path, known_hosts: &Path, port: u16, user: &str)
         .arg(port.to_string())
         .arg(format!("{user}@127.0.0.1"));
     command
-}
-
-/// The same sshd_config `berth lab ssh up` writes.
-fn config_text(port: u16, host_key: &Path, authorized_keys: &Path, pid_file: &Path) -> String {
-    format!(
-        "ListenAddress 127.0.0.1\n\
-         Port {port}\n\
-         HostKey {}\n\
-         AuthorizedKeysFile {}\n\
-         PidFile {}\n\
-         PasswordAuthentication no\n\
-         KbdInteractiveAuthentication no\n\
-         PubkeyAuthentication yes\n\
-         PermitRootLogin prohibit-password\n\
-         UsePAM no\n\
-         StrictModes no\n\
-         AllowTcpForwarding yes\n\
-         MaxSessions 10\n\
-         LogLevel VERBOSE\n\
-         AcceptEnv none\n\
-         Subsystem sftp internal-sftp\n",
-        host_key.display(),
-        authorized_keys.display(),
-        pid_file.display(),
-    )
 }
 
 fn keygen(path: &Path) {

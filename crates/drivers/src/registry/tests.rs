@@ -1,179 +1,10 @@
-use std::sync::Mutex;
-
 use berth_core::ErrorKind;
 use berth_core::config::SandboxConfig;
-use berth_core::driver::{
-    BoxFuture, CancelSignal, ExecOutcome, ExecRequest, LeaseHandle, LeaseRequest, OutputSink,
-    OutputStream, RealizedWorkspace, SyncReport, WorkspaceRequest,
-};
-use berth_core::ids::{EnvironmentId, RunId};
-use berth_core::provider::ProviderSpec;
+use berth_core::driver::{ExecRequest, LeaseHandle, WorkspaceRequest};
 use serde_json::{Map, Value, json};
 
 use super::*;
-
-/// A provider that records what it is asked and answers canned results; `hang_probe` never answers probes.
-#[derive(Debug)]
-struct Stub {
-    descriptor: ProviderDescriptor,
-    hang_probe: bool,
-    calls: Mutex<Vec<String>>,
-}
-
-impl Stub {
-    fn new(key: &str, runs: bool) -> Self {
-        let descriptor = ProviderDescriptor::new(ProviderSpec {
-            key: key.to_owned(),
-            display_name: format!("Stub {key}"),
-            description: "A stub provider for tests".to_owned(),
-            config_schema: json!({"type": "object"}),
-            supports_reusable_leases: true,
-            supports_run_execution: runs,
-        })
-        .unwrap();
-        Self {
-            descriptor,
-            hang_probe: false,
-            calls: Mutex::new(Vec::new()),
-        }
-    }
-
-    fn hung(key: &str) -> Self {
-        Self {
-            hang_probe: true,
-            ..Self::new(key, true)
-        }
-    }
-
-    fn record(&self, call: impl Into<String>) {
-        self.calls.lock().unwrap().push(call.into());
-    }
-
-    fn calls(&self) -> Vec<String> {
-        self.calls.lock().unwrap().clone()
-    }
-}
-
-impl SandboxProvider for Stub {
-    fn descriptor(&self) -> &ProviderDescriptor {
-        &self.descriptor
-    }
-
-    fn probe<'a>(&'a self, _config: &'a SandboxConfig) -> BoxFuture<'a, ProbeResult> {
-        if self.hang_probe {
-            return Box::pin(std::future::pending());
-        }
-        Box::pin(async move { ProbeResult::ok(Driver::Sandbox, "stub ready", Map::new()) })
-    }
-
-    fn acquire<'a>(
-        &'a self,
-        _config: &'a SandboxConfig,
-        request: &'a LeaseRequest,
-    ) -> BoxFuture<'a, Result<LeaseHandle, DriverError>> {
-        Box::pin(async move {
-            self.record("acquire");
-            Ok(LeaseHandle {
-                // Left out on purpose: the driver stamps it.
-                provider: None,
-                provider_lease_id: Some(format!("stub://{}", request.run_id)),
-                metadata: Map::new(),
-                expires_at: None,
-            })
-        })
-    }
-
-    fn matches_reusable_lease(&self, _config: &SandboxConfig, lease: &LeaseHandle) -> bool {
-        lease.metadata.get("reusable") == Some(&Value::Bool(true))
-    }
-
-    fn resume<'a>(
-        &'a self,
-        _config: &'a SandboxConfig,
-        lease: &'a LeaseHandle,
-        _request: &'a LeaseRequest,
-    ) -> BoxFuture<'a, Result<Option<LeaseHandle>, DriverError>> {
-        Box::pin(async move {
-            self.record("resume");
-            Ok(Some(lease.clone()))
-        })
-    }
-
-    fn release<'a>(
-        &'a self,
-        _lease: &'a LeaseHandle,
-        keep: bool,
-    ) -> BoxFuture<'a, Result<(), DriverError>> {
-        Box::pin(async move {
-            self.record(format!("release keep={keep}"));
-            Ok(())
-        })
-    }
-
-    fn destroy<'a>(&'a self, _lease: &'a LeaseHandle) -> BoxFuture<'a, Result<(), DriverError>> {
-        Box::pin(async move {
-            self.record("destroy");
-            Ok(())
-        })
-    }
-
-    fn prepare_workspace<'a>(
-        &'a self,
-        _lease: &'a LeaseHandle,
-        request: &'a WorkspaceRequest,
-    ) -> BoxFuture<'a, Result<RealizedWorkspace, DriverError>> {
-        Box::pin(async move {
-            self.record("prepare");
-            Ok(RealizedWorkspace {
-                cwd: "/stub".to_owned(),
-                local_path: request.local_path.clone(),
-                ephemeral: true,
-                metadata: Map::new(),
-            })
-        })
-    }
-
-    fn execute<'a>(
-        &'a self,
-        _lease: &'a LeaseHandle,
-        _workspace: &'a RealizedWorkspace,
-        request: ExecRequest,
-        sink: &'a dyn OutputSink,
-        _cancel: CancelSignal,
-    ) -> BoxFuture<'a, Result<ExecOutcome, DriverError>> {
-        Box::pin(async move {
-            self.record(format!("execute {}", request.argv.join(" ")));
-            sink.output(OutputStream::Stdout, b"stub output").await;
-            Ok(ExecOutcome {
-                exit_code: Some(0),
-                ..ExecOutcome::default()
-            })
-        })
-    }
-
-    fn sync_back<'a>(
-        &'a self,
-        _lease: &'a LeaseHandle,
-        _workspace: &'a RealizedWorkspace,
-    ) -> BoxFuture<'a, Result<SyncReport, DriverError>> {
-        Box::pin(async move {
-            self.record("sync_back");
-            Ok(SyncReport {
-                files_written: 1,
-                ..SyncReport::default()
-            })
-        })
-    }
-}
-
-#[derive(Debug, Default)]
-struct Collect(Mutex<Vec<u8>>);
-
-impl OutputSink for Collect {
-    fn output<'a>(&'a self, _stream: OutputStream, data: &'a [u8]) -> BoxFuture<'a, ()> {
-        Box::pin(async move { self.0.lock().unwrap().extend_from_slice(data) })
-    }
-}
+use crate::test_support::{Collect, StubProvider as Stub, lease_request, never};
 
 fn with_stub() -> (Arc<Stub>, Arc<ProviderRegistry>) {
     let stub = Arc::new(Stub::new("stub", true));
@@ -199,13 +30,6 @@ fn sandbox(provider: &str) -> DriverConfig {
 
 fn parse(driver: Driver, config: Value, providers: &ProviderRegistry) -> DriverConfig {
     DriverConfig::parse(driver, &config, providers).unwrap()
-}
-
-fn lease_request() -> LeaseRequest {
-    LeaseRequest {
-        environment_id: EnvironmentId::new(),
-        run_id: RunId::new(),
-    }
 }
 
 fn drivers(temp: &tempfile::TempDir, providers: Arc<ProviderRegistry>) -> DriverRegistry {
@@ -480,13 +304,7 @@ async fn the_sandbox_driver_delegates_to_the_lease_provider() {
         timeout: None,
     };
     let outcome = driver
-        .execute(
-            &lease,
-            &workspace,
-            command,
-            &sink,
-            Box::pin(std::future::pending()),
-        )
+        .execute(&lease, &workspace, command, &sink, never())
         .await
         .unwrap();
     assert_eq!(outcome.exit_code, Some(0));

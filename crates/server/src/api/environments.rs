@@ -90,8 +90,10 @@ pub async fn create(
     };
     // A new environment owns no secrets yet, so any reference here names someone else's: refused.
     let id = EnvironmentId::new();
-    vault::check_secret_refs(&state, company_id, Some(id), &config).await?;
-    let sealed = vault::seal_inline_secrets(&state, company_id, id, &mut config).await?;
+    vault::check_secret_refs(state.store(), company_id, Some(id), &config).await?;
+    let sealed =
+        vault::seal_inline_secrets(state.store(), state.cipher(), company_id, id, &mut config)
+            .await?;
     let now = Timestamp::now();
     let environment = Environment {
         id,
@@ -107,7 +109,7 @@ pub async fn create(
         revision: 0,
     };
     if let Err(error) = state.store().insert_environment(&environment).await {
-        vault::forget(&state, &sealed).await;
+        vault::forget(state.store(), &sealed).await;
         return Err(error.into());
     }
     tracing::info!(env.id = %environment.id, driver = %driver, "environment created");
@@ -195,13 +197,19 @@ pub async fn patch(
     else {
         return Err(ApiError::validation(errors));
     };
-    vault::check_secret_refs(&state, current.company_id, Some(current.id), &config).await?;
+    vault::check_secret_refs(state.store(), current.company_id, Some(current.id), &config).await?;
     let old_refs: Vec<_> = parse_stored(&state, &current)
         .map(|old| old.secret_refs())
         .unwrap_or_default();
 
-    let sealed =
-        vault::seal_inline_secrets(&state, current.company_id, current.id, &mut config).await?;
+    let sealed = vault::seal_inline_secrets(
+        state.store(),
+        state.cipher(),
+        current.company_id,
+        current.id,
+        &mut config,
+    )
+    .await?;
     let new_refs = config.secret_refs();
     let updated = Environment {
         name,
@@ -216,11 +224,11 @@ pub async fn patch(
     let stored = match state.store().update_environment(&updated).await {
         Ok(Some(stored)) => stored,
         Ok(None) => {
-            vault::forget(&state, &sealed).await;
+            vault::forget(state.store(), &sealed).await;
             return Err(ApiError::not_found("environment"));
         }
         Err(error) => {
-            vault::forget(&state, &sealed).await;
+            vault::forget(state.store(), &sealed).await;
             return Err(error.into());
         }
     };
@@ -229,7 +237,7 @@ pub async fn patch(
         .filter(|old| !new_refs.iter().any(|new| new.1 == old.1))
         .map(|(_, id)| id)
         .collect();
-    vault::forget(&state, &orphaned).await;
+    vault::forget(state.store(), &orphaned).await;
 
     let summary = change_summary(&current, &stored);
     tracing::info!(env.id = %stored.id, "environment updated");
@@ -244,7 +252,7 @@ pub async fn delete(
 ) -> Result<Json<EnvironmentResponse>, ApiError> {
     let environment = load_environment(&state, &id).await?;
     principal.manage(environment.company_id)?;
-    crate::runs::leases::retire_environment(&state, &environment).await?;
+    crate::runs::leases::retire_environment(state.runs(), &environment).await?;
     let removed = state
         .store()
         .delete_environment(environment.id)
@@ -255,7 +263,7 @@ pub async fn delete(
         .delete_secrets_of_environment(removed.id)
         .await
     {
-        tracing::warn!(env.id = %removed.id, error = %super::error::DisplayChain(&error), "could not delete secrets");
+        tracing::warn!(env.id = %removed.id, error = %crate::error_chain::DisplayChain(&error), "could not delete secrets");
     }
     tracing::info!(env.id = %removed.id, "environment deleted");
     record_activity(
@@ -317,7 +325,7 @@ pub async fn probe_config(
         return Err(ApiError::validation(errors));
     };
     // An unsaved config may use the company's stored secrets, and inline ones in memory only: nothing is persisted.
-    vault::check_secret_refs(&state, company_id, None, &config).await?;
+    vault::check_secret_refs(state.store(), company_id, None, &config).await?;
     let result = run_probe(&state, company_id, config).await;
     let details = json!({
         "driver": result.driver.as_str(),
@@ -379,7 +387,11 @@ async fn run_probe(state: &AppState, company_id: CompanyId, config: DriverConfig
         return ProbeResult::failed(Driver::Local, refused.to_string());
     }
     let mut config = config;
-    if let Err(error) = vault::resolve_secrets(state, company_id, &mut config).await {
+    if let Err(error) =
+        vault::resolve_secrets(state.store(), state.cipher(), company_id, &mut config).await
+    {
+        // Said as the API would say it: an internal cause is logged, never shown.
+        let error = ApiError::from(error);
         return ProbeResult::failed(
             config.driver(),
             format!("cannot use the environment's secrets: {}", error.message()),

@@ -12,9 +12,11 @@ use berth_core::ErrorKind;
 use berth_core::validation::{FieldError, ValidationErrors};
 use serde::Serialize;
 
+use crate::error_chain::DisplayChain;
 use crate::host_policy::HostPolicyError;
 use crate::secrets::SecretsError;
 use crate::store::StoreError;
+use crate::vault::VaultError;
 
 /// An error on its way to the client.
 #[derive(Debug)]
@@ -187,6 +189,16 @@ impl From<SecretsError> for ApiError {
     }
 }
 
+impl From<VaultError> for ApiError {
+    fn from(error: VaultError) -> Self {
+        match error {
+            VaultError::Store(error) => error.into(),
+            VaultError::Secrets(error) => error.into(),
+            VaultError::InvalidReference(errors) => ApiError::validation(errors),
+        }
+    }
+}
+
 impl From<HostPolicyError> for ApiError {
     fn from(error: HostPolicyError) -> Self {
         match error {
@@ -197,21 +209,5 @@ impl From<HostPolicyError> for ApiError {
             )),
             other => ApiError::new(other.kind(), other.code(), other.to_string()),
         }
-    }
-}
-
-/// Renders an error with its whole `source()` chain, for logs.
-#[derive(Debug)]
-pub struct DisplayChain<'a>(pub &'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for DisplayChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(cause) = source {
-            write!(f, ": {cause}")?;
-            source = cause.source();
-        }
-        Ok(())
     }
 }

@@ -28,7 +28,8 @@ use serde_json::Value;
 use tower_http::trace::TraceLayer;
 
 use self::auth::Principal;
-use self::error::{ApiError, DisplayChain};
+use self::error::ApiError;
+use crate::error_chain::DisplayChain;
 use crate::state::AppState;
 use crate::store::NewActivity;
 

@@ -87,7 +87,7 @@ pub async fn create(
     let environment = resolve_environment(&state, company_id, environment_id).await?;
     let mut config = runnable_config(&state, &environment)?;
     // Decrypted for the run's lifetime only (the driver connects with them); never stored, zeroized on drop.
-    crate::vault::resolve_secrets(&state, company_id, &mut config).await?;
+    crate::vault::resolve_secrets(state.store(), state.cipher(), company_id, &mut config).await?;
 
     let now = Timestamp::now();
     let run = Run {
@@ -311,7 +311,7 @@ impl Follower {
             {
                 Ok(batch) => batch,
                 Err(error) => {
-                    tracing::warn!(run.id = %self.run_id, error = %super::error::DisplayChain(&error), "event stream ended");
+                    tracing::warn!(run.id = %self.run_id, error = %crate::error_chain::DisplayChain(&error), "event stream ended");
                     return None;
                 }
             };

@@ -14,7 +14,7 @@ use serde_json::Value;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::error::DisplayChain;
+use crate::error_chain::DisplayChain;
 use crate::runs::event_data::{EventData, output_text};
 use crate::store::{StagedEvents, Store, StoreError};
 

@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 use super::events::{EventWriter, OutputEvents};
 use super::leases::{self, HeldLease};
 use super::manager::RunContext;
-use crate::api::error::DisplayChain;
 use crate::bridge::RunningBridge;
+use crate::error_chain::DisplayChain;
 use crate::runs::event_data::EventData;
 
 /// Everything about a run that is not stored: the parts of the request that may hold secrets, and choices made when

@@ -14,7 +14,7 @@ use berth_core::lease::{CleanupStatus, Lease, LeasePolicy, LeaseStatus};
 use berth_core::time::Timestamp;
 
 use super::manager::RunContext;
-use crate::api::error::DisplayChain;
+use crate::error_chain::DisplayChain;
 use crate::store::{Store, StoreError};
 
 /// A lease a run holds, with the driver's view of it.
@@ -426,7 +426,7 @@ async fn current_config(context: &RunContext, lease: &Lease) -> Option<DriverCon
         context.drivers.providers(),
     )
     .ok()?;
-    if let Err(error) = crate::vault::resolve_secrets_with(
+    if let Err(error) = crate::vault::resolve_secrets(
         &context.store,
         &context.cipher,
         lease.company_id,
@@ -434,7 +434,7 @@ async fn current_config(context: &RunContext, lease: &Lease) -> Option<DriverCon
     )
     .await
     {
-        tracing::warn!(lease.id = %lease.id, code = error.code(), error = error.message(), "could not open the environment's secrets for cleanup");
+        tracing::warn!(lease.id = %lease.id, code = error.code(), error = %DisplayChain(&error), "could not open the environment's secrets for cleanup");
         return None;
     }
     Some(config)
@@ -444,15 +444,16 @@ async fn current_config(context: &RunContext, lease: &Lease) -> Option<DriverCon
 /// release or destroy every lease still active or kept, with provider cleanup. The environment's lease rows vanish
 /// with it, so nothing may be left for a later sweep to find.
 pub async fn retire_environment(
-    state: &crate::state::AppState,
+    runs: &super::RunManager,
     environment: &Environment,
-) -> Result<(), crate::api::error::ApiError> {
+) -> Result<(), StoreError> {
     const WAIT_FOR_RUNS: std::time::Duration = std::time::Duration::from_secs(5);
-    let store = state.store();
+    let context = runs.context();
+    let store = &context.store;
     let live = store.live_runs_of_environment(environment.id).await?;
     for run in &live {
         store.request_cancel(run.id).await?;
-        state.runs().cancel_local(run.id);
+        runs.cancel_local(run.id);
     }
     if !live.is_empty() {
         let waited = tokio::time::timeout(WAIT_FOR_RUNS, async {
@@ -490,13 +491,7 @@ pub async fn retire_environment(
             )
             .await?
         {
-            let status = cleanup(
-                state.runs().context(),
-                &released,
-                CleanupKind::Destroy,
-                None,
-            )
-            .await;
+            let status = cleanup(context, &released, CleanupKind::Destroy, None).await;
             let released = Lease {
                 cleanup_status: Some(status),
                 ..released
