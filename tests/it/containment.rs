@@ -187,6 +187,33 @@ ln -s /etc /workspace/planted
     );
     assert!(!std::path::Path::new("/etc/berth-escape").exists());
     assert!(!std::path::Path::new("/usr/berth-escape").exists());
+
+    // The command's environment is exactly the contract's: PATH, HOME, the bridge's variables and the request's.
+    let (run, output) = run_as(
+        &server,
+        &server.admin_token,
+        &company,
+        json!({"environmentId": env_id, "command": ["/usr/bin/env"], "env": {"GREETING": "hi"}}),
+    )
+    .await;
+    assert_eq!(run["status"], "succeeded", "{run} {output}");
+    let mut names: Vec<&str> = output
+        .lines()
+        .filter_map(|line| line.split('=').next())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "BERTH_API_TOKEN",
+            "BERTH_API_URL",
+            "BERTH_RUN_ID",
+            "GREETING",
+            "HOME",
+            "PATH"
+        ],
+        "{output}"
+    );
     server.stop().await;
 }
 

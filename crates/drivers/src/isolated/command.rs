@@ -51,8 +51,11 @@ impl IsolatedProvider {
             .or_insert_with(|| DEFAULT_PATH.to_owned());
         env.entry("HOME".to_owned())
             .or_insert_with(|| workspace_inside.display().to_string());
-        env.entry("TMPDIR".to_owned())
-            .or_insert_with(|| tmp_inside.clone());
+        if tier == Tier::Landlock {
+            // No private /tmp here: the per-command directory is the one temporary place the run may write.
+            env.entry("TMPDIR".to_owned())
+                .or_insert_with(|| tmp_inside.clone());
+        }
         let writable = vec![text(&workspace_inside)?, tmp_inside.clone()];
         let (landlock, relay, bounded_dir, max_file_size) = match tier {
             Tier::Namespaces(_) => (
