@@ -24,6 +24,7 @@ mod server;
 #[allow(dead_code, unreachable_pub)]
 mod runs_api;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use berth_core::config::{DriverConfig, SandboxConfig};
@@ -187,31 +188,30 @@ async fn cycles(
 
 async fn lease_cycles(count: usize) {
     let root = tempfile::tempdir().unwrap();
-    let isolated = IsolatedProvider::new(
-        root.path().join("isolated"),
-        server::berth_bin().to_path_buf(),
-    )
-    .unwrap();
-    let fake = FakeProvider::builder()
-        .root(root.path().join("fake"))
-        .containment(Containment::disabled_for_tests())
-        .build()
-        .unwrap();
+    // The providers measured are the ones registered: the registry is also the catalog their configs parse against.
     let mut registry = ProviderRegistry::new();
     registry
-        .register(std::sync::Arc::new(
-            FakeProvider::builder().build().unwrap(),
+        .register(Arc::new(
+            FakeProvider::builder()
+                .root(root.path().join("fake"))
+                .containment(Containment::disabled_for_tests())
+                .build()
+                .unwrap(),
         ))
         .unwrap();
     registry
-        .register(std::sync::Arc::new(
+        .register(Arc::new(
             IsolatedProvider::new(
-                root.path().join("catalog"),
+                root.path().join("isolated"),
                 server::berth_bin().to_path_buf(),
             )
             .unwrap(),
         ))
         .unwrap();
+    let (fake, isolated) = (
+        registry.get("fake").unwrap(),
+        registry.get("isolated").unwrap(),
+    );
     let parse =
         |config: Value| match DriverConfig::parse(Driver::Sandbox, &config, &registry).unwrap() {
             DriverConfig::Sandbox(sandbox) => sandbox,
@@ -221,10 +221,16 @@ async fn lease_cycles(count: usize) {
     let fake_config = parse(json!({"provider": "fake"}));
     println!("\n(b) lease acquire + release, sequential");
     println!("{:<52} {:>8} {:>14}", "", "cycles", "per second");
-    cycles("fake provider (baseline)", &fake, &fake_config, count).await;
+    cycles(
+        "fake provider (baseline)",
+        fake.as_ref(),
+        &fake_config,
+        count,
+    )
+    .await;
     cycles(
         "isolated provider (memoryMb, pids)",
-        &isolated,
+        isolated.as_ref(),
         &isolated_config,
         count,
     )

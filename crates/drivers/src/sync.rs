@@ -720,7 +720,7 @@ fn must_delete(old: &Entry, new: Option<&Entry>) -> bool {
 }
 
 /// Reports `path` as skipped: `at`, a directory on its way on the host, is a symlink or not a directory.
-fn blocked(report: &mut SyncReport, path: &str, at: &str) {
+pub(crate) fn blocked(report: &mut SyncReport, path: &str, at: &str) {
     tracing::warn!(
         path,
         at,
@@ -732,7 +732,8 @@ fn blocked(report: &mut SyncReport, path: &str, at: &str) {
     });
 }
 
-fn skip(report: &mut SyncReport, path: &str, reason: SkipReason) {
+/// Reports `path` as skipped for `reason`, and logs it.
+pub(crate) fn skip(report: &mut SyncReport, path: &str, reason: SkipReason) {
     tracing::warn!(path, reason = reason.as_str(), "sync-back skipped an entry");
     report.skipped.push(SkippedEntry {
         path: path.to_owned(),

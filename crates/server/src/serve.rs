@@ -175,7 +175,12 @@ async fn finish(
 /// How Local and fake-provider commands are contained: berth's data dir, the fake provider's root, a SQLite
 /// database kept elsewhere, and every granted workspace root (other companies' files) are out of their sight; each
 /// command gets its own workspace back.
-fn host_containment(options: &ServeOptions, database_url: &str, host: &HostPolicy) -> Containment {
+fn host_containment(
+    options: &ServeOptions,
+    database_url: &str,
+    host: &HostPolicy,
+    support: &HostSupport,
+) -> Containment {
     let mut hidden = Hidden {
         dirs: vec![options.data_dir.clone(), FakeProvider::default_root()],
         files: Vec::new(),
@@ -190,8 +195,7 @@ fn host_containment(options: &ServeOptions, database_url: &str, host: &HostPolic
         }
         hidden.dirs.push(PathBuf::from(format!("{path}-output")));
     }
-    let support = HostSupport::detect();
-    let containment = Containment::new(&support, hidden, options.allow_uncontained_local);
+    let containment = Containment::new(support, hidden, options.allow_uncontained_local);
     if options.allow_uncontained_local {
         tracing::warn!(
             "--allow-uncontained-local: Local and fake-provider commands run as the server's user and can read its \
@@ -227,7 +231,9 @@ pub async fn prepare(options: &ServeOptions) -> Result<AppState, ServeError> {
     store.ensure_local_environment(company.id).await?;
     let host = host_policy(options, &store, company.id).await?;
     let admin_token = load_or_create_admin_token(&options.data_dir, options.admin_token.as_ref())?;
-    let containment = host_containment(options, &database_url, &host);
+    // Read once: which isolation mechanisms this host has (bubblewrap, user namespaces, cgroups, Landlock).
+    let support = HostSupport::detect();
+    let containment = host_containment(options, &database_url, &host, &support);
     let mut providers = ProviderRegistry::new();
     berth_fake_provider::register_builtin(&mut providers, containment.clone())?;
     berth_drivers::isolated::register_builtin(
@@ -235,6 +241,7 @@ pub async fn prepare(options: &ServeOptions) -> Result<AppState, ServeError> {
         options.data_dir.join("isolated"),
         init_program(),
         options.isolation_tier,
+        support,
     )?;
     let local = LocalDriver::new(options.data_dir.join("workspaces"), containment);
     let drivers = Arc::new(DriverRegistry::new(local, Arc::new(providers)));

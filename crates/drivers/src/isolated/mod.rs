@@ -55,17 +55,19 @@ pub const DEFAULT_DISK_MB: u64 = 512;
 /// Open files per process inside.
 const MAX_OPEN_FILES: u64 = 65_536;
 
-/// Registers `isolated` in `registry`; see [`IsolatedProvider::new`].
+/// Registers `isolated` in `registry`, on the host `support` berth read at start-up; see [`IsolatedProvider::new`].
 pub fn register_builtin(
     registry: &mut ProviderRegistry,
     root: PathBuf,
     init_program: PathBuf,
     tier: TierChoice,
+    support: HostSupport,
 ) -> Result<(), DriverError> {
-    registry.register(Arc::new(IsolatedProvider::with_tier(
+    registry.register(Arc::new(IsolatedProvider::with_support(
         root,
         init_program,
         tier,
+        support,
     )?))
 }
 
@@ -111,20 +113,21 @@ impl IsolatedProvider {
     /// host's support is read now: a host that cannot isolate still registers the provider, which then refuses every
     /// lease and says why.
     pub fn new(root: PathBuf, init_program: PathBuf) -> Result<Self, DriverError> {
-        Self::with_tier(root, init_program, TierChoice::Auto)
+        Self::with_support(root, init_program, TierChoice::Auto, HostSupport::detect())
     }
 
-    /// As [`new`](Self::new), restricted to the tiers `choice` allows.
-    pub fn with_tier(
+    /// As [`new`](Self::new), restricted to the tiers `choice` allows, on a host `support` already read.
+    pub fn with_support(
         root: PathBuf,
         init_program: PathBuf,
         choice: TierChoice,
+        support: HostSupport,
     ) -> Result<Self, DriverError> {
         Ok(Self {
             descriptor: ProviderDescriptor::new(Self::spec())?,
             root,
             init_program,
-            support: HostSupport::detect(),
+            support,
             choice,
             next_lease: AtomicU64::new(0),
         })
@@ -379,8 +382,8 @@ impl SandboxProvider for IsolatedProvider {
     fn probe<'a>(&'a self, config: &'a SandboxConfig) -> BoxFuture<'a, ProbeResult> {
         Box::pin(async move {
             let limits = SandboxLimits::from_fields(&config.fields);
-            let support = HostSupport::detect();
-            let mut details = support.details(&limits.controllers());
+            // What berth read at start-up, which is what its sandboxes use until it restarts.
+            let mut details = self.support.details(&limits.controllers());
             details.insert("limits".to_owned(), limits.to_value());
             details.insert(
                 "tier".to_owned(),
@@ -422,7 +425,11 @@ impl SandboxProvider for IsolatedProvider {
                             },
                             [Controller::Memory, Controller::Pids, Controller::Cpu]
                                 .into_iter()
-                                .filter(|controller| support.cgroups.get(*controller).is_some())
+                                .filter(|controller| self
+                                    .support
+                                    .cgroups
+                                    .get(*controller)
+                                    .is_some())
                                 .map(Controller::name)
                                 .collect::<Vec<_>>()
                                 .join(", ")

@@ -39,7 +39,9 @@ use tokio::sync::mpsc;
 use super::exec::{CONTROL_TIMEOUT, ScriptOutput, control, run_script, shell_quote};
 use super::pool::{Pool, SshTarget};
 use crate::fs::{Kind, Placement, Reach, Slot, Tree, blocking, io_error};
-use crate::sync::{self, Budget, Entry, HashCache, Manifest, StopFlag, SyncBackLimits};
+use crate::sync::{
+    self, Budget, Entry, HashCache, Manifest, StopFlag, SyncBackLimits, blocked, skip,
+};
 
 /// Bytes per chunk between the tar thread and the channel.
 const CHUNK: usize = 256 * 1024;
@@ -889,27 +891,6 @@ fn already_there(current: &HostState, incoming: &Staged) -> bool {
         (HostState::Entry(Entry::Symlink { target: x }), Staged::Symlink { target: y }) => x == y,
         _ => false,
     }
-}
-
-/// Reports `path` as skipped: `at`, a directory on its way on the host, is a symlink or not a directory.
-fn blocked(report: &mut SyncReport, path: &str, at: &str) {
-    tracing::warn!(
-        path,
-        at,
-        "not writing through a host path that is not a real directory"
-    );
-    report.skipped.push(SkippedEntry {
-        path: path.to_owned(),
-        reason: SkipReason::UnsafeHostPath,
-    });
-}
-
-fn skip(report: &mut SyncReport, path: &str, reason: SkipReason) {
-    tracing::warn!(path, reason = reason.as_str(), "sync-back skipped an entry");
-    report.skipped.push(SkippedEntry {
-        path: path.to_owned(),
-        reason,
-    });
 }
 
 fn check_stop(stop: &StopFlag) -> Result<(), DriverError> {
