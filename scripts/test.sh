@@ -44,9 +44,10 @@ log "cargo fmt --check"
 cargo fmt --all -- --check
 log "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-log "building the berth binary the tests run"
-cargo build --locked -p berth-server --bin berth
+log "building the berth binary and the fake provider plugin the tests run"
+cargo build --locked -p berth-server --bin berth -p berth-fake-provider --bin berth-fake-provider
 export BERTH_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/berth"
+export BERTH_FAKE_PLUGIN_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/berth-fake-provider"
 log "tests (SQLite and PostgreSQL)"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast

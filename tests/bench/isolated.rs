@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use berth_core::config::{DriverConfig, SandboxConfig};
 use berth_core::driver::LeaseRequest;
 use berth_core::environment::Driver;
-use berth_core::ids::{EnvironmentId, RunId};
+use berth_core::ids::{CompanyId, EnvironmentId, RunId};
 use berth_core::provider::SandboxProvider;
 use berth_drivers::contain::Containment;
 use berth_drivers::isolated::IsolatedProvider;
@@ -175,6 +175,7 @@ async fn cycles(
     let started = Instant::now();
     for _ in 0..cycles {
         let request = LeaseRequest {
+            company_id: CompanyId::new(),
             environment_id: EnvironmentId::new(),
             run_id: RunId::new(),
         };

@@ -44,7 +44,7 @@ use berth_drivers::registry::{DriverRegistry, ProviderRegistry};
 use berth_server::runs::leases;
 use berth_server::runs::manager::RunContext;
 use berth_server::secrets::SecretCipher;
-use berth_server::store::Store;
+use berth_store::Store;
 use common::{env_number, percentile};
 use runs_api::{all_events, run_to_completion, start_run, text_of};
 use serde_json::{Value, json};

@@ -29,7 +29,7 @@ use berth_core::driver::{
     RealizedWorkspace, WorkspaceRequest,
 };
 use berth_core::environment::Driver;
-use berth_core::ids::{EnvironmentId, RunId};
+use berth_core::ids::{CompanyId, EnvironmentId, RunId};
 use berth_drivers::registry::ProviderRegistry;
 use berth_drivers::ssh::SshDriver;
 use serde_json::{Value, json};
@@ -273,6 +273,7 @@ async fn exec_round_trips(sshd: &TestSshd, execs: usize, cli_execs: usize) -> Ex
     let driver = SshDriver::default();
     let config = driver_config(sshd, "per_run");
     let request = LeaseRequest {
+        company_id: CompanyId::new(),
         environment_id: EnvironmentId::new(),
         run_id: RunId::new(),
     };
@@ -504,6 +505,7 @@ async fn berth_sync(
     source: &Path,
 ) -> (Duration, u64, u64, PathBuf) {
     let request = LeaseRequest {
+        company_id: CompanyId::new(),
         environment_id,
         run_id: RunId::new(),
     };

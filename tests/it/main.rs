@@ -16,6 +16,8 @@ mod cli;
 mod containment;
 mod drivers;
 mod lab;
+mod layering;
+mod plugins;
 mod runs;
 mod ssh;
 mod ssh_runs;

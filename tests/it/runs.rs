@@ -686,7 +686,7 @@ async fn a_live_follower_that_falls_behind_catches_up_from_the_store_missing_not
     let server = TestServer::start_with(ServerOptions {
         env: vec![(
             "BERTH_LOG".to_owned(),
-            "info,berth_server::api::runs=debug".to_owned(),
+            "info,berth_server::runs::follow=debug".to_owned(),
         )],
         ..Default::default()
     })
@@ -895,9 +895,7 @@ async fn sigterm_cancels_live_runs_and_releases_their_leases() {
     let data_dir = server.data_dir.clone();
     let store_url = format!("sqlite://{}", data_dir.join("berth.db").display());
     let keeper = server.stop_keeping_data().await;
-    let store = berth_server::store::Store::connect(&store_url)
-        .await
-        .unwrap();
+    let store = berth_store::Store::connect(&store_url).await.unwrap();
     let run = store
         .get_run(run_id.parse().unwrap())
         .await

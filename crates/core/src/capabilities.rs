@@ -78,6 +78,8 @@ pub struct SandboxProviderCapability {
     pub display_name: String,
     pub description: String,
     pub source: ProviderSource,
+    /// The plugin that provides it (`source: plugin`).
+    pub plugin_key: Option<String>,
     pub supports_reusable_leases: bool,
     pub supports_run_execution: bool,
     pub config_schema: Value,

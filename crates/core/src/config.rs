@@ -12,10 +12,10 @@ use std::str::FromStr;
 use secrecy::SecretString;
 use serde_json::{Map, Value};
 
+use crate::catalog::{ProviderCatalog, is_valid_key};
 use crate::company::{UnknownVariant, parse_variant};
 use crate::environment::Driver;
 use crate::ids::SecretId;
-use crate::provider::{ProviderCatalog, is_valid_key};
 use crate::validation::{ObjectReader, ValidationErrors, join_path};
 
 /// Where the config sits in a request body; every path reported starts here.

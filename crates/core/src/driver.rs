@@ -19,14 +19,16 @@ use serde_json::{Map, Value};
 use crate::ErrorKind;
 use crate::config::DriverConfig;
 use crate::environment::Driver;
-use crate::ids::{EnvironmentId, RunId};
+pub use crate::future::BoxFuture;
+use crate::ids::{CompanyId, EnvironmentId, RunId};
 use crate::probe::ProbeResult;
-pub use crate::provider::BoxFuture;
 use crate::time::Timestamp;
 
 /// What a run asks of the environment when it takes a lease.
 #[derive(Clone, Debug)]
 pub struct LeaseRequest {
+    /// Whose environment it is: a plugin's calls carry it.
+    pub company_id: CompanyId,
     pub environment_id: EnvironmentId,
     pub run_id: RunId,
 }
@@ -302,6 +304,10 @@ pub enum DriverError {
     #[error("sandbox provider `{key}` is not installed (installed: {})", list_or_none(.installed))]
     ProviderNotInstalled { key: String, installed: Vec<String> },
 
+    /// The provider exists but cannot serve now (a plugin starting, restarting or failed): fails fast, with why.
+    #[error("sandbox provider `{provider}` is unavailable: {reason}")]
+    ProviderUnavailable { provider: String, reason: String },
+
     #[error("a sandbox provider with key `{key}` is already registered")]
     DuplicateProvider { key: String },
 
@@ -355,6 +361,7 @@ impl DriverError {
     pub fn code(&self) -> &'static str {
         match self {
             DriverError::ProviderNotInstalled { .. } => "provider_not_installed",
+            DriverError::ProviderUnavailable { .. } => "provider_unavailable",
             DriverError::DuplicateProvider { .. } => "duplicate_provider",
             DriverError::InvalidProvider(_) => "invalid_provider",
             DriverError::Unsupported { .. } => "driver_unsupported",
@@ -371,6 +378,7 @@ impl DriverError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             DriverError::ProviderNotInstalled { .. }
+            | DriverError::ProviderUnavailable { .. }
             | DriverError::Failed { .. }
             | DriverError::Uncontained { .. } => ErrorKind::Unavailable,
             DriverError::SyncBackCancelled | DriverError::SyncBackStalled { .. } => {

@@ -8,11 +8,13 @@
 //! shapes (configs are JSON *values* by nature, so `serde_json::Value` appears, but no DTO lives here).
 
 pub mod capabilities;
+pub mod catalog;
 pub mod company;
 pub mod config;
 pub mod driver;
 pub mod environment;
 pub mod error;
+pub mod future;
 pub mod ids;
 pub mod lease;
 pub mod probe;

@@ -11,6 +11,15 @@ use berth_core::driver::DriverError;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 
+/// Whether `path` is a relative, `/`-separated path of plain names: no empty, `.` or `..` segment, no NUL.
+pub(crate) fn is_clean_relative(path: &str) -> bool {
+    !path.is_empty()
+        && !path.contains('\0')
+        && path
+            .split('/')
+            .all(|segment| !segment.is_empty() && segment != "." && segment != "..")
+}
+
 /// Runs blocking filesystem work off the async workers. `what` names the work in the error if its task dies.
 pub async fn blocking<T: Send + 'static>(
     what: &'static str,
@@ -197,7 +206,7 @@ impl Tree {
     /// The slot of `relative` (a clean relative path), opening every directory on the way without following
     /// links. With `create`, missing directories on the way are created (mode 0700).
     pub(crate) fn reach(&self, relative: &str, create: bool) -> Result<Reach, DriverError> {
-        if !crate::sync::is_clean_relative(relative) {
+        if !is_clean_relative(relative) {
             return Err(DriverError::failed(format!(
                 "refusing the invalid workspace path `{relative}`"
             )));

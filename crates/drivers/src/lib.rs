@@ -5,8 +5,9 @@
 //! - [`ssh`]: hosts reached over SSH (russh); this build probes them.
 //! - [`unsupported`]: plugin, whose configs validate but which cannot run commands in this build yet.
 //! - [`fs`]: filesystem helpers shared by the drivers that keep workspaces on this host.
-//! - [`registry`]: the installed sandbox providers (also the provider catalog for config validation), one driver
-//!   per driver kind, probing, and "what can this build do?".
+//! - [`provider_registry`]: the installed sandbox providers (also the provider catalog for config validation) and
+//!   "what can this build do?".
+//! - [`registry`]: one driver per driver kind, and probing.
 //! - [`process`]: the one way berth spawns a command on this host.
 //! - [`sync`]: copying workspaces into sandboxes and their changes back.
 //!
@@ -17,6 +18,7 @@ pub mod fs;
 pub mod isolated;
 pub mod local;
 pub mod process;
+pub mod provider_registry;
 pub mod registry;
 pub mod sandbox;
 pub mod ssh;

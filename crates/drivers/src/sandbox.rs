@@ -16,7 +16,7 @@ use berth_core::probe::ProbeResult;
 use berth_core::provider::{ProviderCatalog, SandboxProvider};
 use serde_json::Value;
 
-use crate::registry::ProviderRegistry;
+use crate::provider_registry::ProviderRegistry;
 
 /// How long a sandbox provider may take to answer a probe. Providers talk to outside services; a hung one must not
 /// hang the request that asked.

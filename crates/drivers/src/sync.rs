@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::fs::{
     BUFFER_SIZE, Kind, Meta, Placement, Reach, RemovedDir, Slot, Tree, blocking,
-    create_private_dir, io_error,
+    create_private_dir, io_error, is_clean_relative,
 };
 use berth_core::config::{DEFAULT_SYNC_BACK_MAX_MB, SYNC_BACK_MAX_MB_KEY};
 use berth_core::driver::{
@@ -139,15 +139,6 @@ impl Manifest {
             })
             .sum()
     }
-}
-
-/// Whether `path` is a relative, `/`-separated path of plain names: no empty, `.` or `..` segment, no NUL.
-pub(crate) fn is_clean_relative(path: &str) -> bool {
-    !path.is_empty()
-        && !path.contains('\0')
-        && path
-            .split('/')
-            .all(|segment| !segment.is_empty() && segment != "." && segment != "..")
 }
 
 // === Limits, stops and cancels ===

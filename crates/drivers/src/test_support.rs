@@ -13,7 +13,7 @@ use berth_core::driver::{
     OutputSink, OutputStream, RealizedWorkspace, SyncReport, WorkspaceRequest,
 };
 use berth_core::environment::Driver;
-use berth_core::ids::{EnvironmentId, RunId};
+use berth_core::ids::{CompanyId, EnvironmentId, RunId};
 use berth_core::probe::ProbeResult;
 use berth_core::provider::{ProviderDescriptor, ProviderSpec, SandboxProvider};
 use serde_json::{Map, Value, json};
@@ -32,6 +32,7 @@ pub fn exec(argv: &[&str]) -> ExecRequest {
 /// A lease request for a fresh environment and run.
 pub fn lease_request() -> LeaseRequest {
     LeaseRequest {
+        company_id: CompanyId::new(),
         environment_id: EnvironmentId::new(),
         run_id: RunId::new(),
     }

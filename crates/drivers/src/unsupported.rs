@@ -47,7 +47,7 @@ impl EnvironmentDriver for UnsupportedDriver {
                 let mut result = ProbeResult::failed(
                     Driver::Plugin,
                     format!(
-                        "no plugin host in this build: plugin `{}` is not installed",
+                        "plugin environment drivers are not hosted yet: plugin `{}` cannot back a `plugin` environment",
                         plugin.plugin_key
                     ),
                 );

@@ -21,21 +21,11 @@ use berth_core::driver::DriverError;
 use berth_drivers::contain::Containment;
 use berth_drivers::registry::ProviderRegistry;
 
-pub use faults::{FakeFaults, FakeProviderBuilder};
-pub use provider::FakeProvider;
-
-/// The value of `config.provider` that selects the fake.
-pub const FAKE_PROVIDER_KEY: &str = "fake";
-
-/// The image a fake sandbox reports when the config names none. It is also the schema's default, so stored configs
-/// always carry it.
-pub const DEFAULT_IMAGE: &str = "fake:latest";
-
-/// Every fake lease id starts with this.
-pub const LEASE_ID_PREFIX: &str = "sandbox://fake/";
-
-/// Workspace metadata key of the manifest taken at copy-in, which sync-back diffs against.
-pub const MANIFEST_KEY: &str = "manifest";
+pub use faults::FakeFaults;
+pub use provider::{
+    DEFAULT_IMAGE, FAKE_PROVIDER_KEY, FakeProvider, FakeProviderBuilder, LEASE_ID_PREFIX,
+    MANIFEST_KEY,
+};
 
 /// Registers the built-in fake (default root, no faults) in `registry`.
 /// Registers the fake, its commands run under `containment` like Local's: they run on this host too.

@@ -1,8 +1,10 @@
-//! The [`FakeProvider`] and its [`SandboxProvider`] implementation: leases, workspaces, commands and sync-back.
+//! The [`FakeProvider`], the [`FakeProviderBuilder`] that makes one, and its [`SandboxProvider`] implementation:
+//! leases, workspaces, commands and sync-back.
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use berth_core::config::SandboxConfig;
 use berth_core::driver::{
@@ -20,10 +22,20 @@ use berth_drivers::process::{ProcessSpec, command_cwd, run_process};
 use berth_drivers::sync::{self, Manifest};
 use serde_json::{Map, Value, json};
 
-use crate::{
-    DEFAULT_IMAGE, FAKE_PROVIDER_KEY, FakeFaults, FakeProviderBuilder, LEASE_ID_PREFIX,
-    MANIFEST_KEY,
-};
+use crate::faults::FakeFaults;
+
+/// The value of `config.provider` that selects the fake.
+pub const FAKE_PROVIDER_KEY: &str = "fake";
+
+/// The image a fake sandbox reports when the config names none. It is also the schema's default, so stored configs
+/// always carry it.
+pub const DEFAULT_IMAGE: &str = "fake:latest";
+
+/// Every fake lease id starts with this.
+pub const LEASE_ID_PREFIX: &str = "sandbox://fake/";
+
+/// Workspace metadata key of the manifest taken at copy-in, which sync-back diffs against.
+pub const MANIFEST_KEY: &str = "manifest";
 
 /// A sandbox provider that needs no outside service: sandboxes are private directories on this machine.
 #[derive(Debug)]
@@ -34,6 +46,82 @@ pub struct FakeProvider {
     /// The `n` of the next `sandbox://fake/<runId>/<n>` lease id.
     pub(crate) next_lease: AtomicU64,
     pub(crate) containment: Containment,
+}
+
+/// Builds a [`FakeProvider`]: `FakeProvider::builder().root(dir).seed(7).fail_probe("down").build()`.
+#[derive(Clone, Debug, Default)]
+#[must_use]
+pub struct FakeProviderBuilder {
+    faults: FakeFaults,
+    root: Option<PathBuf>,
+    seed: u64,
+    containment: Option<Containment>,
+}
+
+// === impl FakeProviderBuilder ===
+
+impl FakeProviderBuilder {
+    /// Where sandboxes live (created with mode 0700 when first needed). Default: [`FakeProvider::default_root`].
+    pub fn root(mut self, root: impl Into<PathBuf>) -> Self {
+        self.root = Some(root.into());
+        self
+    }
+
+    /// The first `n` of `sandbox://fake/<runId>/<n>` lease ids. Default 0.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// Makes every probe fail with `summary`.
+    pub fn fail_probe(mut self, summary: impl Into<String>) -> Self {
+        self.faults.fail_probe = Some(summary.into());
+        self
+    }
+
+    /// Makes every acquire fail with `message`.
+    pub fn fail_acquire(mut self, message: impl Into<String>) -> Self {
+        self.faults.fail_acquire = Some(message.into());
+        self
+    }
+
+    /// Makes every release and destroy fail with `message`.
+    pub fn fail_release(mut self, message: impl Into<String>) -> Self {
+        self.faults.fail_release = Some(message.into());
+        self
+    }
+
+    /// Makes every acquire take at least `delay`.
+    pub fn acquire_delay(mut self, delay: Duration) -> Self {
+        self.faults.acquire_delay = Some(delay);
+        self
+    }
+
+    /// Discards commands' output instead of forwarding it.
+    pub fn drop_output(mut self, drop: bool) -> Self {
+        self.faults.drop_output = drop;
+        self
+    }
+
+    /// How commands are contained. Unset: not at all, which suits only tests of the fake itself; the server
+    /// always passes its containment ([`register_builtin`](crate::register_builtin)).
+    pub fn containment(mut self, containment: Containment) -> Self {
+        self.containment = Some(containment);
+        self
+    }
+
+    /// See [`FakeProvider::new`] for why this is fallible.
+    pub fn build(self) -> Result<FakeProvider, Error> {
+        Ok(FakeProvider {
+            descriptor: ProviderDescriptor::new(FakeProvider::spec())?,
+            faults: self.faults,
+            root: self.root.unwrap_or_else(FakeProvider::default_root),
+            next_lease: AtomicU64::new(self.seed),
+            containment: self
+                .containment
+                .unwrap_or_else(Containment::disabled_for_tests),
+        })
+    }
 }
 
 /// Which sandbox a lease id names. Parsed strictly, so a lease id read back from storage can only ever name a

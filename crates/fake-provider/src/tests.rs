@@ -285,6 +285,7 @@ async fn reusable_leases_are_per_environment_and_survive_keep() {
     fake.release(&lease, true).await.unwrap();
     assert!(dir.is_dir());
     let second = LeaseRequest {
+        company_id: first.company_id,
         environment_id: first.environment_id,
         run_id: RunId::new(),
     };

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use crate::error_chain::DisplayChain;
 use crate::runs::event_data::EventData;
 use crate::runs::events::EventWriter;
-use crate::store::Store;
+use berth_store::Store;
 
 /// How long a bridge waits for slow headers before closing the connection (slowloris).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);

@@ -8,9 +8,10 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
-use crate::client::ApiClient;
+use crate::client::{ClientArgs, Session};
+use crate::data_dir::default_data_dir;
 use crate::host_policy::LocalEnvironments;
-use crate::serve::{ADMIN_TOKEN_FILE, ServeOptions};
+use crate::serve::ServeOptions;
 use crate::telemetry::LogFormat;
 
 #[derive(Debug, Parser)]
@@ -102,26 +103,21 @@ pub struct ServeArgs {
     /// Landlock ABI 6), or `auto`: namespaces where the host allows them, else Landlock.
     #[arg(long, env = "BERTH_ISOLATION_TIER", value_enum, default_value_t = IsolationTier::Auto)]
     pub isolation_tier: IsolationTier,
-}
-
-/// How client subcommands find the server, the token and the company.
-#[derive(Debug, Args)]
-pub struct ClientArgs {
-    /// Base URL of the berth server.
-    #[arg(long, env = "BERTH_URL", default_value = "http://127.0.0.1:7420")]
-    pub server: String,
-    /// API token [default: the admin token in <data-dir>/admin-token]. Prefer BERTH_TOKEN: argv is visible to others.
-    #[arg(long, env = "BERTH_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// Company id or name [default: the company named `default`, or the API key's own company].
-    #[arg(long, env = "BERTH_COMPANY")]
-    pub company: Option<String>,
-    /// Data dir holding the admin token [default: as for `berth serve`].
-    #[arg(long, env = "BERTH_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// Print JSON instead of text.
-    #[arg(long)]
-    pub json: bool,
+    /// A provider plugin's directory, holding its `berth-plugin.json` (repeatable; PLUGINS.md). Every
+    /// `<data-dir>/plugins/*/` is loaded too.
+    #[arg(
+        long = "plugin-dir",
+        env = "BERTH_PLUGIN_DIRS",
+        value_name = "DIR",
+        value_delimiter = ':'
+    )]
+    pub plugin_dirs: Vec<PathBuf>,
+    /// The first delay before a crashed plugin is restarted (doubling from there, at most 5 min). For tests.
+    #[arg(long, hide = true, default_value_t = 1000)]
+    pub plugin_restart_initial_ms: u64,
+    /// The longest delay before a crashed plugin is restarted. For tests.
+    #[arg(long, hide = true, default_value_t = 300_000)]
+    pub plugin_restart_max_ms: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -222,6 +218,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         workspace_roots: args.workspace_roots,
         local_environments: args.local_environments,
         allow_uncontained_local: args.allow_uncontained_local,
+        plugin_dirs: args.plugin_dirs,
+        plugin_restart_initial: std::time::Duration::from_millis(
+            args.plugin_restart_initial_ms.max(1),
+        ),
+        plugin_restart_max: std::time::Duration::from_millis(args.plugin_restart_max_ms.max(1)),
         isolation_tier: match args.isolation_tier {
             IsolationTier::Auto => berth_drivers::isolated::TierChoice::Auto,
             IsolationTier::Namespaces => berth_drivers::isolated::TierChoice::Namespaces,
@@ -242,76 +243,6 @@ fn secret_env(name: &str) -> Option<Zeroizing<String>> {
         .ok()
         .filter(|value| !value.trim().is_empty())
         .map(Zeroizing::new)
-}
-
-/// `$XDG_DATA_HOME/berth`, else `~/.local/share/berth`.
-pub fn default_data_dir() -> anyhow::Result<PathBuf> {
-    if let Some(data_home) = std::env::var_os("XDG_DATA_HOME").filter(|value| !value.is_empty()) {
-        return Ok(PathBuf::from(data_home).join("berth"));
-    }
-    let home = std::env::var_os("HOME")
-        .filter(|value| !value.is_empty())
-        .context("neither XDG_DATA_HOME nor HOME is set; pass --data-dir")?;
-    Ok(PathBuf::from(home).join(".local/share/berth"))
-}
-
-/// A connected client plus the company it acts for.
-pub(crate) struct Session {
-    pub(crate) api: ApiClient,
-    pub(crate) company_id: String,
-    json: bool,
-}
-
-impl Session {
-    pub(crate) async fn open(args: ClientArgs) -> anyhow::Result<Self> {
-        let token = match args.token.filter(|token| !token.trim().is_empty()) {
-            Some(token) => Zeroizing::new(token),
-            None => {
-                let data_dir = match args.data_dir {
-                    Some(dir) => dir,
-                    None => default_data_dir()?,
-                };
-                let path = data_dir.join(ADMIN_TOKEN_FILE);
-                let contents = std::fs::read_to_string(&path).with_context(|| {
-                    format!("no token: set BERTH_TOKEN or --token, or start `berth serve` so that {} exists", path.display())
-                })?;
-                Zeroizing::new(contents.trim().to_owned())
-            }
-        };
-        let api = ApiClient::new(&args.server, token);
-        let company_id = resolve_company(&api, args.company.as_deref()).await?;
-        Ok(Self {
-            api,
-            company_id,
-            json: args.json,
-        })
-    }
-}
-
-/// Finds the company id: given as an id (no request), else in one `whoami` — the API key's own company, or the
-/// admin's `default` company — else by name among all companies (admin).
-async fn resolve_company(api: &ApiClient, company: Option<&str>) -> anyhow::Result<String> {
-    if let Some(id) = company.filter(|text| text.parse::<berth_core::ids::CompanyId>().is_ok()) {
-        return Ok(id.to_owned());
-    }
-    let whoami = api.get("/api/whoami").await?;
-    if let Some(key) = whoami.get("apiKey") {
-        let own = key["companyId"].as_str().unwrap_or_default().to_owned();
-        return Ok(own);
-    }
-    let name = company.unwrap_or(berth_core::company::DEFAULT_COMPANY_NAME);
-    if name == berth_core::company::DEFAULT_COMPANY_NAME
-        && let Some(id) = whoami["defaultCompany"]["id"].as_str()
-    {
-        return Ok(id.to_owned());
-    }
-    let companies = api.get("/api/companies").await?;
-    companies
-        .as_array()
-        .and_then(|list| list.iter().find(|entry| entry["name"] == name))
-        .and_then(|entry| entry["id"].as_str())
-        .map(str::to_owned)
-        .with_context(|| format!("no company named `{name}`"))
 }
 
 async fn env(command: EnvCommand) -> anyhow::Result<ExitCode> {

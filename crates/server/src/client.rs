@@ -1,10 +1,18 @@
-//! A small HTTP client for the berth API, used by the CLI subcommands.
+//! A small HTTP client for the berth API, used by the CLI subcommands, and the settings every client subcommand
+//! shares (`ClientArgs`, opened into a `Session`): the command line (`cli`) and `berth run` (`run_command`) both
+//! use them, so they live here rather than in either.
 
 use std::fmt;
+use std::path::PathBuf;
 
+use anyhow::Context;
+use clap::Args;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use zeroize::Zeroizing;
+
+use crate::data_dir::default_data_dir;
+use crate::serve::ADMIN_TOKEN_FILE;
 
 /// An API call that did not succeed.
 #[derive(Debug, thiserror::Error)]
@@ -164,4 +172,84 @@ fn api_error(status: StatusCode, body: &Value) -> ClientError {
         message: message.to_owned(),
         details,
     }
+}
+
+/// How client subcommands find the server, the token and the company.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// Base URL of the berth server.
+    #[arg(long, env = "BERTH_URL", default_value = "http://127.0.0.1:7420")]
+    pub server: String,
+    /// API token [default: the admin token in <data-dir>/admin-token]. Prefer BERTH_TOKEN: argv is visible to others.
+    #[arg(long, env = "BERTH_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Company id or name [default: the company named `default`, or the API key's own company].
+    #[arg(long, env = "BERTH_COMPANY")]
+    pub company: Option<String>,
+    /// Data dir holding the admin token [default: as for `berth serve`].
+    #[arg(long, env = "BERTH_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A connected client plus the company it acts for.
+pub(crate) struct Session {
+    pub(crate) api: ApiClient,
+    pub(crate) company_id: String,
+    /// `--json`: print JSON instead of text.
+    pub(crate) json: bool,
+}
+
+impl Session {
+    pub(crate) async fn open(args: ClientArgs) -> anyhow::Result<Self> {
+        let token = match args.token.filter(|token| !token.trim().is_empty()) {
+            Some(token) => Zeroizing::new(token),
+            None => {
+                let data_dir = match args.data_dir {
+                    Some(dir) => dir,
+                    None => default_data_dir()?,
+                };
+                let path = data_dir.join(ADMIN_TOKEN_FILE);
+                let contents = std::fs::read_to_string(&path).with_context(|| {
+                    format!("no token: set BERTH_TOKEN or --token, or start `berth serve` so that {} exists", path.display())
+                })?;
+                Zeroizing::new(contents.trim().to_owned())
+            }
+        };
+        let api = ApiClient::new(&args.server, token);
+        let company_id = resolve_company(&api, args.company.as_deref()).await?;
+        Ok(Self {
+            api,
+            company_id,
+            json: args.json,
+        })
+    }
+}
+
+/// Finds the company id: given as an id (no request), else in one `whoami` — the API key's own company, or the
+/// admin's `default` company — else by name among all companies (admin).
+async fn resolve_company(api: &ApiClient, company: Option<&str>) -> anyhow::Result<String> {
+    if let Some(id) = company.filter(|text| text.parse::<berth_core::ids::CompanyId>().is_ok()) {
+        return Ok(id.to_owned());
+    }
+    let whoami = api.get("/api/whoami").await?;
+    if let Some(key) = whoami.get("apiKey") {
+        let own = key["companyId"].as_str().unwrap_or_default().to_owned();
+        return Ok(own);
+    }
+    let name = company.unwrap_or(berth_core::company::DEFAULT_COMPANY_NAME);
+    if name == berth_core::company::DEFAULT_COMPANY_NAME
+        && let Some(id) = whoami["defaultCompany"]["id"].as_str()
+    {
+        return Ok(id.to_owned());
+    }
+    let companies = api.get("/api/companies").await?;
+    companies
+        .as_array()
+        .and_then(|list| list.iter().find(|entry| entry["name"] == name))
+        .and_then(|entry| entry["id"].as_str())
+        .map(str::to_owned)
+        .with_context(|| format!("no company named `{name}`"))
 }

@@ -99,7 +99,7 @@ impl SshLab {
     fn open(args: &LabArgs) -> anyhow::Result<Self> {
         let data_dir = match &args.data_dir {
             Some(dir) => dir.clone(),
-            None => crate::cli::default_data_dir()?,
+            None => crate::data_dir::default_data_dir()?,
         };
         let data_dir = std::path::absolute(&data_dir)
             .with_context(|| format!("cannot resolve {}", data_dir.display()))?;

@@ -9,7 +9,7 @@ use clap::Args;
 use futures::StreamExt;
 use serde_json::{Map, Value, json};
 
-use crate::cli::{ClientArgs, Session};
+use crate::client::{ClientArgs, Session};
 
 /// Exit code when the command timed out (as `timeout(1)`).
 pub const EXIT_TIMED_OUT: u8 = 124;

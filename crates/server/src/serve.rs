@@ -19,6 +19,8 @@ use berth_drivers::local::LocalDriver;
 use berth_drivers::registry::{DriverRegistry, ProviderRegistry};
 use berth_fake_provider::FakeProvider;
 use berth_isolation::probe::HostSupport;
+use berth_plugins::PluginHost;
+use berth_plugins::supervisor::{HostSettings, RestartPolicy};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
@@ -33,7 +35,7 @@ use crate::runs::RunManager;
 use crate::runs::manager::DEFAULT_SWEEP_INTERVAL;
 use crate::secrets::{SecretCipher, SecretsError};
 use crate::state::AppState;
-use crate::store::{Store, StoreError};
+use berth_store::{Store, StoreError};
 
 /// How long in-flight requests get to finish after SIGINT/SIGTERM; the contract allows 10 s in all.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
@@ -44,6 +46,8 @@ pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 pub const NODE_ID_FILE: &str = "node-id";
 /// How long live runs get to cancel and release their leases at shutdown, within the contract's 10 s.
 const RUN_SHUTDOWN_GRACE: Duration = Duration::from_secs(6);
+/// How long plugins get to shut down after the runs (their processes are killed after that).
+const PLUGIN_SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug)]
 pub struct ServeOptions {
@@ -72,6 +76,11 @@ pub struct ServeOptions {
     pub allow_uncontained_local: bool,
     /// `--isolation-tier`: how the `isolated` provider builds sandboxes.
     pub isolation_tier: berth_drivers::isolated::TierChoice,
+    /// `--plugin-dir` / `BERTH_PLUGIN_DIRS`: plugin directories beyond `<data-dir>/plugins/*`.
+    pub plugin_dirs: Vec<PathBuf>,
+    /// How soon a crashed plugin is first restarted, and the longest wait between restarts.
+    pub plugin_restart_initial: Duration,
+    pub plugin_restart_max: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +140,7 @@ pub async fn serve(
 
     let store = state.store().clone();
     let runs = state.runs().clone();
+    let plugins = state.plugins().clone();
     runs.spawn_background();
     let stopping = CancellationToken::new();
     // No Nagle: event streams write small frames, and Nagle plus the client's delayed ACK would hold each one back
@@ -150,6 +160,7 @@ pub async fn serve(
     stopping.cancel();
     // Cancel live runs first: each kills its process tree and releases its lease while the database is still open.
     runs.shutdown(RUN_SHUTDOWN_GRACE).await;
+    plugins.shutdown(PLUGIN_SHUTDOWN_GRACE).await;
     match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
         Ok(finished) => finish(finished, &store).await,
         Err(_) => {
@@ -243,6 +254,7 @@ pub async fn prepare(options: &ServeOptions) -> Result<AppState, ServeError> {
         options.isolation_tier,
         support,
     )?;
+    let plugins = Arc::new(start_plugins(options, &mut providers));
     let local = LocalDriver::new(options.data_dir.join("workspaces"), containment);
     let drivers = Arc::new(DriverRegistry::new(local, Arc::new(providers)));
     let node_id = load_or_create_node_id(&options.data_dir)?;
@@ -252,19 +264,69 @@ pub async fn prepare(options: &ServeOptions) -> Result<AppState, ServeError> {
         drivers.clone(),
         cipher.clone(),
         Some(bridge),
+        host,
         node_id,
         options.sweep_interval.unwrap_or(DEFAULT_SWEEP_INTERVAL),
     );
+    // Leases made by plugins are cleaned up through them: give them a moment to come up first. One that takes
+    // longer is cleaned up by the periodic sweep once it is ready.
+    futures::future::join_all(
+        plugins
+            .plugins()
+            .iter()
+            .map(|plugin| plugin.settle(PLUGIN_SETTLE)),
+    )
+    .await;
     runs.startup_sweep().await;
     Ok(AppState::new(
         store,
         cipher,
         &admin_token,
         drivers,
+        plugins,
         runs,
-        host,
     ))
 }
+
+/// How long start-up waits for plugins before the first sweep.
+const PLUGIN_SETTLE: Duration = Duration::from_secs(5);
+
+/// Starts every installed plugin (`<data-dir>/plugins/*`, then `--plugin-dir`s) and registers their sandbox
+/// providers. A plugin that cannot be loaded is logged and skipped: it never stops the server.
+fn start_plugins(options: &ServeOptions, providers: &mut ProviderRegistry) -> PluginHost {
+    let dirs = berth_plugins::manifest::plugin_dirs(
+        &[options.data_dir.join("plugins")],
+        &options.plugin_dirs,
+    );
+    let settings = HostSettings {
+        state_root: options.data_dir.join("plugin-state"),
+        restart: RestartPolicy {
+            initial_backoff: options.plugin_restart_initial,
+            max_backoff: options.plugin_restart_max,
+            ..RestartPolicy::default()
+        },
+        path: std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PLUGIN_PATH.to_owned()),
+        host_version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    let host = PluginHost::start(&dirs, &providers.keys(), &settings);
+    for provider in host.sandbox_providers() {
+        let registered = provider
+            .map_err(|problem| problem.message)
+            .and_then(|provider| {
+                let plugin_id = provider.plugin().id().to_owned();
+                providers
+                    .register_plugin(provider, &plugin_id)
+                    .map_err(|error| error.to_string())
+            });
+        if let Err(message) = registered {
+            tracing::warn!(%message, "plugin provider skipped");
+        }
+    }
+    host
+}
+
+/// The `PATH` plugins get when berth has none.
+const DEFAULT_PLUGIN_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
 /// The workspace roots (resolved, and refused when missing or overlapping what berth keeps to itself: the data dir,
 /// the SQLite database's directory and the fake provider's sandboxes) and the Local environment policy.

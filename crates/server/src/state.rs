@@ -4,12 +4,13 @@ use std::fmt;
 use std::sync::Arc;
 
 use berth_drivers::registry::DriverRegistry;
+use berth_plugins::PluginHost;
 
-use crate::api::auth::token_digest;
 use crate::host_policy::HostPolicy;
 use crate::runs::RunManager;
 use crate::secrets::SecretCipher;
-use crate::store::Store;
+use crate::tokens::token_digest;
+use berth_store::Store;
 
 /// Cheap to clone: one `Arc` around the shared parts.
 #[derive(Clone)]
@@ -22,8 +23,8 @@ struct Inner {
     cipher: Arc<SecretCipher>,
     admin_token_digest: [u8; 32],
     drivers: Arc<DriverRegistry>,
+    plugins: Arc<PluginHost>,
     runs: RunManager,
-    host: HostPolicy,
 }
 
 impl AppState {
@@ -32,8 +33,8 @@ impl AppState {
         cipher: Arc<SecretCipher>,
         admin_token: &str,
         drivers: Arc<DriverRegistry>,
+        plugins: Arc<PluginHost>,
         runs: RunManager,
-        host: HostPolicy,
     ) -> Self {
         let admin_token_digest = token_digest(admin_token);
         Self {
@@ -42,10 +43,15 @@ impl AppState {
                 cipher,
                 admin_token_digest,
                 drivers,
+                plugins,
                 runs,
-                host,
             }),
         }
+    }
+
+    /// The installed provider plugins.
+    pub fn plugins(&self) -> &Arc<PluginHost> {
+        &self.inner.plugins
     }
 
     pub fn store(&self) -> &Store {
@@ -73,7 +79,8 @@ impl AppState {
 
     /// What of this host the companies may use: workspace roots and Local environments.
     pub fn host(&self) -> &HostPolicy {
-        &self.inner.host
+        // Held by the runs, which check it when they accept one.
+        self.inner.runs.host()
     }
 
     /// The SHA-256 of the admin token; the token itself is not kept in memory.

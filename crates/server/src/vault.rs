@@ -2,9 +2,17 @@
 //!
 //! A secret is encrypted with the server's master key, bound to its company and environment through the AEAD's
 //! associated data, and stored in the `secrets` table. Configs hold only its id.
+//!
+//! A config reaches a driver with its secrets open only through [`open_config`] (a stored environment's) or
+//! [`open_unsaved_config`] (a config probed before it is saved), as a [`ResolvedConfig`]: the type says the secrets
+//! are in it, so it is never mistaken for something to store.
+
+use std::fmt;
 
 use berth_core::config::DriverConfig;
+use berth_core::environment::Environment;
 use berth_core::ids::{CompanyId, EnvironmentId, SecretId};
+use berth_core::provider::ProviderCatalog;
 use berth_core::time::Timestamp;
 use berth_core::validation::{ValidationErrors, join_path};
 use secrecy::ExposeSecret;
@@ -12,7 +20,7 @@ use secrecy::ExposeSecret;
 use berth_core::ErrorKind;
 
 use crate::secrets::{SecretCipher, SecretsError};
-use crate::store::{Store, StoreError, StoredSecret};
+use berth_store::{Store, StoreError, StoredSecret};
 
 /// Why a secret could not be sealed, checked or opened.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +32,9 @@ pub enum VaultError {
     /// A config's secret reference cannot be used (unknown, gone, not text); the paths name the fields.
     #[error("{0}")]
     InvalidReference(ValidationErrors),
+    /// A stored config no longer passes validation (e.g. its sandbox provider is gone from this build).
+    #[error("the environment's stored config is no longer valid ({0}); update it")]
+    StoredConfigInvalid(ValidationErrors),
 }
 
 // === impl VaultError ===
@@ -35,6 +46,7 @@ impl VaultError {
             VaultError::Store(error) => error.code(),
             VaultError::Secrets(error) => error.code(),
             VaultError::InvalidReference(_) => "validation_failed",
+            VaultError::StoredConfigInvalid(_) => "environment_config_invalid",
         }
     }
 
@@ -43,6 +55,8 @@ impl VaultError {
             VaultError::Store(error) => error.kind(),
             VaultError::Secrets(error) => error.kind(),
             VaultError::InvalidReference(_) => ErrorKind::Validation,
+            // The request is fine; the environment must be updated first.
+            VaultError::StoredConfigInvalid(_) => ErrorKind::Conflict,
         }
     }
 }
@@ -131,9 +145,59 @@ pub async fn forget(store: &Store, ids: &[SecretId]) {
     }
 }
 
-/// Decrypts every secret `config` references, in place, at the moment of use. The result must never be stored
-/// (`DriverConfig::to_stored` refuses it) and is dropped, zeroized, after the driver call.
-pub async fn resolve_secrets(
+/// A driver config with its secrets decrypted, for the moment of use: never stored (`DriverConfig::to_stored` refuses
+/// it), dropped zeroized after the driver call. Only this module makes one.
+pub struct ResolvedConfig(DriverConfig);
+
+// === impl ResolvedConfig ===
+
+impl ResolvedConfig {
+    /// The config, secrets included, for a driver call.
+    pub fn as_config(&self) -> &DriverConfig {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ResolvedConfig {
+    // The driver only: what the secrets' own Debug would print is not this type's business to trust.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResolvedConfig")
+            .field("driver", &self.0.driver())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens a stored environment's config: parses it again (stored configs passed validation when written, but a
+/// provider may have left this build since) and decrypts its secrets.
+pub async fn open_config(
+    store: &Store,
+    cipher: &SecretCipher,
+    providers: &(dyn ProviderCatalog + Sync),
+    environment: &Environment,
+) -> Result<ResolvedConfig, VaultError> {
+    let config = DriverConfig::parse(
+        environment.driver,
+        &serde_json::Value::Object(environment.config.clone()),
+        providers,
+    )
+    .map_err(VaultError::StoredConfigInvalid)?;
+    open_unsaved_config(store, cipher, environment.company_id, config).await
+}
+
+/// Opens a config that is not stored (an unsaved config being probed): decrypts the company's secrets it references.
+/// Its inline secrets, if any, are already in it.
+pub async fn open_unsaved_config(
+    store: &Store,
+    cipher: &SecretCipher,
+    company_id: CompanyId,
+    mut config: DriverConfig,
+) -> Result<ResolvedConfig, VaultError> {
+    resolve_secrets(store, cipher, company_id, &mut config).await?;
+    Ok(ResolvedConfig(config))
+}
+
+/// Decrypts every secret `config` references, in place, at the moment of use.
+async fn resolve_secrets(
     store: &Store,
     cipher: &SecretCipher,
     company_id: CompanyId,
@@ -179,6 +243,17 @@ mod tests {
         assert_eq!(invalid.code(), "validation_failed");
         assert_eq!(invalid.kind(), ErrorKind::Validation);
         assert_eq!(invalid.kind().http_status(), 422);
+
+        let stale = VaultError::StoredConfigInvalid(ValidationErrors::single(
+            "config.provider",
+            "unknown provider",
+        ));
+        assert_eq!(stale.code(), "environment_config_invalid");
+        assert_eq!(stale.kind(), ErrorKind::Conflict);
+        assert_eq!(
+            stale.to_string(),
+            "the environment's stored config is no longer valid (config.provider: unknown provider); update it"
+        );
 
         let sealed = VaultError::from(SecretsError::Decrypt);
         assert_eq!(sealed.code(), "secret_decrypt_failed");

@@ -4,7 +4,7 @@ use serde_json::{Value, json};
 
 use berth_core::ids::CompanyId;
 use berth_core::time::Timestamp;
-use berth_server::store::NewActivity;
+use berth_store::NewActivity;
 
 use super::{ids, new_company};
 use crate::support::db::TestDb;

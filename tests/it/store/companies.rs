@@ -2,7 +2,7 @@
 
 use berth_core::company::{ApiKey, ApiKeyRole, Company};
 use berth_core::ids::{ApiKeyId, CompanyId};
-use berth_server::store::ConflictKind;
+use berth_store::ConflictKind;
 
 use super::{assert_conflict, at, company, new_company};
 use crate::support::db::TestDb;

@@ -1,7 +1,7 @@
 //! Opening a store: unsupported URLs, and in-memory SQLite.
 
 use berth_core::ErrorKind;
-use berth_server::store::{Backend, Store};
+use berth_store::{Backend, Store};
 
 use super::company;
 

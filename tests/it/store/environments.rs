@@ -6,7 +6,7 @@ use berth_core::ErrorKind;
 use berth_core::environment::{Driver, Environment, EnvironmentStatus};
 use berth_core::ids::{CompanyId, SecretId};
 use berth_core::lease::LeaseStatus;
-use berth_server::store::{ConflictKind, EnvironmentFilter, StoreError, StoredSecret};
+use berth_store::{ConflictKind, EnvironmentFilter, StoreError, StoredSecret};
 
 use super::{Raw, assert_conflict, at, environment, ids, lease, new_company, object};
 use crate::support::db::TestDb;

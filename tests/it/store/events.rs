@@ -4,7 +4,7 @@ use serde_json::{Value, json};
 
 use berth_core::ids::RunId;
 use berth_core::run::{EventKind, NewRunEvent, RunStatus};
-use berth_server::store::{Backend, Store};
+use berth_store::{Backend, Store};
 
 use super::{Raw, as_stored, at, event, ids, insert_runs, new_company, replica, run};
 use crate::runs::multibyte_text;

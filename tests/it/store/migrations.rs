@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use berth_server::store::{Backend, Store};
+use berth_store::{Backend, Store};
 
 use super::{Raw, new_company};
 use crate::support::db::TestDb;

@@ -16,7 +16,7 @@ use berth_core::ids::{CompanyId, EnvironmentId, LeaseId, RunId};
 use berth_core::lease::{Lease, LeasePolicy, LeaseStatus};
 use berth_core::run::{EventKind, NewRunEvent, Run, RunEvent, RunStatus};
 use berth_core::time::Timestamp;
-use berth_server::store::{Backend, ConflictKind, Store, StoreError};
+use berth_store::{Backend, ConflictKind, Store, StoreError};
 
 use crate::support::db::TestDb;
 

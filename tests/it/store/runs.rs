@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 use berth_core::environment::{Driver, Environment};
 use berth_core::ids::{EnvironmentId, LeaseId, RunId};
 use berth_core::run::{EventKind, Run, RunStatus};
-use berth_server::store::{ConflictKind, StoreError};
+use berth_store::{ConflictKind, StoreError};
 
 use super::{Raw, assert_conflict, at, environment, event, insert_runs, new_company, replica, run};
 use crate::support::db::TestDb;

@@ -1,7 +1,7 @@
 //! Sealed secrets.
 
 use berth_core::ids::{EnvironmentId, SecretId};
-use berth_server::store::StoredSecret;
+use berth_store::StoredSecret;
 
 use super::{at, new_company};
 use crate::support::db::TestDb;

@@ -10,7 +10,7 @@ use std::fmt;
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use tempfile::TempDir;
 
-use berth_server::store::{Backend, Store};
+use berth_store::{Backend, Store};
 
 /// The variable holding a PostgreSQL *server* URL (its database is only used to create and drop test databases).
 pub(crate) const POSTGRES_URL_VAR: &str = "BERTH_TEST_POSTGRES_URL";

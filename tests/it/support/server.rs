@@ -206,9 +206,9 @@ impl TestServer {
     }
 
     /// The server's own SQLite database, opened beside it (WAL lets both read and write).
-    pub async fn open_store(&self) -> berth_server::store::Store {
+    pub async fn open_store(&self) -> berth_store::Store {
         let url = format!("sqlite://{}", self.data_dir.join("berth.db").display());
-        berth_server::store::Store::connect(&url)
+        berth_store::Store::connect(&url)
             .await
             .expect("open the server's database")
     }

@@ -5,8 +5,6 @@ use std::time::{Duration, Instant};
 use berth_core::ids::RunId;
 use http::Method;
 
-use super::Inner;
-
 /// What the bridge records about one request. Never a body, a query string or a credential.
 #[derive(Clone, Debug)]
 pub struct AuditEntry {
@@ -32,7 +30,8 @@ const MAX_AUDIT_PATH: usize = 512;
 /// The audit record of a request in progress. Recorded by [`finish`](Self::finish), or on drop as 499
 /// `request_cancelled` when the request was abandoned (the client left, or a shutdown's grace period ran out).
 pub(super) struct PendingAudit<'a> {
-    inner: &'a Inner,
+    sink: &'a dyn AuditSink,
+    run_id: RunId,
     pub(super) method: String,
     pub(super) path: String,
     started: Instant,
@@ -41,13 +40,14 @@ pub(super) struct PendingAudit<'a> {
 }
 
 impl<'a> PendingAudit<'a> {
-    pub(super) fn new(inner: &'a Inner, method: &Method, path: &str) -> Self {
+    pub(super) fn new(sink: &'a dyn AuditSink, run_id: RunId, method: &Method, path: &str) -> Self {
         let mut end = path.len().min(MAX_AUDIT_PATH);
         while !path.is_char_boundary(end) {
             end -= 1;
         }
         Self {
-            inner,
+            sink,
+            run_id,
             method: method.as_str().to_owned(),
             path: path[..end].to_owned(),
             started: Instant::now(),
@@ -62,8 +62,8 @@ impl<'a> PendingAudit<'a> {
     }
 
     fn record(&mut self, status: u16, response_bytes: u64, code: Option<&'static str>) {
-        self.inner.audit.record(
-            self.inner.run_id,
+        self.sink.record(
+            self.run_id,
             AuditEntry {
                 method: std::mem::take(&mut self.method),
                 path: std::mem::take(&mut self.path),

@@ -12,51 +12,54 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::{Body as _, Incoming};
 use subtle::ConstantTimeEq;
 
-use super::Bridge;
 use crate::error::BridgeError;
+use crate::signing::BridgeSecrets;
 
 /// Says whether a run may still use its bridge. Asked on every request, after the credential checks out.
 pub trait RunGate: Send + Sync + 'static {
     fn is_live(&self, run_id: RunId) -> BoxFuture<'_, bool>;
 }
 
-// === impl Bridge ===
+// === the run credential ===
 
-impl Bridge {
-    pub(super) async fn authenticate(&self, headers: &HeaderMap) -> Result<(), BridgeError> {
-        let inner = &*self.inner;
-        let mut values = headers.get_all(header::AUTHORIZATION).iter();
-        let value = values.next().ok_or(BridgeError::CredentialMissing)?;
-        if values.next().is_some() {
-            return Err(BridgeError::CredentialMalformed);
-        }
-        let text = value
-            .to_str()
-            .map_err(|_| BridgeError::CredentialMalformed)?;
-        let (scheme, token) = text
-            .split_once(' ')
-            .ok_or(BridgeError::CredentialMalformed)?;
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return Err(BridgeError::CredentialMalformed);
-        }
-        let credential = inner
-            .secrets
-            .credential_issuer()
-            .verify(token.trim_matches(' '), Timestamp::now())?;
-        let same_run: bool = credential
-            .run_id
-            .as_uuid()
-            .as_bytes()
-            .ct_eq(inner.run_id.as_uuid().as_bytes())
-            .into();
-        if !same_run {
-            return Err(BridgeError::CredentialWrongRun);
-        }
-        if !inner.gate.is_live(inner.run_id).await {
-            return Err(BridgeError::RunEnded);
-        }
-        Ok(())
+/// Checks the request's run credential: genuine (by `secrets`), unexpired, for `run_id`, and the run still live (by
+/// `gate`).
+pub(super) async fn authenticate(
+    secrets: &BridgeSecrets,
+    run_id: RunId,
+    gate: &dyn RunGate,
+    headers: &HeaderMap,
+) -> Result<(), BridgeError> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let value = values.next().ok_or(BridgeError::CredentialMissing)?;
+    if values.next().is_some() {
+        return Err(BridgeError::CredentialMalformed);
     }
+    let text = value
+        .to_str()
+        .map_err(|_| BridgeError::CredentialMalformed)?;
+    let (scheme, token) = text
+        .split_once(' ')
+        .ok_or(BridgeError::CredentialMalformed)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(BridgeError::CredentialMalformed);
+    }
+    let credential = secrets
+        .credential_issuer()
+        .verify(token.trim_matches(' '), Timestamp::now())?;
+    let same_run: bool = credential
+        .run_id
+        .as_uuid()
+        .as_bytes()
+        .ct_eq(run_id.as_uuid().as_bytes())
+        .into();
+    if !same_run {
+        return Err(BridgeError::CredentialWrongRun);
+    }
+    if !gate.is_live(run_id).await {
+        return Err(BridgeError::RunEnded);
+    }
+    Ok(())
 }
 
 // === requests ===

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use berth_core::ids::RunId;
 use berth_core::time::Timestamp;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -14,14 +15,16 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use secrecy::{ExposeSecret, SecretString};
 use zeroize::Zeroizing;
 
-use super::Bridge;
 use crate::error::BridgeError;
-use crate::signing::{HEADER_NONCE, HEADER_RUN_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, sign};
+use crate::policy::BridgePolicy;
+use crate::signing::{
+    HEADER_NONCE, HEADER_RUN_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, SigningKey, sign,
+};
 
 /// The client every request of one bridge goes upstream with.
-pub(super) type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
+type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
 
-pub(super) struct Upstream {
+struct Upstream {
     /// `http://host:port`.
     origin: String,
     /// The base URL's path without its trailing `/`; empty for none.
@@ -34,7 +37,7 @@ pub(super) struct Upstream {
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The upstream client, keeping up to `max_idle_per_host` idle connections.
-pub(super) fn client(max_idle_per_host: usize) -> UpstreamClient {
+fn client(max_idle_per_host: usize) -> UpstreamClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     Client::builder(TokioExecutor::new())
@@ -44,16 +47,61 @@ pub(super) fn client(max_idle_per_host: usize) -> UpstreamClient {
         .build(connector)
 }
 
-// === impl Bridge ===
+/// Everything forwarding needs, built once per bridge: the upstream and its client, the headers the policy lets
+/// through each way, the run's signing key and the policy's response limits.
+pub(super) struct Forwarder {
+    run_id: RunId,
+    run_id_header: HeaderValue,
+    signing_key: SigningKey,
+    upstream: Result<Upstream, &'static str>,
+    request_headers: Vec<HeaderName>,
+    response_headers: Vec<HeaderName>,
+    client: UpstreamClient,
+    /// The policy's `maxResponseBytes`.
+    max_response_bytes: u64,
+    /// The policy's `upstreamTimeoutMs`.
+    upstream_timeout: Duration,
+}
 
-impl Bridge {
+// === impl Forwarder ===
+
+impl Forwarder {
+    /// Forwarding for `run_id` to `upstream` with `token`, under `policy`. A misconfigured upstream is logged here
+    /// and makes every request fail.
+    pub(super) fn new(
+        run_id: RunId,
+        signing_key: SigningKey,
+        upstream: &Uri,
+        token: &SecretString,
+        policy: &BridgePolicy,
+    ) -> Self {
+        let upstream = Upstream::new(upstream, token);
+        if let Err(what) = &upstream {
+            tracing::error!(%run_id, "bridge misconfigured: {what}; every request will fail");
+        }
+        let max_in_flight = usize::try_from(policy.max_in_flight).unwrap_or(usize::MAX);
+        let run_id_header = HeaderValue::try_from(run_id.to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("invalid"));
+        Self {
+            run_id,
+            run_id_header,
+            signing_key,
+            upstream,
+            request_headers: policy.request_header_names(),
+            response_headers: policy.response_header_names(),
+            client: client(max_in_flight),
+            max_response_bytes: policy.max_response_bytes,
+            upstream_timeout: Duration::from_millis(policy.upstream_timeout_ms),
+        }
+    }
+
     pub(super) async fn forward(
         &self,
         parts: &http::request::Parts,
         path: &str,
         body: Bytes,
     ) -> Result<Response<Full<Bytes>>, BridgeError> {
-        let inner = &*self.inner;
+        let inner = self;
         let upstream = inner
             .upstream
             .as_ref()
@@ -114,7 +162,7 @@ impl Bridge {
         *request.uri_mut() = uri;
         *request.headers_mut() = headers;
 
-        let limit = inner.policy.max_response_bytes;
+        let limit = inner.max_response_bytes;
         let exchange = async {
             let response = inner.client.request(request).await.map_err(|err| {
                 tracing::warn!(run_id = %inner.run_id, error = ?err, "bridge upstream request failed");
@@ -142,7 +190,7 @@ impl Bridge {
                 .to_bytes();
             Ok((head, body))
         };
-        let timeout = Duration::from_millis(inner.policy.upstream_timeout_ms);
+        let timeout = inner.upstream_timeout;
         let (head, body) = tokio::time::timeout(timeout, exchange)
             .await
             .map_err(|_| BridgeError::UpstreamTimeout)??;
@@ -161,7 +209,7 @@ impl Bridge {
 // === impl Upstream ===
 
 impl Upstream {
-    pub(super) fn new(base: &Uri, token: &SecretString) -> Result<Self, &'static str> {
+    fn new(base: &Uri, token: &SecretString) -> Result<Self, &'static str> {
         if base.scheme() != Some(&http::uri::Scheme::HTTP) {
             return Err("the upstream must be an http:// URL");
         }

@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use berth_core::ids::RunId;
 use bytes::Bytes;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, Uri, Version};
 use http_body_util::Full;
 use hyper::body::{Body as _, Incoming};
@@ -44,15 +44,15 @@ use tokio::sync::Semaphore;
 
 use crate::error::BridgeError;
 use crate::policy::{BridgePolicy, normalize_path};
-use crate::signing::{BridgeSecrets, SigningKey};
+use crate::signing::BridgeSecrets;
 
 pub use audit::{AuditEntry, AuditSink};
 pub use auth::RunGate;
 pub use listen::BridgeListener;
 
 use audit::PendingAudit;
-use auth::read_body;
-use forward::{Upstream, UpstreamClient};
+use auth::{authenticate, read_body};
+use forward::Forwarder;
 
 /// Everything one run's bridge needs.
 pub struct BridgeConfig {
@@ -77,18 +77,13 @@ pub struct Bridge {
 
 struct Inner {
     run_id: RunId,
-    run_id_header: HeaderValue,
     secrets: Arc<BridgeSecrets>,
-    signing_key: SigningKey,
-    upstream: Result<Upstream, &'static str>,
     policy: Arc<BridgePolicy>,
-    request_headers: Vec<HeaderName>,
-    response_headers: Vec<HeaderName>,
     gate: Arc<dyn RunGate>,
     audit: Arc<dyn AuditSink>,
     header_read_timeout: Duration,
     in_flight: Arc<Semaphore>,
-    client: UpstreamClient,
+    forwarder: Forwarder,
 }
 
 // === impl Bridge ===
@@ -106,38 +101,36 @@ impl Bridge {
             header_read_timeout,
         } = config;
         let token = upstream_token.unwrap_or_else(|| secrets.upstream_token(run_id));
-        let upstream = Upstream::new(&upstream, &token);
-        if let Err(what) = &upstream {
-            tracing::error!(%run_id, "bridge misconfigured: {what}; every request will fail");
-        }
-
+        let forwarder = Forwarder::new(
+            run_id,
+            secrets.signing_key(run_id),
+            &upstream,
+            &token,
+            &policy,
+        );
         let max_in_flight = usize::try_from(policy.max_in_flight).unwrap_or(usize::MAX);
-        let client = forward::client(max_in_flight);
-
-        let run_id_header = HeaderValue::try_from(run_id.to_string())
-            .unwrap_or_else(|_| HeaderValue::from_static("invalid"));
         Self {
             inner: Arc::new(Inner {
                 run_id,
-                run_id_header,
-                signing_key: secrets.signing_key(run_id),
                 secrets,
-                upstream,
-                request_headers: policy.request_header_names(),
-                response_headers: policy.response_header_names(),
                 in_flight: Arc::new(Semaphore::new(max_in_flight)),
                 policy,
                 gate,
                 audit,
                 header_read_timeout,
-                client,
+                forwarder,
             }),
         }
     }
 
     /// Handles one request and audits it, whatever happens (a request dropped half way is audited as 499).
     async fn handle(&self, request: Request<Incoming>, draining: bool) -> Response<Full<Bytes>> {
-        let mut audit = PendingAudit::new(&self.inner, request.method(), request.uri().path());
+        let mut audit = PendingAudit::new(
+            &*self.inner.audit,
+            self.inner.run_id,
+            request.method(),
+            request.uri().path(),
+        );
         let result = if draining {
             Err(BridgeError::ShuttingDown)
         } else {
@@ -185,7 +178,7 @@ impl Bridge {
         let path = normalize_path(parts.uri.path())?;
 
         // 2. Who is asking.
-        self.authenticate(&parts.headers).await?;
+        authenticate(&inner.secrets, inner.run_id, &*inner.gate, &parts.headers).await?;
 
         // 3. What they may ask for.
         inner.policy.check(&parts.method, path)?;
@@ -205,7 +198,7 @@ impl Bridge {
         .await?;
 
         // 6 and 7.
-        self.forward(&parts, path, body).await
+        inner.forwarder.forward(&parts, path, body).await
     }
 }
 

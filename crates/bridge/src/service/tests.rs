@@ -13,7 +13,7 @@ use std::time::Instant;
 use berth_core::provider::BoxFuture;
 use berth_core::time::Timestamp;
 use http::StatusCode;
-use http::header::HeaderMap;
+use http::header::{HeaderMap, HeaderName};
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 use hyper::body::Frame;

@@ -2,7 +2,7 @@ use secrecy::ExposeSecret;
 use serde_json::json;
 
 use super::*;
-use crate::provider::{ProviderDescriptor, ProviderSpec};
+use crate::catalog::{ProviderDescriptor, ProviderSpec};
 
 struct Catalog(Vec<ProviderDescriptor>);
 

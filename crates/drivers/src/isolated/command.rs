@@ -10,17 +10,46 @@ use berth_core::driver::{
 };
 use berth_isolation::bwrap::{ETC_ENTRIES, SANDBOX_RUN_DIR, SANDBOX_WORKSPACE, SandboxView};
 use berth_isolation::init::{InitReport, InitSpec, LandlockRules, Relay, encode_spec, read_report};
+use berth_isolation::probe::HostSupport;
 
 use super::host_fs::chown_tree;
 use super::lease::SandboxLimits;
-use super::{BRIDGE_SOCKET, IsolatedProvider, MAX_OPEN_FILES, SANDBOX_BRIDGE_PORT, Tier};
 use crate::fs::{blocking, create_private_dir, io_error};
 use crate::process::{DEFAULT_PATH, ProcessSpec, command_cwd, run_process, signal_name};
 
-impl IsolatedProvider {
+/// Where the callback bridge answers inside a sandbox: `http://127.0.0.1:7421`.
+pub const SANDBOX_BRIDGE_PORT: u16 = 7421;
+/// The bridge's socket, in the run directory.
+pub(super) const BRIDGE_SOCKET: &str = "bridge.sock";
+/// Open files per process inside.
+const MAX_OPEN_FILES: u64 = 65_536;
+
+/// How a sandbox is built on this host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Tier {
+    /// bubblewrap's namespaces (with the bwrap path), seccomp, Landlock as a second layer, cgroups.
+    Namespaces(PathBuf),
+    /// For hosts that refuse namespaces (containers that block user namespaces): Landlock is the filesystem,
+    /// network, signal and ptrace boundary (ABI 6 or later, fully enforced), with the TCP-only seccomp filter and
+    /// cgroups. Paths are the host's; `/tmp` is a per-command directory bounded per file by `diskMb`.
+    Landlock,
+}
+
+/// What one command needs of the provider: the tier in use, berth's own binary, what the host offers, and the
+/// sandbox's owner. The provider builds one per command, so this module never names the provider that runs it.
+pub(super) struct Launcher<'a> {
+    pub(super) tier: Tier,
+    /// berth's own binary: the sandbox's init.
+    pub(super) init_program: &'a Path,
+    pub(super) support: &'a HostSupport,
+    /// The uid the sandbox's files belong to when berth runs as root.
+    pub(super) owner: Option<u32>,
+}
+
+impl Launcher<'_> {
     /// One command in the sandbox at `dir`, in the cgroup `cgroup_name` (unique to the command).
     pub(super) async fn run_in(
-        &self,
+        self,
         dir: &Path,
         cgroup_name: &str,
         limits: &SandboxLimits,
@@ -28,7 +57,7 @@ impl IsolatedProvider {
         sink: &dyn OutputSink,
         cancel: CancelSignal,
     ) -> Result<ExecOutcome, DriverError> {
-        let tier = self.tier()?;
+        let tier = self.tier;
         let run_dir = dir.join("run");
         let workspace = dir.join("workspace");
         let tmp = dir.join("tmp");
@@ -95,7 +124,7 @@ impl IsolatedProvider {
             argv: request.argv,
             env,
             cwd,
-            run_as: self.sandbox_owner(),
+            run_as: self.owner,
             relay,
             landlock,
             status_file,
@@ -114,7 +143,7 @@ impl IsolatedProvider {
         let cgroup_limits = limits.cgroup_limits();
         let name = cgroup_name.to_owned();
         let status_path = run_dir.join(berth_isolation::init::STATUS_FILE);
-        let owner = self.sandbox_owner();
+        let owner = self.owner;
         let fresh_tmp = (tier == Tier::Landlock).then(|| tmp.clone());
         let tier_tracks = tier == Tier::Landlock;
         let cgroup = blocking("the isolated provider", move || {
@@ -146,7 +175,7 @@ impl IsolatedProvider {
         let mut argv = Vec::new();
         if !procs_files.is_empty() {
             argv.extend([
-                text(&self.init_program)?,
+                text(self.init_program)?,
                 "sandbox".to_owned(),
                 "enter".to_owned(),
             ]);
@@ -162,7 +191,7 @@ impl IsolatedProvider {
                     privilege: self.support.privilege,
                     workspace,
                     run_dir: run_dir.clone(),
-                    init_program: self.init_program.clone(),
+                    init_program: self.init_program.to_path_buf(),
                     read_only: limits.read_only_paths.clone(),
                     tmp_bytes: Some(limits.disk_mb << 20),
                 };
@@ -176,7 +205,7 @@ impl IsolatedProvider {
             }
             Tier::Landlock => {
                 argv.extend([
-                    text(&self.init_program)?,
+                    text(self.init_program)?,
                     "sandbox".to_owned(),
                     "init".to_owned(),
                 ]);

@@ -8,7 +8,10 @@ use berth_core::ids::{EnvironmentId, RunId};
 use berth_isolation::cgroup::{Controller, Limits};
 use serde_json::{Map, Value, json};
 
-use super::{DEFAULT_DISK_MB, LEASE_ID_PREFIX};
+/// Lease ids: `sandbox://isolated/<key>`.
+pub const LEASE_ID_PREFIX: &str = "sandbox://isolated/";
+/// `diskMb` when the config names none: the private `/tmp` is always bounded.
+pub const DEFAULT_DISK_MB: u64 = 512;
 
 /// Which sandbox a lease names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

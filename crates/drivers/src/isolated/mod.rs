@@ -14,7 +14,7 @@ mod lease;
 
 use std::collections::BTreeMap;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -34,26 +34,18 @@ use berth_isolation::probe::HostSupport;
 use serde_json::{Map, Value, json};
 
 use crate::fs::{blocking, create_private_dir, io_error};
-use crate::registry::ProviderRegistry;
+use crate::provider_registry::ProviderRegistry;
 use crate::sync::{self, Manifest};
 
-use self::command::{KeptOutput, describe_outcome};
+pub use self::command::SANDBOX_BRIDGE_PORT;
+use self::command::{BRIDGE_SOCKET, KeptOutput, Launcher, Tier, describe_outcome};
 use self::host_fs::{chown_tree, ensure_private_dir_tree, readable_by_anyone};
+pub use self::lease::{DEFAULT_DISK_MB, LEASE_ID_PREFIX};
 use self::lease::{LeaseKey, SandboxLimits};
 
 pub const ISOLATED_PROVIDER_KEY: &str = "isolated";
-/// Lease ids: `sandbox://isolated/<key>`.
-pub const LEASE_ID_PREFIX: &str = "sandbox://isolated/";
 /// Workspace metadata key: the content manifest taken at sync-in.
 const MANIFEST_KEY: &str = "manifest";
-/// Where the callback bridge answers inside a sandbox: `http://127.0.0.1:7421`.
-pub const SANDBOX_BRIDGE_PORT: u16 = 7421;
-/// The bridge's socket, in the run directory.
-const BRIDGE_SOCKET: &str = "bridge.sock";
-/// `diskMb` when the config names none: the private `/tmp` is always bounded.
-pub const DEFAULT_DISK_MB: u64 = 512;
-/// Open files per process inside.
-const MAX_OPEN_FILES: u64 = 65_536;
 
 /// Registers `isolated` in `registry`, on the host `support` berth read at start-up; see [`IsolatedProvider::new`].
 pub fn register_builtin(
@@ -89,17 +81,6 @@ pub enum TierChoice {
     #[default]
     Auto,
     Namespaces,
-    Landlock,
-}
-
-/// How a sandbox is built on this host.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Tier {
-    /// bubblewrap's namespaces (with the bwrap path), seccomp, Landlock as a second layer, cgroups.
-    Namespaces(PathBuf),
-    /// For hosts that refuse namespaces (containers that block user namespaces): Landlock is the filesystem,
-    /// network, signal and ptrace boundary (ABI 6 or later, fully enforced), with the TCP-only seccomp filter and
-    /// cgroups. Paths are the host's; `/tmp` is a per-command directory bounded per file by `diskMb`.
     Landlock,
 }
 
@@ -252,6 +233,28 @@ impl IsolatedProvider {
     }
 
     /// The uid and gid the sandbox user has on the host, which owns the workspace.
+    /// One command in the sandbox at `dir`, in the cgroup `cgroup_name` (unique to the command), on the tier this
+    /// host allows; see [`Launcher::run_in`].
+    async fn run_in(
+        &self,
+        dir: &Path,
+        cgroup_name: &str,
+        limits: &SandboxLimits,
+        request: ExecRequest,
+        sink: &dyn OutputSink,
+        cancel: CancelSignal,
+    ) -> Result<ExecOutcome, DriverError> {
+        let launcher = Launcher {
+            tier: self.tier()?,
+            init_program: &self.init_program,
+            support: &self.support,
+            owner: self.sandbox_owner(),
+        };
+        launcher
+            .run_in(dir, cgroup_name, limits, request, sink, cancel)
+            .await
+    }
+
     fn sandbox_owner(&self) -> Option<u32> {
         (self.support.privilege == Privilege::Root).then_some(SANDBOX_UID)
     }

@@ -1,6 +1,8 @@
 use berth_core::ErrorKind;
+use berth_core::capabilities::{ProviderSource, SupportStatus};
 use berth_core::config::SandboxConfig;
 use berth_core::driver::{ExecRequest, LeaseHandle, WorkspaceRequest};
+use berth_core::provider::{ProviderCatalog, SandboxProvider};
 use serde_json::{Map, Value, json};
 
 use super::*;
@@ -101,7 +103,10 @@ fn capabilities_describe_drivers_and_providers() {
     let plugin = &capabilities.drivers[&Driver::Plugin];
     assert_eq!(plugin.status, SupportStatus::Unsupported);
     assert!(!plugin.supports_saved_probe && !plugin.supports_unsaved_probe);
-    assert_eq!(plugin.note, Some("no plugin host in this build yet"));
+    assert_eq!(
+        plugin.note,
+        Some("plugin environment drivers are not hosted yet (sandbox-provider plugins are)")
+    );
 
     assert_eq!(
         capabilities.sandbox_providers.keys().collect::<Vec<_>>(),
@@ -195,7 +200,7 @@ async fn plugin_configs_fail_without_a_plugin_host() {
     assert_eq!(result.driver, Driver::Plugin);
     assert_eq!(
         result.summary,
-        "no plugin host in this build: plugin `acme` is not installed"
+        "plugin environment drivers are not hosted yet: plugin `acme` cannot back a `plugin` environment"
     );
     assert_eq!(
         Value::Object(result.details),

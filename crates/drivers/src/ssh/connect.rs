@@ -6,12 +6,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::pool::SshTarget;
 use russh::Channel;
 use russh::client::{self, AuthResult, Msg};
 use russh::keys::{HashAlg, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
 use secrecy::ExposeSecret;
 use tokio::sync::mpsc;
+
+use super::target::SshTarget;
 
 /// How long to wait for TCP and the SSH handshake before calling the host unreachable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -25,7 +25,8 @@ use berth_core::driver::{
 use russh::{ChannelMsg, Sig};
 use tokio::sync::mpsc;
 
-use super::pool::{Pool, SessionChannel, SshTarget};
+use super::pool::{Pool, SessionChannel};
+use super::target::SshTarget;
 use crate::process::{DEFAULT_PATH, command_cwd};
 
 /// How long short control commands (mkdir, kill, rm, listings) may take.

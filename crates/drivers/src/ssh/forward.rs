@@ -8,7 +8,8 @@ use std::sync::Arc;
 use berth_core::driver::{DriverError, Tunnel};
 use tokio::sync::mpsc;
 
-use super::pool::{Connection, Pool, SshTarget};
+use super::pool::{Connection, Pool};
+use super::target::SshTarget;
 
 /// Where the forward listens on the remote host.
 const REMOTE_LOOPBACK: &str = "127.0.0.1";

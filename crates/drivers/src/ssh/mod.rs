@@ -7,6 +7,7 @@
 //! - [`workspace`]: incremental sync in (a content manifest and one tar stream), sync back with conflicts.
 //! - [`forward`]: the callback bridge through a remote port forward on the remote loopback.
 //! - [`probe`]: "can berth use this host?".
+//! - [`target`]: where a connection goes and as whom (`SshTarget`), with the decrypted credential.
 //!
 //! A lease is a workspace directory on the host: `<remoteWorkspacePath>/runs/<run id>` for `per_run` (removed at
 //! release), `<remoteWorkspacePath>/envs/<environment id>` for `persistent` (kept across runs, so the next sync
@@ -18,6 +19,7 @@ pub mod exec;
 pub mod forward;
 pub mod pool;
 pub mod probe;
+pub mod target;
 pub mod workspace;
 
 use std::collections::HashMap;
@@ -32,7 +34,8 @@ use berth_core::environment::Driver;
 use berth_core::probe::ProbeResult;
 use serde_json::{Map, Value, json};
 
-use pool::{Pool, SshTarget};
+use pool::Pool;
+use target::SshTarget;
 use workspace::SyncedIn;
 
 use crate::sync::{CancelLatch, HashCache, StopFlag, SyncBackLimits};
@@ -404,7 +407,7 @@ impl EnvironmentDriver for SshDriver {
 
 #[cfg(test)]
 mod tests {
-    use berth_core::ids::{EnvironmentId, RunId};
+    use berth_core::ids::{CompanyId, EnvironmentId, RunId};
 
     use super::*;
 
@@ -412,7 +415,7 @@ mod tests {
         let parsed = DriverConfig::parse(
             Driver::Ssh,
             &json!({"host": host, "username": "agent", "remoteWorkspacePath": root, "password": "x"}),
-            &crate::registry::ProviderRegistry::new(),
+            &crate::provider_registry::ProviderRegistry::new(),
         )
         .unwrap();
         match parsed {
@@ -425,6 +428,7 @@ mod tests {
     fn cleanup_after_a_restart_touches_only_the_leases_own_workspace() {
         let original = config("build.internal", "/srv/berth");
         let request = LeaseRequest {
+            company_id: CompanyId::new(),
             environment_id: EnvironmentId::new(),
             run_id: RunId::new(),
         };

@@ -9,15 +9,15 @@ use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use berth_core::config::{SecretSlot, SshConfig};
 use berth_core::driver::DriverError;
 use russh::Channel;
 use russh::client::{self, Msg};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::connect::{self, ClientHandler, ConnectError, ForwardRoutes};
+use super::target::SshTarget;
 
 /// Session channels open at once on one connection. Stock sshd refuses the 11th (`MaxSessions 10`); two stay free
 /// for the short control commands (kill, cleanup) that must get through while long commands hold the rest.
@@ -31,84 +31,36 @@ const REFUSAL_BACKOFF: std::time::Duration = std::time::Duration::from_millis(25
 /// A connection nobody used for this long, with no session or forward open, is closed.
 pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
-/// Everything needed to reach a host as a user, with the credential decrypted. Its `Debug` never shows secrets.
-#[derive(Clone)]
-pub struct SshTarget {
-    pub host: String,
-    pub port: u16,
-    pub username: String,
-    pub known_hosts: String,
-    pub strict: bool,
-    pub private_key: Option<SecretString>,
-    pub password: Option<SecretString>,
-}
-
-impl fmt::Debug for SshTarget {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SshTarget")
-            .field("target", &self.display())
-            .field("strict", &self.strict)
-            .field("private_key", &self.private_key.is_some())
-            .field("password", &self.password.is_some())
-            .finish_non_exhaustive()
-    }
-}
-
-impl SshTarget {
-    /// The target of a config whose secrets the server resolved. A secret still stored (unresolved) is left out, so
-    /// authentication fails with "no key or password" rather than with a confusing error.
-    pub fn from_config(config: &SshConfig) -> Self {
-        let inline = |slot: &Option<SecretSlot>| match slot {
-            Some(SecretSlot::Inline(secret)) => {
-                Some(SecretString::from(secret.expose_secret().to_owned()))
-            }
-            _ => None,
-        };
-        Self {
-            host: config.host.clone(),
-            port: config.port,
-            username: config.username.clone(),
-            known_hosts: config.known_hosts.clone().unwrap_or_default(),
-            strict: config.strict_host_key_checking,
-            private_key: inline(&config.private_key),
-            password: inline(&config.password),
-        }
-    }
-
-    /// `user@host:port`, for messages and logs.
-    pub fn display(&self) -> String {
-        format!("{}@{}:{}", self.username, self.host, self.port)
-    }
-
-    /// The pool key: connections are shared only between identical targets. The credential and pins enter as a
-    /// digest, so the key itself holds no secret.
-    fn key(&self) -> PoolKey {
-        let mut digest = Sha256::new();
-        for part in [
-            self.private_key.as_ref().map(ExposeSecret::expose_secret),
-            self.password.as_ref().map(ExposeSecret::expose_secret),
-            Some(self.known_hosts.as_str()),
-        ] {
-            let part = part.unwrap_or_default();
-            digest.update((part.len() as u64).to_le_bytes());
-            digest.update(part.as_bytes());
-        }
-        digest.update([u8::from(self.strict)]);
-        PoolKey {
-            host: self.host.clone(),
-            port: self.port,
-            username: self.username.clone(),
-            credential: digest.finalize().into(),
-        }
-    }
-}
-
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct PoolKey {
     host: String,
     port: u16,
     username: String,
     credential: [u8; 32],
+}
+
+impl PoolKey {
+    /// The pool key: connections are shared only between identical targets. The credential and pins enter as a
+    /// digest, so the key itself holds no secret.
+    fn of(target: &SshTarget) -> Self {
+        let mut digest = Sha256::new();
+        for part in [
+            target.private_key.as_ref().map(ExposeSecret::expose_secret),
+            target.password.as_ref().map(ExposeSecret::expose_secret),
+            Some(target.known_hosts.as_str()),
+        ] {
+            let part = part.unwrap_or_default();
+            digest.update((part.len() as u64).to_le_bytes());
+            digest.update(part.as_bytes());
+        }
+        digest.update([u8::from(target.strict)]);
+        Self {
+            host: target.host.clone(),
+            port: target.port,
+            username: target.username.clone(),
+            credential: digest.finalize().into(),
+        }
+    }
 }
 
 /// One authenticated connection.
@@ -215,7 +167,7 @@ impl Pool {
     /// the target has fewer than [`CONNECTIONS_PER_TARGET`], or else waiting for a session to free up. A connection
     /// that fails to open a channel is dropped and the open is tried once more on a fresh one.
     pub async fn open_session(&self, target: &SshTarget) -> Result<SessionChannel, DriverError> {
-        let key = target.key();
+        let key = PoolKey::of(target);
         let mut reconnected = false;
         let mut refusals = 0;
         loop {
@@ -265,7 +217,7 @@ impl Pool {
 
     /// A connection to `target` (pooled or new), without a session: for port forwards.
     pub async fn connection(&self, target: &SshTarget) -> Result<Arc<Connection>, DriverError> {
-        let key = target.key();
+        let key = PoolKey::of(target);
         if let Some(connection) = self.usable(&key).into_iter().next() {
             connection.touch();
             return Ok(connection);
@@ -275,7 +227,7 @@ impl Pool {
 
     /// Drops `connection` from the pool (it failed); it closes when its last user lets go.
     pub fn forget(&self, target: &SshTarget, connection: &Arc<Connection>) {
-        self.discard(&target.key(), connection);
+        self.discard(&PoolKey::of(target), connection);
     }
 
     async fn session_slot(

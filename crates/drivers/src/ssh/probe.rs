@@ -15,7 +15,7 @@ use serde_json::{Map, Value, json};
 
 use super::connect::{self, ClientHandler, HostKeyVerdict};
 use super::exec::shell_quote;
-use super::pool::SshTarget;
+use super::target::SshTarget;
 
 /// How long a probe's remote commands may take.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(15);

@@ -37,7 +37,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use super::exec::{CONTROL_TIMEOUT, ScriptOutput, control, run_script, shell_quote};
-use super::pool::{Pool, SshTarget};
+use super::pool::Pool;
+use super::target::SshTarget;
 use crate::fs::{Kind, Placement, Reach, Slot, Tree, blocking, io_error};
 use crate::sync::{
     self, Budget, Entry, HashCache, Manifest, StopFlag, SyncBackLimits, blocked, skip,
@@ -194,7 +195,7 @@ fn parse_listing(bytes: &[u8]) -> Result<RemoteListing, DriverError> {
         ) else {
             return Err(malformed());
         };
-        if !sync::is_clean_relative(path) {
+        if !crate::fs::is_clean_relative(path) {
             continue;
         }
         let kind = kind.chars().next().ok_or_else(malformed)?;

@@ -8,11 +8,11 @@ use axum::http::header;
 use axum::http::request::Parts;
 use berth_core::company::{ApiKey, ApiKeyRole};
 use berth_core::ids::CompanyId;
-use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
 use crate::state::AppState;
+use crate::tokens::token_digest;
 
 /// Longest bearer token considered; anything longer is not one of ours.
 const MAX_TOKEN_CHARS: usize = 512;
@@ -33,15 +33,6 @@ pub enum CompanyAccess {
     Manage,
     /// Read with environment config and metadata redacted; no lease routes.
     Read,
-}
-
-/// SHA-256 of a token, hex encoded: how tokens are stored and looked up.
-pub fn token_digest(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
-}
-
-pub fn token_digest_hex(token: &str) -> String {
-    hex::encode(token_digest(token))
 }
 
 impl Principal {

@@ -12,15 +12,16 @@ use berth_core::time::Timestamp;
 use berth_core::validation::ValidationErrors;
 use serde_json::json;
 
-use super::auth::{Principal, token_digest_hex};
+use super::auth::Principal;
 use super::dto::{
     ApiKeyResponse, CompanyResponse, CreateApiKeyRequest, CreateCompanyRequest, DeletedResponse,
     WhoAmIResponse,
 };
 use super::error::ApiError;
 use super::json::ApiJson;
-use super::{load_company, parse_path_id, record_activity};
+use super::support::{load_company, parse_path_id, record_activity};
 use crate::state::AppState;
+use crate::tokens::token_digest_hex;
 
 /// Prefix of company API key tokens, so a leaked one is recognisable (and greppable by secret scanners).
 pub const API_KEY_PREFIX: &str = "berth_key_";

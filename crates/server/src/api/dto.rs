@@ -253,6 +253,8 @@ pub struct SandboxProviderResponse {
     pub display_name: String,
     pub description: String,
     pub source: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plugin_key: Option<String>,
     pub supports_reusable_leases: bool,
     pub supports_run_execution: bool,
     pub config_schema: Value,
@@ -273,6 +275,7 @@ impl From<&Capabilities> for CapabilitiesResponse {
             display_name: capability.display_name.clone(),
             description: capability.description.clone(),
             source: capability.source.as_str(),
+            plugin_key: capability.plugin_key.clone(),
             supports_reusable_leases: capability.supports_reusable_leases,
             supports_run_execution: capability.supports_run_execution,
             config_schema: capability.config_schema.clone(),

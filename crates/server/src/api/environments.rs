@@ -21,10 +21,11 @@ use super::dto::{
 };
 use super::error::ApiError;
 use super::json::{ApiJson, Patch};
-use super::{load_company, load_environment, parse_path_id, query_or_400};
+use super::support;
+use super::support::{load_company, load_environment, parse_path_id, query_or_400};
 use crate::state::AppState;
-use crate::store::EnvironmentFilter;
-use crate::vault;
+use crate::vault::{self, ResolvedConfig, VaultError};
+use berth_store::EnvironmentFilter;
 
 #[derive(Debug, Default, Deserialize)]
 pub struct ListQuery {
@@ -252,7 +253,7 @@ pub async fn delete(
 ) -> Result<Json<EnvironmentResponse>, ApiError> {
     let environment = load_environment(&state, &id).await?;
     principal.manage(environment.company_id)?;
-    crate::runs::leases::retire_environment(state.runs(), &environment).await?;
+    state.runs().retire_environment(&environment).await?;
     let removed = state
         .store()
         .delete_environment(environment.id)
@@ -284,13 +285,14 @@ pub async fn probe(
 ) -> Result<Json<ProbeResponse>, ApiError> {
     let environment = load_environment(&state, &id).await?;
     principal.manage(environment.company_id)?;
-    let result = match parse_stored(&state, &environment) {
-        Ok(config) => run_probe(&state, environment.company_id, config).await,
-        Err(errors) => ProbeResult::failed(
-            environment.driver,
-            format!("the stored config is no longer valid ({errors}); update the environment"),
-        ),
-    };
+    let opened = vault::open_config(
+        state.store(),
+        state.cipher(),
+        state.drivers().providers(),
+        &environment,
+    )
+    .await;
+    let result = run_probe(&state, environment.company_id, environment.driver, opened).await;
     tracing::info!(env.id = %environment.id, ok = result.ok, "environment probed");
     record_activity(
         &state,
@@ -326,13 +328,16 @@ pub async fn probe_config(
     };
     // An unsaved config may use the company's stored secrets, and inline ones in memory only: nothing is persisted.
     vault::check_secret_refs(state.store(), company_id, None, &config).await?;
-    let result = run_probe(&state, company_id, config).await;
+    let driver = config.driver();
+    let opened =
+        vault::open_unsaved_config(state.store(), state.cipher(), company_id, config).await;
+    let result = run_probe(&state, company_id, driver, opened).await;
     let details = json!({
         "driver": result.driver.as_str(),
         "ok": result.ok,
         "configTopLevelKeyCount": config_value.as_object().map_or(0, Map::len),
     });
-    super::record_activity(
+    support::record_activity(
         &state,
         &principal,
         Some(company_id),
@@ -377,27 +382,41 @@ fn view(environment: &Environment, access: CompanyAccess) -> EnvironmentResponse
     }
 }
 
-/// Probes with the config's secrets decrypted for the moment of the probe. A probe never fails as an error: an
-/// unreadable secret is a failed probe that says so.
-async fn run_probe(state: &AppState, company_id: CompanyId, config: DriverConfig) -> ProbeResult {
+/// Probes a config opened with its secrets decrypted for the moment of the probe. A probe never fails as an error: a
+/// stored config that no longer parses, or an unreadable secret, is a failed probe that says so.
+async fn run_probe(
+    state: &AppState,
+    company_id: CompanyId,
+    driver: Driver,
+    opened: Result<ResolvedConfig, VaultError>,
+) -> ProbeResult {
+    let opened = match opened {
+        Err(VaultError::StoredConfigInvalid(errors)) => {
+            return ProbeResult::failed(
+                driver,
+                format!("the stored config is no longer valid ({errors}); update the environment"),
+            );
+        }
+        other => other,
+    };
     // A company without Local environments learns nothing about this host (the local probe names paths on it).
-    if config.driver() == Driver::Local
+    // (Opening a Local config above decrypted nothing: it has no secrets.)
+    if driver == Driver::Local
         && let Err(refused) = state.host().check_local(company_id)
     {
         return ProbeResult::failed(Driver::Local, refused.to_string());
     }
-    let mut config = config;
-    if let Err(error) =
-        vault::resolve_secrets(state.store(), state.cipher(), company_id, &mut config).await
-    {
-        // Said as the API would say it: an internal cause is logged, never shown.
-        let error = ApiError::from(error);
-        return ProbeResult::failed(
-            config.driver(),
-            format!("cannot use the environment's secrets: {}", error.message()),
-        );
+    match opened {
+        Ok(config) => state.drivers().probe(config.as_config()).await,
+        Err(error) => {
+            // Said as the API would say it: an internal cause is logged, never shown.
+            let error = ApiError::from(error);
+            ProbeResult::failed(
+                driver,
+                format!("cannot use the environment's secrets: {}", error.message()),
+            )
+        }
     }
-    state.drivers().probe(&config).await
 }
 
 fn parse_config(
@@ -532,7 +551,7 @@ async fn record_activity(
     action: &str,
     details: Value,
 ) {
-    super::record_activity(
+    support::record_activity(
         state,
         principal,
         Some(environment.company_id),

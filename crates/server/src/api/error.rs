@@ -14,9 +14,10 @@ use serde::Serialize;
 
 use crate::error_chain::DisplayChain;
 use crate::host_policy::HostPolicyError;
+use crate::runs::AcceptError;
 use crate::secrets::SecretsError;
-use crate::store::StoreError;
 use crate::vault::VaultError;
+use berth_store::StoreError;
 
 /// An error on its way to the client.
 #[derive(Debug)]
@@ -195,6 +196,9 @@ impl From<VaultError> for ApiError {
             VaultError::Store(error) => error.into(),
             VaultError::Secrets(error) => error.into(),
             VaultError::InvalidReference(errors) => ApiError::validation(errors),
+            other @ VaultError::StoredConfigInvalid(_) => {
+                ApiError::new(other.kind(), other.code(), other.to_string())
+            }
         }
     }
 }
@@ -208,6 +212,20 @@ impl From<HostPolicyError> for ApiError {
                 error.to_string(),
             )),
             other => ApiError::new(other.kind(), other.code(), other.to_string()),
+        }
+    }
+}
+
+impl From<AcceptError> for ApiError {
+    fn from(error: AcceptError) -> Self {
+        match error {
+            AcceptError::Invalid(errors) => ApiError::validation(errors),
+            AcceptError::HostPolicy(error) => error.into(),
+            AcceptError::Store(error) => error.into(),
+            AcceptError::Vault(error) => error.into(),
+            other @ (AcceptError::EnvironmentArchived | AcceptError::DriverUnsupported { .. }) => {
+                ApiError::new(other.kind(), other.code(), other.to_string())
+            }
         }
     }
 }

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use super::auth::Principal;
 use super::dto::LeaseResponse;
 use super::error::ApiError;
-use super::{load_environment, parse_path_id, query_or_400};
+use super::support::{load_environment, parse_path_id, query_or_400};
 use crate::state::AppState;
 
 #[derive(Debug, Default, Deserialize)]

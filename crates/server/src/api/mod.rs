@@ -13,25 +13,17 @@ pub mod health;
 pub mod json;
 pub mod leases;
 pub mod runs;
+mod support;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::extract::Query;
-use axum::extract::rejection::QueryRejection;
 use axum::http::{Method, Uri};
 use axum::routing::{delete, get, post};
 use berth_core::ErrorKind;
-use berth_core::company::Company;
-use berth_core::environment::Environment;
-use berth_core::ids::CompanyId;
-use serde_json::Value;
 use tower_http::trace::TraceLayer;
 
-use self::auth::Principal;
 use self::error::ApiError;
-use crate::error_chain::DisplayChain;
 use crate::state::AppState;
-use crate::store::NewActivity;
 
 /// The whole HTTP application: health probes and the `/api` routes.
 pub fn router(state: AppState) -> Router {
@@ -100,58 +92,4 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
         "method_not_allowed",
         format!("{method} is not allowed on {}", uri.path()),
     )
-}
-
-/// Parses an id from the path. An id that cannot exist is simply not found: ids are opaque to clients.
-pub(crate) fn parse_path_id<T: std::str::FromStr>(text: &str, what: &str) -> Result<T, ApiError> {
-    text.parse::<T>().map_err(|_| ApiError::not_found(what))
-}
-
-pub(crate) fn query_or_400<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
-    query.map(|Query(value)| value).map_err(|rejection| {
-        ApiError::bad_request(
-            "invalid_query",
-            format!("invalid query string: {}", rejection.body_text()),
-        )
-    })
-}
-
-pub(crate) async fn load_company(state: &AppState, id: CompanyId) -> Result<Company, ApiError> {
-    state
-        .store()
-        .get_company(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("company"))
-}
-
-pub(crate) async fn load_environment(state: &AppState, id: &str) -> Result<Environment, ApiError> {
-    let id = parse_path_id(id, "environment")?;
-    state
-        .store()
-        .get_environment(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("environment"))
-}
-
-/// Appends to the activity log. The change itself already succeeded, so a lost row is logged, not failed.
-pub(crate) async fn record_activity(
-    state: &AppState,
-    principal: &Principal,
-    company_id: Option<CompanyId>,
-    entity_type: &str,
-    entity_id: String,
-    action: &str,
-    details: Value,
-) {
-    let entry = NewActivity {
-        company_id,
-        actor: principal.actor(),
-        action: action.to_owned(),
-        entity_type: entity_type.to_owned(),
-        entity_id,
-        details,
-    };
-    if let Err(error) = state.store().record_activity(&entry).await {
-        tracing::warn!(action, error = %DisplayChain(&error), "could not record activity");
-    }
 }

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error_chain::DisplayChain;
 use crate::runs::event_data::{EventData, output_text};
-use crate::store::{StagedEvents, Store, StoreError};
+use berth_store::{StagedEvents, Store, StoreError};
 
 /// Events a live follower may fall behind by before it has to read from the store instead. Output events are at
 /// most the driver's 256 KiB chunk, so a follower that lags holds back at most ~16 MiB of a run's output here.

@@ -14,12 +14,13 @@ use berth_core::run::{Run, RunStatus};
 use berth_core::time::Timestamp;
 use tokio_util::sync::CancellationToken;
 
+use super::context::RunContext;
+use super::event_data::EventData;
 use super::events::{EventWriter, OutputEvents};
 use super::leases::{self, HeldLease};
-use super::manager::RunContext;
 use crate::bridge::RunningBridge;
 use crate::error_chain::DisplayChain;
-use crate::runs::event_data::EventData;
+use crate::vault::ResolvedConfig;
 
 /// Everything about a run that is not stored: the parts of the request that may hold secrets, and choices made when
 /// it was accepted.
@@ -37,19 +38,21 @@ pub async fn execute(
     context: Arc<RunContext>,
     mut run: Run,
     environment: Environment,
-    config: DriverConfig,
+    config: ResolvedConfig,
     plan: RunPlan,
     cancel: CancellationToken,
     events: EventWriter,
 ) {
     let run_id = run.id;
+    // Decrypted for the run's lifetime only (the driver connects with them); dropped, zeroized, when it ends.
+    let config = config.as_config();
     let outcome = async {
         let driver = context.drivers.get(environment.driver);
-        let policy = leases::policy_for(&config, plan.lease_policy);
+        let policy = leases::policy_for(config, plan.lease_policy);
 
         // Lease.
         let held = tokio::select! {
-            acquired = leases::acquire(&context.store, &driver, &environment, &config, run_id, policy) => acquired,
+            acquired = leases::acquire(&context.store, &driver, &environment, config, run_id, policy) => acquired,
             () = cancel.cancelled() => return Finish::cancelled_before_start(),
         };
         let held = match held {
@@ -78,11 +81,11 @@ pub async fn execute(
             LeasePolicy::RetainOnFailure => finish.status != RunStatus::Succeeded,
             LeasePolicy::Ephemeral => false,
         };
-        let keep_for = match &config {
+        let keep_for = match config {
             DriverConfig::Sandbox(sandbox) => sandbox.timeout_ms.map(Duration::from_millis),
             _ => None,
         };
-        match leases::release(&context, &held, &config, keep, keep_for).await {
+        match leases::release(&context, &held, config, keep, keep_for).await {
             Ok(Some(lease)) => events.record(EventData::LeaseEnded(&lease)).await,
             Ok(None) => {}
             Err(error) => {

@@ -13,9 +13,10 @@ use berth_core::ids::{LeaseId, RunId};
 use berth_core::lease::{CleanupStatus, Lease, LeasePolicy, LeaseStatus};
 use berth_core::time::Timestamp;
 
-use super::manager::RunContext;
+use super::context::RunContext;
 use crate::error_chain::DisplayChain;
-use crate::store::{Store, StoreError};
+use crate::vault::{self, ResolvedConfig, VaultError};
+use berth_store::{Store, StoreError};
 
 /// A lease a run holds, with the driver's view of it.
 #[derive(Debug, Clone)]
@@ -37,7 +38,7 @@ pub enum LeaseError {
 /// Appends a lease's life event to the activity log. Losing the row is logged, never fatal: the lease itself is
 /// already recorded.
 pub async fn record_activity(store: &Store, lease: &Lease, action: &str, actor: &str) {
-    let entry = crate::store::NewActivity {
+    let entry = berth_store::NewActivity {
         company_id: Some(lease.company_id),
         actor: actor.to_owned(),
         action: action.to_owned(),
@@ -104,6 +105,7 @@ pub async fn acquire(
     policy: LeasePolicy,
 ) -> Result<HeldLease, LeaseError> {
     let request = LeaseRequest {
+        company_id: environment.company_id,
         environment_id: environment.id,
         run_id,
     };
@@ -392,7 +394,7 @@ pub async fn cleanup(
         Some(_) => None,
         None => current_config(context, lease).await,
     };
-    let config = config.or(loaded.as_ref());
+    let config = config.or(loaded.as_ref().map(ResolvedConfig::as_config));
     let result = match kind {
         CleanupKind::Release => driver.release(&handle, false, config).await,
         CleanupKind::Destroy => driver.destroy(&handle, config).await,
@@ -411,7 +413,7 @@ pub async fn cleanup(
 }
 
 /// The lease's environment's config with secrets resolved, if the environment still exists with the lease's driver.
-async fn current_config(context: &RunContext, lease: &Lease) -> Option<DriverConfig> {
+async fn current_config(context: &RunContext, lease: &Lease) -> Option<ResolvedConfig> {
     let environment = match context.store.get_environment(lease.environment_id).await {
         Ok(Some(environment)) if environment.driver == lease.driver => environment,
         Ok(_) => return None,
@@ -420,57 +422,32 @@ async fn current_config(context: &RunContext, lease: &Lease) -> Option<DriverCon
             return None;
         }
     };
-    let mut config = DriverConfig::parse(
-        environment.driver,
-        &serde_json::Value::Object(environment.config.clone()),
-        context.drivers.providers(),
-    )
-    .ok()?;
-    if let Err(error) = crate::vault::resolve_secrets(
+    match vault::open_config(
         &context.store,
         &context.cipher,
-        lease.company_id,
-        &mut config,
+        context.drivers.providers(),
+        &environment,
     )
     .await
     {
-        tracing::warn!(lease.id = %lease.id, code = error.code(), error = %DisplayChain(&error), "could not open the environment's secrets for cleanup");
-        return None;
-    }
-    Some(config)
-}
-
-/// Before an environment is deleted: cancel its live runs (waiting a little for them to give their leases back), then
-/// release or destroy every lease still active or kept, with provider cleanup. The environment's lease rows vanish
-/// with it, so nothing may be left for a later sweep to find.
-pub async fn retire_environment(
-    runs: &super::RunManager,
-    environment: &Environment,
-) -> Result<(), StoreError> {
-    const WAIT_FOR_RUNS: std::time::Duration = std::time::Duration::from_secs(5);
-    let context = runs.context();
-    let store = &context.store;
-    let live = store.live_runs_of_environment(environment.id).await?;
-    for run in &live {
-        store.request_cancel(run.id).await?;
-        runs.cancel_local(run.id);
-    }
-    if !live.is_empty() {
-        let waited = tokio::time::timeout(WAIT_FOR_RUNS, async {
-            while !store
-                .live_runs_of_environment(environment.id)
-                .await
-                .unwrap_or_default()
-                .is_empty()
-            {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        })
-        .await;
-        if waited.is_err() {
-            tracing::warn!(env.id = %environment.id, "runs still live while deleting their environment");
+        Ok(config) => Some(config),
+        // A config that no longer parses is cleaned up without it, as the driver manages.
+        Err(VaultError::StoredConfigInvalid(_)) => None,
+        Err(error) => {
+            tracing::warn!(lease.id = %lease.id, code = error.code(), error = %DisplayChain(&error), "could not open the environment's secrets for cleanup");
+            None
         }
     }
+}
+
+/// The lease half of retiring an environment (`RunManager::retire_environment`, once its runs are cancelled): release
+/// or destroy every lease still active or kept, with provider cleanup. The environment's lease rows vanish with it,
+/// so nothing may be left for a later sweep to find.
+pub async fn release_all_of_environment(
+    context: &RunContext,
+    environment: &Environment,
+) -> Result<(), StoreError> {
+    let store = &context.store;
     let held = store
         .leases_in_statuses(
             environment.id,

@@ -5,26 +5,30 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use berth_core::config::DriverConfig;
 use berth_core::environment::Environment;
 use berth_core::ids::RunId;
 use berth_core::lease::LeaseStatus;
 use berth_core::run::{Run, RunEvent, RunStatus};
 use berth_core::time::Timestamp;
 use berth_drivers::registry::DriverRegistry;
+use berth_store::{Store, StoreError};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use super::event_data::EventData;
 use super::events::EventWriter;
 use super::executor::{self, RunPlan};
 use super::leases::{self, CleanupKind};
 use crate::bridge::BridgeSettings;
 use crate::error_chain::DisplayChain;
-use crate::runs::event_data::EventData;
+use crate::host_policy::HostPolicy;
 use crate::secrets::SecretCipher;
-use crate::store::Store;
+use crate::vault::ResolvedConfig;
+
+/// Where it was defined before it had a module of its own (the run benchmarks name it here).
+pub use super::context::RunContext;
 
 /// How often this node refreshes the heartbeat of its live runs (and picks up cancel requests from other replicas).
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
@@ -36,17 +40,6 @@ const STUCK_CLEANUP_AFTER: Duration = Duration::from_secs(120);
 pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// Matches no node: the periodic sweep finds orphans by stale heartbeat only, never by owner.
 const NO_NODE: &str = "";
-
-/// What every run task shares.
-#[derive(Debug)]
-pub struct RunContext {
-    pub store: Store,
-    pub drivers: Arc<DriverRegistry>,
-    /// Opens the secrets of an environment's config when a lease is cleaned up outside its run (sweeps).
-    pub cipher: Arc<SecretCipher>,
-    /// `None` only when the bridge is switched off for this server.
-    pub bridge: Option<Arc<BridgeSettings>>,
-}
 
 #[derive(Debug)]
 struct LiveRun {
@@ -63,6 +56,8 @@ pub struct RunManager {
 #[derive(Debug)]
 struct Inner {
     context: Arc<RunContext>,
+    /// What of this host runs may use, checked when a run is accepted.
+    host: HostPolicy,
     node_id: String,
     live: Mutex<HashMap<RunId, LiveRun>>,
     tasks: TaskTracker,
@@ -76,6 +71,7 @@ impl RunManager {
         drivers: Arc<DriverRegistry>,
         cipher: Arc<SecretCipher>,
         bridge: Option<Arc<BridgeSettings>>,
+        host: HostPolicy,
         node_id: String,
         sweep_interval: Duration,
     ) -> Self {
@@ -87,6 +83,7 @@ impl RunManager {
                     cipher,
                     bridge,
                 }),
+                host,
                 node_id,
                 live: Mutex::new(HashMap::new()),
                 tasks: TaskTracker::new(),
@@ -109,12 +106,17 @@ impl RunManager {
         &self.inner.context.drivers
     }
 
-    /// Starts executing an accepted (stored, `queued`) run in the background.
-    pub fn start(
+    /// What of this host the companies may use: workspace roots and Local environments.
+    pub fn host(&self) -> &HostPolicy {
+        &self.inner.host
+    }
+
+    /// Starts executing an accepted (stored, `queued`) run in the background. Only accepting a run starts one.
+    pub(super) fn start(
         &self,
         run: Run,
         environment: Environment,
-        config: DriverConfig,
+        config: ResolvedConfig,
         plan: RunPlan,
         events: EventWriter,
     ) {
@@ -164,8 +166,39 @@ impl RunManager {
     }
 
     /// The events of a run this node executes, as they are stored from now on (see [`EventWriter::subscribe`]).
-    pub fn follow(&self, run_id: RunId) -> Option<broadcast::Receiver<Arc<RunEvent>>> {
+    pub(super) fn subscribe(&self, run_id: RunId) -> Option<broadcast::Receiver<Arc<RunEvent>>> {
         self.live().get(&run_id).map(|live| live.events.subscribe())
+    }
+
+    /// Before an environment is deleted: cancel its live runs (waiting a little for them to give their leases back),
+    /// then release or destroy every lease still active or kept, with provider cleanup. The environment's lease rows
+    /// vanish with it, so nothing may be left for a later sweep to find.
+    pub async fn retire_environment(&self, environment: &Environment) -> Result<(), StoreError> {
+        const WAIT_FOR_RUNS: Duration = Duration::from_secs(5);
+        let context = self.context();
+        let store = &context.store;
+        let live = store.live_runs_of_environment(environment.id).await?;
+        for run in &live {
+            store.request_cancel(run.id).await?;
+            self.cancel_local(run.id);
+        }
+        if !live.is_empty() {
+            let waited = tokio::time::timeout(WAIT_FOR_RUNS, async {
+                while !store
+                    .live_runs_of_environment(environment.id)
+                    .await
+                    .unwrap_or_default()
+                    .is_empty()
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+            .await;
+            if waited.is_err() {
+                tracing::warn!(env.id = %environment.id, "runs still live while deleting their environment");
+            }
+        }
+        leases::release_all_of_environment(context, environment).await
     }
 
     fn live(&self) -> std::sync::MutexGuard<'_, HashMap<RunId, LiveRun>> {

@@ -59,8 +59,8 @@ pub use self::runs::StagedEvents;
 macro_rules! on_pool {
     ($db:expr, |$pool:ident| $body:expr) => {
         match $db {
-            $crate::store::Db::Sqlite($pool) => $body,
-            $crate::store::Db::Postgres($pool) => $body,
+            $crate::Db::Sqlite($pool) => $body,
+            $crate::Db::Postgres($pool) => $body,
         }
     };
 }
@@ -73,13 +73,13 @@ macro_rules! on_pool {
 macro_rules! in_write_tx {
     ($db:expr, |$tx:ident| $body:expr) => {
         match $db {
-            $crate::store::Db::Sqlite(pool) => {
+            $crate::Db::Sqlite(pool) => {
                 let mut $tx = pool.begin_with("BEGIN IMMEDIATE").await?;
                 let output = $body;
                 $tx.commit().await?;
                 output
             }
-            $crate::store::Db::Postgres(pool) => {
+            $crate::Db::Postgres(pool) => {
                 let mut $tx = pool.begin().await?;
                 let output = $body;
                 $tx.commit().await?;

@@ -1,0 +1,653 @@
+//! A plugin's `sandbox_provider`, hosted as a [`SandboxProvider`]: every operation is a call to the plugin process,
+//! failing fast when the plugin is not ready and never outliving its deadline.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use berth_core::capabilities::ProviderStatus;
+use berth_core::config::SandboxConfig;
+use berth_core::driver::{
+    CancelSignal, DriverError, ExecOutcome, ExecRequest, LeaseHandle, LeaseRequest, OutputSink,
+    OutputStream, RealizedWorkspace, SyncReport, WorkspaceRequest,
+};
+use berth_core::environment::Driver;
+use berth_core::probe::ProbeResult;
+use berth_core::provider::{BoxFuture, ProviderDescriptor, ProviderSpec, SandboxProvider};
+use berth_core::time::Timestamp;
+use serde_json::{Map, Value};
+
+use crate::error::PluginError;
+use crate::manifest::DriverEntry;
+use crate::supervisor::{Live, Plugin};
+use crate::wire::{
+    self, CallContext, ExecuteParams, ExecuteResult, LeaseParams, LeaseResult, WireLease,
+};
+
+/// A call's deadline unless the protocol names another (PLUGINS.md §4).
+const CALL_DEADLINE: Duration = Duration::from_secs(30);
+const PROBE_DEADLINE: Duration = Duration::from_secs(120);
+/// An execute may take its timeout and this much more.
+const EXECUTE_GRACE: Duration = Duration::from_secs(30);
+/// An execute without a timeout has no deadline of its own; this only keeps the arithmetic finite.
+const NO_DEADLINE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// One `sandbox_provider` of one plugin.
+#[derive(Debug)]
+pub struct PluginSandboxProvider {
+    plugin: Plugin,
+    descriptor: ProviderDescriptor,
+    /// Where the schema marks secrets: their resolved values are masked out of the plugin's error messages.
+    secret_paths: Vec<Vec<PathStep>>,
+}
+
+impl PluginSandboxProvider {
+    pub fn new(plugin: Plugin, driver: &DriverEntry) -> Result<Self, berth_core::Error> {
+        let descriptor = ProviderDescriptor::new(ProviderSpec {
+            key: driver.driver_key.clone(),
+            display_name: driver.display_name.clone(),
+            description: driver.description.clone(),
+            config_schema: driver.config_schema.clone(),
+            supports_reusable_leases: driver.supports_reusable_leases,
+            supports_run_execution: true,
+        })?;
+        let mut secret_paths = Vec::new();
+        collect_secret_paths(&driver.config_schema, &mut Vec::new(), &mut secret_paths);
+        Ok(Self {
+            plugin,
+            descriptor,
+            secret_paths,
+        })
+    }
+
+    /// The plugin this provider lives in.
+    pub fn plugin(&self) -> &Plugin {
+        &self.plugin
+    }
+
+    fn live(&self) -> Result<std::sync::Arc<Live>, DriverError> {
+        Ok(self.plugin.live()?)
+    }
+
+    fn require(&self, live: &Live, method: &'static str) -> Result<(), DriverError> {
+        if live.supports(method) {
+            Ok(())
+        } else {
+            Err(PluginError::UnsupportedMethod {
+                plugin: self.plugin.id().to_owned(),
+                method,
+            }
+            .into())
+        }
+    }
+
+    fn context(
+        &self,
+        config: &SandboxConfig,
+        company_id: String,
+        environment_id: String,
+    ) -> CallContext {
+        CallContext {
+            driver_key: self.descriptor.key().to_owned(),
+            company_id,
+            environment_id,
+            config: config.fields.clone(),
+        }
+    }
+
+    /// The context of a call about an existing lease: what the lease recorded at acquire (never a secret).
+    fn lease_context(&self, lease: &LeaseHandle) -> CallContext {
+        let text = |key: &str| {
+            lease
+                .metadata
+                .get(key)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        CallContext {
+            driver_key: self.descriptor.key().to_owned(),
+            company_id: text(COMPANY_KEY),
+            environment_id: text(ENVIRONMENT_KEY),
+            config: Map::new(),
+        }
+    }
+
+    /// `error` as a driver error, with every secret of `config` masked out of what the plugin said.
+    fn masked(&self, error: PluginError, config: &Map<String, Value>) -> DriverError {
+        let mut secrets = BTreeSet::new();
+        for path in &self.secret_paths {
+            collect_values(&Value::Object(config.clone()), path, &mut secrets);
+        }
+        match error {
+            PluginError::Remote {
+                plugin,
+                code,
+                mut message,
+            } => {
+                for secret in secrets.iter().filter(|secret| !secret.is_empty()) {
+                    message = message.replace(secret.as_str(), "[secret]");
+                }
+                PluginError::Remote {
+                    plugin,
+                    code,
+                    message,
+                }
+                .into()
+            }
+            other => other.into(),
+        }
+    }
+
+    async fn lease_call(
+        &self,
+        method: &'static str,
+        lease: &LeaseHandle,
+    ) -> Result<Value, DriverError> {
+        let live = self.live()?;
+        self.require(&live, method)?;
+        let params = LeaseParams {
+            context: self.lease_context(lease),
+            lease: wire_lease(lease),
+        };
+        live.connection
+            .call(method, &params, CALL_DEADLINE)
+            .await
+            .map_err(|error| self.masked(error, &params.context.config))
+    }
+
+    fn handle(
+        &self,
+        result: LeaseResult,
+        request: Option<&LeaseRequest>,
+        previous: Option<&LeaseHandle>,
+    ) -> LeaseHandle {
+        let mut metadata = result.metadata;
+        // Kept beside the plugin's own notes so later calls about the lease can say whose it is.
+        let (company, environment) = match (request, previous) {
+            (Some(request), _) => (
+                request.company_id.to_string(),
+                request.environment_id.to_string(),
+            ),
+            (None, Some(previous)) => {
+                let context = self.lease_context(previous);
+                (context.company_id, context.environment_id)
+            }
+            (None, None) => (String::new(), String::new()),
+        };
+        metadata.insert(COMPANY_KEY.to_owned(), Value::String(company));
+        metadata.insert(ENVIRONMENT_KEY.to_owned(), Value::String(environment));
+        metadata.insert(
+            PLUGIN_KEY.to_owned(),
+            Value::String(self.plugin.id().to_owned()),
+        );
+        LeaseHandle {
+            provider: Some(self.descriptor.key().to_owned()),
+            provider_lease_id: Some(result.provider_lease_id),
+            metadata,
+            expires_at: result.expires_at.as_deref().and_then(parse_rfc3339),
+        }
+    }
+
+    async fn run(
+        &self,
+        lease: &LeaseHandle,
+        workspace: &RealizedWorkspace,
+        request: ExecRequest,
+        sink: &dyn OutputSink,
+        cancel: CancelSignal,
+    ) -> Result<ExecOutcome, DriverError> {
+        let live = self.live()?;
+        self.require(&live, wire::EXECUTE)?;
+        let Some((program, args)) = request.argv.split_first() else {
+            return Err(DriverError::failed("an empty command"));
+        };
+        let execution_id = format!("exec-{:016x}", rand::random::<u64>());
+        let cwd = match &request.cwd {
+            Some(relative) => format!("{}/{relative}", workspace.cwd.trim_end_matches('/')),
+            None => workspace.cwd.clone(),
+        };
+        let params = ExecuteParams {
+            context: self.lease_context(lease),
+            lease: wire_lease(lease),
+            execution_id: execution_id.clone(),
+            command: program.clone(),
+            args: args.to_vec(),
+            cwd,
+            env: request.env.clone(),
+            stdin: request.stdin.as_ref().map(|stdin| BASE64.encode(stdin)),
+            stdin_stream: false,
+            timeout_ms: request
+                .timeout
+                .map(|timeout| u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
+        };
+        let deadline = request
+            .timeout
+            .map_or(NO_DEADLINE, |timeout| timeout.saturating_add(EXECUTE_GRACE));
+        let mut output = live.connection.subscribe_output(&execution_id);
+        let mut offsets = Offsets::default();
+        let call = live
+            .connection
+            .call::<_, ExecuteResult>(wire::EXECUTE, &params, deadline);
+        tokio::pin!(call);
+        let mut cancel = Some(cancel);
+        let mut cancelled = false;
+        // Closed when the connection is: from then on only the call's own failure is left to wait for.
+        let mut output_open = true;
+        let result = loop {
+            tokio::select! {
+                biased;
+                chunk = output.chunks.recv(), if output_open => {
+                    let Some(chunk) = chunk else {
+                        output_open = false;
+                        continue;
+                    };
+                    if let Err(error) = offsets.deliver(chunk, sink).await {
+                        self.cancel_execution(&live, &execution_id).await;
+                        return Err(self.protocol(error));
+                    }
+                }
+                result = &mut call => break result,
+                () = async { if let Some(signal) = cancel.as_mut() { signal.await } else { std::future::pending().await } } => {
+                    cancel = None;
+                    cancelled = true;
+                    self.cancel_execution(&live, &execution_id).await;
+                }
+            }
+        };
+        // Every chunk sent before the answer is already queued: take them before the answer's own output.
+        while let Ok(chunk) = output.chunks.try_recv() {
+            offsets
+                .deliver(chunk, sink)
+                .await
+                .map_err(|error| self.protocol(error))?;
+        }
+        let result = match result {
+            Ok(result) => result,
+            Err(error) => {
+                if matches!(error, PluginError::Deadline { .. }) {
+                    self.cancel_execution(&live, &execution_id).await;
+                }
+                return Err(self.masked(error, &params.context.config));
+            }
+        };
+        for (stream, data) in [
+            (OutputStream::Stdout, &result.stdout),
+            (OutputStream::Stderr, &result.stderr),
+        ] {
+            if let Some(data) = data {
+                let bytes = BASE64.decode(data).map_err(|error| {
+                    self.protocol(format!(
+                        "{} of the result is not base64: {error}",
+                        stream.as_str()
+                    ))
+                })?;
+                if !bytes.is_empty() {
+                    sink.output(stream, &bytes).await;
+                }
+            }
+        }
+        Ok(ExecOutcome {
+            exit_code: result.exit_code,
+            signal: result.signal,
+            timed_out: result.timed_out,
+            cancelled: cancelled && !result.timed_out,
+            limit_exceeded: None,
+        })
+    }
+
+    async fn cancel_execution(&self, live: &Live, execution_id: &str) {
+        if !live.supports(wire::CANCEL_EXECUTION) {
+            return;
+        }
+        let params = wire::CancelParams {
+            execution_id: execution_id.to_owned(),
+        };
+        if let Err(error) = live
+            .connection
+            .call::<_, Value>(wire::CANCEL_EXECUTION, &params, CALL_DEADLINE)
+            .await
+        {
+            tracing::warn!(plugin.id = %self.plugin.id(), execution.id = execution_id, %error, "cancelling an execution failed");
+        }
+    }
+
+    fn protocol(&self, message: String) -> DriverError {
+        PluginError::Protocol {
+            plugin: self.plugin.id().to_owned(),
+            message,
+        }
+        .into()
+    }
+}
+
+/// Lease-metadata keys berth itself sets on plugin leases (never secrets).
+const COMPANY_KEY: &str = "berthCompanyId";
+const ENVIRONMENT_KEY: &str = "berthEnvironmentId";
+const PLUGIN_KEY: &str = "berthPluginId";
+
+fn wire_lease(lease: &LeaseHandle) -> WireLease {
+    let mut metadata = lease.metadata.clone();
+    for key in [COMPANY_KEY, ENVIRONMENT_KEY, PLUGIN_KEY] {
+        metadata.remove(key);
+    }
+    WireLease {
+        provider_lease_id: lease.provider_lease_id.clone().unwrap_or_default(),
+        metadata,
+    }
+}
+
+fn parse_rfc3339(text: &str) -> Option<Timestamp> {
+    let parsed =
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
+    i64::try_from(parsed.unix_timestamp_nanos() / 1_000_000)
+        .ok()
+        .map(Timestamp::from_unix_millis)
+}
+
+/// Where each stream's next byte is: chunks must continue exactly there (a resent overlap is trimmed, a gap is a
+/// protocol error), so output reaches the run in order and byte-exact.
+#[derive(Debug, Default)]
+struct Offsets {
+    stdout: u64,
+    stderr: u64,
+}
+
+impl Offsets {
+    async fn deliver(
+        &mut self,
+        chunk: wire::OutputNotification,
+        sink: &dyn OutputSink,
+    ) -> Result<(), String> {
+        let data = BASE64
+            .decode(&chunk.data)
+            .map_err(|error| format!("output that is not base64: {error}"))?;
+        let (next, stream) = match chunk.stream {
+            wire::Stream::Stdout => (&mut self.stdout, OutputStream::Stdout),
+            wire::Stream::Stderr => (&mut self.stderr, OutputStream::Stderr),
+        };
+        if chunk.offset > *next {
+            return Err(format!(
+                "{} jumped from byte {} to {}: output was lost",
+                stream.as_str(),
+                next,
+                chunk.offset
+            ));
+        }
+        let already = usize::try_from(*next - chunk.offset).unwrap_or(usize::MAX);
+        if already >= data.len() {
+            return Ok(());
+        }
+        let fresh = &data[already..];
+        *next += fresh.len() as u64;
+        sink.output(stream, fresh).await;
+        Ok(())
+    }
+}
+
+/// One step into a config: an object's property or any item of an array.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum PathStep {
+    Property(String),
+    AnyItem,
+}
+
+/// Every place `schema` puts a `"format": "secret-ref"` string: nested objects, array items, and the branches of
+/// `allOf`/`anyOf`/`oneOf`.
+fn collect_secret_paths(schema: &Value, at: &mut Vec<PathStep>, found: &mut Vec<Vec<PathStep>>) {
+    let Value::Object(schema) = schema else {
+        return;
+    };
+    if schema.get("format").and_then(Value::as_str) == Some("secret-ref") {
+        found.push(at.clone());
+    }
+    if let Some(Value::Object(properties)) = schema.get("properties") {
+        for (name, property) in properties {
+            at.push(PathStep::Property(name.clone()));
+            collect_secret_paths(property, at, found);
+            at.pop();
+        }
+    }
+    if let Some(items) = schema.get("items") {
+        at.push(PathStep::AnyItem);
+        collect_secret_paths(items, at, found);
+        at.pop();
+    }
+    for combinator in ["allOf", "anyOf", "oneOf"] {
+        if let Some(Value::Array(branches)) = schema.get(combinator) {
+            for branch in branches {
+                collect_secret_paths(branch, at, found);
+            }
+        }
+    }
+}
+
+fn collect_values(value: &Value, path: &[PathStep], found: &mut BTreeSet<String>) {
+    match path.split_first() {
+        None => {
+            if let Value::String(text) = value {
+                found.insert(text.clone());
+            }
+        }
+        Some((PathStep::Property(name), rest)) => {
+            if let Some(child) = value.get(name) {
+                collect_values(child, rest, found);
+            }
+        }
+        Some((PathStep::AnyItem, rest)) => {
+            if let Value::Array(items) = value {
+                for item in items {
+                    collect_values(item, rest, found);
+                }
+            }
+        }
+    }
+}
+
+impl SandboxProvider for PluginSandboxProvider {
+    fn descriptor(&self) -> &ProviderDescriptor {
+        &self.descriptor
+    }
+
+    fn status(&self) -> (ProviderStatus, Option<String>) {
+        self.plugin.state().status()
+    }
+
+    fn probe<'a>(&'a self, config: &'a SandboxConfig) -> BoxFuture<'a, ProbeResult> {
+        Box::pin(async move {
+            let failed = |summary: String| ProbeResult::failed(Driver::Sandbox, summary);
+            let live = match self.live() {
+                Ok(live) => live,
+                Err(error) => return failed(error.to_string()),
+            };
+            if !live.supports(wire::PROBE) {
+                return ProbeResult::ok(
+                    Driver::Sandbox,
+                    format!(
+                        "plugin {} is ready (it has no probe of its own)",
+                        self.plugin.id()
+                    ),
+                    Map::new(),
+                );
+            }
+            let context = self.context(config, String::new(), String::new());
+            match live
+                .connection
+                .call::<_, wire::ProbeResultWire>(wire::PROBE, &context, PROBE_DEADLINE)
+                .await
+            {
+                Ok(result) => ProbeResult {
+                    ok: result.ok,
+                    driver: Driver::Sandbox,
+                    summary: result.summary,
+                    details: match result.details {
+                        Some(Value::Object(details)) => details,
+                        _ => Map::new(),
+                    },
+                },
+                Err(error) => failed(self.masked(error, &context.config).to_string()),
+            }
+        })
+    }
+
+    fn acquire<'a>(
+        &'a self,
+        config: &'a SandboxConfig,
+        request: &'a LeaseRequest,
+    ) -> BoxFuture<'a, Result<LeaseHandle, DriverError>> {
+        Box::pin(async move {
+            let live = self.live()?;
+            self.require(&live, wire::ACQUIRE_LEASE)?;
+            let params = wire::AcquireParams {
+                context: self.context(
+                    config,
+                    request.company_id.to_string(),
+                    request.environment_id.to_string(),
+                ),
+                run_id: request.run_id.to_string(),
+                reuse: config.reuse_lease,
+            };
+            let result: LeaseResult = live
+                .connection
+                .call(wire::ACQUIRE_LEASE, &params, CALL_DEADLINE)
+                .await
+                .map_err(|error| self.masked(error, &params.context.config))?;
+            Ok(self.handle(result, Some(request), None))
+        })
+    }
+
+    fn matches_reusable_lease(&self, _config: &SandboxConfig, lease: &LeaseHandle) -> bool {
+        self.descriptor.spec().supports_reusable_leases
+            && lease.provider.as_deref() == Some(self.descriptor.key())
+    }
+
+    fn resume<'a>(
+        &'a self,
+        config: &'a SandboxConfig,
+        lease: &'a LeaseHandle,
+        request: &'a LeaseRequest,
+    ) -> BoxFuture<'a, Result<Option<LeaseHandle>, DriverError>> {
+        Box::pin(async move {
+            let live = self.live()?;
+            if !live.supports(wire::RESUME_LEASE) {
+                return Ok(None);
+            }
+            let params = LeaseParams {
+                context: self.context(
+                    config,
+                    request.company_id.to_string(),
+                    request.environment_id.to_string(),
+                ),
+                lease: wire_lease(lease),
+            };
+            let result: Option<LeaseResult> = live
+                .connection
+                .call(wire::RESUME_LEASE, &params, CALL_DEADLINE)
+                .await
+                .map_err(|error| self.masked(error, &params.context.config))?;
+            Ok(result.map(|result| self.handle(result, Some(request), Some(lease))))
+        })
+    }
+
+    fn release<'a>(
+        &'a self,
+        lease: &'a LeaseHandle,
+        keep: bool,
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            let method = if keep {
+                wire::RELEASE_LEASE
+            } else {
+                wire::DESTROY_LEASE
+            };
+            self.lease_call(method, lease).await.map(drop)
+        })
+    }
+
+    fn destroy<'a>(&'a self, lease: &'a LeaseHandle) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move { self.lease_call(wire::DESTROY_LEASE, lease).await.map(drop) })
+    }
+
+    fn prepare_workspace<'a>(
+        &'a self,
+        lease: &'a LeaseHandle,
+        request: &'a WorkspaceRequest,
+    ) -> BoxFuture<'a, Result<RealizedWorkspace, DriverError>> {
+        Box::pin(async move {
+            if request.local_path.is_some() {
+                return Err(DriverError::failed(format!(
+                    "plugin provider {} cannot sync a workspace in yet: run without workspace.localPath",
+                    self.descriptor.key()
+                )));
+            }
+            let result: wire::RealizeResult =
+                serde_json::from_value(self.lease_call(wire::REALIZE_WORKSPACE, lease).await?)
+                    .map_err(|error| {
+                        self.protocol(format!(
+                            "the answer to {} has the wrong shape: {error}",
+                            wire::REALIZE_WORKSPACE
+                        ))
+                    })?;
+            Ok(RealizedWorkspace {
+                cwd: result.cwd,
+                local_path: None,
+                ephemeral: true,
+                metadata: result.metadata,
+            })
+        })
+    }
+
+    fn execute<'a>(
+        &'a self,
+        lease: &'a LeaseHandle,
+        workspace: &'a RealizedWorkspace,
+        request: ExecRequest,
+        sink: &'a dyn OutputSink,
+        cancel: CancelSignal,
+    ) -> BoxFuture<'a, Result<ExecOutcome, DriverError>> {
+        Box::pin(self.run(lease, workspace, request, sink, cancel))
+    }
+
+    fn sync_back<'a>(
+        &'a self,
+        _lease: &'a LeaseHandle,
+        _workspace: &'a RealizedWorkspace,
+    ) -> BoxFuture<'a, Result<SyncReport, DriverError>> {
+        // Nothing was synced in (prepare_workspace refuses a local path), so nothing comes back.
+        Box::pin(async { Ok(SyncReport::default()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_paths_are_found_at_any_depth() {
+        let schema = serde_json::json!({
+            "type": "object",
+            "properties": {
+                "apiKey": {"type": "string", "format": "secret-ref"},
+                "nested": {"properties": {"token": {"format": "secret-ref"}}},
+                "list": {"items": {"properties": {"password": {"format": "secret-ref"}}}},
+                "plain": {"type": "string"}
+            },
+            "anyOf": [{"properties": {"other": {"format": "secret-ref"}}}]
+        });
+        let mut paths = Vec::new();
+        collect_secret_paths(&schema, &mut Vec::new(), &mut paths);
+        let config = serde_json::json!({
+            "apiKey": "k-1", "nested": {"token": "t-2"}, "list": [{"password": "p-3"}, {"password": "p-4"}],
+            "plain": "visible", "other": "o-5"
+        });
+        let mut found = BTreeSet::new();
+        for path in &paths {
+            collect_values(&config, path, &mut found);
+        }
+        assert_eq!(
+            found.into_iter().collect::<Vec<_>>(),
+            ["k-1", "o-5", "p-3", "p-4", "t-2"]
+        );
+    }
+}
