@@ -10,7 +10,7 @@ use std::time::Duration;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::support::runs::{all_events, text_of, wait_run};
+use crate::support::runs::{all_events, start_run, text_of, wait_run};
 use crate::support::server::{ServerOptions, TestServer};
 
 /// Starts a run as `token` and returns (final run, its stdout + stderr).
@@ -391,6 +391,26 @@ async fn isolated_env(server: &TestServer, company: &str, config: Value) -> Stri
     env["id"].as_str().unwrap().to_owned()
 }
 
+/// Starts a run of two `sleeping` processes (`sleep N`, one in the background) and waits until they are there.
+async fn start_sleeping_tree(
+    server: &TestServer,
+    company: &str,
+    env: &str,
+    sleeping: &str,
+) -> String {
+    let script = format!("{sleeping} & {sleeping}");
+    let run_id = start_run(
+        server,
+        company,
+        json!({"environmentId": env, "command": ["sh", "-c", script]}),
+    )
+    .await;
+    crate::support::runs::wait_status(server, &run_id, "running").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!pgrep(sleeping).is_empty(), "the command never started");
+    run_id
+}
+
 fn pgrep(pattern: &str) -> String {
     let output = std::process::Command::new("pgrep")
         .args(["-f", pattern])
@@ -452,17 +472,7 @@ async fn isolated_leases_are_reused_cancelled_and_cleaned_up_after_a_crash() {
 
     // Cancel kills the whole tree.
     let ephemeral = isolated_env(&server, &company, json!({"provider": "isolated"})).await;
-    let (status, run) = server
-        .post(
-            &format!("/api/companies/{company}/runs"),
-            json!({"environmentId": ephemeral, "command": ["sh", "-c", "sleep 317 & sleep 317"]}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{run}");
-    let run_id = run["id"].as_str().unwrap().to_owned();
-    crate::support::runs::wait_status(&server, &run_id, "running").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!pgrep("sleep 317").is_empty(), "the command never started");
+    let run_id = start_sleeping_tree(&server, &company, &ephemeral, "sleep 317").await;
     let (status, _) = server
         .post(&format!("/api/runs/{run_id}/cancel"), json!({}))
         .await;
@@ -473,17 +483,7 @@ async fn isolated_leases_are_reused_cancelled_and_cleaned_up_after_a_crash() {
     assert_eq!(pgrep("sleep 317"), "", "cancel left processes behind");
 
     // A kill -9 of the server: the sandbox dies with it, and the restart removes what is left.
-    let (status, run) = server
-        .post(
-            &format!("/api/companies/{company}/runs"),
-            json!({"environmentId": ephemeral, "command": ["sh", "-c", "sleep 319 & sleep 319"]}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{run}");
-    let run_id = run["id"].as_str().unwrap().to_owned();
-    crate::support::runs::wait_status(&server, &run_id, "running").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!pgrep("sleep 319").is_empty(), "the command never started");
+    let run_id = start_sleeping_tree(&server, &company, &ephemeral, "sleep 319").await;
     let data_dir = server.data_dir.clone();
     let keeper = server.kill_keeping_data().await;
     let started = std::time::Instant::now();

@@ -131,14 +131,62 @@ async fn plugin_env(server: &TestServer, company: &str, key: &str) -> String {
     env["id"].as_str().unwrap().to_owned()
 }
 
-#[tokio::test]
-async fn a_plugin_provider_runs_commands_end_to_end_with_streamed_output() {
+/// A server with one fake plugin (`flags` its faults), ready, and an environment on its provider.
+struct ReadyPlugin {
+    _plugins: TempDir,
+    server: TestServer,
+    company: String,
+    env: String,
+}
+
+async fn ready_plugin(id: &str, key: &str, flags: &[&str]) -> ReadyPlugin {
     let plugins = TempDir::new().unwrap();
-    let dir = fake_plugin_dir(plugins.path(), "berth.fake", "fake-plugin", &[]);
+    let dir = fake_plugin_dir(plugins.path(), id, key, flags);
     let server = server_with(&[&dir]).await;
     let company = server.default_company().await;
+    wait_capability(&server, &company, key, "ready").await;
+    let env = plugin_env(&server, &company, key).await;
+    ReadyPlugin {
+        _plugins: plugins,
+        server,
+        company,
+        env,
+    }
+}
 
-    let capability = wait_capability(&server, &company, "fake-plugin", "ready").await;
+/// Runs `run` (the fields besides `environmentId`) on `env` to its end: the finished run and its events.
+async fn run_on(
+    server: &TestServer,
+    company: &str,
+    env: &str,
+    mut run: Value,
+) -> (Value, Vec<Value>) {
+    run["environmentId"] = json!(env);
+    let id = start_run(server, company, run).await;
+    let finished = wait_run(server, &id, Duration::from_secs(30)).await;
+    (finished, all_events(server, &id).await)
+}
+
+/// The message of the run's error event.
+fn error_message(events: &[Value]) -> String {
+    let error = events
+        .iter()
+        .find(|event| event["type"] == "error")
+        .unwrap_or_else(|| panic!("no error event in {events:?}"));
+    error["data"]["message"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_plugin_provider_runs_commands_end_to_end_with_streamed_output() {
+    let ReadyPlugin {
+        _plugins,
+        server,
+        company,
+        env,
+    } = ready_plugin("berth.fake", "fake-plugin", &[]).await;
+
+    let capability = capability(&server, &company, "fake-plugin").await;
+    assert_eq!(capability["status"], "ready", "{capability}");
     assert_eq!(capability["source"], "plugin", "{capability}");
     assert_eq!(capability["pluginKey"], "berth.fake", "{capability}");
     assert!(capability.get("reason").is_none(), "{capability}");
@@ -147,7 +195,6 @@ async fn a_plugin_provider_runs_commands_end_to_end_with_streamed_output() {
         "secret-ref"
     );
 
-    let env = plugin_env(&server, &company, "fake-plugin").await;
     let (status, probe) = server
         .post(&format!("/api/environments/{env}/probe"), json!({}))
         .await;
@@ -157,19 +204,15 @@ async fn a_plugin_provider_runs_commands_end_to_end_with_streamed_output() {
     // Output in several chunks on both streams, stdin, env: all must arrive in order, byte-exact.
     let script = "read line; echo \"in:$line\"; for i in 1 2 3; do echo out-$i; echo err-$i >&2; sleep 0.05; done; \
                   printf 'env:%s' \"$GREETING\"";
-    let run = start_run(
+    let (finished, events) = run_on(
         &server,
         &company,
-        json!({
-            "environmentId": env, "command": ["sh", "-c", script],
-            "stdin": "hello\n", "env": {"GREETING": "hi there"}
-        }),
+        &env,
+        json!({"command": ["sh", "-c", script], "stdin": "hello\n", "env": {"GREETING": "hi there"}}),
     )
     .await;
-    let finished = wait_run(&server, &run, Duration::from_secs(30)).await;
     assert_eq!(finished["status"], "succeeded", "{finished}");
     assert_eq!(finished["exitCode"], 0);
-    let events = all_events(&server, &run).await;
     assert_eq!(
         text_of(&events, "stdout"),
         "in:hello\nout-1\nout-2\nout-3\nenv:hi there"
@@ -177,22 +220,22 @@ async fn a_plugin_provider_runs_commands_end_to_end_with_streamed_output() {
     assert_eq!(text_of(&events, "stderr"), "err-1\nerr-2\nerr-3\n");
 
     // A non-zero exit and a timeout come back as the plugin reported them.
-    let failing = start_run(
+    let (failing, _) = run_on(
         &server,
         &company,
-        json!({"environmentId": env, "command": ["sh", "-c", "exit 3"]}),
+        &env,
+        json!({"command": ["sh", "-c", "exit 3"]}),
     )
     .await;
-    let failing = wait_run(&server, &failing, Duration::from_secs(30)).await;
     assert_eq!(failing["status"], "failed", "{failing}");
     assert_eq!(failing["exitCode"], 3, "{failing}");
-    let slow = start_run(
+    let (slow, _) = run_on(
         &server,
         &company,
-        json!({"environmentId": env, "command": ["sleep", "30"], "timeoutMs": 300}),
+        &env,
+        json!({"command": ["sleep", "30"], "timeoutMs": 300}),
     )
     .await;
-    let slow = wait_run(&server, &slow, Duration::from_secs(30)).await;
     assert_eq!(slow["status"], "timed_out", "{slow}");
 
     // Leases were made and ended through the plugin.
@@ -209,12 +252,12 @@ async fn a_plugin_provider_runs_commands_end_to_end_with_streamed_output() {
 
 #[tokio::test]
 async fn cancelling_a_run_cancels_the_plugin_execution() {
-    let plugins = TempDir::new().unwrap();
-    let dir = fake_plugin_dir(plugins.path(), "berth.fake", "fake-plugin", &[]);
-    let server = server_with(&[&dir]).await;
-    let company = server.default_company().await;
-    wait_capability(&server, &company, "fake-plugin", "ready").await;
-    let env = plugin_env(&server, &company, "fake-plugin").await;
+    let ReadyPlugin {
+        _plugins,
+        server,
+        company,
+        env,
+    } = ready_plugin("berth.fake", "fake-plugin", &[]).await;
 
     let run = start_run(
         &server,
@@ -246,42 +289,30 @@ async fn cancelling_a_run_cancels_the_plugin_execution() {
 
 #[tokio::test]
 async fn a_plugin_that_crashes_mid_execute_fails_the_run_and_is_restarted() {
-    let plugins = TempDir::new().unwrap();
-    let dir = fake_plugin_dir(
-        plugins.path(),
-        "berth.crashy",
-        "crashy",
-        &["--crash-during-execute"],
-    );
-    let server = server_with(&[&dir]).await;
-    let company = server.default_company().await;
-    wait_capability(&server, &company, "crashy", "ready").await;
-    let env = plugin_env(&server, &company, "crashy").await;
+    let ReadyPlugin {
+        _plugins,
+        server,
+        company,
+        env,
+    } = ready_plugin("berth.crashy", "crashy", &["--crash-during-execute"]).await;
 
-    let run = start_run(
+    let (failed, events) = run_on(
         &server,
         &company,
-        json!({"environmentId": env, "command": ["sh", "-c", "echo before-crash; sleep 5; echo never"]}),
+        &env,
+        json!({"command": ["sh", "-c", "echo before-crash; sleep 5; echo never"]}),
     )
     .await;
-    let failed = wait_run(&server, &run, Duration::from_secs(30)).await;
     assert_eq!(failed["status"], "failed", "{failed}");
-    let events = all_events(&server, &run).await;
     assert_eq!(
         text_of(&events, "stdout"),
         "before-crash\n",
         "output before the crash is kept"
     );
-    let error = events
-        .iter()
-        .find(|event| event["type"] == "error")
-        .expect("an error event");
+    let message = error_message(&events);
     assert!(
-        error["data"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("exited during environmentExecute"),
-        "{error}"
+        message.contains("exited during environmentExecute"),
+        "{message}"
     );
     // It comes back by itself.
     wait_capability(&server, &company, "crashy", "ready").await;
@@ -384,50 +415,27 @@ async fn broken_plugins_are_reported_and_never_hang_a_request() {
     // Operations on a plugin that is not ready fail at once with provider_unavailable.
     let env = plugin_env(&server, &company, "crash-loop").await;
     let started = Instant::now();
-    let run = start_run(
-        &server,
-        &company,
-        json!({"environmentId": env, "command": ["true"]}),
-    )
-    .await;
-    let failed = wait_run(&server, &run, Duration::from_secs(10)).await;
+    let (failed, events) = run_on(&server, &company, &env, json!({"command": ["true"]})).await;
     assert_eq!(failed["status"], "failed", "{failed}");
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "failing fast took {:?}",
         started.elapsed()
     );
-    let events = all_events(&server, &run).await;
-    let error = events
-        .iter()
-        .find(|event| event["type"] == "error")
-        .expect("an error event");
-    let message = error["data"]["message"].as_str().unwrap();
-    assert!(message.contains("`berth.loop` is unavailable"), "{error}");
-    assert!(message.contains("stopped restarting it"), "{error}");
+    let message = error_message(&events);
+    assert!(message.contains("`berth.loop` is unavailable"), "{message}");
+    assert!(message.contains("stopped restarting it"), "{message}");
 
     // Garbage on stdout during an execute: the run fails with a protocol error, the plugin restarts.
     wait_capability(&server, &company, "garbage", "ready").await;
     let env = plugin_env(&server, &company, "garbage").await;
-    let run = start_run(
-        &server,
-        &company,
-        json!({"environmentId": env, "command": ["true"]}),
-    )
-    .await;
-    let failed = wait_run(&server, &run, Duration::from_secs(30)).await;
+    let (failed, events) = run_on(&server, &company, &env, json!({"command": ["true"]})).await;
     assert_eq!(failed["status"], "failed", "{failed}");
-    let events = all_events(&server, &run).await;
-    let error = events
-        .iter()
-        .find(|event| event["type"] == "error")
-        .expect("an error event");
+    let message = error_message(&events);
+    assert!(message.contains("not JSON-RPC"), "{message}");
     assert!(
-        error["data"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("not JSON-RPC"),
-        "{error}"
+        !message.contains("this line"),
+        "what the plugin printed is not quoted: {message}"
     );
     wait_capability(&server, &company, "garbage", "ready").await;
     server.stop().await;

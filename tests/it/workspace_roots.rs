@@ -60,6 +60,26 @@ async fn run_to_success(server: &TestServer, token: &str, company: &str, body: V
     run
 }
 
+/// Runs [`writing_run`] in `dir` with `token` to success, checks that it wrote there, and returns its stdout.
+async fn write_through(
+    server: &TestServer,
+    token: &str,
+    company: &str,
+    env: &str,
+    dir: &Path,
+    text: &str,
+) -> String {
+    let run = run_to_success(server, token, company, writing_run(env, dir, text)).await;
+    assert_eq!(
+        std::fs::read_to_string(dir.join("output.txt")).unwrap(),
+        format!("{text}\n")
+    );
+    text_of(
+        &all_events(server, run["id"].as_str().unwrap()).await,
+        "stdout",
+    )
+}
+
 fn assert_refused(status: StatusCode, body: &Value, expected: StatusCode, code: &str) {
     assert_eq!(status, expected, "{body}");
     assert_eq!(body["error"]["code"], code, "{body}");
@@ -132,24 +152,16 @@ async fn without_roots_company_keys_cannot_name_a_workspace_and_the_admin_never_
     assert!(!workspace.join("output.txt").exists());
 
     // The admin is the host's operator: any existing directory ...
-    let run = run_to_success(
+    let stdout = write_through(
         &server,
         &server.admin_token,
         &acme,
-        writing_run(&acme_env, &workspace, "by-admin"),
+        &acme_env,
+        &workspace,
+        "by-admin",
     )
     .await;
-    assert_eq!(
-        text_of(
-            &all_events(&server, run["id"].as_str().unwrap()).await,
-            "stdout"
-        ),
-        "input\n"
-    );
-    assert_eq!(
-        std::fs::read_to_string(workspace.join("output.txt")).unwrap(),
-        "by-admin\n"
-    );
+    assert_eq!(stdout, "input\n");
 
     // ... but never the data dir: itself, inside it, a directory containing it, or any way around to it; nor the
     // sandboxes.
@@ -256,40 +268,16 @@ async fn company_keys_run_inside_their_own_roots_and_nowhere_else() {
     .await;
 
     // Inside its own root, and inside the root granted to every company: the run works and syncs back.
-    let run = run_to_success(
-        &server,
-        &acme_key,
-        &acme,
-        writing_run(&acme_env, &work, "acme"),
-    )
-    .await;
-    assert_eq!(
-        text_of(
-            &all_events(&server, run["id"].as_str().unwrap()).await,
-            "stdout"
-        ),
-        "acme input\n"
-    );
-    assert_eq!(
-        std::fs::read_to_string(work.join("output.txt")).unwrap(),
-        "acme\n"
-    );
-    run_to_success(
-        &server,
-        &acme_key,
-        &acme,
-        writing_run(&acme_env, &shared_work, "shared"),
-    )
-    .await;
-    assert_eq!(
-        std::fs::read_to_string(shared_work.join("output.txt")).unwrap(),
-        "shared\n"
-    );
-    run_to_success(
+    let stdout = write_through(&server, &acme_key, &acme, &acme_env, &work, "acme").await;
+    assert_eq!(stdout, "acme input\n");
+    write_through(&server, &acme_key, &acme, &acme_env, &shared_work, "shared").await;
+    write_through(
         &server,
         &globex_key,
         &globex,
-        writing_run(&globex_env, &globex_root, "globex"),
+        &globex_env,
+        &globex_root,
+        "globex",
     )
     .await;
 
@@ -454,11 +442,7 @@ async fn start_up_refuses_bad_workspace_roots_and_reads_them_from_the_environmen
     let home = server.default_company().await;
     let key = server.create_key(&home, "manager").await;
     let env = fake_env(&server, &home).await;
-    run_to_success(&server, &key, &home, writing_run(&env, &second, "second")).await;
-    assert_eq!(
-        std::fs::read_to_string(second.join("output.txt")).unwrap(),
-        "second\n"
-    );
+    write_through(&server, &key, &home, &env, &second, "second").await;
     let (status, error) = post_run(&server, &key, &home, writing_run(&env, &base, "x")).await;
     assert_refused(
         status,

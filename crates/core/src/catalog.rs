@@ -9,6 +9,7 @@ use std::fmt;
 use serde_json::{Map, Value};
 
 use crate::error::Error;
+use crate::secret_paths::SecretPaths;
 use crate::validation::{ValidationErrors, join_path};
 
 /// What a provider tells berth about itself when it is registered.
@@ -29,6 +30,7 @@ pub struct ProviderSpec {
 pub struct ProviderDescriptor {
     spec: ProviderSpec,
     validator: jsonschema::Validator,
+    secrets: SecretPaths,
 }
 
 impl fmt::Debug for ProviderDescriptor {
@@ -59,7 +61,12 @@ impl ProviderDescriptor {
         jsonschema::meta::validate(&spec.config_schema).map_err(|err| invalid(err.to_string()))?;
         let validator = jsonschema::validator_for(&spec.config_schema)
             .map_err(|err| invalid(err.to_string()))?;
-        Ok(Self { spec, validator })
+        let secrets = SecretPaths::of(&spec.config_schema);
+        Ok(Self {
+            spec,
+            validator,
+            secrets,
+        })
     }
 
     pub fn spec(&self) -> &ProviderSpec {
@@ -68,6 +75,11 @@ impl ProviderDescriptor {
 
     pub fn key(&self) -> &str {
         &self.spec.key
+    }
+
+    /// Where the config schema keeps secrets (`"format": "secret-ref"`).
+    pub fn secret_paths(&self) -> &SecretPaths {
+        &self.secrets
     }
 
     /// Validates the provider's fields, found at `prefix`, and returns them with the schema's top-level defaults

@@ -20,6 +20,7 @@ pub mod lease;
 pub mod probe;
 pub mod provider;
 pub mod run;
+pub mod secret_paths;
 pub mod time;
 pub mod validation;
 

@@ -216,10 +216,11 @@ impl Connection {
     }
 
     async fn dispatch(&self, line: &[u8]) -> Result<(), String> {
+        // The line itself is not quoted: a plugin could have printed its config, secrets and all.
         let message: Incoming = serde_json::from_slice(line).map_err(|error| {
             format!(
-                "a line that is not JSON-RPC ({error}): {:?}",
-                String::from_utf8_lossy(&line[..line.len().min(120)])
+                "a line that is not JSON-RPC ({error}; {} bytes)",
+                line.len()
             )
         })?;
         if message.jsonrpc != "2.0" {

@@ -67,8 +67,9 @@ impl PluginError {
 
     pub fn kind(&self) -> ErrorKind {
         match self {
-            PluginError::InvalidManifest { .. } => ErrorKind::Validation,
-            PluginError::UnsupportedMethod { .. } => ErrorKind::Validation,
+            PluginError::InvalidManifest { .. } | PluginError::UnsupportedMethod { .. } => {
+                ErrorKind::Validation
+            }
             PluginError::Unavailable { .. }
             | PluginError::Deadline { .. }
             | PluginError::Remote { .. }

@@ -1,7 +1,6 @@
 //! A plugin's `sandbox_provider`, hosted as a [`SandboxProvider`]: every operation is a call to the plugin process,
 //! failing fast when the plugin is not ready and never outliving its deadline.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -38,8 +37,6 @@ const NO_DEADLINE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 pub struct PluginSandboxProvider {
     plugin: Plugin,
     descriptor: ProviderDescriptor,
-    /// Where the schema marks secrets: their resolved values are masked out of the plugin's error messages.
-    secret_paths: Vec<Vec<PathStep>>,
 }
 
 impl PluginSandboxProvider {
@@ -52,13 +49,7 @@ impl PluginSandboxProvider {
             supports_reusable_leases: driver.supports_reusable_leases,
             supports_run_execution: true,
         })?;
-        let mut secret_paths = Vec::new();
-        collect_secret_paths(&driver.config_schema, &mut Vec::new(), &mut secret_paths);
-        Ok(Self {
-            plugin,
-            descriptor,
-            secret_paths,
-        })
+        Ok(Self { plugin, descriptor })
     }
 
     /// The plugin this provider lives in.
@@ -116,10 +107,8 @@ impl PluginSandboxProvider {
 
     /// `error` as a driver error, with every secret of `config` masked out of what the plugin said.
     fn masked(&self, error: PluginError, config: &Map<String, Value>) -> DriverError {
-        let mut secrets = BTreeSet::new();
-        for path in &self.secret_paths {
-            collect_values(&Value::Object(config.clone()), path, &mut secrets);
-        }
+        // Wherever the schema keeps secrets, their resolved values are masked out of what the plugin said.
+        let secrets = self.descriptor.secret_paths().values_in(config);
         match error {
             PluginError::Remote {
                 plugin,
@@ -157,25 +146,12 @@ impl PluginSandboxProvider {
             .map_err(|error| self.masked(error, &params.context.config))
     }
 
-    fn handle(
-        &self,
-        result: LeaseResult,
-        request: Option<&LeaseRequest>,
-        previous: Option<&LeaseHandle>,
-    ) -> LeaseHandle {
+    /// The lease the plugin made for `request`, with berth's own notes beside the plugin's: whose it is, so later
+    /// calls about it can say so.
+    fn handle(&self, result: LeaseResult, request: &LeaseRequest) -> LeaseHandle {
         let mut metadata = result.metadata;
-        // Kept beside the plugin's own notes so later calls about the lease can say whose it is.
-        let (company, environment) = match (request, previous) {
-            (Some(request), _) => (
-                request.company_id.to_string(),
-                request.environment_id.to_string(),
-            ),
-            (None, Some(previous)) => {
-                let context = self.lease_context(previous);
-                (context.company_id, context.environment_id)
-            }
-            (None, None) => (String::new(), String::new()),
-        };
+        let company = request.company_id.to_string();
+        let environment = request.environment_id.to_string();
         metadata.insert(COMPANY_KEY.to_owned(), Value::String(company));
         metadata.insert(ENVIRONMENT_KEY.to_owned(), Value::String(environment));
         metadata.insert(
@@ -386,65 +362,6 @@ impl Offsets {
     }
 }
 
-/// One step into a config: an object's property or any item of an array.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum PathStep {
-    Property(String),
-    AnyItem,
-}
-
-/// Every place `schema` puts a `"format": "secret-ref"` string: nested objects, array items, and the branches of
-/// `allOf`/`anyOf`/`oneOf`.
-fn collect_secret_paths(schema: &Value, at: &mut Vec<PathStep>, found: &mut Vec<Vec<PathStep>>) {
-    let Value::Object(schema) = schema else {
-        return;
-    };
-    if schema.get("format").and_then(Value::as_str) == Some("secret-ref") {
-        found.push(at.clone());
-    }
-    if let Some(Value::Object(properties)) = schema.get("properties") {
-        for (name, property) in properties {
-            at.push(PathStep::Property(name.clone()));
-            collect_secret_paths(property, at, found);
-            at.pop();
-        }
-    }
-    if let Some(items) = schema.get("items") {
-        at.push(PathStep::AnyItem);
-        collect_secret_paths(items, at, found);
-        at.pop();
-    }
-    for combinator in ["allOf", "anyOf", "oneOf"] {
-        if let Some(Value::Array(branches)) = schema.get(combinator) {
-            for branch in branches {
-                collect_secret_paths(branch, at, found);
-            }
-        }
-    }
-}
-
-fn collect_values(value: &Value, path: &[PathStep], found: &mut BTreeSet<String>) {
-    match path.split_first() {
-        None => {
-            if let Value::String(text) = value {
-                found.insert(text.clone());
-            }
-        }
-        Some((PathStep::Property(name), rest)) => {
-            if let Some(child) = value.get(name) {
-                collect_values(child, rest, found);
-            }
-        }
-        Some((PathStep::AnyItem, rest)) => {
-            if let Value::Array(items) = value {
-                for item in items {
-                    collect_values(item, rest, found);
-                }
-            }
-        }
-    }
-}
-
 impl SandboxProvider for PluginSandboxProvider {
     fn descriptor(&self) -> &ProviderDescriptor {
         &self.descriptor
@@ -513,7 +430,7 @@ impl SandboxProvider for PluginSandboxProvider {
                 .call(wire::ACQUIRE_LEASE, &params, CALL_DEADLINE)
                 .await
                 .map_err(|error| self.masked(error, &params.context.config))?;
-            Ok(self.handle(result, Some(request), None))
+            Ok(self.handle(result, request))
         })
     }
 
@@ -546,7 +463,7 @@ impl SandboxProvider for PluginSandboxProvider {
                 .call(wire::RESUME_LEASE, &params, CALL_DEADLINE)
                 .await
                 .map_err(|error| self.masked(error, &params.context.config))?;
-            Ok(result.map(|result| self.handle(result, Some(request), Some(lease))))
+            Ok(result.map(|result| self.handle(result, request)))
         })
     }
 
@@ -616,38 +533,5 @@ impl SandboxProvider for PluginSandboxProvider {
     ) -> BoxFuture<'a, Result<SyncReport, DriverError>> {
         // Nothing was synced in (prepare_workspace refuses a local path), so nothing comes back.
         Box::pin(async { Ok(SyncReport::default()) })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn secret_paths_are_found_at_any_depth() {
-        let schema = serde_json::json!({
-            "type": "object",
-            "properties": {
-                "apiKey": {"type": "string", "format": "secret-ref"},
-                "nested": {"properties": {"token": {"format": "secret-ref"}}},
-                "list": {"items": {"properties": {"password": {"format": "secret-ref"}}}},
-                "plain": {"type": "string"}
-            },
-            "anyOf": [{"properties": {"other": {"format": "secret-ref"}}}]
-        });
-        let mut paths = Vec::new();
-        collect_secret_paths(&schema, &mut Vec::new(), &mut paths);
-        let config = serde_json::json!({
-            "apiKey": "k-1", "nested": {"token": "t-2"}, "list": [{"password": "p-3"}, {"password": "p-4"}],
-            "plain": "visible", "other": "o-5"
-        });
-        let mut found = BTreeSet::new();
-        for path in &paths {
-            collect_values(&config, path, &mut found);
-        }
-        assert_eq!(
-            found.into_iter().collect::<Vec<_>>(),
-            ["k-1", "o-5", "p-3", "p-4", "t-2"]
-        );
     }
 }

@@ -212,13 +212,10 @@ impl Server {
     async fn call(&self, method: &str, params: Value) -> Result<Value, RpcError> {
         match method {
             wire::INITIALIZE => {
-                let params: wire::InitializeParams = parse(params)?;
-                let version = self.identity.protocol_version;
-                if !params.protocol_versions.contains(&version) && version == 1 {
-                    return Err(invalid("this plugin speaks protocol version 1 only"));
-                }
+                // The host judges the answer: one it did not offer fails the plugin with that reason.
+                let _offered: wire::InitializeParams = parse(params)?;
                 to_value(wire::InitializeResult {
-                    protocol_version: version,
+                    protocol_version: self.identity.protocol_version,
                     plugin: wire::PluginInfo {
                         id: self.identity.id.clone(),
                         version: self.identity.version.clone(),

@@ -160,7 +160,8 @@ impl Plugin {
     /// Waits until the plugin is ready or has failed, at most `limit` (start-up, tests, `berth plugin check`).
     pub async fn settle(&self, limit: Duration) -> PluginState {
         let mut state = self.state.clone();
-        let settled = tokio::time::timeout(limit, async {
+        // Past the limit it is still starting (or restarting): the state read below says so.
+        let _elapsed = tokio::time::timeout(limit, async {
             loop {
                 if matches!(
                     &*state.borrow_and_update(),
@@ -174,7 +175,6 @@ impl Plugin {
             }
         })
         .await;
-        let _still_starting = settled;
         self.state()
     }
 }
@@ -191,12 +191,10 @@ struct Supervisor {
 /// How one start of the process ended.
 enum Ended {
     Shutdown,
-    /// It went down by itself or was judged hung; `failed` marks a start that must not be retried at once.
-    Crashed {
-        reason: String,
-        up_for: Duration,
-        failed: bool,
-    },
+    /// It went down by itself or was judged hung: restarted after the backoff.
+    Crashed(String),
+    /// It answered `initialize` wrongly: shown as `failed` until its next start.
+    Refused(String),
 }
 
 impl Supervisor {
@@ -204,15 +202,13 @@ impl Supervisor {
         let id = self.manifest.id.clone();
         loop {
             self.state.send_replace(PluginState::Starting);
-            let (reason, up_for, failed) = match self.run_once().await {
+            let started = Instant::now();
+            let (reason, failed) = match self.run_once().await {
                 Ended::Shutdown => return,
-                Ended::Crashed {
-                    reason,
-                    up_for,
-                    failed,
-                } => (reason, up_for, failed),
+                Ended::Crashed(reason) => (reason, false),
+                Ended::Refused(reason) => (reason, true),
             };
-            if up_for >= self.settings.restart.stable_after {
+            if started.elapsed() >= self.settings.restart.stable_after {
                 self.consecutive = 0;
             }
             let now = Instant::now();
@@ -261,43 +257,28 @@ impl Supervisor {
     }
 
     async fn run_once(&mut self) -> Ended {
-        let started = Instant::now();
-        let crashed = |reason: String, failed: bool| Ended::Crashed {
-            reason,
-            up_for: started.elapsed(),
-            failed,
-        };
         let mut child = match self.spawn() {
             Ok(child) => child,
-            Err(reason) => return crashed(reason, false),
+            Err(reason) => return Ended::Crashed(reason),
         };
         let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-            return crashed("its stdio could not be opened".to_owned(), false);
+            return Ended::Crashed("its stdio could not be opened".to_owned());
         };
         if let Some(stderr) = child.stderr.take() {
             tokio::spawn(log_stderr(self.manifest.id.clone(), stderr));
         }
         let connection = Connection::start(&self.manifest.id, stdout, stdin);
-        let ended = self.serve(&mut child, &connection, started).await;
+        let ended = self.serve(&mut child, &connection).await;
         connection.close();
         ended
     }
 
-    async fn serve(
-        &mut self,
-        child: &mut Child,
-        connection: &Connection,
-        started: Instant,
-    ) -> Ended {
-        let crashed = |reason: String, failed: bool| Ended::Crashed {
-            reason,
-            up_for: started.elapsed(),
-            failed,
-        };
+    /// Initializes the started process, then watches it until it ends or berth shuts down.
+    async fn serve(&mut self, child: &mut Child, connection: &Connection) -> Ended {
         let live = tokio::select! {
             live = self.initialize(connection) => live,
             status = child.wait() => {
-                return crashed(format!("it exited during initialize ({})", describe_exit(status)), false);
+                return Ended::Crashed(format!("it exited during initialize ({})", describe_exit(status)));
             }
             () = self.shutdown.cancelled() => {
                 stop(child, None).await;
@@ -312,7 +293,11 @@ impl Supervisor {
                     .await
                     .is_ok();
                 stop(child, None).await;
-                return crashed(reason, !exited);
+                return if exited {
+                    Ended::Crashed(reason)
+                } else {
+                    Ended::Refused(reason)
+                };
             }
         };
         tracing::info!(plugin.id = %self.manifest.id, plugin.version = %live.plugin_version, "plugin ready");
@@ -323,14 +308,14 @@ impl Supervisor {
         loop {
             tokio::select! {
                 status = child.wait() => {
-                    return crashed(format!("it exited ({})", describe_exit(status)), false);
+                    return Ended::Crashed(format!("it exited ({})", describe_exit(status)));
                 }
                 () = connection.closed() => {
                     let reason = connection
                         .protocol_error()
                         .map_or_else(|| "it closed its stdout".to_owned(), |error| format!("it broke the protocol: {error}"));
                     stop(child, None).await;
-                    return crashed(reason, false);
+                    return Ended::Crashed(reason);
                 }
                 _ = health.tick() => {
                     match connection.call::<_, HealthResult>(wire::HEALTH, &serde_json::json!({}), HEALTH_DEADLINE).await {
@@ -340,7 +325,7 @@ impl Supervisor {
                         Ok(_) => {}
                         Err(error) => {
                             stop(child, None).await;
-                            return crashed(format!("it stopped answering health ({error})"), false);
+                            return Ended::Crashed(format!("it stopped answering health ({error})"));
                         }
                     }
                 }

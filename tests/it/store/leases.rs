@@ -7,7 +7,9 @@ use berth_core::ids::{LeaseId, RunId};
 use berth_core::lease::{CleanupStatus, Lease, LeasePolicy, LeaseStatus};
 use berth_core::run::{Run, RunStatus};
 
-use super::{at, environment, ids, insert_runs, lease, new_company, object, replica, run};
+use super::{
+    at, environment, ids, insert_runs, lease, new_company, object, replica, run, sole_winner,
+};
 use crate::support::db::TestDb;
 
 both_backends!(
@@ -122,14 +124,7 @@ async fn lease_transitions_happen_once(db: &TestDb) {
             })
         })
         .collect();
-    let mut winners = Vec::new();
-    for task in tasks {
-        if let Some(lease) = task.await.unwrap().unwrap() {
-            winners.push(lease);
-        }
-    }
-    assert_eq!(winners.len(), 1, "{winners:?}");
-    let released = winners.remove(0);
+    let released = sole_winner(tasks).await;
     let now = released.last_used_at;
     assert!((5_000..5_016).contains(&now.unix_millis()));
     let expected = Lease {
@@ -276,14 +271,7 @@ async fn a_retained_lease_is_claimed_or_released_once(db: &TestDb) {
             })
         })
         .collect();
-    let mut winners = Vec::new();
-    for task in tasks {
-        if let Some(lease) = task.await.unwrap().unwrap() {
-            winners.push(lease);
-        }
-    }
-    assert_eq!(winners.len(), 1, "{winners:?}");
-    let winner = winners.remove(0);
+    let winner = sole_winner(tasks).await;
     let released_at = (winner.status == LeaseStatus::Released).then_some(at(2_000));
     assert_eq!(
         winner,

@@ -178,6 +178,18 @@ async fn replica(db: &TestDb) -> Store {
     Store::connect(&db.url()).await.unwrap()
 }
 
+/// Awaits racing compare-and-set calls: exactly one may have won (answered `Some`). Returns what it answered.
+async fn sole_winner<T: std::fmt::Debug + Send + 'static>(
+    tasks: Vec<tokio::task::JoinHandle<Result<Option<T>, StoreError>>>,
+) -> T {
+    let mut winners = Vec::new();
+    for task in tasks {
+        winners.extend(task.await.unwrap().unwrap());
+    }
+    assert_eq!(winners.len(), 1, "{winners:?}");
+    winners.remove(0)
+}
+
 fn ids<T, I: PartialEq>(items: &[T], id: impl Fn(&T) -> I) -> Vec<I> {
     items.iter().map(id).collect()
 }

@@ -27,8 +27,7 @@ use crate::host_policy::HostPolicy;
 use crate::secrets::SecretCipher;
 use crate::vault::ResolvedConfig;
 
-/// Where it was defined before it had a module of its own (the run benchmarks name it here).
-pub use super::context::RunContext;
+use super::context::RunContext;
 
 /// How often this node refreshes the heartbeat of its live runs (and picks up cancel requests from other replicas).
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
