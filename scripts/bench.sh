@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# berth's benchmarks: builds release binaries, starts a throwaway PostgreSQL (unless BERTH_TEST_POSTGRES_URL is set),
-# and runs `cargo bench` for the named benches (default: all). Figures print side by side with their baselines.
+# berth's benchmarks: builds release binaries, starts a throwaway PostgreSQL (unless BERTH_TEST_POSTGRES_URL is set,
+# or no bench named needs it), and runs `cargo bench` for the named benches (default: all). Figures print side by side
+# with their baselines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 benches=("$@")
-[ ${#benches[@]} -gt 0 ] || benches=(api runs bridge ssh isolated)
+[ ${#benches[@]} -gt 0 ] || benches=(api runs bridge ssh isolated plugins)
+wants() { [[ " ${benches[*]} " == *" $1 "* ]]; }
 # The ssh bench runs a real sshd and compares with the ssh CLI and rsync: install them if missing (as root).
-if [[ " ${benches[*]} " == *" ssh "* ]]; then
+if wants ssh; then
   missing=()
   [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
   command -v ssh >/dev/null 2>&1 && command -v ssh-keygen >/dev/null 2>&1 || missing+=(openssh-client)
@@ -33,13 +35,22 @@ if ! command -v bwrap >/dev/null 2>&1; then
     exit 1
   fi
 fi
-if [ -z "${BERTH_TEST_POSTGRES_URL:-}" ]; then
+# Only the api and runs benches compare with PostgreSQL.
+if [ -z "${BERTH_TEST_POSTGRES_URL:-}" ] && { wants api || wants runs; }; then
   # shellcheck source=scripts/lib/postgres.sh
   . scripts/lib/postgres.sh
   start_throwaway_postgres
 fi
-cargo build --release --locked -p berth-server --bin berth
-export BERTH_BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/berth"
+# The berth binary, for the benches that start it (the plugins bench works at the driver level and needs none).
+if [ "${benches[*]}" != plugins ]; then
+  cargo build --release --locked -p berth-server --bin berth
+  export BERTH_BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/berth"
+fi
+# The plugins bench hosts the fake provider's plugin binary.
+if wants plugins; then
+  cargo build --release --locked -p berth-fake-provider --bin berth-fake-provider
+  export BERTH_FAKE_PLUGIN_BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/berth-fake-provider"
+fi
 for bench in "${benches[@]}"; do
   cargo bench --locked -p berth-tests --bench "$bench"
 done

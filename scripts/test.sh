@@ -44,10 +44,12 @@ log "cargo fmt --check"
 cargo fmt --all -- --check
 log "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-log "building the berth binary and the fake provider plugin the tests run"
-cargo build --locked -p berth-server --bin berth -p berth-fake-provider --bin berth-fake-provider
+log "building the berth binary and the plugins the tests run (the fake provider, the example)"
+cargo build --locked -p berth-server --bin berth -p berth-fake-provider --bin berth-fake-provider \
+  -p berth-example-dir-sandbox --bin berth-example-dir-sandbox
 export BERTH_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/berth"
 export BERTH_FAKE_PLUGIN_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/berth-fake-provider"
+export BERTH_EXAMPLE_PLUGIN_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/berth-example-dir-sandbox"
 log "tests (SQLite and PostgreSQL)"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast

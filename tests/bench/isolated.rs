@@ -180,7 +180,7 @@ async fn cycles(
             run_id: RunId::new(),
         };
         let lease = provider.acquire(config, &request).await.unwrap();
-        provider.release(&lease, false).await.unwrap();
+        provider.release(&lease, false, None).await.unwrap();
     }
     let per_second = cycles as f64 / started.elapsed().as_secs_f64();
     println!("{label:<52} {cycles:>8} {per_second:>14.0}");

@@ -921,18 +921,17 @@ async fn probes_report_real_facts_and_never_throw() {
     assert_eq!(probe["ok"], true, "{probe}");
     assert_eq!(probe["driver"], "sandbox");
 
-    let plugin = create_env(&server, &company, json!({"name": "plug", "driver": "plugin", "config": {"pluginKey": "acme", "driverKey": "vm"}})).await;
-    let (status, probe) = server
+    // A plugin driver must be installed to validate its config: refused with what is installed.
+    let (status, refused) = server
         .post(
-            &format!("/api/environments/{}/probe", plugin["id"].as_str().unwrap()),
-            json!({}),
+            &format!("/api/companies/{company}/environments"),
+            json!({"name": "plug", "driver": "plugin", "config": {"pluginKey": "acme", "driverKey": "vm"}}),
         )
         .await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(probe["ok"], false);
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{refused}");
     assert!(
-        probe["summary"].as_str().unwrap().contains("acme"),
-        "{probe}"
+        refused.to_string().contains("config.driverKey") && refused.to_string().contains("acme"),
+        "{refused}"
     );
 
     // Unsaved configs: probed, nothing persisted, not even an inline secret.

@@ -27,7 +27,7 @@ const SERVER_LAYERS: &[&[&str]] = &[
     // The server's half of the bridge runs around each command and records its audit as run events.
     &["runs", "bridge"],
     &["state", "api"],
-    &["serve", "client", "run_command", "lab"],
+    &["serve", "client", "run_command", "lab", "plugin_check"],
     &["cli"],
 ];
 

@@ -13,7 +13,7 @@ use crate::support::runs::{all_events, start_run, text_of, wait_run};
 use crate::support::server::{ServerOptions, TestServer};
 
 /// The fake provider's plugin binary: `BERTH_FAKE_PLUGIN_BIN`, else built once per test process.
-fn fake_plugin_bin() -> &'static Path {
+pub(crate) fn fake_plugin_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         if let Some(bin) = std::env::var_os("BERTH_FAKE_PLUGIN_BIN") {
@@ -40,8 +40,29 @@ fn fake_plugin_bin() -> &'static Path {
     })
 }
 
-/// A plugin directory holding a manifest that runs the fake plugin with `flags`.
-fn fake_plugin_dir(parent: &Path, id: &str, key: &str, flags: &[&str]) -> PathBuf {
+/// A plugin directory holding a manifest that runs the fake plugin with `flags`, offering `key` as a sandbox provider.
+pub(crate) fn fake_plugin_dir(parent: &Path, id: &str, key: &str, flags: &[&str]) -> PathBuf {
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "image": {"type": "string", "default": "fake:latest"},
+            "apiKey": {"type": "string", "format": "secret-ref"}
+        },
+        "additionalProperties": false
+    });
+    fake_plugin_dir_offering(parent, id, key, "sandbox_provider", schema, flags)
+}
+
+/// A plugin directory holding a manifest that runs the fake plugin with `flags`, offering `key` as `kind`
+/// (`sandbox_provider` or `environment_driver`) with `schema`.
+pub(crate) fn fake_plugin_dir_offering(
+    parent: &Path,
+    id: &str,
+    key: &str,
+    kind: &str,
+    schema: Value,
+    flags: &[&str],
+) -> PathBuf {
     let dir = parent.join(id);
     std::fs::create_dir_all(&dir).unwrap();
     let mut command = vec![
@@ -56,18 +77,11 @@ fn fake_plugin_dir(parent: &Path, id: &str, key: &str, flags: &[&str]) -> PathBu
         "command": command,
         "environmentDrivers": [{
             "driverKey": key,
-            "kind": "sandbox_provider",
+            "kind": kind,
             "displayName": "Fake sandboxes (plugin)",
             "description": "berth's fake provider, out of process",
             "supportsReusableLeases": true,
-            "configSchema": {
-                "type": "object",
-                "properties": {
-                    "image": {"type": "string", "default": "fake:latest"},
-                    "apiKey": {"type": "string", "format": "secret-ref"}
-                },
-                "additionalProperties": false
-            }
+            "configSchema": schema
         }]
     });
     std::fs::write(dir.join("berth-plugin.json"), manifest.to_string()).unwrap();
@@ -75,26 +89,39 @@ fn fake_plugin_dir(parent: &Path, id: &str, key: &str, flags: &[&str]) -> PathBu
 }
 
 /// A server with the given plugin directories, restarting crashed plugins quickly.
-async fn server_with(plugins: &[&Path]) -> TestServer {
-    let mut args = [
+pub(crate) async fn server_with(plugins: &[&Path]) -> TestServer {
+    server_with_args(plugins, &[], None).await
+}
+
+/// A server with `plugins`, quick restarts and the extra `berth serve` flags (hidden deadline knobs), optionally on
+/// an existing data dir.
+pub(crate) async fn server_with_args(
+    plugins: &[&Path],
+    extra: &[&str],
+    data_dir: Option<PathBuf>,
+) -> TestServer {
+    let mut args: Vec<String> = [
         "--plugin-restart-initial-ms",
         "50",
         "--plugin-restart-max-ms",
         "200",
     ]
-    .map(str::to_owned)
-    .to_vec();
+    .iter()
+    .chain(extra)
+    .map(|arg| (*arg).to_owned())
+    .collect();
     for dir in plugins {
         args.extend(["--plugin-dir".to_owned(), dir.display().to_string()]);
     }
     TestServer::start_with(ServerOptions {
         args,
+        data_dir,
         ..ServerOptions::default()
     })
     .await
 }
 
-async fn capability(server: &TestServer, company: &str, key: &str) -> Value {
+pub(crate) async fn capability(server: &TestServer, company: &str, key: &str) -> Value {
     let (status, capabilities) = server
         .get(&format!(
             "/api/companies/{company}/environments/capabilities"
@@ -105,7 +132,12 @@ async fn capability(server: &TestServer, company: &str, key: &str) -> Value {
 }
 
 /// Waits until the provider's status is `wanted` (or panics after 20 s).
-async fn wait_capability(server: &TestServer, company: &str, key: &str, wanted: &str) -> Value {
+pub(crate) async fn wait_capability(
+    server: &TestServer,
+    company: &str,
+    key: &str,
+    wanted: &str,
+) -> Value {
     let started = Instant::now();
     loop {
         let capability = capability(server, company, key).await;
@@ -120,7 +152,7 @@ async fn wait_capability(server: &TestServer, company: &str, key: &str, wanted: 
     }
 }
 
-async fn plugin_env(server: &TestServer, company: &str, key: &str) -> String {
+pub(crate) async fn plugin_env(server: &TestServer, company: &str, key: &str) -> String {
     let (status, env) = server
         .post(
             &format!("/api/companies/{company}/environments"),
@@ -132,17 +164,27 @@ async fn plugin_env(server: &TestServer, company: &str, key: &str) -> String {
 }
 
 /// A server with one fake plugin (`flags` its faults), ready, and an environment on its provider.
-struct ReadyPlugin {
-    _plugins: TempDir,
-    server: TestServer,
-    company: String,
-    env: String,
+pub(crate) struct ReadyPlugin {
+    pub(crate) _plugins: TempDir,
+    pub(crate) server: TestServer,
+    pub(crate) company: String,
+    pub(crate) env: String,
 }
 
-async fn ready_plugin(id: &str, key: &str, flags: &[&str]) -> ReadyPlugin {
+pub(crate) async fn ready_plugin(id: &str, key: &str, flags: &[&str]) -> ReadyPlugin {
+    ready_with_args(id, key, flags, &[]).await
+}
+
+/// One fake plugin (`flags`) on a server with `extra` flags, ready, with an environment on its provider.
+pub(crate) async fn ready_with_args(
+    id: &str,
+    key: &str,
+    flags: &[&str],
+    extra: &[&str],
+) -> ReadyPlugin {
     let plugins = TempDir::new().unwrap();
     let dir = fake_plugin_dir(plugins.path(), id, key, flags);
-    let server = server_with(&[&dir]).await;
+    let server = server_with_args(&[&dir], extra, None).await;
     let company = server.default_company().await;
     wait_capability(&server, &company, key, "ready").await;
     let env = plugin_env(&server, &company, key).await;
@@ -155,7 +197,7 @@ async fn ready_plugin(id: &str, key: &str, flags: &[&str]) -> ReadyPlugin {
 }
 
 /// Runs `run` (the fields besides `environmentId`) on `env` to its end: the finished run and its events.
-async fn run_on(
+pub(crate) async fn run_on(
     server: &TestServer,
     company: &str,
     env: &str,
@@ -168,7 +210,7 @@ async fn run_on(
 }
 
 /// The message of the run's error event.
-fn error_message(events: &[Value]) -> String {
+pub(crate) fn error_message(events: &[Value]) -> String {
     let error = events
         .iter()
         .find(|event| event["type"] == "error")

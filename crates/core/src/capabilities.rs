@@ -89,4 +89,8 @@ pub struct SandboxProviderCapability {
 pub struct Capabilities {
     pub drivers: BTreeMap<Driver, DriverCapability>,
     pub sandbox_providers: BTreeMap<String, SandboxProviderCapability>,
+    /// Plugins' environment drivers (`driver: "plugin"`), by driver key, described like providers.
+    pub plugin_drivers: BTreeMap<String, SandboxProviderCapability>,
+    /// Plugins that could not be loaded, and why.
+    pub plugin_problems: Vec<String>,
 }

@@ -9,7 +9,7 @@ use std::fmt;
 use serde_json::{Map, Value};
 
 use crate::error::Error;
-use crate::secret_paths::SecretPaths;
+use crate::secret_paths::{SecretLocation, SecretPaths};
 use crate::validation::{ValidationErrors, join_path};
 
 /// What a provider tells berth about itself when it is registered.
@@ -100,18 +100,52 @@ impl ProviderDescriptor {
                 }
             }
         }
-        let instance = Value::Object(fields);
-        for error in self.validator.iter_errors(&instance) {
+        // A secret stored earlier sits in the config as `{"secretRef": id}`, where the schema has a string: what is
+        // checked there is the secret's value, checked when it was given, not the reference.
+        let references: Vec<SecretLocation> = self
+            .secrets
+            .locations_in(&fields)
+            .into_iter()
+            .filter(|location| location.get(&fields).is_some_and(is_secret_reference))
+            .collect();
+        let mut checked = fields.clone();
+        for location in &references {
+            if let Some(value) = location.get_mut(&mut checked) {
+                *value = Value::String(String::new());
+            }
+        }
+        let checked = Value::Object(checked);
+        for error in self.validator.iter_errors(&checked) {
+            let pointer = error.instance_path().to_string();
+            if references
+                .iter()
+                .any(|location| location.is_at_pointer(&pointer))
+            {
+                continue;
+            }
             let mut path = prefix.to_owned();
             for segment in error.instance_path().iter() {
                 path = join_path(&path, &segment.to_string());
             }
             errors.push(path, error.masked().to_string());
         }
-        match instance {
-            Value::Object(fields) => fields,
-            _ => Map::new(),
-        }
+        fields
+    }
+}
+
+/// The key of a stored secret's reference object, `{"secretRef": "<id>"}`, in schema-described configs.
+pub const SECRET_REF_KEY: &str = "secretRef";
+
+/// Whether `value` is a reference to a stored secret: `{"secretRef": "<id>"}` and nothing else.
+pub fn is_secret_reference(value: &Value) -> bool {
+    secret_reference(value).is_some()
+}
+
+/// The id text of a reference to a stored secret, `{"secretRef": "<id>"}`.
+pub fn secret_reference(value: &Value) -> Option<&str> {
+    match value {
+        Value::Object(object) if object.len() == 1 => object.get(SECRET_REF_KEY)?.as_str(),
+        _ => None,
     }
 }
 
@@ -132,6 +166,16 @@ pub trait ProviderCatalog {
 
     /// Every installed provider key, for error messages.
     fn provider_keys(&self) -> Vec<String>;
+
+    /// A plugin's `environment_driver` (`driver: "plugin"` configs), by plugin id and driver key.
+    fn plugin_driver(&self, _plugin_key: &str, _driver_key: &str) -> Option<&ProviderDescriptor> {
+        None
+    }
+
+    /// The installed plugin drivers, as `pluginKey/driverKey`, for error messages.
+    fn plugin_driver_keys(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 #[cfg(test)]

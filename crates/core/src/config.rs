@@ -9,13 +9,16 @@
 use std::fmt;
 use std::str::FromStr;
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value};
 
-use crate::catalog::{ProviderCatalog, is_valid_key};
+use crate::catalog::{
+    ProviderCatalog, SECRET_REF_KEY, is_secret_reference, is_valid_key, secret_reference,
+};
 use crate::company::{UnknownVariant, parse_variant};
 use crate::environment::Driver;
 use crate::ids::SecretId;
+use crate::secret_paths::{SecretLocation, SecretPaths};
 use crate::validation::{ObjectReader, ValidationErrors, join_path};
 
 /// Where the config sits in a request body; every path reported starts here.
@@ -85,30 +88,70 @@ impl fmt::Debug for SecretSlot {
     }
 }
 
-/// The secret-bearing fields of configs. Each has a write-only value key and a stored reference key.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// The secret-bearing fields of configs. SSH's have a write-only value key and a stored reference key; a schema's
+/// `"format": "secret-ref"` fields (PLUGINS.md §5) hold the value when given and `{"secretRef": "<id>"}` once stored.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum SecretField {
     SshPrivateKey,
     SshPassword,
+    /// A secret-ref field among a sandbox config's provider fields.
+    ProviderField(SecretLocation),
+    /// A secret-ref field in a plugin config's `driverConfig`.
+    PluginDriverField(SecretLocation),
 }
 
 impl SecretField {
-    /// The write-only key that carries the value in requests.
-    pub fn value_key(self) -> &'static str {
+    /// The write-only key that carries an SSH secret's value in requests.
+    fn value_key(&self) -> &'static str {
         match self {
             SecretField::SshPrivateKey => "privateKey",
             SecretField::SshPassword => "password",
+            SecretField::ProviderField(_) | SecretField::PluginDriverField(_) => "",
         }
     }
 
-    /// The key that carries the reference in the stored shape.
-    pub fn ref_key(self) -> &'static str {
+    /// The key that carries an SSH secret's reference in the stored shape.
+    fn ref_key(&self) -> &'static str {
         match self {
             SecretField::SshPrivateKey => "privateKeySecretRef",
             SecretField::SshPassword => "passwordSecretRef",
+            SecretField::ProviderField(_) | SecretField::PluginDriverField(_) => "",
+        }
+    }
+
+    /// Where the value is given, relative to the config: `privateKey`, `apiKey`, `driverConfig.auth.token`.
+    pub fn value_path(&self) -> String {
+        match self {
+            SecretField::SshPrivateKey | SecretField::SshPassword => self.value_key().to_owned(),
+            SecretField::ProviderField(location) => location.to_string(),
+            SecretField::PluginDriverField(location) => format!("{DRIVER_CONFIG_KEY}.{location}"),
+        }
+    }
+
+    /// Where the stored reference sits, relative to the config: `privateKeySecretRef`, `apiKey`.
+    pub fn ref_path(&self) -> String {
+        match self {
+            SecretField::SshPrivateKey | SecretField::SshPassword => self.ref_key().to_owned(),
+            SecretField::ProviderField(_) | SecretField::PluginDriverField(_) => self.value_path(),
+        }
+    }
+
+    /// How to give a new value at this field, for error messages.
+    pub fn how_to_replace(&self) -> String {
+        match self {
+            SecretField::SshPrivateKey | SecretField::SshPassword => {
+                format!("give the value itself as `{}`", self.value_key())
+            }
+            SecretField::ProviderField(_) | SecretField::PluginDriverField(_) => format!(
+                "give the value itself as `{}` instead of a {{\"{SECRET_REF_KEY}\"}} object",
+                self.value_path()
+            ),
         }
     }
 }
+
+/// The key of a plugin config's driver fields.
+pub const DRIVER_CONFIG_KEY: &str = "driverConfig";
 
 /// Write-only keys and the reference keys they replace, for every driver.
 const WRITE_ONLY_KEYS: [SecretField; 2] = [SecretField::SshPrivateKey, SecretField::SshPassword];
@@ -211,15 +254,44 @@ fn glob_name(pattern: &str, name: &str) -> bool {
     matches(&pattern, &name)
 }
 
-#[derive(Clone, Debug, PartialEq)]
+/// A `sandbox` config. Its `Debug` prints no secret: what sits at a secret-ref field is redacted.
+#[derive(Clone, PartialEq)]
 pub struct SandboxConfig {
     pub provider: String,
     pub reuse_lease: bool,
     pub timeout_ms: Option<u64>,
     /// Most MiB of file content one sync-back may bring from the sandbox (`syncBackMaxMb`); `None`: the default.
     pub sync_back_max_mb: Option<u64>,
-    /// The provider's own fields, validated against its schema, defaults applied.
+    /// The provider's own fields, validated against its schema, defaults applied. A secret-ref field holds
+    /// `{"secretRef": id}` when stored, and its value when given or resolved for use.
     pub fields: Map<String, Value>,
+    /// Where the provider's schema keeps secrets.
+    pub secrets: SecretPaths,
+}
+
+impl fmt::Debug for SandboxConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SandboxConfig")
+            .field("provider", &self.provider)
+            .field("reuse_lease", &self.reuse_lease)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("sync_back_max_mb", &self.sync_back_max_mb)
+            .field("fields", &redacted(&self.fields, &self.secrets))
+            .finish()
+    }
+}
+
+/// `fields` with whatever sits at a secret-ref field replaced, for logs and `Debug`.
+pub fn redacted(fields: &Map<String, Value>, secrets: &SecretPaths) -> Map<String, Value> {
+    let mut shown = fields.clone();
+    for location in secrets.locations_in(fields) {
+        if let Some(value) = location.get_mut(&mut shown)
+            && !is_secret_reference(value)
+        {
+            *value = Value::String("[redacted]".to_owned());
+        }
+    }
+    shown
 }
 
 impl SandboxConfig {
@@ -229,11 +301,29 @@ impl SandboxConfig {
     }
 }
 
-#[derive(Clone, Debug, PartialEq)]
+/// A `plugin` config. Its `Debug` prints no secret.
+#[derive(Clone, PartialEq)]
 pub struct PluginConfig {
     pub plugin_key: String,
     pub driver_key: String,
+    /// Validated against the plugin driver's schema, defaults applied; secret-ref fields as in
+    /// [`SandboxConfig::fields`].
     pub driver_config: Map<String, Value>,
+    /// Where the driver's schema keeps secrets.
+    pub secrets: SecretPaths,
+}
+
+impl fmt::Debug for PluginConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PluginConfig")
+            .field("plugin_key", &self.plugin_key)
+            .field("driver_key", &self.driver_key)
+            .field(
+                "driver_config",
+                &redacted(&self.driver_config, &self.secrets),
+            )
+            .finish()
+    }
 }
 
 impl DriverConfig {
@@ -258,7 +348,11 @@ impl DriverConfig {
                 validate_provider_fields(&mut sandbox, provider_fields, catalog, &mut errors);
                 DriverConfig::Sandbox(sandbox)
             }
-            Driver::Plugin => DriverConfig::Plugin(parse_plugin(reader)),
+            Driver::Plugin => {
+                let mut plugin = parse_plugin(reader);
+                validate_plugin_fields(&mut plugin, catalog, &mut errors);
+                DriverConfig::Plugin(plugin)
+            }
         };
         errors.into_result(parsed)
     }
@@ -273,7 +367,7 @@ impl DriverConfig {
     }
 
     /// Secrets given inline, which the caller must store and [`bind`](Self::bind_secret) before persisting.
-    pub fn inline_secrets(&self) -> Vec<(SecretField, &SecretString)> {
+    pub fn inline_secrets(&self) -> Vec<(SecretField, SecretString)> {
         self.secret_slots()
             .into_iter()
             .filter_map(|(field, slot)| match slot {
@@ -288,32 +382,46 @@ impl DriverConfig {
         self.secret_slots()
             .into_iter()
             .filter_map(|(field, slot)| match slot {
-                SecretSlot::Stored(id) => Some((field, *id)),
+                SecretSlot::Stored(id) => Some((field, id)),
                 SecretSlot::Inline(_) => None,
             })
             .collect()
     }
 
     /// Replaces the inline value of `field` with a reference to the stored secret `id`.
-    pub fn bind_secret(&mut self, field: SecretField, id: SecretId) {
-        if let DriverConfig::Ssh(ssh) = self {
-            let slot = match field {
-                SecretField::SshPrivateKey => &mut ssh.private_key,
-                SecretField::SshPassword => &mut ssh.password,
-            };
-            *slot = Some(SecretSlot::Stored(id));
-        }
+    pub fn bind_secret(&mut self, field: &SecretField, id: SecretId) {
+        self.put_secret(field, SecretSlot::Stored(id));
     }
 
     /// Puts a secret's value (decrypted by the caller at the moment of use) in place of its reference, so a driver
     /// can use it. A config holding a value can never be stored again: [`to_stored`](Self::to_stored) refuses it.
-    pub fn set_resolved_secret(&mut self, field: SecretField, value: SecretString) {
-        if let DriverConfig::Ssh(ssh) = self {
-            let slot = match field {
-                SecretField::SshPrivateKey => &mut ssh.private_key,
-                SecretField::SshPassword => &mut ssh.password,
-            };
-            *slot = Some(SecretSlot::Inline(value));
+    pub fn set_resolved_secret(&mut self, field: &SecretField, value: SecretString) {
+        self.put_secret(field, SecretSlot::Inline(value));
+    }
+
+    fn put_secret(&mut self, field: &SecretField, slot: SecretSlot) {
+        let schema_value = |slot: SecretSlot| match slot {
+            SecretSlot::Stored(id) => {
+                let mut reference = Map::new();
+                reference.insert(SECRET_REF_KEY.to_owned(), Value::String(id.to_string()));
+                Value::Object(reference)
+            }
+            SecretSlot::Inline(value) => Value::String(value.expose_secret().to_owned()),
+        };
+        match (self, field) {
+            (DriverConfig::Ssh(ssh), SecretField::SshPrivateKey) => ssh.private_key = Some(slot),
+            (DriverConfig::Ssh(ssh), SecretField::SshPassword) => ssh.password = Some(slot),
+            (DriverConfig::Sandbox(sandbox), SecretField::ProviderField(location)) => {
+                if let Some(value) = location.get_mut(&mut sandbox.fields) {
+                    *value = schema_value(slot);
+                }
+            }
+            (DriverConfig::Plugin(plugin), SecretField::PluginDriverField(location)) => {
+                if let Some(value) = location.get_mut(&mut plugin.driver_config) {
+                    *value = schema_value(slot);
+                }
+            }
+            _ => {}
         }
     }
 
@@ -335,7 +443,7 @@ impl DriverConfig {
                     ssh.remote_workspace_path.clone().into(),
                 );
                 for (field, id) in self.secret_refs() {
-                    stored.insert(field.ref_key().to_owned(), id.to_string().into());
+                    stored.insert(field.ref_path(), id.to_string().into());
                 }
                 if let Some(known_hosts) = &ssh.known_hosts {
                     stored.insert("knownHosts".to_owned(), known_hosts.clone().into());
@@ -381,18 +489,80 @@ impl DriverConfig {
         Some(stored)
     }
 
-    fn secret_slots(&self) -> Vec<(SecretField, &SecretSlot)> {
+    fn secret_slots(&self) -> Vec<(SecretField, SecretSlot)> {
+        let copy = |slot: &SecretSlot| match slot {
+            SecretSlot::Stored(id) => SecretSlot::Stored(*id),
+            SecretSlot::Inline(value) => {
+                SecretSlot::Inline(SecretString::from(value.expose_secret().to_owned()))
+            }
+        };
         match self {
             DriverConfig::Ssh(ssh) => [
                 (SecretField::SshPrivateKey, ssh.private_key.as_ref()),
                 (SecretField::SshPassword, ssh.password.as_ref()),
             ]
             .into_iter()
-            .filter_map(|(field, slot)| slot.map(|slot| (field, slot)))
+            .filter_map(|(field, slot)| slot.map(|slot| (field, copy(slot))))
             .collect(),
-            DriverConfig::Local | DriverConfig::Sandbox(_) | DriverConfig::Plugin(_) => Vec::new(),
+            DriverConfig::Sandbox(sandbox) => schema_slots(
+                &sandbox.fields,
+                &sandbox.secrets,
+                SecretField::ProviderField,
+            ),
+            DriverConfig::Plugin(plugin) => schema_slots(
+                &plugin.driver_config,
+                &plugin.secrets,
+                SecretField::PluginDriverField,
+            ),
+            DriverConfig::Local => Vec::new(),
         }
     }
+}
+
+/// The secret slots at a schema's secret-ref fields: a string is a value given inline, `{"secretRef": id}` a stored
+/// secret. Anything else there failed validation already.
+fn schema_slots(
+    fields: &Map<String, Value>,
+    secrets: &SecretPaths,
+    field: fn(SecretLocation) -> SecretField,
+) -> Vec<(SecretField, SecretSlot)> {
+    secrets
+        .locations_in(fields)
+        .into_iter()
+        .filter_map(|location| {
+            let slot = match location.get(fields)? {
+                Value::String(value) => SecretSlot::Inline(SecretString::from(value.clone())),
+                other => SecretSlot::Stored(secret_reference(other)?.parse().ok()?),
+            };
+            Some((field(location), slot))
+        })
+        .collect()
+}
+
+/// Every secret a stored config refers to, found without its provider's schema (which may be gone from this
+/// build): SSH's reference keys and every `{"secretRef": id}` object at any depth.
+pub fn stored_secret_refs(stored: &Map<String, Value>) -> Vec<SecretId> {
+    fn walk(value: &Value, found: &mut Vec<SecretId>) {
+        if let Some(id) = secret_reference(value).and_then(|text| text.parse().ok()) {
+            found.push(id);
+            return;
+        }
+        match value {
+            Value::Object(object) => object.values().for_each(|value| walk(value, found)),
+            Value::Array(items) => items.iter().for_each(|value| walk(value, found)),
+            _ => {}
+        }
+    }
+    let mut found: Vec<SecretId> = WRITE_ONLY_KEYS
+        .iter()
+        .filter_map(|field| stored.get(field.ref_key())?.as_str()?.parse().ok())
+        .collect();
+    for value in stored.values() {
+        walk(value, &mut found);
+    }
+    found.sort();
+    found.dedup();
+    found
 }
 
 /// Merges a PATCH's config over the stored one (same driver). Keys in `patch` replace stored keys; a `null` removes
@@ -541,6 +711,7 @@ fn parse_sandbox_envelope(mut reader: ObjectReader<'_>) -> (SandboxConfig, Map<S
             timeout_ms,
             sync_back_max_mb,
             fields: Map::new(),
+            secrets: SecretPaths::default(),
         },
         provider_fields,
     )
@@ -555,7 +726,9 @@ fn validate_provider_fields(
 ) {
     match catalog.provider(&sandbox.provider) {
         Some(descriptor) => {
-            sandbox.fields = descriptor.validate_fields(CONFIG_PATH, provider_fields, errors)
+            sandbox.fields = descriptor.validate_fields(CONFIG_PATH, provider_fields, errors);
+            sandbox.secrets = descriptor.secret_paths().clone();
+            check_reference_ids(CONFIG_PATH, &sandbox.fields, &sandbox.secrets, errors);
         }
         None if sandbox.provider.is_empty() => {}
         None => {
@@ -571,6 +744,64 @@ fn validate_provider_fields(
     }
 }
 
+/// Checks a plugin config's `driverConfig` against its plugin driver's schema; an unknown plugin driver is reported at
+/// `config.driverKey`.
+fn validate_plugin_fields(
+    plugin: &mut PluginConfig,
+    catalog: &dyn ProviderCatalog,
+    errors: &mut ValidationErrors,
+) {
+    if plugin.plugin_key.is_empty() || plugin.driver_key.is_empty() {
+        return;
+    }
+    match catalog.plugin_driver(&plugin.plugin_key, &plugin.driver_key) {
+        Some(descriptor) => {
+            let prefix = join_path(CONFIG_PATH, DRIVER_CONFIG_KEY);
+            plugin.driver_config = descriptor.validate_fields(
+                &prefix,
+                std::mem::take(&mut plugin.driver_config),
+                errors,
+            );
+            plugin.secrets = descriptor.secret_paths().clone();
+            check_reference_ids(&prefix, &plugin.driver_config, &plugin.secrets, errors);
+        }
+        None => {
+            let installed = catalog.plugin_driver_keys();
+            let installed = if installed.is_empty() {
+                "none".to_owned()
+            } else {
+                installed.join(", ")
+            };
+            errors.push(
+                join_path(CONFIG_PATH, "driverKey"),
+                format!(
+                    "no installed plugin `{}` offers the environment driver `{}` (installed: {installed})",
+                    plugin.plugin_key, plugin.driver_key
+                ),
+            );
+        }
+    }
+}
+
+/// A `{"secretRef": ...}` at a secret-ref field must name a secret id.
+fn check_reference_ids(
+    prefix: &str,
+    fields: &Map<String, Value>,
+    secrets: &SecretPaths,
+    errors: &mut ValidationErrors,
+) {
+    for location in secrets.locations_in(fields) {
+        if let Some(text) = location.get(fields).and_then(secret_reference)
+            && text.parse::<SecretId>().is_err()
+        {
+            errors.push(
+                join_path(&join_path(prefix, &location.to_string()), SECRET_REF_KEY),
+                "must be a secret id",
+            );
+        }
+    }
+}
+
 fn parse_plugin(mut reader: ObjectReader<'_>) -> PluginConfig {
     let plugin_key = reader.required_string("pluginKey").unwrap_or_default();
     let driver_key = reader.required_string("driverKey").unwrap_or_default();
@@ -580,12 +811,15 @@ fn parse_plugin(mut reader: ObjectReader<'_>) -> PluginConfig {
             "must match ^[a-z0-9][a-z0-9._-]*$ (at most 64 characters)",
         );
     }
-    let driver_config = reader.optional_object("driverConfig").unwrap_or_default();
+    let driver_config = reader
+        .optional_object(DRIVER_CONFIG_KEY)
+        .unwrap_or_default();
     reader.finish();
     PluginConfig {
         plugin_key,
         driver_key,
         driver_config,
+        secrets: SecretPaths::default(),
     }
 }
 

@@ -224,6 +224,15 @@ pub trait EnvironmentDriver: Send + Sync + fmt::Debug + 'static {
     /// Checks that berth can reach and use the environment. Never errs: failures are `ok: false`.
     fn probe<'a>(&'a self, config: &'a DriverConfig) -> BoxFuture<'a, ProbeResult>;
 
+    /// The driver's own judgement of a config that passed validation (secrets resolved): problems with their paths
+    /// from the request body (`config.apiKey`). Empty: accepted. Never errs: a driver that cannot judge now accepts.
+    fn validate_config<'a>(
+        &'a self,
+        _config: &'a DriverConfig,
+    ) -> BoxFuture<'a, crate::validation::ValidationErrors> {
+        Box::pin(async { crate::validation::ValidationErrors::new() })
+    }
+
     /// Takes a fresh lease.
     fn acquire<'a>(
         &'a self,

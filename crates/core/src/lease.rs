@@ -99,6 +99,9 @@ pub struct Lease {
     pub cleanup_status: Option<CleanupStatus>,
     /// Never holds a secret.
     pub metadata: Option<Map<String, Value>>,
+    /// The environment's config (stored shape: secrets only as references) the lease was acquired with: what cleanup
+    /// uses after the environment was edited. Never returned by the API.
+    pub acquired_config: Option<Map<String, Value>>,
 }
 
 #[cfg(test)]

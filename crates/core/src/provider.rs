@@ -15,6 +15,7 @@ use crate::driver::{
 };
 pub use crate::future::BoxFuture;
 use crate::probe::ProbeResult;
+use crate::validation::ValidationErrors;
 
 /// A sandbox provider. The `sandbox` driver hosts these: it validates configs against the descriptor's schema, then
 /// delegates every lease and run operation here. Leases are [`LeaseHandle`]s whose `provider` is this provider's key.
@@ -28,6 +29,16 @@ pub trait SandboxProvider: Send + Sync + fmt::Debug + 'static {
 
     /// Checks that the provider can serve `config`. Never errs: failures are `ok: false` results.
     fn probe<'a>(&'a self, config: &'a SandboxConfig) -> BoxFuture<'a, ProbeResult>;
+
+    /// The provider's own judgement of `config` (secrets resolved), beyond its schema: problems with their paths
+    /// relative to the provider fields (`apiKey`, `users.0.name`). Empty: accepted. The default accepts everything
+    /// the schema accepted.
+    fn validate_config<'a>(
+        &'a self,
+        _config: &'a SandboxConfig,
+    ) -> BoxFuture<'a, Result<ValidationErrors, DriverError>> {
+        Box::pin(async { Ok(ValidationErrors::new()) })
+    }
 
     /// Creates a sandbox for a run.
     fn acquire<'a>(
@@ -48,14 +59,28 @@ pub trait SandboxProvider: Send + Sync + fmt::Debug + 'static {
     ) -> BoxFuture<'a, Result<Option<LeaseHandle>, DriverError>>;
 
     /// Ends a run's use of the sandbox: `keep` leaves it for reuse or inspection, otherwise it is removed.
+    /// `config`: the config the lease was acquired with (else the environment's current one), secrets resolved,
+    /// when berth has it — what a provider whose calls need credentials reaches the sandbox with.
     fn release<'a>(
         &'a self,
         lease: &'a LeaseHandle,
         keep: bool,
+        config: Option<&'a SandboxConfig>,
     ) -> BoxFuture<'a, Result<(), DriverError>>;
 
-    /// Removes the sandbox whatever it holds.
-    fn destroy<'a>(&'a self, lease: &'a LeaseHandle) -> BoxFuture<'a, Result<(), DriverError>>;
+    /// Removes the sandbox whatever it holds. `config` as for [`release`](Self::release).
+    fn destroy<'a>(
+        &'a self,
+        lease: &'a LeaseHandle,
+        config: Option<&'a SandboxConfig>,
+    ) -> BoxFuture<'a, Result<(), DriverError>>;
+
+    /// Whether the provider moves workspaces in and back itself ([`prepare_workspace`](Self::prepare_workspace)
+    /// with a local path, [`sync_back`](Self::sync_back)). When it does not, the sandbox driver does, with `tar`
+    /// run through [`execute`](Self::execute) in the sandbox, and asks it only for an empty workspace.
+    fn syncs_workspace(&self) -> bool {
+        true
+    }
 
     /// Copies the workspace in (or creates an empty one) and returns where commands run.
     fn prepare_workspace<'a>(

@@ -760,6 +760,7 @@ mod tests {
             timeout_ms: None,
             sync_back_max_mb: None,
             fields: Map::new(),
+            secrets: Default::default(),
         });
         let result = driver.probe(&config).await;
         assert!(!result.ok);

@@ -20,6 +20,10 @@ use berth_core::provider::{ProviderCatalog, ProviderDescriptor, SandboxProvider}
 #[derive(Debug, Default)]
 pub struct ProviderRegistry {
     providers: BTreeMap<String, Installed>,
+    /// Plugins' `environment_driver`s (`driver: "plugin"`), by driver key (unique across everything installed).
+    plugin_drivers: BTreeMap<String, Installed>,
+    /// Plugin directories that were not loaded, and why: shown in capabilities.
+    plugin_problems: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -78,9 +82,60 @@ impl ProviderRegistry {
         Ok(())
     }
 
-    /// Every installed provider's key.
+    /// Installs plugin `plugin_key`'s environment driver, served like a sandbox provider. Its key must be free among
+    /// providers and plugin drivers alike.
+    pub fn register_plugin_driver(
+        &mut self,
+        driver: Arc<dyn SandboxProvider>,
+        plugin_key: &str,
+    ) -> Result<(), DriverError> {
+        let key = driver.descriptor().key().to_owned();
+        if self.providers.contains_key(&key) || self.plugin_drivers.contains_key(&key) {
+            return Err(DriverError::DuplicateProvider { key });
+        }
+        tracing::debug!(driver.key = %key, plugin.id = %plugin_key, "plugin environment driver registered");
+        self.plugin_drivers.insert(
+            key,
+            Installed {
+                provider: driver,
+                source: ProviderSource::Plugin,
+                plugin_key: Some(plugin_key.to_owned()),
+            },
+        );
+        Ok(())
+    }
+
+    /// Records a plugin that could not be loaded, for capabilities.
+    pub fn note_plugin_problem(&mut self, message: String) {
+        self.plugin_problems.push(message);
+    }
+
+    /// Every installed provider's and plugin driver's key: a plugin may take none of them.
     pub fn keys(&self) -> Vec<String> {
-        self.providers.keys().cloned().collect()
+        self.providers
+            .keys()
+            .chain(self.plugin_drivers.keys())
+            .cloned()
+            .collect()
+    }
+
+    /// The environment driver `driver_key` of plugin `plugin_key`.
+    pub fn plugin_driver_provider(
+        &self,
+        plugin_key: &str,
+        driver_key: &str,
+    ) -> Option<Arc<dyn SandboxProvider>> {
+        self.plugin_drivers
+            .get(driver_key)
+            .filter(|installed| installed.plugin_key.as_deref() == Some(plugin_key))
+            .map(|installed| Arc::clone(&installed.provider))
+    }
+
+    /// A plugin environment driver by its key alone (what a lease records).
+    pub fn plugin_driver_by_key(&self, driver_key: &str) -> Option<Arc<dyn SandboxProvider>> {
+        self.plugin_drivers
+            .get(driver_key)
+            .map(|installed| Arc::clone(&installed.provider))
     }
 
     pub fn get(&self, key: &str) -> Option<Arc<dyn SandboxProvider>> {
@@ -95,39 +150,37 @@ impl ProviderRegistry {
         drivers.insert(Driver::Local, supported());
         drivers.insert(Driver::Ssh, supported());
         drivers.insert(Driver::Sandbox, supported());
-        drivers.insert(
-            Driver::Plugin,
-            unsupported(
-                "plugin environment drivers are not hosted yet (sandbox-provider plugins are)",
-            ),
-        );
-
-        let sandbox_providers = self
-            .providers
-            .iter()
-            .map(|(key, installed)| {
-                let spec = installed.provider.descriptor().spec();
-                let (status, reason) = installed.provider.status();
-                let capability = SandboxProviderCapability {
-                    status,
-                    reason,
-                    display_name: spec.display_name.clone(),
-                    description: spec.description.clone(),
-                    source: installed.source,
-                    plugin_key: installed.plugin_key.clone(),
-                    supports_reusable_leases: spec.supports_reusable_leases,
-                    supports_run_execution: spec.supports_run_execution,
-                    config_schema: spec.config_schema.clone(),
-                };
-                (key.clone(), capability)
-            })
-            .collect();
-
+        drivers.insert(Driver::Plugin, supported());
         Capabilities {
             drivers,
-            sandbox_providers,
+            sandbox_providers: listing(&self.providers),
+            plugin_drivers: listing(&self.plugin_drivers),
+            plugin_problems: self.plugin_problems.clone(),
         }
     }
+}
+
+/// Capabilities of installed providers or plugin drivers, by key.
+fn listing(installed: &BTreeMap<String, Installed>) -> BTreeMap<String, SandboxProviderCapability> {
+    installed
+        .iter()
+        .map(|(key, installed)| {
+            let spec = installed.provider.descriptor().spec();
+            let (status, reason) = installed.provider.status();
+            let capability = SandboxProviderCapability {
+                status,
+                reason,
+                display_name: spec.display_name.clone(),
+                description: spec.description.clone(),
+                source: installed.source,
+                plugin_key: installed.plugin_key.clone(),
+                supports_reusable_leases: spec.supports_reusable_leases,
+                supports_run_execution: spec.supports_run_execution,
+                config_schema: spec.config_schema.clone(),
+            };
+            (key.clone(), capability)
+        })
+        .collect()
 }
 
 impl ProviderCatalog for ProviderRegistry {
@@ -140,6 +193,22 @@ impl ProviderCatalog for ProviderRegistry {
     fn provider_keys(&self) -> Vec<String> {
         self.providers.keys().cloned().collect()
     }
+
+    fn plugin_driver(&self, plugin_key: &str, driver_key: &str) -> Option<&ProviderDescriptor> {
+        self.plugin_drivers
+            .get(driver_key)
+            .filter(|installed| installed.plugin_key.as_deref() == Some(plugin_key))
+            .map(|installed| installed.provider.descriptor())
+    }
+
+    fn plugin_driver_keys(&self) -> Vec<String> {
+        self.plugin_drivers
+            .iter()
+            .map(|(key, installed)| {
+                format!("{}/{key}", installed.plugin_key.as_deref().unwrap_or("?"))
+            })
+            .collect()
+    }
 }
 
 fn supported() -> DriverCapability {
@@ -149,15 +218,5 @@ fn supported() -> DriverCapability {
         supports_unsaved_probe: true,
         supports_run_execution: true,
         note: None,
-    }
-}
-
-fn unsupported(note: &'static str) -> DriverCapability {
-    DriverCapability {
-        status: SupportStatus::Unsupported,
-        supports_saved_probe: false,
-        supports_unsaved_probe: false,
-        supports_run_execution: false,
-        note: Some(note),
     }
 }

@@ -13,7 +13,6 @@ use crate::local::LocalDriver;
 /// Re-exported: the registry is where the server and tests have always found the provider registry.
 pub use crate::provider_registry::ProviderRegistry;
 use crate::sandbox::SandboxDriver;
-use crate::unsupported::UnsupportedDriver;
 
 /// One driver per [`Driver`], chosen at run time: the server never matches on drivers itself.
 #[derive(Debug, Clone)]
@@ -21,7 +20,7 @@ pub struct DriverRegistry {
     local: Arc<LocalDriver>,
     ssh: Arc<crate::ssh::SshDriver>,
     sandbox: Arc<SandboxDriver>,
-    plugin: Arc<UnsupportedDriver>,
+    plugin: Arc<SandboxDriver>,
     providers: Arc<ProviderRegistry>,
 }
 
@@ -33,7 +32,7 @@ impl DriverRegistry {
             local: Arc::new(local),
             ssh: Arc::new(crate::ssh::SshDriver::default()),
             sandbox: Arc::new(SandboxDriver::new(Arc::clone(&providers))),
-            plugin: Arc::new(UnsupportedDriver::plugin()),
+            plugin: Arc::new(SandboxDriver::plugin(Arc::clone(&providers))),
             providers,
         }
     }
@@ -56,6 +55,15 @@ impl DriverRegistry {
     /// [`PROVIDER_PROBE_TIMEOUT`](crate::sandbox::PROVIDER_PROBE_TIMEOUT) to answer.
     pub async fn probe(&self, config: &DriverConfig) -> ProbeResult {
         self.get(config.driver()).probe(config).await
+    }
+
+    /// Asks `config`'s driver (a plugin's `environmentValidateConfig`) whether it takes the config; see
+    /// [`EnvironmentDriver::validate_config`].
+    pub async fn validate(
+        &self,
+        config: &DriverConfig,
+    ) -> berth_core::validation::ValidationErrors {
+        self.get(config.driver()).validate_config(config).await
     }
 
     pub fn providers(&self) -> &ProviderRegistry {

@@ -193,14 +193,20 @@ impl SandboxProvider for StubProvider {
         &'a self,
         _lease: &'a LeaseHandle,
         keep: bool,
+        config: Option<&'a SandboxConfig>,
     ) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(async move {
-            self.record(format!("release keep={keep}"));
+            let with = if config.is_some() { " with config" } else { "" };
+            self.record(format!("release keep={keep}{with}"));
             Ok(())
         })
     }
 
-    fn destroy<'a>(&'a self, _lease: &'a LeaseHandle) -> BoxFuture<'a, Result<(), DriverError>> {
+    fn destroy<'a>(
+        &'a self,
+        _lease: &'a LeaseHandle,
+        _config: Option<&'a SandboxConfig>,
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(async move {
             self.record("destroy");
             Ok(())

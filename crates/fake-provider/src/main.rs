@@ -1,7 +1,7 @@
 //! `berth-fake-provider`: the fake sandbox provider as a protocol-v1 plugin (PLUGINS.md), so the plugin path is
 //! tested against the same deterministic provider as the built-in path. Its flags are the fake's fault knobs, plus
-//! faults only a separate process can have (a slow start, a crash or a hang in the middle of an execute, garbage on
-//! stdout, a protocol version berth did not offer).
+//! faults only a separate process can have (a slow start, a crash or a hang in the middle of an execute, garbage or
+//! an oversized line on stdout, a release that never answers, a protocol version berth did not offer).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,6 +14,7 @@ use berth_core::driver::{
 };
 use berth_core::probe::ProbeResult;
 use berth_core::provider::{BoxFuture, ProviderDescriptor, SandboxProvider};
+use berth_core::validation::ValidationErrors;
 use berth_drivers::contain::{Containment, Hidden};
 use berth_fake_provider::FakeProvider;
 use berth_isolation::probe::HostSupport;
@@ -63,6 +64,22 @@ struct Args {
     /// Print a line that is not JSON-RPC on stdout during every execute.
     #[arg(long)]
     garbage_during_execute: bool,
+    /// Print one line longer than the protocol's 16 MiB on stdout during every execute.
+    #[arg(long)]
+    oversized_line_during_execute: bool,
+    /// Apply the execute faults above only to executes whose environment sets this variable (others run normally).
+    #[arg(long, value_name = "NAME")]
+    execute_faults_with_env: Option<String>,
+    /// Never answer a release or a destroy.
+    #[arg(long)]
+    hang_during_release: bool,
+    /// Refuse every call whose config's `apiKey` is not this value (probe, acquire, resume, release, destroy): proves
+    /// that berth sends each call the resolved secret, and which one.
+    #[arg(long, value_name = "VALUE")]
+    require_api_key: Option<String>,
+    /// `environmentValidateConfig` reports a problem at this field of the config whenever the field is set.
+    #[arg(long, value_name = "FIELD")]
+    refuse_field: Option<String>,
     /// Exit (status 71) right after starting: a crash loop.
     #[arg(long)]
     exit_at_start: bool,
@@ -138,6 +155,11 @@ async fn run(args: Args) -> Result<(), String> {
         crash: args.crash_during_execute,
         hang: args.hang_during_execute,
         garbage: args.garbage_during_execute,
+        oversized: args.oversized_line_during_execute,
+        only_with_env: args.execute_faults_with_env.clone(),
+        hang_release: args.hang_during_release,
+        required_api_key: args.require_api_key.clone(),
+        refused_field: args.refuse_field.clone(),
     });
     let identity = PluginIdentity {
         id: args.id,
@@ -156,6 +178,47 @@ struct Faulty {
     crash: bool,
     hang: bool,
     garbage: bool,
+    oversized: bool,
+    /// When set, the execute faults apply only to executes whose environment has this variable.
+    only_with_env: Option<String>,
+    hang_release: bool,
+    required_api_key: Option<String>,
+    refused_field: Option<String>,
+}
+
+/// The text an oversized line repeats (the test checks that berth's log never quotes it).
+const OVERSIZED_LINE_TEXT: &str = "oversized-line-content-";
+/// How long the oversized line is: past the protocol's 16 MiB a line.
+const OVERSIZED_LINE_BYTES: usize = 17 * 1024 * 1024;
+
+impl Faulty {
+    /// Whether the execute faults apply to `request`.
+    fn faults_apply(&self, request: &ExecRequest) -> bool {
+        self.only_with_env
+            .as_deref()
+            .is_none_or(|name| request.env.contains_key(name))
+    }
+
+    /// Refuses `config` unless it holds the required `apiKey` (when one is required). Never echoes what it got.
+    fn check_api_key(&self, config: Option<&SandboxConfig>) -> Result<(), DriverError> {
+        let Some(required) = &self.required_api_key else {
+            return Ok(());
+        };
+        let given = config.and_then(|config| config.fields.get("apiKey")?.as_str());
+        match given {
+            Some(given) if given == required => Ok(()),
+            Some(_) => Err(DriverError::failed("the apiKey is wrong")),
+            None => Err(DriverError::failed("the call carried no apiKey")),
+        }
+    }
+
+    /// A release or destroy that never answers, when asked.
+    async fn maybe_hang_release(&self) {
+        if self.hang_release {
+            eprintln!("hanging in a release, as asked (--hang-during-release)");
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// Passes output through and, when asked, crashes the process right after the first chunk.
@@ -184,7 +247,27 @@ impl SandboxProvider for Faulty {
     }
 
     fn probe<'a>(&'a self, config: &'a SandboxConfig) -> BoxFuture<'a, ProbeResult> {
+        if let Err(error) = self.check_api_key(Some(config)) {
+            return Box::pin(async move {
+                ProbeResult::failed(berth_core::environment::Driver::Sandbox, error.to_string())
+            });
+        }
         self.inner.probe(config)
+    }
+
+    fn validate_config<'a>(
+        &'a self,
+        config: &'a SandboxConfig,
+    ) -> BoxFuture<'a, Result<ValidationErrors, DriverError>> {
+        Box::pin(async move {
+            let mut problems = self.inner.validate_config(config).await?;
+            if let Some(field) = &self.refused_field
+                && config.fields.contains_key(field)
+            {
+                problems.push(field.clone(), "refused by the plugin (--refuse-field)");
+            }
+            Ok(problems)
+        })
     }
 
     fn acquire<'a>(
@@ -192,7 +275,10 @@ impl SandboxProvider for Faulty {
         config: &'a SandboxConfig,
         request: &'a LeaseRequest,
     ) -> BoxFuture<'a, Result<LeaseHandle, DriverError>> {
-        self.inner.acquire(config, request)
+        Box::pin(async move {
+            self.check_api_key(Some(config))?;
+            self.inner.acquire(config, request).await
+        })
     }
 
     fn matches_reusable_lease(&self, config: &SandboxConfig, lease: &LeaseHandle) -> bool {
@@ -205,19 +291,35 @@ impl SandboxProvider for Faulty {
         lease: &'a LeaseHandle,
         request: &'a LeaseRequest,
     ) -> BoxFuture<'a, Result<Option<LeaseHandle>, DriverError>> {
-        self.inner.resume(config, lease, request)
+        Box::pin(async move {
+            self.check_api_key(Some(config))?;
+            self.inner.resume(config, lease, request).await
+        })
     }
 
     fn release<'a>(
         &'a self,
         lease: &'a LeaseHandle,
         keep: bool,
+        config: Option<&'a SandboxConfig>,
     ) -> BoxFuture<'a, Result<(), DriverError>> {
-        self.inner.release(lease, keep)
+        Box::pin(async move {
+            self.maybe_hang_release().await;
+            self.check_api_key(config)?;
+            self.inner.release(lease, keep, config).await
+        })
     }
 
-    fn destroy<'a>(&'a self, lease: &'a LeaseHandle) -> BoxFuture<'a, Result<(), DriverError>> {
-        self.inner.destroy(lease)
+    fn destroy<'a>(
+        &'a self,
+        lease: &'a LeaseHandle,
+        config: Option<&'a SandboxConfig>,
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            self.maybe_hang_release().await;
+            self.check_api_key(config)?;
+            self.inner.destroy(lease, config).await
+        })
     }
 
     fn prepare_workspace<'a>(
@@ -237,15 +339,31 @@ impl SandboxProvider for Faulty {
         cancel: CancelSignal,
     ) -> BoxFuture<'a, Result<ExecOutcome, DriverError>> {
         Box::pin(async move {
-            if self.garbage {
+            let faults = self.faults_apply(&request);
+            if faults && self.garbage {
                 println!("this line is not JSON-RPC");
             }
-            if self.hang {
+            if faults && self.oversized {
+                eprintln!("printing an oversized line, as asked (--oversized-line-during-execute)");
+                let line = OVERSIZED_LINE_TEXT
+                    .repeat(OVERSIZED_LINE_BYTES / OVERSIZED_LINE_TEXT.len() + 1);
+                // Blocking, like println!: berth stops reading after 16 MiB and kills this process.
+                let _written = tokio::task::spawn_blocking(move || {
+                    use std::io::Write as _;
+                    let mut stdout = std::io::stdout().lock();
+                    stdout
+                        .write_all(line.as_bytes())
+                        .and_then(|()| stdout.write_all(b"\n"))
+                        .and_then(|()| stdout.flush())
+                })
+                .await;
+            }
+            if faults && self.hang {
                 std::future::pending::<()>().await;
             }
             let sink = CrashingSink {
                 inner: sink,
-                crash: self.crash,
+                crash: faults && self.crash,
             };
             self.inner
                 .execute(lease, workspace, request, &sink, cancel)

@@ -419,6 +419,7 @@ impl SandboxProvider for FakeProvider {
         &'a self,
         lease: &'a LeaseHandle,
         keep: bool,
+        _config: Option<&'a SandboxConfig>,
     ) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(async move {
             if keep {
@@ -433,7 +434,11 @@ impl SandboxProvider for FakeProvider {
         })
     }
 
-    fn destroy<'a>(&'a self, lease: &'a LeaseHandle) -> BoxFuture<'a, Result<(), DriverError>> {
+    fn destroy<'a>(
+        &'a self,
+        lease: &'a LeaseHandle,
+        _config: Option<&'a SandboxConfig>,
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(self.remove_sandbox(lease, "destroy"))
     }
 

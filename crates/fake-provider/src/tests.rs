@@ -137,6 +137,7 @@ fn probe_refuses_configs_for_other_providers() {
         timeout_ms: None,
         sync_back_max_mb: None,
         fields: Map::new(),
+        secrets: Default::default(),
     };
     let result = block_on(fake.probe(&config));
     assert!(!result.ok);
@@ -282,7 +283,7 @@ async fn reusable_leases_are_per_environment_and_survive_keep() {
     assert!(!fake.matches_reusable_lease(&config, &no_id));
 
     // Kept, then taken over by the environment's next run.
-    fake.release(&lease, true).await.unwrap();
+    fake.release(&lease, true, None).await.unwrap();
     assert!(dir.is_dir());
     let second = LeaseRequest {
         company_id: first.company_id,
@@ -304,12 +305,12 @@ async fn reusable_leases_are_per_environment_and_survive_keep() {
     assert!(dir.join("left-by-run-1").exists());
 
     // Released without keep: gone, and resume says so.
-    fake.release(&resumed, false).await.unwrap();
+    fake.release(&resumed, false, None).await.unwrap();
     assert!(!dir.exists());
     assert_eq!(fake.resume(&config, &lease, &second).await.unwrap(), None);
     // Releasing or destroying what is gone is fine.
-    fake.release(&lease, false).await.unwrap();
-    fake.destroy(&lease).await.unwrap();
+    fake.release(&lease, false, None).await.unwrap();
+    fake.destroy(&lease, None).await.unwrap();
 }
 
 #[tokio::test]
@@ -321,7 +322,7 @@ async fn destroy_removes_whatever_the_sandbox_holds() {
     let dir = sandbox_path(&lease);
     std::fs::create_dir_all(dir.join("deep/er")).unwrap();
     std::fs::write(dir.join("deep/er/file"), "x").unwrap();
-    fake.destroy(&lease).await.unwrap();
+    fake.destroy(&lease, None).await.unwrap();
     assert!(!dir.exists());
     assert!(temp.path().exists());
 }
@@ -416,7 +417,7 @@ async fn workspaces_round_trip_through_the_sandbox() {
         SyncReport::default()
     );
 
-    fake.release(&lease, false).await.unwrap();
+    fake.release(&lease, false, None).await.unwrap();
     assert!(!sandbox_path(&lease).exists());
     assert!(host.join("out.txt").exists());
 }
@@ -466,7 +467,7 @@ async fn workspaces_without_a_host_path_are_empty_and_sync_nothing() {
     assert_eq!(err.code(), "driver_failed");
 
     // A sandbox that is gone cannot get a workspace.
-    fake.destroy(&lease).await.unwrap();
+    fake.destroy(&lease, None).await.unwrap();
     let err = fake
         .prepare_workspace(
             &lease,
@@ -581,11 +582,11 @@ async fn release_faults_leave_the_sandbox_in_place() {
         .await
         .unwrap();
     for keep in [false, true] {
-        let err = fake.release(&lease, keep).await.unwrap_err();
+        let err = fake.release(&lease, keep, None).await.unwrap_err();
         assert_eq!(err.to_string(), "provider API down");
     }
     assert_eq!(
-        fake.destroy(&lease).await.unwrap_err().to_string(),
+        fake.destroy(&lease, None).await.unwrap_err().to_string(),
         "provider API down"
     );
     assert!(sandbox_path(&lease).is_dir());
@@ -641,7 +642,7 @@ async fn tampered_lease_ids_never_reach_outside_the_root() {
         tampered
             .metadata
             .insert("sandboxDir".to_owned(), victim.display().to_string().into());
-        let err = fake.destroy(&tampered).await.unwrap_err();
+        let err = fake.destroy(&tampered, None).await.unwrap_err();
         assert_eq!(err.code(), "driver_failed", "{bad}");
         assert!(
             fake.resume(&config, &tampered, &lease_request())
@@ -654,12 +655,12 @@ async fn tampered_lease_ids_never_reach_outside_the_root() {
     tampered
         .metadata
         .insert("sandboxDir".to_owned(), victim.display().to_string().into());
-    fake.destroy(&tampered).await.unwrap();
+    fake.destroy(&tampered, None).await.unwrap();
     assert!(victim.is_dir());
     assert!(!sandbox_path(&lease).exists());
     let mut no_id = lease.clone();
     no_id.provider_lease_id = None;
-    assert!(fake.destroy(&no_id).await.is_err());
+    assert!(fake.destroy(&no_id, None).await.is_err());
 }
 
 #[tokio::test]

@@ -17,7 +17,7 @@ pub enum PluginError {
     Unavailable { plugin: String, reason: String },
 
     /// The call did not answer within its deadline.
-    #[error("plugin `{plugin}` did not answer {method} within {} s", .deadline.as_secs())]
+    #[error("plugin `{plugin}` did not answer {method} within {}", seconds(*.deadline))]
     Deadline {
         plugin: String,
         method: &'static str,
@@ -88,5 +88,27 @@ impl From<PluginError> for DriverError {
             },
             other => DriverError::failed(other.to_string()),
         }
+    }
+}
+
+/// A deadline for people: whole seconds as `30 s`, anything finer as `1.5 s` or `0.25 s`.
+fn seconds(deadline: Duration) -> String {
+    let millis = deadline.as_millis();
+    if millis.is_multiple_of(1000) {
+        format!("{} s", millis / 1000)
+    } else {
+        format!("{} s", deadline.as_secs_f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadlines_read_as_seconds_without_rounding_to_zero() {
+        assert_eq!(seconds(Duration::from_secs(30)), "30 s");
+        assert_eq!(seconds(Duration::from_millis(1500)), "1.5 s");
+        assert_eq!(seconds(Duration::from_millis(250)), "0.25 s");
     }
 }

@@ -9,7 +9,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::manifest::{DriverKind, Manifest};
 use crate::provider::PluginSandboxProvider;
-use crate::supervisor::{HostSettings, Plugin};
+use crate::supervisor::{Deadlines, HostSettings, Plugin};
 
 /// A plugin directory that was not loaded, and why: shown in the log and in capabilities, never fatal.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,13 +25,17 @@ pub struct PluginHost {
     problems: Vec<Problem>,
     shutdown: CancellationToken,
     supervisors: TaskTracker,
+    deadlines: Deadlines,
 }
 
 impl PluginHost {
     /// Loads the plugins in `dirs` (in order) and starts each. `taken_keys` are the provider keys already in use
     /// (the built-in providers): a plugin offering one of those, or a key an earlier plugin offers, is refused.
     pub fn start(dirs: &[PathBuf], taken_keys: &[String], settings: &HostSettings) -> Self {
-        let mut host = Self::default();
+        let mut host = Self {
+            deadlines: settings.deadlines,
+            ..Self::default()
+        };
         let mut keys: BTreeMap<String, String> = taken_keys
             .iter()
             .map(|key| (key.clone(), "a built-in provider".to_owned()))
@@ -113,14 +117,24 @@ impl PluginHost {
 
     /// Every `sandbox_provider` the plugins offer, ready to register beside the built-in ones.
     pub fn sandbox_providers(&self) -> Vec<Result<Arc<PluginSandboxProvider>, Problem>> {
-        let mut providers = Vec::new();
+        self.offered(DriverKind::SandboxProvider)
+    }
+
+    /// Every `environment_driver` the plugins offer (`driver: "plugin"`). They speak the same methods as sandbox
+    /// providers, so the same host-side type serves both.
+    pub fn environment_drivers(&self) -> Vec<Result<Arc<PluginSandboxProvider>, Problem>> {
+        self.offered(DriverKind::EnvironmentDriver)
+    }
+
+    fn offered(&self, kind: DriverKind) -> Vec<Result<Arc<PluginSandboxProvider>, Problem>> {
+        let mut offered = Vec::new();
         for plugin in &self.plugins {
             for driver in &plugin.manifest().drivers {
-                if driver.kind != DriverKind::SandboxProvider {
+                if driver.kind != kind {
                     continue;
                 }
-                providers.push(
-                    PluginSandboxProvider::new(plugin.clone(), driver)
+                offered.push(
+                    PluginSandboxProvider::new(plugin.clone(), driver, self.deadlines)
                         .map(Arc::new)
                         .map_err(|error| Problem {
                             dir: plugin.manifest().dir.clone(),
@@ -129,6 +143,6 @@ impl PluginHost {
                 );
             }
         }
-        providers
+        offered
     }
 }

@@ -18,5 +18,6 @@ pub mod serve;
 pub mod supervisor;
 pub mod wire;
 
+pub use connection::{Connection, OutputChunk, OutputSubscription};
 pub use error::PluginError;
 pub use host::PluginHost;

@@ -1,6 +1,8 @@
 //! A plugin's `sandbox_provider`, hosted as a [`SandboxProvider`]: every operation is a call to the plugin process,
 //! failing fast when the plugin is not ready and never outliving its deadline.
 
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -15,32 +17,46 @@ use berth_core::environment::Driver;
 use berth_core::probe::ProbeResult;
 use berth_core::provider::{BoxFuture, ProviderDescriptor, ProviderSpec, SandboxProvider};
 use berth_core::time::Timestamp;
+use berth_core::validation::ValidationErrors;
 use serde_json::{Map, Value};
 
+use crate::connection::OutputChunk;
 use crate::error::PluginError;
 use crate::manifest::DriverEntry;
-use crate::supervisor::{Live, Plugin};
+use crate::supervisor::{Deadlines, Live, Plugin};
 use crate::wire::{
     self, CallContext, ExecuteParams, ExecuteResult, LeaseParams, LeaseResult, WireLease,
 };
 
-/// A call's deadline unless the protocol names another (PLUGINS.md §4).
-const CALL_DEADLINE: Duration = Duration::from_secs(30);
-const PROBE_DEADLINE: Duration = Duration::from_secs(120);
-/// An execute may take its timeout and this much more.
-const EXECUTE_GRACE: Duration = Duration::from_secs(30);
 /// An execute without a timeout has no deadline of its own; this only keeps the arithmetic finite.
 const NO_DEADLINE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
-/// One `sandbox_provider` of one plugin.
-#[derive(Debug)]
+/// One `sandbox_provider` (or `environment_driver`) of one plugin. Its `Debug` names it and shows no config.
 pub struct PluginSandboxProvider {
     plugin: Plugin,
     descriptor: ProviderDescriptor,
+    deadlines: Deadlines,
+    /// The config (secrets resolved) each live lease was acquired or resumed with, by provider lease id: what the
+    /// calls of its run (realize, execute) carry. In memory only, dropped at release; after a restart, cleanup gets
+    /// the config from berth.
+    configs: Mutex<HashMap<String, Map<String, Value>>>,
+}
+
+impl std::fmt::Debug for PluginSandboxProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginSandboxProvider")
+            .field("plugin", &self.plugin.id())
+            .field("key", &self.descriptor.key())
+            .finish_non_exhaustive()
+    }
 }
 
 impl PluginSandboxProvider {
-    pub fn new(plugin: Plugin, driver: &DriverEntry) -> Result<Self, berth_core::Error> {
+    pub fn new(
+        plugin: Plugin,
+        driver: &DriverEntry,
+        deadlines: Deadlines,
+    ) -> Result<Self, berth_core::Error> {
         let descriptor = ProviderDescriptor::new(ProviderSpec {
             key: driver.driver_key.clone(),
             display_name: driver.display_name.clone(),
@@ -49,7 +65,12 @@ impl PluginSandboxProvider {
             supports_reusable_leases: driver.supports_reusable_leases,
             supports_run_execution: true,
         })?;
-        Ok(Self { plugin, descriptor })
+        Ok(Self {
+            plugin,
+            descriptor,
+            deadlines,
+            configs: Mutex::default(),
+        })
     }
 
     /// The plugin this provider lives in.
@@ -87,8 +108,27 @@ impl PluginSandboxProvider {
         }
     }
 
-    /// The context of a call about an existing lease: what the lease recorded at acquire (never a secret).
-    fn lease_context(&self, lease: &LeaseHandle) -> CallContext {
+    /// Remembers the config a lease's run calls carry.
+    fn remember_config(&self, lease: &LeaseHandle, config: &SandboxConfig) {
+        if let (Some(id), Ok(mut configs)) = (&lease.provider_lease_id, self.configs.lock()) {
+            configs.insert(id.clone(), config.fields.clone());
+        }
+    }
+
+    fn remembered_config(&self, lease: &LeaseHandle) -> Option<Map<String, Value>> {
+        let id = lease.provider_lease_id.as_ref()?;
+        self.configs.lock().ok()?.get(id).cloned()
+    }
+
+    fn forget_config(&self, lease: &LeaseHandle) {
+        if let (Some(id), Ok(mut configs)) = (&lease.provider_lease_id, self.configs.lock()) {
+            configs.remove(id);
+        }
+    }
+
+    /// The context of a call about an existing lease: whose it is, from what the lease recorded at acquire (never a
+    /// secret), and `config` — given, else the one the lease was acquired with, else none.
+    fn lease_context(&self, lease: &LeaseHandle, config: Option<&SandboxConfig>) -> CallContext {
         let text = |key: &str| {
             lease
                 .metadata
@@ -97,11 +137,15 @@ impl PluginSandboxProvider {
                 .unwrap_or_default()
                 .to_owned()
         };
+        let config = match config {
+            Some(config) => config.fields.clone(),
+            None => self.remembered_config(lease).unwrap_or_default(),
+        };
         CallContext {
             driver_key: self.descriptor.key().to_owned(),
             company_id: text(COMPANY_KEY),
             environment_id: text(ENVIRONMENT_KEY),
-            config: Map::new(),
+            config,
         }
     }
 
@@ -113,18 +157,13 @@ impl PluginSandboxProvider {
             PluginError::Remote {
                 plugin,
                 code,
-                mut message,
-            } => {
-                for secret in secrets.iter().filter(|secret| !secret.is_empty()) {
-                    message = message.replace(secret.as_str(), "[secret]");
-                }
-                PluginError::Remote {
-                    plugin,
-                    code,
-                    message,
-                }
-                .into()
+                message,
+            } => PluginError::Remote {
+                plugin,
+                code,
+                message: mask(message, &secrets),
             }
+            .into(),
             other => other.into(),
         }
     }
@@ -133,15 +172,16 @@ impl PluginSandboxProvider {
         &self,
         method: &'static str,
         lease: &LeaseHandle,
+        config: Option<&SandboxConfig>,
     ) -> Result<Value, DriverError> {
         let live = self.live()?;
         self.require(&live, method)?;
         let params = LeaseParams {
-            context: self.lease_context(lease),
+            context: self.lease_context(lease, config),
             lease: wire_lease(lease),
         };
         live.connection
-            .call(method, &params, CALL_DEADLINE)
+            .call(method, &params, self.deadlines.call)
             .await
             .map_err(|error| self.masked(error, &params.context.config))
     }
@@ -180,38 +220,56 @@ impl PluginSandboxProvider {
             return Err(DriverError::failed("an empty command"));
         };
         let execution_id = format!("exec-{:016x}", rand::random::<u64>());
+        // Input goes in chunks after the call where the plugin takes it so: one line of a large stdin would pass the
+        // protocol's line limit.
+        let stream_stdin = request.stdin.is_some() && live.supports(wire::EXECUTE_INPUT);
         let cwd = match &request.cwd {
             Some(relative) => format!("{}/{relative}", workspace.cwd.trim_end_matches('/')),
             None => workspace.cwd.clone(),
         };
         let params = ExecuteParams {
-            context: self.lease_context(lease),
+            context: self.lease_context(lease, None),
             lease: wire_lease(lease),
             execution_id: execution_id.clone(),
             command: program.clone(),
             args: args.to_vec(),
             cwd,
             env: request.env.clone(),
-            stdin: request.stdin.as_ref().map(|stdin| BASE64.encode(stdin)),
-            stdin_stream: false,
+            stdin: match (&request.stdin, stream_stdin) {
+                (Some(stdin), false) => Some(BASE64.encode(stdin)),
+                _ => None,
+            },
+            stdin_stream: stream_stdin,
             timeout_ms: request
                 .timeout
                 .map(|timeout| u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
         };
-        let deadline = request
-            .timeout
-            .map_or(NO_DEADLINE, |timeout| timeout.saturating_add(EXECUTE_GRACE));
+        let deadline = request.timeout.map_or(NO_DEADLINE, |timeout| {
+            timeout.saturating_add(self.deadlines.execute_grace)
+        });
         let mut output = live.connection.subscribe_output(&execution_id);
         let mut offsets = Offsets::default();
         let call = live
             .connection
             .call::<_, ExecuteResult>(wire::EXECUTE, &params, deadline);
         tokio::pin!(call);
+        let mut answered = None;
+        if let (true, Some(stdin)) = (stream_stdin, &request.stdin) {
+            // Polled once, the call has sent its request: the input follows it on the same ordered line queue.
+            tokio::select! {
+                biased;
+                result = &mut call => answered = Some(result),
+                () = std::future::ready(()) => self.send_input(&live, &execution_id, stdin).await?,
+            }
+        }
         let mut cancel = Some(cancel);
         let mut cancelled = false;
         // Closed when the connection is: from then on only the call's own failure is left to wait for.
         let mut output_open = true;
         let result = loop {
+            if let Some(result) = answered.take() {
+                break result;
+            }
             tokio::select! {
                 biased;
                 chunk = output.chunks.recv(), if output_open => {
@@ -273,6 +331,89 @@ impl PluginSandboxProvider {
         })
     }
 
+    /// Calls `environmentAcquireLease` within the call deadline. A plugin may still finish an acquire berth gave up
+    /// on: no lease row records that sandbox, so no sweep could ever find it. The call therefore keeps listening a
+    /// while longer in the background, and a late lease is destroyed through the plugin at once.
+    async fn acquire_or_undo_late(
+        &self,
+        live: Arc<Live>,
+        params: wire::AcquireParams,
+    ) -> Result<LeaseResult, DriverError> {
+        let deadline = self.deadlines.call;
+        let params = Arc::new(params);
+        let mut call = tokio::spawn({
+            let (live, params) = (Arc::clone(&live), Arc::clone(&params));
+            async move {
+                live.connection
+                    .call::<_, LeaseResult>(
+                        wire::ACQUIRE_LEASE,
+                        &*params,
+                        deadline.saturating_add(LATE_ACQUIRE_WATCH),
+                    )
+                    .await
+            }
+        });
+        let answer = match tokio::time::timeout(deadline, &mut call).await {
+            Ok(joined) => joined,
+            Err(_elapsed) => {
+                let plugin = self.plugin.id().to_owned();
+                let undo = async move {
+                    let Ok(Ok(late)) = call.await else {
+                        return;
+                    };
+                    tracing::warn!(plugin.id = %plugin, lease.id = %late.provider_lease_id, "the plugin finished an acquire after its deadline; destroying that lease");
+                    let undo = LeaseParams {
+                        context: params.context.clone(),
+                        lease: WireLease {
+                            provider_lease_id: late.provider_lease_id,
+                            metadata: late.metadata,
+                        },
+                    };
+                    if let Err(error) = live
+                        .connection
+                        .call::<_, Value>(wire::DESTROY_LEASE, &undo, deadline)
+                        .await
+                    {
+                        tracing::warn!(plugin.id = %plugin, %error, "could not destroy a lease acquired after its deadline");
+                    }
+                };
+                tokio::spawn(undo);
+                return Err(PluginError::Deadline {
+                    plugin: self.plugin.id().to_owned(),
+                    method: wire::ACQUIRE_LEASE,
+                    deadline,
+                }
+                .into());
+            }
+        };
+        answer
+            .map_err(|error| DriverError::failed(format!("the acquire call failed: {error}")))?
+            .map_err(|error| self.masked(error, &params.context.config))
+    }
+
+    /// Sends `stdin` as `environmentExecuteInput` notifications, then end of file.
+    async fn send_input(
+        &self,
+        live: &Live,
+        execution_id: &str,
+        stdin: &[u8],
+    ) -> Result<(), DriverError> {
+        let mut chunks = stdin.chunks(INPUT_CHUNK).peekable();
+        loop {
+            let chunk = chunks.next().unwrap_or_default();
+            let eof = chunks.peek().is_none();
+            let input = wire::InputNotification {
+                execution_id: execution_id.to_owned(),
+                data: BASE64.encode(chunk),
+                eof,
+            };
+            live.connection.notify(wire::EXECUTE_INPUT, &input).await?;
+            if eof {
+                return Ok(());
+            }
+        }
+    }
+
     async fn cancel_execution(&self, live: &Live, execution_id: &str) {
         if !live.supports(wire::CANCEL_EXECUTION) {
             return;
@@ -282,7 +423,7 @@ impl PluginSandboxProvider {
         };
         if let Err(error) = live
             .connection
-            .call::<_, Value>(wire::CANCEL_EXECUTION, &params, CALL_DEADLINE)
+            .call::<_, Value>(wire::CANCEL_EXECUTION, &params, self.deadlines.call)
             .await
         {
             tracing::warn!(plugin.id = %self.plugin.id(), execution.id = execution_id, %error, "cancelling an execution failed");
@@ -297,6 +438,20 @@ impl PluginSandboxProvider {
         .into()
     }
 }
+
+/// `message` with every one of `secrets` replaced by `[secret]`.
+fn mask(mut message: String, secrets: &BTreeSet<String>) -> String {
+    for secret in secrets.iter().filter(|secret| !secret.is_empty()) {
+        message = message.replace(secret.as_str(), "[secret]");
+    }
+    message
+}
+
+/// Bytes of stdin per `environmentExecuteInput` notification.
+const INPUT_CHUNK: usize = 256 * 1024;
+
+/// How long past its deadline an acquire is still listened for, so that a late lease can be destroyed.
+const LATE_ACQUIRE_WATCH: Duration = Duration::from_secs(600);
 
 /// Lease-metadata keys berth itself sets on plugin leases (never secrets).
 const COMPANY_KEY: &str = "berthCompanyId";
@@ -331,14 +486,8 @@ struct Offsets {
 }
 
 impl Offsets {
-    async fn deliver(
-        &mut self,
-        chunk: wire::OutputNotification,
-        sink: &dyn OutputSink,
-    ) -> Result<(), String> {
-        let data = BASE64
-            .decode(&chunk.data)
-            .map_err(|error| format!("output that is not base64: {error}"))?;
+    async fn deliver(&mut self, chunk: OutputChunk, sink: &dyn OutputSink) -> Result<(), String> {
+        let data = chunk.data;
         let (next, stream) = match chunk.stream {
             wire::Stream::Stdout => (&mut self.stdout, OutputStream::Stdout),
             wire::Stream::Stderr => (&mut self.stderr, OutputStream::Stderr),
@@ -391,7 +540,7 @@ impl SandboxProvider for PluginSandboxProvider {
             let context = self.context(config, String::new(), String::new());
             match live
                 .connection
-                .call::<_, wire::ProbeResultWire>(wire::PROBE, &context, PROBE_DEADLINE)
+                .call::<_, wire::ProbeResultWire>(wire::PROBE, &context, self.deadlines.probe)
                 .await
             {
                 Ok(result) => ProbeResult {
@@ -405,6 +554,36 @@ impl SandboxProvider for PluginSandboxProvider {
                 },
                 Err(error) => failed(self.masked(error, &context.config).to_string()),
             }
+        })
+    }
+
+    fn validate_config<'a>(
+        &'a self,
+        config: &'a SandboxConfig,
+    ) -> BoxFuture<'a, Result<ValidationErrors, DriverError>> {
+        Box::pin(async move {
+            let mut problems = ValidationErrors::new();
+            let live = self.live()?;
+            if !live.supports(wire::VALIDATE_CONFIG) {
+                return Ok(problems);
+            }
+            let context = self.context(config, String::new(), String::new());
+            let result: wire::ValidateResult = live
+                .connection
+                .call(wire::VALIDATE_CONFIG, &context, self.deadlines.call)
+                .await
+                .map_err(|error| self.masked(error, &context.config))?;
+            let secrets = self.descriptor.secret_paths().values_in(&context.config);
+            for issue in result.errors {
+                problems.push(issue.path, mask(issue.message, &secrets));
+            }
+            if !result.ok && problems.is_empty() {
+                problems.push(
+                    "",
+                    format!("plugin {} refused the config", self.plugin.id()),
+                );
+            }
+            Ok(problems)
         })
     }
 
@@ -425,12 +604,10 @@ impl SandboxProvider for PluginSandboxProvider {
                 run_id: request.run_id.to_string(),
                 reuse: config.reuse_lease,
             };
-            let result: LeaseResult = live
-                .connection
-                .call(wire::ACQUIRE_LEASE, &params, CALL_DEADLINE)
-                .await
-                .map_err(|error| self.masked(error, &params.context.config))?;
-            Ok(self.handle(result, request))
+            let result = self.acquire_or_undo_late(live, params).await?;
+            let lease = self.handle(result, request);
+            self.remember_config(&lease, config);
+            Ok(lease)
         })
     }
 
@@ -460,10 +637,14 @@ impl SandboxProvider for PluginSandboxProvider {
             };
             let result: Option<LeaseResult> = live
                 .connection
-                .call(wire::RESUME_LEASE, &params, CALL_DEADLINE)
+                .call(wire::RESUME_LEASE, &params, self.deadlines.call)
                 .await
                 .map_err(|error| self.masked(error, &params.context.config))?;
-            Ok(result.map(|result| self.handle(result, request)))
+            let resumed = result.map(|result| self.handle(result, request));
+            if let Some(lease) = &resumed {
+                self.remember_config(lease, config);
+            }
+            Ok(resumed)
         })
     }
 
@@ -471,6 +652,7 @@ impl SandboxProvider for PluginSandboxProvider {
         &'a self,
         lease: &'a LeaseHandle,
         keep: bool,
+        config: Option<&'a SandboxConfig>,
     ) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(async move {
             let method = if keep {
@@ -478,12 +660,30 @@ impl SandboxProvider for PluginSandboxProvider {
             } else {
                 wire::DESTROY_LEASE
             };
-            self.lease_call(method, lease).await.map(drop)
+            let released = self.lease_call(method, lease, config).await.map(drop);
+            self.forget_config(lease);
+            released
         })
     }
 
-    fn destroy<'a>(&'a self, lease: &'a LeaseHandle) -> BoxFuture<'a, Result<(), DriverError>> {
-        Box::pin(async move { self.lease_call(wire::DESTROY_LEASE, lease).await.map(drop) })
+    fn destroy<'a>(
+        &'a self,
+        lease: &'a LeaseHandle,
+        config: Option<&'a SandboxConfig>,
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            let destroyed = self
+                .lease_call(wire::DESTROY_LEASE, lease, config)
+                .await
+                .map(drop);
+            self.forget_config(lease);
+            destroyed
+        })
+    }
+
+    fn syncs_workspace(&self) -> bool {
+        // The protocol has no sync methods yet: berth moves workspaces with `tar` through environmentExecute.
+        false
     }
 
     fn prepare_workspace<'a>(
@@ -493,19 +693,22 @@ impl SandboxProvider for PluginSandboxProvider {
     ) -> BoxFuture<'a, Result<RealizedWorkspace, DriverError>> {
         Box::pin(async move {
             if request.local_path.is_some() {
+                // The sandbox driver syncs the workspace itself (`syncs_workspace` is false) and asks for an empty one.
                 return Err(DriverError::failed(format!(
-                    "plugin provider {} cannot sync a workspace in yet: run without workspace.localPath",
+                    "plugin provider {} makes empty workspaces; berth syncs the files in",
                     self.descriptor.key()
                 )));
             }
-            let result: wire::RealizeResult =
-                serde_json::from_value(self.lease_call(wire::REALIZE_WORKSPACE, lease).await?)
-                    .map_err(|error| {
-                        self.protocol(format!(
-                            "the answer to {} has the wrong shape: {error}",
-                            wire::REALIZE_WORKSPACE
-                        ))
-                    })?;
+            let result: wire::RealizeResult = serde_json::from_value(
+                self.lease_call(wire::REALIZE_WORKSPACE, lease, None)
+                    .await?,
+            )
+            .map_err(|error| {
+                self.protocol(format!(
+                    "the answer to {} has the wrong shape: {error}",
+                    wire::REALIZE_WORKSPACE
+                ))
+            })?;
             Ok(RealizedWorkspace {
                 cwd: result.cwd,
                 local_path: None,
@@ -531,7 +734,7 @@ impl SandboxProvider for PluginSandboxProvider {
         _lease: &'a LeaseHandle,
         _workspace: &'a RealizedWorkspace,
     ) -> BoxFuture<'a, Result<SyncReport, DriverError>> {
-        // Nothing was synced in (prepare_workspace refuses a local path), so nothing comes back.
+        // The sandbox driver brings the workspace back itself (`syncs_workspace` is false).
         Box::pin(async { Ok(SyncReport::default()) })
     }
 }

@@ -25,6 +25,8 @@ pub const INITIALIZE_DEADLINE: Duration = Duration::from_secs(15);
 const HEALTH_DEADLINE: Duration = Duration::from_secs(10);
 /// A stderr line longer than this is cut in berth's log.
 const MAX_LOG_LINE: usize = 8 * 1024;
+/// The size of a plugin's stdout pipe: 1 MiB, Linux's limit for an unprivileged process.
+const STDOUT_PIPE_BYTES: usize = 1024 * 1024;
 
 /// When and how often a plugin is restarted.
 #[derive(Clone, Debug)]
@@ -63,6 +65,29 @@ pub struct HostSettings {
     pub path: String,
     /// berth's version, sent in `initialize`.
     pub host_version: String,
+    pub deadlines: Deadlines,
+}
+
+/// How long each kind of call may take (PLUGINS.md §4): past it, the operation fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Deadlines {
+    pub call: Duration,
+    pub probe: Duration,
+    /// An execute may take its timeout and this much more.
+    pub execute_grace: Duration,
+    /// How long a started plugin may take to answer `initialize`.
+    pub initialize: Duration,
+}
+
+impl Default for Deadlines {
+    fn default() -> Self {
+        Self {
+            call: Duration::from_secs(30),
+            probe: Duration::from_secs(120),
+            execute_grace: Duration::from_secs(30),
+            initialize: INITIALIZE_DEADLINE,
+        }
+    }
 }
 
 /// A plugin's state as operations and capabilities see it.
@@ -102,6 +127,17 @@ pub struct Live {
 impl Live {
     pub(crate) fn supports(&self, method: &str) -> bool {
         self.supported_methods.contains(method)
+    }
+
+    /// The methods the plugin listed in `initialize`.
+    pub fn supported_methods(&self) -> &BTreeSet<String> {
+        &self.supported_methods
+    }
+
+    /// The connection itself, for conformance checks (`berth plugin check`) that drive the protocol step by step;
+    /// berth's operations go through [`crate::provider`], which adds the checks and masking a run needs.
+    pub fn connection(&self) -> &Connection {
+        &self.connection
     }
 }
 
@@ -367,9 +403,20 @@ impl Supervisor {
                 command.env(name, value);
             }
         }
-        command
+        let child = command
             .spawn()
-            .map_err(|error| format!("cannot start {}: {error}", manifest.program().display()))
+            .map_err(|error| format!("cannot start {}: {error}", manifest.program().display()))?;
+        // A bigger stdout pipe, as for commands (`berth_drivers::process`): a plugin streaming output then fills it
+        // without waiting on us, and each read takes a whole line of output or more.
+        if let Some(stdout) = &child.stdout
+            && let Err(error) = rustix::pipe::fcntl_setpipe_size(
+                std::os::fd::AsFd::as_fd(stdout),
+                STDOUT_PIPE_BYTES,
+            )
+        {
+            tracing::debug!(plugin.id = %manifest.id, %error, "could not enlarge the plugin's stdout pipe");
+        }
+        Ok(child)
     }
 
     async fn initialize(&self, connection: &Connection) -> Result<Live, String> {
@@ -388,7 +435,11 @@ impl Supervisor {
                 .to_string(),
         };
         let result: InitializeResult = connection
-            .call(wire::INITIALIZE, &params, INITIALIZE_DEADLINE)
+            .call(
+                wire::INITIALIZE,
+                &params,
+                self.settings.deadlines.initialize,
+            )
             .await
             .map_err(|error| format!("initialize failed: {error}"))?;
         if !wire::PROTOCOL_VERSIONS.contains(&result.protocol_version) {

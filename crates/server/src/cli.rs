@@ -46,6 +46,21 @@ pub enum Command {
     /// Local fixtures for trying drivers: `berth lab ssh up | status | down`.
     #[command(subcommand)]
     Lab(crate::lab::LabCommand),
+    /// Provider plugins: check one before installing it, list the installed ones.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// Start the plugin in DIR and drive protocol v1 through every step berth uses, one line per check (PASS, FAIL,
+    /// SKIP); exits 1 when any check failed.
+    Check(crate::plugin_check::CheckArgs),
+    /// The installed plugins' providers and drivers as the server sees them: plugin, status and why.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 /// `--isolation-tier`.
@@ -118,6 +133,15 @@ pub struct ServeArgs {
     /// The longest delay before a crashed plugin is restarted. For tests.
     #[arg(long, hide = true, default_value_t = 300_000)]
     pub plugin_restart_max_ms: u64,
+    /// How long a plugin call (other than probe and execute) may take. For tests.
+    #[arg(long, hide = true, default_value_t = 30_000)]
+    pub plugin_call_deadline_ms: u64,
+    /// How long past its timeout a plugin execute may take. For tests.
+    #[arg(long, hide = true, default_value_t = 30_000)]
+    pub plugin_execute_grace_ms: u64,
+    /// How long a started plugin may take to answer `initialize`. For tests.
+    #[arg(long, hide = true, default_value_t = 15_000)]
+    pub plugin_initialize_deadline_ms: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -186,6 +210,9 @@ impl Cli {
     pub fn default_log_filter(&self) -> &'static str {
         match self.command {
             Command::Serve(_) => "info",
+            // Its report says what went wrong; the supervisor's warnings about the plugin going down and being
+            // restarted (which the check provokes) would only repeat it. BERTH_LOG=info shows the plugin's own log.
+            Command::Plugin(PluginCommand::Check(_)) => "error",
             _ => "warn",
         }
     }
@@ -199,6 +226,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Lease(command) => lease(command).await,
         Command::Run(args) => crate::run_command::run(args).await,
         Command::Lab(command) => crate::lab::run(command).await,
+        Command::Plugin(PluginCommand::Check(args)) => crate::plugin_check::run(args).await,
+        Command::Plugin(PluginCommand::List { client }) => plugin_list(client).await,
     }
 }
 
@@ -223,6 +252,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             args.plugin_restart_initial_ms.max(1),
         ),
         plugin_restart_max: std::time::Duration::from_millis(args.plugin_restart_max_ms.max(1)),
+        plugin_deadlines: berth_plugins::supervisor::Deadlines {
+            call: std::time::Duration::from_millis(args.plugin_call_deadline_ms.max(1)),
+            execute_grace: std::time::Duration::from_millis(args.plugin_execute_grace_ms.max(1)),
+            initialize: std::time::Duration::from_millis(args.plugin_initialize_deadline_ms.max(1)),
+            ..berth_plugins::supervisor::Deadlines::default()
+        },
         isolation_tier: match args.isolation_tier {
             IsolationTier::Auto => berth_drivers::isolated::TierChoice::Auto,
             IsolationTier::Namespaces => berth_drivers::isolated::TierChoice::Namespaces,
@@ -370,6 +405,65 @@ async fn lease(command: LeaseCommand) -> anyhow::Result<ExitCode> {
                     );
                 }
             }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `berth plugin list`: the capabilities' sandbox providers and environment drivers whose `source` is `plugin`, and
+/// the plugins that could not be loaded (the API has no plugin route of its own).
+async fn plugin_list(client: ClientArgs) -> anyhow::Result<ExitCode> {
+    let session = Session::open(client).await?;
+    let capabilities = session
+        .api
+        .get(&format!(
+            "/api/companies/{}/environments/capabilities",
+            session.company_id
+        ))
+        .await?;
+    let plugin_driver = &capabilities["drivers"]["plugin"];
+    let mut plugins = Vec::new();
+    for (entries, kind) in [
+        (&capabilities["sandboxProviders"], "sandbox_provider"),
+        (&plugin_driver["environmentDrivers"], "environment_driver"),
+    ] {
+        for (key, entry) in entries.as_object().into_iter().flatten() {
+            if entry["source"] != "plugin" {
+                continue;
+            }
+            plugins.push(json!({
+                "pluginKey": entry["pluginKey"],
+                "driverKey": key,
+                "kind": kind,
+                "status": entry["status"],
+                "reason": entry.get("reason").cloned().unwrap_or(Value::Null),
+                "displayName": entry["displayName"],
+            }));
+        }
+    }
+    let problems = plugin_driver["problems"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if session.json {
+        print_json(&json!({"plugins": plugins, "problems": problems}));
+    } else {
+        println!(
+            "{:<24}  {:<20}  {:<18}  {:<11}  REASON",
+            "PLUGIN", "DRIVER", "KIND", "STATUS"
+        );
+        for plugin in &plugins {
+            println!(
+                "{:<24}  {:<20}  {:<18}  {:<11}  {}",
+                text(&plugin["pluginKey"]),
+                text(&plugin["driverKey"]),
+                text(&plugin["kind"]),
+                text(&plugin["status"]),
+                plugin["reason"].as_str().unwrap_or(""),
+            );
+        }
+        for problem in &problems {
+            println!("not loaded: {}", text(problem));
         }
     }
     Ok(ExitCode::SUCCESS)

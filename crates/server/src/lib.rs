@@ -15,6 +15,7 @@ pub mod data_dir;
 pub mod error_chain;
 pub mod host_policy;
 pub mod lab;
+pub mod plugin_check;
 mod private_file;
 pub mod run_command;
 pub mod runs;

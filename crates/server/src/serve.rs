@@ -20,7 +20,7 @@ use berth_drivers::registry::{DriverRegistry, ProviderRegistry};
 use berth_fake_provider::FakeProvider;
 use berth_isolation::probe::HostSupport;
 use berth_plugins::PluginHost;
-use berth_plugins::supervisor::{HostSettings, RestartPolicy};
+use berth_plugins::supervisor::{Deadlines, HostSettings, RestartPolicy};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
@@ -81,6 +81,8 @@ pub struct ServeOptions {
     /// How soon a crashed plugin is first restarted, and the longest wait between restarts.
     pub plugin_restart_initial: Duration,
     pub plugin_restart_max: Duration,
+    /// How long plugin calls may take.
+    pub plugin_deadlines: Deadlines,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -307,8 +309,12 @@ fn start_plugins(options: &ServeOptions, providers: &mut ProviderRegistry) -> Pl
         },
         path: std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PLUGIN_PATH.to_owned()),
         host_version: env!("CARGO_PKG_VERSION").to_owned(),
+        deadlines: options.plugin_deadlines,
     };
     let host = PluginHost::start(&dirs, &providers.keys(), &settings);
+    for problem in host.problems() {
+        providers.note_plugin_problem(problem.message.clone());
+    }
     for provider in host.sandbox_providers() {
         let registered = provider
             .map_err(|problem| problem.message)
@@ -320,6 +326,21 @@ fn start_plugins(options: &ServeOptions, providers: &mut ProviderRegistry) -> Pl
             });
         if let Err(message) = registered {
             tracing::warn!(%message, "plugin provider skipped");
+            providers.note_plugin_problem(message);
+        }
+    }
+    for driver in host.environment_drivers() {
+        let registered = driver
+            .map_err(|problem| problem.message)
+            .and_then(|driver| {
+                let plugin_id = driver.plugin().id().to_owned();
+                providers
+                    .register_plugin_driver(driver, &plugin_id)
+                    .map_err(|error| error.to_string())
+            });
+        if let Err(message) = registered {
+            tracing::warn!(%message, "plugin environment driver skipped");
+            providers.note_plugin_problem(message);
         }
     }
     host

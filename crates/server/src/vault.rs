@@ -9,9 +9,10 @@
 
 use std::fmt;
 
-use berth_core::config::DriverConfig;
+use berth_core::config::{DriverConfig, stored_secret_refs};
 use berth_core::environment::Environment;
 use berth_core::ids::{CompanyId, EnvironmentId, SecretId};
+use berth_core::lease::Lease;
 use berth_core::provider::ProviderCatalog;
 use berth_core::time::Timestamp;
 use berth_core::validation::{ValidationErrors, join_path};
@@ -90,7 +91,7 @@ pub async fn seal_inline_secrets(
                 id,
                 company_id,
                 environment_id: Some(environment_id),
-                name: format!("environment {environment_id} {}", field.value_key()),
+                name: format!("environment {environment_id} {}", field.value_path()),
                 nonce,
                 ciphertext,
                 created_at: Timestamp::now(),
@@ -103,7 +104,7 @@ pub async fn seal_inline_secrets(
             forget(store, &sealed).await;
             return Err(error);
         }
-        config.bind_secret(field, id);
+        config.bind_secret(&field, id);
         sealed.push(id);
     }
     Ok(sealed)
@@ -125,11 +126,8 @@ pub async fn check_secret_refs(
         });
         if !usable {
             errors.push(
-                join_path(berth_core::config::CONFIG_PATH, field.ref_key()),
-                format!(
-                    "unknown secret; give the value itself as `{}`",
-                    field.value_key()
-                ),
+                join_path(berth_core::config::CONFIG_PATH, &field.ref_path()),
+                format!("unknown secret; {}", field.how_to_replace()),
             );
         }
     }
@@ -143,6 +141,39 @@ pub async fn forget(store: &Store, ids: &[SecretId]) {
             tracing::warn!(secret.id = %id, error = %crate::error_chain::DisplayChain(&error), "could not delete secret");
         }
     }
+}
+
+/// Forgets those of `candidates` (secrets of `environment_id`) that neither the environment's `current` stored config
+/// nor the config of one of its unfinished leases refers to: a lease acquired before an edit is cleaned up with the
+/// credentials it was made with, so they live until it is. Best effort, like [`forget`].
+pub async fn forget_unless_needed(
+    store: &Store,
+    environment_id: EnvironmentId,
+    candidates: &[SecretId],
+    current: &serde_json::Map<String, serde_json::Value>,
+) {
+    let mut needed = stored_secret_refs(current);
+    if candidates.iter().all(|id| needed.contains(id)) {
+        return;
+    }
+    match store.unfinished_lease_configs(environment_id).await {
+        Ok(configs) => {
+            for config in &configs {
+                needed.extend(stored_secret_refs(config));
+            }
+        }
+        Err(error) => {
+            // Unknown which are still needed: keep them all rather than strand a lease's cleanup.
+            tracing::warn!(env.id = %environment_id, error = %crate::error_chain::DisplayChain(&error), "could not list the leases that need secrets; none forgotten");
+            return;
+        }
+    }
+    let unneeded: Vec<SecretId> = candidates
+        .iter()
+        .filter(|id| !needed.contains(id))
+        .copied()
+        .collect();
+    forget(store, &unneeded).await;
 }
 
 /// A driver config with its secrets decrypted, for the moment of use: never stored (`DriverConfig::to_stored` refuses
@@ -184,6 +215,28 @@ pub async fn open_config(
     open_unsaved_config(store, cipher, environment.company_id, config).await
 }
 
+/// Opens the config `lease` was acquired with (stored shape, kept on the lease), secrets decrypted: what cleans up
+/// its resource once the environment was edited. `None` when the lease has none (acquired before berth kept them).
+pub async fn open_acquired_config(
+    store: &Store,
+    cipher: &SecretCipher,
+    providers: &(dyn ProviderCatalog + Sync),
+    lease: &Lease,
+) -> Result<Option<ResolvedConfig>, VaultError> {
+    let Some(acquired) = &lease.acquired_config else {
+        return Ok(None);
+    };
+    let config = DriverConfig::parse(
+        lease.driver,
+        &serde_json::Value::Object(acquired.clone()),
+        providers,
+    )
+    .map_err(VaultError::StoredConfigInvalid)?;
+    open_unsaved_config(store, cipher, lease.company_id, config)
+        .await
+        .map(Some)
+}
+
 /// Opens a config that is not stored (an unsaved config being probed): decrypts the company's secrets it references.
 /// Its inline secrets, if any, are already in it.
 pub async fn open_unsaved_config(
@@ -210,7 +263,7 @@ async fn resolve_secrets(
             .filter(|secret| secret.company_id == company_id)
             .ok_or_else(|| {
                 VaultError::InvalidReference(ValidationErrors::single(
-                    join_path(berth_core::config::CONFIG_PATH, field.ref_key()),
+                    join_path(berth_core::config::CONFIG_PATH, &field.ref_path()),
                     "the referenced secret is gone",
                 ))
             })?;
@@ -221,11 +274,11 @@ async fn resolve_secrets(
         )?;
         let text = String::from_utf8(plaintext.to_vec()).map_err(|_| {
             VaultError::InvalidReference(ValidationErrors::single(
-                join_path(berth_core::config::CONFIG_PATH, field.ref_key()),
+                join_path(berth_core::config::CONFIG_PATH, &field.ref_path()),
                 "the secret is not text",
             ))
         })?;
-        config.set_resolved_secret(field, secrecy::SecretString::from(text));
+        config.set_resolved_secret(&field, secrecy::SecretString::from(text));
     }
     Ok(())
 }

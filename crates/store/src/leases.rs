@@ -13,19 +13,19 @@ use berth_core::time::Timestamp;
 
 use super::Store;
 use super::error::StoreError;
-use super::rows::{LeaseRow, convert_all, json_text_or_null};
+use super::rows::{LeaseRow, convert_all, json_object_or_null, json_text_or_null};
 
 macro_rules! lease_columns {
     () => {
         "id, company_id, environment_id, run_id, status, lease_policy, driver, provider, provider_lease_id, \
-         acquired_at, last_used_at, expires_at, released_at, failure_reason, cleanup_status, metadata"
+         acquired_at, last_used_at, expires_at, released_at, failure_reason, cleanup_status, metadata, acquired_config"
     };
 }
 
 const INSERT_LEASE: &str = concat!(
     "INSERT INTO environment_leases (",
     lease_columns!(),
-    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
+    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
 );
 const GET_LEASE: &str = concat!(
     "SELECT ",
@@ -61,6 +61,9 @@ const TRANSITION_LEASE: &str = concat!(
      last_used_at = $7 WHERE id = $1 AND status = $2 RETURNING ",
     lease_columns!()
 );
+const UNFINISHED_LEASE_CONFIGS: &str = "SELECT acquired_config FROM environment_leases \
+     WHERE environment_id = $1 AND acquired_config IS NOT NULL \
+     AND (status IN ('active', 'retained') OR cleanup_status = 'pending')";
 const SET_LEASE_CLEANUP_STATUS: &str =
     "UPDATE environment_leases SET cleanup_status = $2 WHERE id = $1";
 /// Active leases without a live run: the run id is `NULL`, names no row, or names a run in a final status.
@@ -98,6 +101,7 @@ const EXPIRED_LEASES: &str = concat!(
 impl Store {
     pub async fn insert_lease(&self, lease: &Lease) -> Result<(), StoreError> {
         let metadata = json_text_or_null(lease.metadata.as_ref())?;
+        let acquired_config = json_text_or_null(lease.acquired_config.as_ref())?;
         on_pool!(&self.db, |pool| {
             sqlx::query(INSERT_LEASE)
                 .bind(lease.id.to_string())
@@ -116,10 +120,32 @@ impl Store {
                 .bind(lease.failure_reason.as_deref())
                 .bind(lease.cleanup_status.map(|status| status.as_str()))
                 .bind(metadata.as_deref())
+                .bind(acquired_config.as_deref())
                 .execute(pool)
                 .await?;
         });
         Ok(())
+    }
+
+    /// The configs the environment's unfinished leases (active, retained, or cleanup pending) were acquired with:
+    /// the secrets they reference must outlive edits of the environment until those leases are cleaned up.
+    pub async fn unfinished_lease_configs(
+        &self,
+        environment_id: EnvironmentId,
+    ) -> Result<Vec<Map<String, Value>>, StoreError> {
+        let texts: Vec<(Option<String>,)> = on_pool!(&self.db, |pool| {
+            sqlx::query_as(UNFINISHED_LEASE_CONFIGS)
+                .bind(environment_id.to_string())
+                .fetch_all(pool)
+                .await?
+        });
+        texts
+            .into_iter()
+            .filter_map(|(text,)| {
+                json_object_or_null(text.as_deref(), "environment_leases", "acquired_config")
+                    .transpose()
+            })
+            .collect()
     }
 
     pub async fn get_lease(&self, id: LeaseId) -> Result<Option<Lease>, StoreError> {

@@ -66,6 +66,7 @@ pub(super) struct LeaseRow {
     failure_reason: Option<String>,
     cleanup_status: Option<String>,
     metadata: Option<String>,
+    acquired_config: Option<String>,
 }
 
 #[derive(Debug, sqlx::FromRow)]
@@ -202,6 +203,11 @@ impl TryFrom<LeaseRow> for Lease {
             failure_reason: row.failure_reason,
             cleanup_status: parse_optional(row.cleanup_status.as_deref(), TABLE, "cleanup_status")?,
             metadata: json_object_or_null(row.metadata.as_deref(), TABLE, "metadata")?,
+            acquired_config: json_object_or_null(
+                row.acquired_config.as_deref(),
+                TABLE,
+                "acquired_config",
+            )?,
         })
     }
 }
@@ -397,7 +403,7 @@ fn json_object(
 }
 
 /// A column that holds a JSON object or is `NULL` (a stored JSON `null` reads as `None` too).
-fn json_object_or_null(
+pub(super) fn json_object_or_null(
     text: Option<&str>,
     table: &'static str,
     column: &'static str,

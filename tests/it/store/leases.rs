@@ -20,6 +20,7 @@ both_backends!(
     orphaned_leases_are_active_leases_without_a_live_run,
     expired_leases_are_found,
     leases_are_listed_by_statuses,
+    unfinished_leases_keep_the_configs_they_were_acquired_with,
 );
 
 async fn leases_round_trip_and_listing(db: &TestDb) {
@@ -40,6 +41,9 @@ async fn leases_round_trip_and_listing(db: &TestDb) {
         failure_reason: Some("exit status 3".to_owned()),
         cleanup_status: Some(CleanupStatus::Failed),
         metadata: Some(object(json!({"sandboxUrl": "https://sbx.example/123"}))),
+        acquired_config: Some(object(
+            json!({"provider": "fake", "apiKey": {"secretRef": "x"}}),
+        )),
         ..lease(&env, LeaseStatus::Retained, 300)
     };
     let released = Lease {
@@ -599,5 +603,41 @@ async fn leases_are_listed_by_statuses(db: &TestDb) {
             .await
             .unwrap()
             .is_empty()
+    );
+}
+
+async fn unfinished_leases_keep_the_configs_they_were_acquired_with(db: &TestDb) {
+    let store = db.store();
+    let acme = new_company(store, "acme").await;
+    let env = environment(acme.id, "sandbox", Driver::Sandbox, 1_000);
+    store.insert_environment(&env).await.unwrap();
+    let config = |n: u32| Some(object(json!({"provider": "fake", "n": n})));
+    let with = |status, cleanup, n| Lease {
+        cleanup_status: cleanup,
+        acquired_config: config(n),
+        ..lease(&env, status, 100)
+    };
+    for lease in [
+        with(LeaseStatus::Active, None, 1),
+        with(LeaseStatus::Retained, None, 2),
+        with(LeaseStatus::Released, Some(CleanupStatus::Pending), 3),
+        with(LeaseStatus::Released, Some(CleanupStatus::Success), 4),
+        with(LeaseStatus::Failed, None, 5),
+        lease(&env, LeaseStatus::Active, 100),
+    ] {
+        store.insert_lease(&lease).await.unwrap();
+    }
+    let mut found: Vec<u64> = store
+        .unfinished_lease_configs(env.id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|config| config["n"].as_u64().unwrap())
+        .collect();
+    found.sort_unstable();
+    assert_eq!(
+        found,
+        [1, 2, 3],
+        "active, retained and cleanup-pending leases only"
     );
 }

@@ -117,6 +117,7 @@ fn lease(environment: &Environment, status: LeaseStatus, last_used_at: i64) -> L
         failure_reason: None,
         cleanup_status: None,
         metadata: None,
+        acquired_config: None,
     }
 }
 

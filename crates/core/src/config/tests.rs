@@ -4,7 +4,8 @@ use serde_json::json;
 use super::*;
 use crate::catalog::{ProviderDescriptor, ProviderSpec};
 
-struct Catalog(Vec<ProviderDescriptor>);
+/// Providers, and plugin drivers as (plugin key, descriptor).
+struct Catalog(Vec<ProviderDescriptor>, Vec<(String, ProviderDescriptor)>);
 
 impl ProviderCatalog for Catalog {
     fn provider(&self, key: &str) -> Option<&ProviderDescriptor> {
@@ -17,6 +18,42 @@ impl ProviderCatalog for Catalog {
             .map(|descriptor| descriptor.key().to_owned())
             .collect()
     }
+
+    fn plugin_driver(&self, plugin_key: &str, driver_key: &str) -> Option<&ProviderDescriptor> {
+        self.1
+            .iter()
+            .find(|(plugin, descriptor)| plugin == plugin_key && descriptor.key() == driver_key)
+            .map(|(_, descriptor)| descriptor)
+    }
+
+    fn plugin_driver_keys(&self) -> Vec<String> {
+        self.1
+            .iter()
+            .map(|(plugin, descriptor)| format!("{plugin}/{}", descriptor.key()))
+            .collect()
+    }
+}
+
+/// A schema with secret-ref fields at the top, nested, and in array items.
+fn secretive(key: &str) -> ProviderDescriptor {
+    ProviderDescriptor::new(ProviderSpec {
+        key: key.to_owned(),
+        display_name: "Secretive".to_owned(),
+        description: "test".to_owned(),
+        config_schema: json!({
+            "type": "object",
+            "additionalProperties": false,
+            "properties": {
+                "apiKey": {"type": "string", "format": "secret-ref", "minLength": 4},
+                "auth": {"type": "object", "properties": {"token": {"type": "string", "format": "secret-ref"}}},
+                "users": {"type": "array", "items": {"properties": {"password": {"type": "string", "format": "secret-ref"}}}},
+                "region": {"type": "string", "default": "eu"}
+            }
+        }),
+        supports_reusable_leases: true,
+        supports_run_execution: true,
+    })
+    .unwrap()
 }
 
 fn catalog() -> Catalog {
@@ -33,7 +70,10 @@ fn catalog() -> Catalog {
         supports_run_execution: true,
     })
     .unwrap();
-    Catalog(vec![fake])
+    Catalog(
+        vec![fake, secretive("vault")],
+        vec![("acme.sandbox".to_owned(), secretive("acme-vm"))],
+    )
 }
 
 fn paths(errors: &ValidationErrors) -> Vec<&str> {
@@ -164,7 +204,7 @@ fn inline_secrets_block_storing_until_bound() {
     assert!(!format!("{parsed:?}").contains("BEGIN"));
 
     let id = SecretId::new();
-    parsed.bind_secret(SecretField::SshPrivateKey, id);
+    parsed.bind_secret(&SecretField::SshPrivateKey, id);
     let stored = parsed.to_stored().unwrap();
     assert_eq!(stored["privateKeySecretRef"], id.to_string());
     assert!(!serde_json::to_string(&stored).unwrap().contains("BEGIN"));
@@ -215,7 +255,11 @@ fn sandbox_names_unknown_providers_and_the_installed_ones() {
     let errors =
         DriverConfig::parse(Driver::Sandbox, &json!({"provider": "e2b"}), &catalog()).unwrap_err();
     assert_eq!(paths(&errors), ["config.provider"]);
-    assert!(errors.errors()[0].message.contains("installed: fake"));
+    assert!(
+        errors.errors()[0]
+            .message
+            .contains("installed: fake, vault")
+    );
     let errors = DriverConfig::parse(Driver::Sandbox, &json!({}), &catalog()).unwrap_err();
     assert_eq!(paths(&errors), ["config.provider"]);
 }
@@ -224,7 +268,18 @@ fn sandbox_names_unknown_providers_and_the_installed_ones() {
 fn plugin_keys_are_checked() {
     let ok = json!({"pluginKey": "acme.sandbox", "driverKey": "acme-vm"});
     let parsed = DriverConfig::parse(Driver::Plugin, &ok, &catalog()).unwrap();
-    assert_eq!(parsed.to_stored().unwrap()["driverConfig"], json!({}));
+    assert_eq!(
+        parsed.to_stored().unwrap()["driverConfig"],
+        json!({"region": "eu"})
+    );
+    let unknown = json!({"pluginKey": "acme.sandbox", "driverKey": "other"});
+    let errors = DriverConfig::parse(Driver::Plugin, &unknown, &catalog()).unwrap_err();
+    assert_eq!(paths(&errors), ["config.driverKey"]);
+    assert!(
+        errors.errors()[0]
+            .message
+            .contains("installed: acme.sandbox/acme-vm")
+    );
     let bad = json!({"pluginKey": "", "driverKey": "Bad Key", "driverConfig": []});
     let errors = DriverConfig::parse(Driver::Plugin, &bad, &catalog()).unwrap_err();
     assert_eq!(
@@ -297,5 +352,93 @@ fn sync_back_bounds_are_common_to_ssh_and_sandbox_configs() {
         )
         .unwrap_err();
         assert_eq!(paths(&errors), ["config.syncBackMaxMb"]);
+    }
+}
+
+#[test]
+fn schema_secrets_are_found_bound_and_never_printed() {
+    let given = json!({
+        "provider": "vault",
+        "apiKey": "key-plain-1",
+        "auth": {"token": "token-plain-2"},
+        "users": [{"password": "pw-plain-3"}, {"password": {"secretRef": "00000000-0000-4000-8000-000000000001"}}]
+    });
+    let mut parsed = DriverConfig::parse(Driver::Sandbox, &given, &catalog()).unwrap();
+    assert!(
+        parsed.to_stored().is_none(),
+        "inline secrets are not storable"
+    );
+    let debug = format!("{parsed:?}");
+    for plain in ["key-plain-1", "token-plain-2", "pw-plain-3"] {
+        assert!(!debug.contains(plain), "{debug}");
+    }
+    let inline = parsed.inline_secrets();
+    let places: Vec<String> = inline.iter().map(|(field, _)| field.value_path()).collect();
+    assert_eq!(places, ["apiKey", "auth.token", "users[0].password"]);
+    assert_eq!(inline[1].1.expose_secret(), "token-plain-2");
+    let refs = parsed.secret_refs();
+    assert_eq!(refs.len(), 1);
+    assert_eq!(refs[0].0.value_path(), "users[1].password");
+
+    let ids: Vec<SecretId> = (0..3).map(|_| SecretId::new()).collect();
+    for ((field, _), id) in inline.iter().zip(&ids) {
+        parsed.bind_secret(field, *id);
+    }
+    let stored = parsed.to_stored().unwrap();
+    assert_eq!(stored["apiKey"], json!({"secretRef": ids[0].to_string()}));
+    assert_eq!(
+        stored["auth"]["token"],
+        json!({"secretRef": ids[1].to_string()})
+    );
+    assert_eq!(stored["region"], "eu");
+    let mut found = stored_secret_refs(&stored);
+    let mut expected = ids.clone();
+    expected.push("00000000-0000-4000-8000-000000000001".parse().unwrap());
+    found.sort();
+    expected.sort();
+    assert_eq!(found, expected);
+
+    // The stored shape parses again (references where strings are expected), and resolves for use.
+    let mut reparsed =
+        DriverConfig::parse(Driver::Sandbox, &Value::Object(stored), &catalog()).unwrap();
+    assert_eq!(reparsed.secret_refs().len(), 4);
+    let (field, _) = reparsed.secret_refs().remove(0);
+    reparsed.set_resolved_secret(&field, SecretString::from("key-plain-1".to_owned()));
+    assert!(reparsed.to_stored().is_none());
+    let DriverConfig::Sandbox(sandbox) = &reparsed else {
+        unreachable!()
+    };
+    assert_eq!(sandbox.fields["apiKey"], "key-plain-1");
+    assert!(!format!("{reparsed:?}").contains("key-plain-1"));
+}
+
+#[test]
+fn bad_secret_references_and_values_are_refused_at_their_path() {
+    for (config, path) in [
+        (
+            json!({"provider": "vault", "apiKey": {"secretRef": "nope"}}),
+            "config.apiKey.secretRef",
+        ),
+        (
+            json!({"provider": "vault", "apiKey": "abc"}),
+            "config.apiKey",
+        ),
+        (
+            json!({"provider": "vault", "apiKey": {"secretRef": "00000000-0000-4000-8000-000000000001", "x": 1}}),
+            "config.apiKey",
+        ),
+        (
+            json!({"pluginKey": "acme.sandbox", "driverKey": "acme-vm", "driverConfig": {"auth": {"token": 5}}}),
+            "config.driverConfig.auth.token",
+        ),
+    ] {
+        let driver = if config.get("provider").is_some() {
+            Driver::Sandbox
+        } else {
+            Driver::Plugin
+        };
+        let errors = DriverConfig::parse(driver, &config, &catalog()).unwrap_err();
+        assert_eq!(paths(&errors), [path], "{config}");
+        assert!(!format!("{errors:?}").contains("abc\""), "{errors:?}");
     }
 }

@@ -522,6 +522,7 @@ impl SandboxProvider for IsolatedProvider {
         &'a self,
         lease: &'a LeaseHandle,
         keep: bool,
+        _config: Option<&'a SandboxConfig>,
     ) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(async move {
             if keep {
@@ -538,7 +539,11 @@ impl SandboxProvider for IsolatedProvider {
         })
     }
 
-    fn destroy<'a>(&'a self, lease: &'a LeaseHandle) -> BoxFuture<'a, Result<(), DriverError>> {
+    fn destroy<'a>(
+        &'a self,
+        lease: &'a LeaseHandle,
+        _config: Option<&'a SandboxConfig>,
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(self.remove_sandbox(lease, "destroy"))
     }
 

@@ -27,6 +27,7 @@ fn sandbox(provider: &str) -> DriverConfig {
         timeout_ms: None,
         sync_back_max_mb: None,
         fields: Map::new(),
+        secrets: Default::default(),
     })
 }
 
@@ -92,7 +93,7 @@ fn capabilities_describe_drivers_and_providers() {
         capabilities.drivers.keys().copied().collect::<Vec<_>>(),
         Driver::ALL
     );
-    for driver in [Driver::Local, Driver::Ssh, Driver::Sandbox] {
+    for driver in [Driver::Local, Driver::Ssh, Driver::Sandbox, Driver::Plugin] {
         let capability = &capabilities.drivers[&driver];
         assert_eq!(capability.status, SupportStatus::Supported);
         assert!(capability.supports_saved_probe && capability.supports_unsaved_probe);
@@ -100,13 +101,7 @@ fn capabilities_describe_drivers_and_providers() {
         assert_eq!(capability.note, None);
     }
 
-    let plugin = &capabilities.drivers[&Driver::Plugin];
-    assert_eq!(plugin.status, SupportStatus::Unsupported);
-    assert!(!plugin.supports_saved_probe && !plugin.supports_unsaved_probe);
-    assert_eq!(
-        plugin.note,
-        Some("plugin environment drivers are not hosted yet (sandbox-provider plugins are)")
-    );
+    assert!(capabilities.plugin_drivers.is_empty());
 
     assert_eq!(
         capabilities.sandbox_providers.keys().collect::<Vec<_>>(),
@@ -186,36 +181,72 @@ async fn ssh_leases_on_a_dead_host_fail_with_what_failed() {
 }
 
 #[tokio::test]
-async fn plugin_configs_fail_without_a_plugin_host() {
+async fn plugin_environment_drivers_are_hosted_like_providers() {
     let temp = tempfile::tempdir().unwrap();
+    let vm = Arc::new(Stub::new("vm", true));
     let (_, providers) = with_stub();
+    let mut providers = Arc::try_unwrap(providers).unwrap();
+    providers
+        .register_plugin_driver(Arc::clone(&vm) as Arc<dyn SandboxProvider>, "acme")
+        .unwrap();
+    // Driver keys are unique across providers and plugin drivers.
+    let clash = providers.register_plugin_driver(Arc::new(Stub::new("stub", true)), "other");
+    assert_eq!(clash.unwrap_err().code(), "duplicate_provider");
+    assert_eq!(providers.keys(), ["no-runs", "stub", "vm"]);
+    let capabilities = providers.capabilities();
+    assert_eq!(
+        capabilities.drivers[&Driver::Plugin].status,
+        SupportStatus::Supported
+    );
+    assert!(!capabilities.sandbox_providers.contains_key("vm"));
+    assert_eq!(
+        capabilities.plugin_drivers["vm"].plugin_key.as_deref(),
+        Some("acme")
+    );
+    let providers = Arc::new(providers);
+
     let config = parse(
         Driver::Plugin,
-        json!({"pluginKey": "acme", "driverKey": "vm", "driverConfig": {}}),
+        json!({"pluginKey": "acme", "driverKey": "vm", "driverConfig": {"size": 2}}),
         &providers,
+    );
+    let wrong_plugin = DriverConfig::parse(
+        Driver::Plugin,
+        &json!({"pluginKey": "other", "driverKey": "vm"}),
+        &*providers,
+    )
+    .unwrap_err();
+    assert!(
+        wrong_plugin.errors()[0]
+            .message
+            .contains("installed: acme/vm"),
+        "{wrong_plugin:?}"
     );
     let registry = drivers(&temp, providers);
     let result = registry.probe(&config).await;
-    assert!(!result.ok);
+    assert!(result.ok, "{result:?}");
     assert_eq!(result.driver, Driver::Plugin);
-    assert_eq!(
-        result.summary,
-        "plugin environment drivers are not hosted yet: plugin `acme` cannot back a `plugin` environment"
-    );
-    assert_eq!(
-        Value::Object(result.details),
-        json!({"pluginKey": "acme", "driverKey": "vm"})
-    );
+
     let plugin = registry.get(Driver::Plugin);
-    let err = plugin.acquire(&config, &lease_request()).await.unwrap_err();
-    assert_eq!(err.to_string(), "the plugin driver cannot run commands");
-    assert!(
-        plugin
-            .release(&LeaseHandle::default(), false, None)
-            .await
-            .is_err()
+    assert_eq!(plugin.driver(), Driver::Plugin);
+    let lease = plugin.acquire(&config, &lease_request()).await.unwrap();
+    assert_eq!(lease.provider.as_deref(), Some("vm"));
+    // The sandbox driver does not serve plugin drivers' leases, nor the plugin driver providers' leases.
+    let sandbox = registry.get(Driver::Sandbox);
+    assert!(sandbox.release(&lease, false, None).await.is_err());
+    plugin.release(&lease, false, Some(&config)).await.unwrap();
+    plugin.destroy(&lease, None).await.unwrap();
+    assert_eq!(
+        vm.calls(),
+        ["acquire", "release keep=false with config", "destroy"]
     );
-    assert!(!plugin.matches_reusable_lease(&config, &LeaseHandle::default()));
+    let stray = LeaseHandle {
+        provider: Some("stub".to_owned()),
+        ..LeaseHandle::default()
+    };
+    let err = plugin.release(&stray, false, None).await.unwrap_err();
+    assert_eq!(err.code(), "provider_not_installed");
+    assert!(err.to_string().contains("acme/vm"), "{err}");
 }
 
 #[tokio::test]
@@ -270,7 +301,7 @@ async fn hung_providers_time_out() {
     assert!(!result.ok);
     assert_eq!(
         result.summary,
-        "sandbox provider `hung` did not answer the probe within 30 seconds"
+        "sandbox provider `hung` did not answer the probe within 120 seconds"
     );
     assert_eq!(result.details["provider"], "hung");
 }

@@ -25,12 +25,14 @@ use berth_core::driver::{
 use russh::{ChannelMsg, Sig};
 use tokio::sync::mpsc;
 
+use crate::remote_shell::{self, RemoteShell};
+pub use crate::remote_shell::{CONTROL_TIMEOUT, ScriptOutput, shell_quote};
+use berth_core::driver::BoxFuture;
+
 use super::pool::{Pool, SessionChannel};
 use super::target::SshTarget;
 use crate::process::{DEFAULT_PATH, command_cwd};
 
-/// How long short control commands (mkdir, kill, rm, listings) may take.
-pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 /// After a kill, how long to keep reading the output already on its way before giving up on the channel.
 const DRAIN_AFTER_KILL: Duration = Duration::from_secs(5);
 /// After the command exits, how long its output may stay open (a grandchild holding the pipes) before the group is
@@ -100,11 +102,6 @@ fn is_shell_name(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c == '_' || c.is_ascii_alphabetic())
         && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
-}
-
-/// Single-quotes `text` for a POSIX shell.
-pub fn shell_quote(text: &str) -> String {
-    format!("'{}'", text.replace('\'', r"'\''"))
 }
 
 /// Runs `request` in `dir` (absolute, on the remote host), streaming its output into `sink`.
@@ -357,51 +354,46 @@ fn spawn_kill(pool: &Arc<Pool>, target: &SshTarget, pgid: Option<u32>) {
     tokio::spawn(async move { kill_group(&pool, &target, pgid).await });
 }
 
-/// What a script printed and how it exited.
-#[derive(Debug)]
-pub struct ScriptOutput {
-    pub status: Option<u32>,
-    /// Empty when stdout went to a channel.
-    pub stdout: Vec<u8>,
-    pub stderr: Vec<u8>,
-}
-
-impl ScriptOutput {
-    pub fn success(&self) -> bool {
-        self.status == Some(0)
-    }
-
-    /// The first line of stderr, for error messages.
-    pub fn error_line(&self) -> String {
-        String::from_utf8_lossy(&self.stderr)
-            .lines()
-            .next()
-            .unwrap_or("no message")
-            .to_owned()
-    }
-}
-
-/// Runs a short berth-written shell script (no secrets in it: it is visible in `/proc`), feeding `stdin`, and
-/// collects its output.
+/// Runs a short berth-written shell script on `target`, feeding `stdin`, and collects its output.
 pub async fn control(
     pool: &Arc<Pool>,
     target: &SshTarget,
     script: &str,
     stdin: Option<Vec<u8>>,
 ) -> Result<ScriptOutput, DriverError> {
-    let (input, received) = mpsc::channel(1);
-    if let Some(stdin) = stdin {
-        // The channel is empty and holds one: this cannot fail.
-        let _ = input.try_send(stdin);
+    remote_shell::control(&SshShell { pool, target }, script, stdin).await
+}
+
+/// An SSH host as a [`RemoteShell`]: every script on a session of its own from the pool.
+#[derive(Debug)]
+pub struct SshShell<'a> {
+    pub pool: &'a Arc<Pool>,
+    pub target: &'a SshTarget,
+}
+
+impl RemoteShell for SshShell<'_> {
+    fn run_script<'a>(
+        &'a self,
+        script: &'a str,
+        input: mpsc::Receiver<Vec<u8>>,
+        output: Option<mpsc::Sender<Vec<u8>>>,
+        limit: Duration,
+    ) -> BoxFuture<'a, Result<ScriptOutput, DriverError>> {
+        Box::pin(run_script(
+            self.pool,
+            self.target,
+            script,
+            input,
+            output,
+            limit,
+        ))
     }
-    drop(input);
-    run_script(pool, target, script, received, None, CONTROL_TIMEOUT).await
 }
 
 /// Runs a berth-written script on its own session with `input`'s chunks as its stdin, its stdout handed to `output`
 /// chunk by chunk (backpressure both ways) or else collected, within `limit`. A stopped `output` ends the read
 /// early: its side reports why.
-pub async fn run_script(
+async fn run_script(
     pool: &Arc<Pool>,
     target: &SshTarget,
     script: &str,
@@ -459,11 +451,6 @@ pub async fn run_script(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn quoting_survives_quotes() {
-        assert_eq!(shell_quote("/srv/it's here"), r"'/srv/it'\''s here'");
-    }
 
     #[test]
     fn the_bootstrap_holds_nothing_of_the_request() {

@@ -20,7 +20,6 @@ pub mod forward;
 pub mod pool;
 pub mod probe;
 pub mod target;
-pub mod workspace;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -34,9 +33,10 @@ use berth_core::environment::Driver;
 use berth_core::probe::ProbeResult;
 use serde_json::{Map, Value, json};
 
+use crate::remote_workspace::{self as workspace, SyncedIn};
+use exec::SshShell;
 use pool::Pool;
 use target::SshTarget;
-use workspace::SyncedIn;
 
 use crate::sync::{CancelLatch, HashCache, StopFlag, SyncBackLimits};
 
@@ -133,10 +133,24 @@ impl SshDriver {
         };
         if per_run {
             // Kills what still runs there, then removes it: one session.
-            workspace::remove(&self.pool, &target, &dir).await
+            workspace::remove(
+                &SshShell {
+                    pool: &self.pool,
+                    target: &target,
+                },
+                &dir,
+            )
+            .await
         } else if kill_leftovers {
             // The run died with its server: its command may still run in the workspace, unsupervised.
-            workspace::kill_processes_in(&self.pool, &target, &dir).await
+            workspace::kill_processes_in(
+                &SshShell {
+                    pool: &self.pool,
+                    target: &target,
+                },
+                &dir,
+            )
+            .await
         } else {
             Ok(())
         }
@@ -301,8 +315,10 @@ impl EnvironmentDriver for SshDriver {
             match &request.local_path {
                 Some(local) => {
                     let synced = workspace::sync_in(
-                        &self.pool,
-                        &state.target,
+                        &SshShell {
+                            pool: &self.pool,
+                            target: &state.target,
+                        },
                         local,
                         &state.dir,
                         state.per_run,
@@ -314,7 +330,16 @@ impl EnvironmentDriver for SshDriver {
                     metadata.insert("bytesSent".to_owned(), json!(synced.bytes_sent));
                     *state.synced.lock().await = Some(synced);
                 }
-                None => workspace::create(&self.pool, &state.target, &state.dir).await?,
+                None => {
+                    workspace::create(
+                        &SshShell {
+                            pool: &self.pool,
+                            target: &state.target,
+                        },
+                        &state.dir,
+                    )
+                    .await?
+                }
             }
             Ok(RealizedWorkspace {
                 cwd: state.dir.clone(),
@@ -364,15 +389,12 @@ impl EnvironmentDriver for SshDriver {
             };
             let stop = StopFlag::default();
             let limits = SyncBackLimits::new(state.sync_back_max_mb).with_stop(stop.clone());
-            let work = workspace::sync_back(
-                &self.pool,
-                &state.target,
-                &state.dir,
-                local,
-                &synced,
-                &state.exclude,
-                &limits,
-            );
+            let shell = SshShell {
+                pool: &self.pool,
+                target: &state.target,
+            };
+            let work =
+                workspace::sync_back(&shell, &state.dir, local, &synced, &state.exclude, &limits);
             if state.cancel.has_fired() {
                 // The command was cancelled: what it did still comes back (within the bounds), as for any run.
                 return work.await;

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use berth_core::capabilities::{Capabilities, DriverCapability, SandboxProviderCapability};
 use berth_core::company::{ApiKey, Company};
-use berth_core::environment::Environment;
+use berth_core::environment::{Driver, Environment};
 use berth_core::lease::Lease;
 use berth_core::probe::ProbeResult;
 use berth_core::time::Timestamp;
@@ -242,6 +242,12 @@ pub struct DriverCapabilityResponse {
     pub supports_run_execution: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<&'static str>,
+    /// `plugin` only: the installed plugins' environment drivers, described like sandbox providers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub environment_drivers: Option<BTreeMap<String, SandboxProviderResponse>>,
+    /// `plugin` only: plugins that could not be loaded, and why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problems: Option<Vec<String>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -268,6 +274,8 @@ impl From<&Capabilities> for CapabilitiesResponse {
             supports_unsaved_probe: capability.supports_unsaved_probe,
             supports_run_execution: capability.supports_run_execution,
             note: capability.note,
+            environment_drivers: None,
+            problems: None,
         };
         let provider = |capability: &SandboxProviderCapability| SandboxProviderResponse {
             status: capability.status.as_str(),
@@ -280,12 +288,23 @@ impl From<&Capabilities> for CapabilitiesResponse {
             supports_run_execution: capability.supports_run_execution,
             config_schema: capability.config_schema.clone(),
         };
+        let mut drivers: BTreeMap<&'static str, DriverCapabilityResponse> = capabilities
+            .drivers
+            .iter()
+            .map(|(kind, capability)| (kind.as_str(), driver(capability)))
+            .collect();
+        if let Some(plugin) = drivers.get_mut(Driver::Plugin.as_str()) {
+            plugin.environment_drivers = Some(
+                capabilities
+                    .plugin_drivers
+                    .iter()
+                    .map(|(key, capability)| (key.clone(), provider(capability)))
+                    .collect(),
+            );
+            plugin.problems = Some(capabilities.plugin_problems.clone());
+        }
         Self {
-            drivers: capabilities
-                .drivers
-                .iter()
-                .map(|(kind, capability)| (kind.as_str(), driver(capability)))
-                .collect(),
+            drivers,
             sandbox_providers: capabilities
                 .sandbox_providers
                 .iter()

@@ -3,7 +3,7 @@
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use berth_core::config::{CONFIG_PATH, DriverConfig, merge_config};
+use berth_core::config::{CONFIG_PATH, DriverConfig, merge_config, stored_secret_refs};
 use berth_core::environment::{
     Driver, Environment, EnvironmentStatus, MAX_DESCRIPTION_CHARS, normalize_name,
 };
@@ -92,6 +92,7 @@ pub async fn create(
     // A new environment owns no secrets yet, so any reference here names someone else's: refused.
     let id = EnvironmentId::new();
     vault::check_secret_refs(state.store(), company_id, Some(id), &config).await?;
+    driver_accepts(&state, company_id, driver, &config_value).await?;
     let sealed =
         vault::seal_inline_secrets(state.store(), state.cipher(), company_id, id, &mut config)
             .await?;
@@ -173,35 +174,45 @@ pub async fn patch(
         Patch::Null => None,
         Patch::Value(value) => parse_metadata(Some(value), &mut errors),
     };
-    let config = driver.and_then(|driver| {
+    let config_value = driver.and_then(|driver| {
         // Same driver: the patch is merged over the stored config. A new driver starts from the patch alone, so
         // nothing — above all no secret reference — is inherited from the old driver's config.
-        let config_value = if driver != current.driver {
-            request.config.clone().unwrap_or_else(|| json!({}))
+        if driver != current.driver {
+            Some(request.config.clone().unwrap_or_else(|| json!({})))
         } else {
             match &request.config {
-                None => Value::Object(current.config.clone()),
-                Some(Value::Object(patch)) => Value::Object(merge_config(&current.config, patch)),
+                None => Some(Value::Object(current.config.clone())),
+                Some(Value::Object(patch)) => {
+                    Some(Value::Object(merge_config(&current.config, patch)))
+                }
                 Some(other) => {
                     errors.push(
                         CONFIG_PATH,
                         format!("must be an object, not {}", json_type_name(other)),
                     );
-                    return None;
+                    None
                 }
             }
-        };
-        parse_config(&state, driver, &config_value, &mut errors)
+        }
     });
+    let config = driver
+        .zip(config_value.as_ref())
+        .and_then(|(driver, value)| parse_config(&state, driver, value, &mut errors));
     let (Some(name), Some(driver), Some(status), Some(mut config), true) =
         (name, driver, status, config, errors.is_empty())
     else {
         return Err(ApiError::validation(errors));
     };
     vault::check_secret_refs(state.store(), current.company_id, Some(current.id), &config).await?;
-    let old_refs: Vec<_> = parse_stored(&state, &current)
-        .map(|old| old.secret_refs())
-        .unwrap_or_default();
+    // Only a config that changes is put to the driver: a rename does not call a plugin.
+    if let Some(value) = config_value
+        .as_ref()
+        .filter(|_| request.config.is_some() || driver != current.driver)
+    {
+        driver_accepts(&state, current.company_id, driver, value).await?;
+    }
+    // Read from the stored shape, not a parse: the old config's provider may be gone from this build.
+    let old_refs = stored_secret_refs(&current.config);
 
     let sealed = vault::seal_inline_secrets(
         state.store(),
@@ -211,7 +222,6 @@ pub async fn patch(
         &mut config,
     )
     .await?;
-    let new_refs = config.secret_refs();
     let updated = Environment {
         name,
         description,
@@ -233,12 +243,9 @@ pub async fn patch(
             return Err(error.into());
         }
     };
-    let orphaned: Vec<_> = old_refs
-        .into_iter()
-        .filter(|old| !new_refs.iter().any(|new| new.1 == old.1))
-        .map(|(_, id)| id)
-        .collect();
-    vault::forget(state.store(), &orphaned).await;
+    // Secrets the new config dropped are forgotten, unless a lease acquired with the old config still needs them
+    // for its cleanup (then that cleanup forgets them).
+    vault::forget_unless_needed(state.store(), stored.id, &old_refs, &stored.config).await;
 
     let summary = change_summary(&current, &stored);
     tracing::info!(env.id = %stored.id, "environment updated");
@@ -430,16 +437,22 @@ fn parse_config(
         .ok()
 }
 
-/// Re-reads a stored config into its typed form (stored configs passed validation when written).
-fn parse_stored(
+/// Asks the driver itself (a plugin's `environmentValidateConfig`) whether it takes the config `value`, which passed
+/// validation, with its secrets open for the call: 422 with the driver's paths when it does not. A driver that cannot
+/// judge now (a plugin that is down) does not block the change.
+async fn driver_accepts(
     state: &AppState,
-    environment: &Environment,
-) -> Result<DriverConfig, ValidationErrors> {
-    DriverConfig::parse(
-        environment.driver,
-        &Value::Object(environment.config.clone()),
-        state.drivers().providers(),
-    )
+    company_id: CompanyId,
+    driver: Driver,
+    value: &Value,
+) -> Result<(), ApiError> {
+    let Ok(config) = DriverConfig::parse(driver, value, state.drivers().providers()) else {
+        return Ok(());
+    };
+    let opened =
+        vault::open_unsaved_config(state.store(), state.cipher(), company_id, config).await?;
+    let problems = state.drivers().validate(opened.as_config()).await;
+    problems.into_result(()).map_err(ApiError::validation)
 }
 
 fn stored_shape(config: &DriverConfig) -> Result<Map<String, Value>, ApiError> {

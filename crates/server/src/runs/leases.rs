@@ -266,6 +266,7 @@ fn new_lease(
         failure_reason: None,
         cleanup_status: None,
         metadata: None,
+        acquired_config: Some(environment.config.clone()),
     }
 }
 
@@ -379,8 +380,9 @@ pub enum CleanupKind {
 }
 
 /// Asks the lease's own driver to clean up and records the outcome. `config`: the run's resolved config when the
-/// caller has it; otherwise the environment's current one is loaded and its secrets opened, when it still uses the
-/// lease's driver (an ssh workspace after a restart can only be reached with it).
+/// caller has it; otherwise the config the lease was acquired with, else the environment's current one (when it still
+/// uses the lease's driver), is opened — a provider whose handle alone cannot reach the resource (ssh or a plugin,
+/// after a restart) needs it. Once clean, secrets only this lease still needed are forgotten.
 pub async fn cleanup(
     context: &RunContext,
     lease: &Lease,
@@ -392,7 +394,10 @@ pub async fn cleanup(
     let handle = handle_of(lease);
     let loaded = match config {
         Some(_) => None,
-        None => current_config(context, lease).await,
+        None => match acquired_config(context, lease).await {
+            Some(acquired) => Some(acquired),
+            None => current_config(context, lease).await,
+        },
     };
     let config = config.or(loaded.as_ref().map(ResolvedConfig::as_config));
     let result = match kind {
@@ -409,7 +414,55 @@ pub async fn cleanup(
     if let Err(error) = store.set_lease_cleanup_status(lease.id, status).await {
         tracing::warn!(lease.id = %lease.id, error = %DisplayChain(&error), "could not record cleanup status");
     }
+    if status == CleanupStatus::Success {
+        forget_secrets_left_behind(context, lease).await;
+    }
     status
+}
+
+/// The secrets the lease's config referenced that the environment dropped meanwhile: the lease was what kept them.
+async fn forget_secrets_left_behind(context: &RunContext, lease: &Lease) {
+    let Some(acquired) = &lease.acquired_config else {
+        return;
+    };
+    let referenced = berth_core::config::stored_secret_refs(acquired);
+    if referenced.is_empty() {
+        return;
+    }
+    match context.store.get_environment(lease.environment_id).await {
+        Ok(Some(environment)) => {
+            vault::forget_unless_needed(
+                &context.store,
+                environment.id,
+                &referenced,
+                &environment.config,
+            )
+            .await
+        }
+        // Deleting the environment forgets all of its secrets.
+        Ok(None) => {}
+        Err(error) => {
+            tracing::warn!(lease.id = %lease.id, error = %DisplayChain(&error), "could not load the lease's environment")
+        }
+    }
+}
+
+/// The config the lease was acquired with, secrets resolved, if it can still be opened.
+async fn acquired_config(context: &RunContext, lease: &Lease) -> Option<ResolvedConfig> {
+    match vault::open_acquired_config(
+        &context.store,
+        &context.cipher,
+        context.drivers.providers(),
+        lease,
+    )
+    .await
+    {
+        Ok(config) => config,
+        Err(error) => {
+            tracing::info!(lease.id = %lease.id, code = error.code(), error = %DisplayChain(&error), "the config the lease was acquired with cannot be opened; trying the environment's current one");
+            None
+        }
+    }
 }
 
 /// The lease's environment's config with secrets resolved, if the environment still exists with the lease's driver.

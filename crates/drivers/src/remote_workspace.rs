@@ -1,4 +1,5 @@
-//! Workspaces over SSH: incremental sync in, sync back of what the remote changed, with conflicts reported.
+//! Workspaces on a remote reached through a shell ([`RemoteShell`]: an SSH host, or a sandbox through its provider's
+//! execute): incremental sync in, sync back of what the remote changed, with conflicts reported.
 //!
 //! **Sync in.** The host tree is scanned into a content manifest ([`crate::sync::Manifest`]: modes, sizes,
 //! SHA-256, symlink targets; a file unchanged since the last scan is not read again, see [`HashCache`]). The remote
@@ -36,10 +37,8 @@ use berth_core::driver::{DriverError, SkipReason, SkippedEntry, SyncReport};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use super::exec::{CONTROL_TIMEOUT, ScriptOutput, control, run_script, shell_quote};
-use super::pool::Pool;
-use super::target::SshTarget;
 use crate::fs::{Kind, Placement, Reach, Slot, Tree, blocking, io_error};
+use crate::remote_shell::{CONTROL_TIMEOUT, RemoteShell, ScriptOutput, control, shell_quote};
 use crate::sync::{
     self, Budget, Entry, HashCache, Manifest, StopFlag, SyncBackLimits, blocked, skip,
 };
@@ -89,12 +88,11 @@ pub struct SyncedIn {
 
 /// Lists `dir` on the remote, leaving out what `exclude` matches. A missing directory lists as empty.
 pub async fn list(
-    pool: &Arc<Pool>,
-    target: &SshTarget,
+    shell: &dyn RemoteShell,
     dir: &str,
     exclude: &SyncExclude,
 ) -> Result<RemoteListing, DriverError> {
-    Ok(list_if_present(pool, target, dir, exclude)
+    Ok(list_if_present(shell, dir, exclude)
         .await?
         .unwrap_or_default())
 }
@@ -104,8 +102,7 @@ const MISSING_DIR_STATUS: u32 = 3;
 
 /// Lists `dir` on the remote; `None` when it does not exist.
 async fn list_if_present(
-    pool: &Arc<Pool>,
-    target: &SshTarget,
+    shell: &dyn RemoteShell,
     dir: &str,
     exclude: &SyncExclude,
 ) -> Result<Option<RemoteListing>, DriverError> {
@@ -113,7 +110,7 @@ async fn list_if_present(
         "cd -- {} 2>/dev/null || exit {MISSING_DIR_STATUS}; exec find . -mindepth 1 \\( -type f -o -type d -o -type l \\) -printf '%y %m %s %T@ %P\\0%l\\0'",
         shell_quote(dir)
     );
-    let output = bounded_listing(pool, target, &script).await?;
+    let output = bounded_listing(shell, &script).await?;
     if output.status == Some(MISSING_DIR_STATUS) {
         return Ok(None);
     }
@@ -133,8 +130,7 @@ async fn list_if_present(
 /// Runs a listing script, keeping at most [`MAX_LISTING_BYTES`] of what it prints: the remote chooses how much
 /// that is.
 async fn bounded_listing(
-    pool: &Arc<Pool>,
-    target: &SshTarget,
+    shell: &dyn RemoteShell,
     script: &str,
 ) -> Result<ScriptOutput, DriverError> {
     let (input, received) = mpsc::channel(1);
@@ -151,14 +147,7 @@ async fn bounded_listing(
         Some(stdout)
     };
     let (ran, stdout) = tokio::join!(
-        run_script(
-            pool,
-            target,
-            script,
-            received,
-            Some(output),
-            CONTROL_TIMEOUT
-        ),
+        shell.run_script(script, received, Some(output), CONTROL_TIMEOUT),
         collect
     );
     let Some(stdout) = stdout else {
@@ -241,8 +230,7 @@ fn up_to_date(host: &Entry, host_mtime: Option<i64>, remote: Option<&RemoteEntry
 
 /// Brings the host tree `local` into `dir` on the remote (created if missing), sending only what the remote lacks.
 pub async fn sync_in(
-    pool: &Arc<Pool>,
-    target: &SshTarget,
+    shell: &dyn RemoteShell,
     local: &Path,
     dir: &str,
     fresh: bool,
@@ -256,7 +244,7 @@ pub async fn sync_in(
     let (exists, before) = if fresh {
         (false, RemoteListing::new())
     } else {
-        match list_if_present(pool, target, dir, exclude).await? {
+        match list_if_present(shell, dir, exclude).await? {
             Some(listing) => (true, listing),
             None => (false, RemoteListing::new()),
         }
@@ -282,7 +270,7 @@ pub async fn sync_in(
     }
     if !clear.is_empty() {
         let script = format!("cd -- {} && xargs -0 rm -rf --", shell_quote(dir));
-        let output = control(pool, target, &script, Some(nul_list(&clear))).await?;
+        let output = control(shell, &script, Some(nul_list(&clear))).await?;
         if !output.success() {
             return Err(DriverError::failed(format!(
                 "cannot prepare the remote workspace {dir}: {}",
@@ -320,7 +308,7 @@ pub async fn sync_in(
     }
     // The directory must exist even with nothing to send: the command runs there.
     if !send.is_empty() || !exists {
-        upload(pool, target, local, dir, send).await?;
+        upload(shell, local, dir, send).await?;
     }
     tracing::debug!(dir, files_sent, bytes_sent, "workspace synced in");
     Ok(SyncedIn {
@@ -342,8 +330,7 @@ fn nul_list(paths: &[String]) -> Vec<u8> {
 
 /// Streams a tar of `paths` (relative to `local`) into `tar -x` in `dir`.
 async fn upload(
-    pool: &Arc<Pool>,
-    target: &SshTarget,
+    shell: &dyn RemoteShell,
     local: &Path,
     dir: &str,
     paths: Vec<String>,
@@ -355,7 +342,9 @@ async fn upload(
     let (chunks, received) = mpsc::channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
     let root = local.to_path_buf();
     let packer = tokio::task::spawn_blocking(move || pack(&root, &paths, chunks));
-    let transferred = run_script(pool, target, &script, received, None, TRANSFER_TIMEOUT).await;
+    let transferred = shell
+        .run_script(&script, received, None, TRANSFER_TIMEOUT)
+        .await;
     let packed = packer
         .await
         .map_err(|error| DriverError::failed(format!("the workspace packer failed: {error}")))?;
@@ -509,15 +498,14 @@ fn is_at_or_below(path: &str, parent: &str) -> bool {
 /// nothing for [`SYNC_BACK_IDLE`] is given up on; a stop (the run's cancel) ends it at once. The staging directory
 /// is removed however it ends.
 pub async fn sync_back(
-    pool: &Arc<Pool>,
-    target: &SshTarget,
+    shell: &dyn RemoteShell,
     dir: &str,
     local: &Path,
     synced: &SyncedIn,
     exclude: &SyncExclude,
     limits: &SyncBackLimits,
 ) -> Result<SyncReport, DriverError> {
-    let now = list(pool, target, dir, exclude).await?;
+    let now = list(shell, dir, exclude).await?;
     let changed_paths: Vec<String> = now
         .iter()
         .filter(|(path, entry)| changed(synced.remote.get(*path), entry))
@@ -551,7 +539,7 @@ pub async fn sync_back(
         let unpacked = if fetch.is_empty() {
             Unpacked::default()
         } else {
-            download(pool, target, dir, &fetch, staging.path(), limits).await?
+            download(shell, dir, &fetch, staging.path(), limits).await?
         };
         let (host_dir, before, stop) = (
             local.to_path_buf(),
@@ -631,8 +619,7 @@ struct Unpacked {
 
 /// Streams a tar of `paths` in `dir` into `staging`, within `limits`.
 async fn download(
-    pool: &Arc<Pool>,
-    target: &SshTarget,
+    shell: &dyn RemoteShell,
     dir: &str,
     paths: &[String],
     staging: &Path,
@@ -674,7 +661,7 @@ async fn download(
     drop(list);
     let stop = limits.stop_flag();
     let transferred = tokio::select! {
-        output = run_script(pool, target, &script, list_received, Some(chunks), TRANSFER_TIMEOUT) => output,
+        output = shell.run_script(&script, list_received, Some(chunks), TRANSFER_TIMEOUT) => output,
         () = stop.stopped() => Err(DriverError::SyncBackCancelled),
         () = idle(&progress, SYNC_BACK_IDLE) => Err(DriverError::SyncBackStalled {
             idle_secs: SYNC_BACK_IDLE.as_secs(),
@@ -1042,13 +1029,13 @@ fn kill_in(dir: &str) -> String {
 }
 
 /// Removes `dir` on the remote, first killing what still runs in it (a daemon the run left behind).
-pub async fn remove(pool: &Arc<Pool>, target: &SshTarget, dir: &str) -> Result<(), DriverError> {
+pub async fn remove(shell: &dyn RemoteShell, dir: &str) -> Result<(), DriverError> {
     // Read-only directories inside must not stop the removal.
     let script = format!(
         "{}; chmod -R u+w -- \"$d\" 2>/dev/null; rm -rf -- \"$d\"",
         kill_in(dir)
     );
-    let output = control(pool, target, &script, None).await?;
+    let output = control(shell, &script, None).await?;
     if output.success() {
         Ok(())
     } else {
@@ -1060,25 +1047,15 @@ pub async fn remove(pool: &Arc<Pool>, target: &SshTarget, dir: &str) -> Result<(
 }
 
 /// Kills every process of the remote user whose working directory is `dir` or below.
-pub async fn kill_processes_in(
-    pool: &Arc<Pool>,
-    target: &SshTarget,
-    dir: &str,
-) -> Result<(), DriverError> {
-    control(pool, target, &format!("{}; true", kill_in(dir)), None)
+pub async fn kill_processes_in(shell: &dyn RemoteShell, dir: &str) -> Result<(), DriverError> {
+    control(shell, &format!("{}; true", kill_in(dir)), None)
         .await
         .map(drop)
 }
 
 /// Creates `dir` on the remote.
-pub async fn create(pool: &Arc<Pool>, target: &SshTarget, dir: &str) -> Result<(), DriverError> {
-    let output = control(
-        pool,
-        target,
-        &format!("mkdir -p -- {}", shell_quote(dir)),
-        None,
-    )
-    .await?;
+pub async fn create(shell: &dyn RemoteShell, dir: &str) -> Result<(), DriverError> {
+    let output = control(shell, &format!("mkdir -p -- {}", shell_quote(dir)), None).await?;
     if output.success() {
         Ok(())
     } else {
