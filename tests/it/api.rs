@@ -1196,3 +1196,240 @@ async fn the_whole_flow_works_on_postgres() {
     server.stop().await;
     db.cleanup().await;
 }
+
+/// The one problem of a 422, as `(path, message)`.
+fn only_problem(status: StatusCode, error: &Value) -> (String, String) {
+    assert_error(
+        status,
+        error,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+    );
+    let details = error["error"]["details"].as_array().unwrap();
+    assert_eq!(details.len(), 1, "{error}");
+    (
+        details[0]["path"].as_str().unwrap().to_owned(),
+        details[0]["message"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn control_characters_in_text_fields_are_422_and_never_echoed() {
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let envs = format!("/api/companies/{company}/environments");
+    let existing = create_env(
+        &server,
+        &company,
+        json!({"name": "docs box", "driver": "ssh", "config": ssh_config()}),
+    )
+    .await;
+    let existing_path = format!("/api/environments/{}", existing["id"].as_str().unwrap());
+    let bad_texts = [
+        "nul\u{0}inside",
+        "esc\u{1b}[31mred",
+        "two\nlines",
+        "tab\there",
+        "del\u{7f}x",
+        "c1\u{85}x",
+    ];
+    for bad in bad_texts {
+        let cases = [
+            (
+                Method::POST,
+                envs.clone(),
+                json!({"name": bad, "driver": "ssh", "config": ssh_config()}),
+                "name",
+            ),
+            (
+                Method::POST,
+                envs.clone(),
+                json!({"name": "ok", "description": bad, "driver": "ssh", "config": ssh_config()}),
+                "description",
+            ),
+            (
+                Method::PATCH,
+                existing_path.clone(),
+                json!({"description": bad}),
+                "description",
+            ),
+            (
+                Method::PATCH,
+                existing_path.clone(),
+                json!({"name": bad}),
+                "name",
+            ),
+            (
+                Method::POST,
+                format!("{envs}/probe-config"),
+                json!({"driver": "ssh", "config": ssh_config(), "description": bad}),
+                "description",
+            ),
+            (
+                Method::POST,
+                "/api/companies".to_owned(),
+                json!({"name": bad}),
+                "name",
+            ),
+            (
+                Method::POST,
+                format!("/api/companies/{company}/api-keys"),
+                json!({"name": bad, "role": "reader"}),
+                "name",
+            ),
+        ];
+        for (method, path, body, expected_path) in cases {
+            let (status, error) = server
+                .call(
+                    method.clone(),
+                    &path,
+                    &server.admin_token,
+                    Some(body.clone()),
+                )
+                .await;
+            let (found_path, message) = only_problem(status, &error);
+            assert_eq!(
+                found_path, expected_path,
+                "{method} {path} {body} -> {error}"
+            );
+            assert!(message.contains("control characters"), "{error}");
+            // Nothing in the error repeats the value, raw or JSON-escaped.
+            let escaped = json!(bad).to_string();
+            assert!(!message.contains(bad), "{error}");
+            assert!(
+                !error.to_string().contains(escaped.trim_matches('"')),
+                "{error}"
+            );
+        }
+    }
+    // Nothing was created or changed.
+    assert_eq!(environment_count(&server, &company).await, 2);
+    let (_, stored) = server.get(&existing_path).await;
+    assert_eq!(stored["name"], "docs box");
+    assert_eq!(stored["description"], Value::Null);
+
+    // Whitespace around a description is trimmed, not refused; ordinary text, accents included, passes.
+    let (status, patched) = server
+        .patch(
+            &existing_path,
+            json!({"description": "  builds the docs — vite\n"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{patched}");
+    assert_eq!(patched["description"], "builds the docs — vite");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bodies_of_the_wrong_json_type_are_described_in_json_terms() {
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let envs = format!("/api/companies/{company}/environments");
+    let cases = [
+        (
+            json!([]),
+            "",
+            "the body must be a JSON object, not an array",
+        ),
+        (
+            json!(["x", "ssh"]),
+            "",
+            "the body must be a JSON object, not an array",
+        ),
+        (
+            json!("x"),
+            "",
+            "the body must be a JSON object, not a string",
+        ),
+        (json!(1), "", "the body must be a JSON object, not a number"),
+        (
+            json!(true),
+            "",
+            "the body must be a JSON object, not a boolean",
+        ),
+        (Value::Null, "", "the body must be a JSON object, not null"),
+        (
+            json!({"name": ["x"], "driver": "ssh"}),
+            "name",
+            "must be a string, not an array",
+        ),
+        (
+            json!({"name": "x", "driver": {"kind": "ssh"}}),
+            "driver",
+            "must be a string, not an object",
+        ),
+    ];
+    for (body, expected_path, expected_message) in cases {
+        let (status, error) = server.post(&envs, body.clone()).await;
+        let (path, message) = only_problem(status, &error);
+        assert_eq!(
+            (path.as_str(), message.as_str()),
+            (expected_path, expected_message),
+            "{body} -> {error}"
+        );
+        let text = error["error"]["message"].as_str().unwrap();
+        for rust in ["::", "struct", "Request", "sequence", "u32", "u64"] {
+            assert!(!text.contains(rust), "{body} -> {error}");
+        }
+    }
+    // The same on the other bodies, nested fields included.
+    let runs = format!("/api/companies/{company}/runs");
+    let more = [
+        ("/api/companies".to_owned(), json!([])),
+        (runs.clone(), json!([["true"]])),
+        (runs.clone(), json!({"command": ["true"], "timeoutMs": -5})),
+        (runs.clone(), json!({"command": ["true"], "timeoutMs": "5"})),
+        (runs.clone(), json!({"command": ["true"], "workspace": []})),
+        (runs.clone(), json!({"command": "true"})),
+    ];
+    for (path, body) in more {
+        let (status, error) = server.post(&path, body.clone()).await;
+        only_problem(status, &error);
+        let text = error["error"]["message"].as_str().unwrap();
+        assert!(text.contains("must be"), "{body} -> {error}");
+        for rust in ["::", "struct", "Request", "sequence", "u32", "u64"] {
+            assert!(!text.contains(rust), "{body} -> {error}");
+        }
+    }
+    assert_eq!(environment_count(&server, &company).await, 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn page_limits_outside_one_to_ten_thousand_are_422() {
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let run =
+        crate::support::runs::start_run(&server, &company, json!({"command": ["true"]})).await;
+    crate::support::runs::wait_run(&server, &run, std::time::Duration::from_secs(30)).await;
+    let lists = [
+        format!("/api/companies/{company}/runs"),
+        format!("/api/runs/{run}/events"),
+    ];
+    for list in &lists {
+        for limit in ["0", "-1", "10001", "1000000000"] {
+            let (status, error) = server.get(&format!("{list}?limit={limit}")).await;
+            let (path, message) = only_problem(status, &error);
+            assert_eq!(path, "limit", "{list} {limit}: {error}");
+            assert_eq!(message, "must be between 1 and 10000", "{list} {limit}");
+        }
+        // The bounds themselves are fine; a limit of 1 returns exactly one row.
+        let (status, page) = server.get(&format!("{list}?limit=1")).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        assert_eq!(page.as_array().unwrap().len(), 1, "{page}");
+        let (status, page) = server.get(&format!("{list}?limit=10000")).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let (status, page) = server.get(list).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+    }
+    // The event stream refuses a bad limit the same way rather than ignoring it.
+    let response = reqwest::Client::new()
+        .get(format!("{}/api/runs/{run}/events?limit=0", server.url))
+        .bearer_auth(&server.admin_token)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    server.stop().await;
+}

@@ -14,6 +14,7 @@ mod api;
 mod bridge;
 mod cli;
 mod containment;
+mod data_dir;
 mod drivers;
 mod lab;
 mod layering;

@@ -976,3 +976,31 @@ async fn concurrent_runs_of_a_reusing_environment_never_share_a_sandbox() {
     assert_eq!(shared["status"], "retained");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn control_characters_in_cwd_are_422_and_not_echoed() {
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let path = format!("/api/companies/{company}/runs");
+    for cwd in ["sub\u{0}dir", "sub\ndir", "sub\u{1b}[2Jdir", "sub\tdir"] {
+        let (status, error) = server
+            .post(&path, json!({"command": ["true"], "cwd": cwd}))
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{error}");
+        let details = error["error"]["details"].as_array().unwrap();
+        assert_eq!(details.len(), 1, "{error}");
+        assert_eq!(details[0]["path"], "cwd", "{error}");
+        assert_eq!(
+            details[0]["message"], "must not contain control characters",
+            "{error}"
+        );
+        let escaped = json!(cwd).to_string();
+        assert!(
+            !error.to_string().contains(escaped.trim_matches('"')),
+            "{error}"
+        );
+    }
+    let (_, runs) = server.get(&path).await;
+    assert_eq!(runs, json!([]));
+    server.stop().await;
+}

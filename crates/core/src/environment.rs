@@ -145,6 +145,18 @@ pub fn normalize_name(name: &str) -> Result<String, &'static str> {
     Ok(trimmed.to_owned())
 }
 
+/// Checks a description's characters. A description is one paragraph of plain text shown in listings, so no control
+/// character is allowed, not even a newline or tab: a NUL cannot be stored faithfully everywhere, and escape sequences
+/// would garble every terminal that prints it. Leading and trailing whitespace is not checked: it is trimmed away.
+pub fn check_description(text: &str) -> Result<(), &'static str> {
+    if text.trim().chars().any(char::is_control) {
+        return Err(
+            "must not contain control characters (a description is one paragraph of plain text)",
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,5 +179,25 @@ mod tests {
         assert!(normalize_name("   ").is_err());
         assert!(normalize_name(&"x".repeat(201)).is_err());
         assert!(normalize_name("a\u{0}b").is_err());
+    }
+
+    #[test]
+    fn descriptions_refuse_control_characters_inside_the_text() {
+        assert!(check_description("builds the docs, fast").is_ok());
+        assert!(
+            check_description("  padded\n").is_ok(),
+            "surrounding whitespace is trimmed, not refused"
+        );
+        for bad in [
+            "a\u{0}b",
+            "one\ntwo",
+            "tab\there",
+            "esc\u{1b}[31m",
+            "del\u{7f}",
+            "c1\u{85}x",
+        ] {
+            let message = check_description(bad).unwrap_err();
+            assert!(!message.contains(bad), "{message}");
+        }
     }
 }

@@ -66,6 +66,8 @@ impl fmt::Display for ValidationErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.errors.as_slice() {
             [] => f.write_str("validation failed"),
+            // A problem with the whole body has no path; a bare ": " before its message would read as a glitch.
+            [only] if only.path.is_empty() => f.write_str(&only.message),
             [only] => write!(f, "{}: {}", only.path, only.message),
             [first, rest @ ..] => {
                 write!(

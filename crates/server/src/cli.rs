@@ -38,7 +38,7 @@ pub enum Command {
     #[command(subcommand)]
     Env(EnvCommand),
     /// Run a command in an environment and stream its output; exits with the command's exit code (124 on
-    /// timeout, 125 when berth failed before the command ran).
+    /// timeout, 125 when berth failed before the command ran, 255 when berth lost the run after starting it).
     Run(crate::run_command::RunArgs),
     /// Inspect leases.
     #[command(subcommand)]

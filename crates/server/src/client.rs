@@ -17,7 +17,8 @@ use crate::serve::ADMIN_TOKEN_FILE;
 /// An API call that did not succeed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach berth at {url}: is `berth serve` running? ({source})")]
+    // The cause is left to the `source()` chain, which the CLI renders (`{:#}`): naming it here printed it twice.
+    #[error("cannot reach berth at {url} (is `berth serve` running?)")]
     Unreachable { url: String, source: reqwest::Error },
     #[error("{message} ({code}, HTTP {status}){}", render_details(.details))]
     Api {

@@ -4,7 +4,7 @@ use std::fs;
 use std::future::Future;
 use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -392,15 +392,24 @@ fn announce(address: SocketAddr) -> io::Result<()> {
     stdout.flush()
 }
 
+/// Creates the data dir with mode 0700, or makes an existing one private: it holds the master key, the admin token
+/// and the database, and another user on the host must not list or read it.
 fn create_private_dir(path: &Path) -> Result<(), ServeError> {
+    let failed = |source| ServeError::DataDir {
+        path: path.to_owned(),
+        source,
+    };
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(path)
-        .map_err(|source| ServeError::DataDir {
-            path: path.to_owned(),
-            source,
-        })
+        .map_err(failed)?;
+    let mode = fs::metadata(path).map_err(failed)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "the data dir was open to other users; made it private (0700)");
+        fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(failed)?;
+    }
+    Ok(())
 }
 
 /// `BERTH_ADMIN_TOKEN` if set; else the token file; else a fresh token written to the file with mode 0600.

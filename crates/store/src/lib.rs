@@ -276,6 +276,7 @@ async fn connect_sqlite(url: &str) -> Result<(SqlitePool, Option<PathBuf>), Stor
     } else {
         create_parent_dir(options.get_filename()).await?;
         let file = options.get_filename().to_path_buf();
+        make_database_files_private(&file).await?;
         (
             pool_options.max_connections(SQLITE_MAX_CONNECTIONS),
             Some(file),
@@ -291,6 +292,37 @@ async fn connect_postgres(url: &str) -> Result<PgPool, StoreError> {
         .acquire_timeout(ACQUIRE_TIMEOUT)
         .connect_with(options)
         .await?)
+}
+
+/// The database holds every company's configs and runs: its file is created (or tightened) to mode 0600 before
+/// SQLite opens it, and so are its `-wal` and `-shm` files when they exist. SQLite creates those two with the mode of
+/// the database file, so a private database keeps them private.
+async fn make_database_files_private(file: &Path) -> Result<(), StoreError> {
+    let file = file.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&file)?;
+        for suffix in ["", "-wal", "-shm"] {
+            let path = PathBuf::from(format!("{}{suffix}", file.display()));
+            match std::fs::metadata(&path) {
+                Ok(meta) if meta.permissions().mode() & 0o077 != 0 => {
+                    tracing::warn!(path = %path.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777), "the database file was readable by others; made it private (0600)");
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+                }
+                Ok(_) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|error| StoreError::Unavailable(sqlx::Error::Io(std::io::Error::other(error))))?
+    .map_err(|error| StoreError::Unavailable(sqlx::Error::Io(error)))
 }
 
 /// Whether a SQLite URL names an in-memory database (`sqlite::memory:`, `sqlite://:memory:`, `?mode=memory`).

@@ -7,11 +7,12 @@ use std::collections::BTreeMap;
 
 use berth_core::capabilities::{Capabilities, DriverCapability, SandboxProviderCapability};
 use berth_core::company::{ApiKey, Company};
-use berth_core::environment::{Driver, Environment};
+use berth_core::environment::{Driver, Environment, check_description};
 use berth_core::lease::Lease;
 use berth_core::probe::ProbeResult;
 use berth_core::time::Timestamp;
-use serde::{Deserialize, Serialize};
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
@@ -114,7 +115,7 @@ pub struct WhoAmIResponse {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CreateEnvironmentRequest {
     pub name: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "description")]
     pub description: Option<String>,
     pub driver: String,
     #[serde(default)]
@@ -130,7 +131,7 @@ pub struct CreateEnvironmentRequest {
 pub struct PatchEnvironmentRequest {
     #[serde(default)]
     pub name: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "patch_description")]
     pub description: Patch<String>,
     #[serde(default)]
     pub driver: Option<String>,
@@ -150,10 +151,32 @@ pub struct ProbeConfigRequest {
     pub config: Option<Value>,
     #[serde(default)]
     pub name: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "description")]
     pub description: Option<String>,
     #[serde(default)]
     pub metadata: Option<Value>,
+}
+
+/// Checks a description's characters as it is read. The handlers trim and bound it; the character check sits here,
+/// at the one place every description enters, so create, patch and probe-config all refuse the same text. The error
+/// names no value: the path (`description`) is added by the body extractor.
+fn description<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    let text = Option::<String>::deserialize(deserializer)?;
+    if let Some(text) = &text {
+        check_description(text).map_err(D::Error::custom)?;
+    }
+    Ok(text)
+}
+
+/// [`description`] for a PATCH field, where `null` clears it.
+fn patch_description<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Patch<String>, D::Error> {
+    let patch = Patch::<String>::deserialize(deserializer)?;
+    if let Patch::Value(text) = &patch {
+        check_description(text).map_err(D::Error::custom)?;
+    }
+    Ok(patch)
 }
 
 #[derive(Debug, Serialize)]

@@ -28,6 +28,22 @@ use crate::state::AppState;
 const DEFAULT_PAGE: u32 = 1000;
 const MAX_PAGE: u32 = 10_000;
 
+/// The page size a `?limit=` asks for. Out of range is refused rather than clamped, so a client never silently gets
+/// fewer rows than it asked for (or one row for `limit=0`). Read as `i64` so a negative limit is a 422 with the bounds,
+/// like any other out-of-range value, rather than a query-string parse error.
+fn page_limit(limit: Option<i64>) -> Result<u32, ApiError> {
+    let Some(limit) = limit else {
+        return Ok(DEFAULT_PAGE);
+    };
+    match u32::try_from(limit) {
+        Ok(limit) if (1..=MAX_PAGE).contains(&limit) => Ok(limit),
+        _ => Err(ApiError::validation(ValidationErrors::single(
+            "limit",
+            format!("must be between 1 and {MAX_PAGE}"),
+        ))),
+    }
+}
+
 pub async fn create(
     State(state): State<AppState>,
     principal: Principal,
@@ -72,7 +88,7 @@ pub async fn create(
 #[derive(Debug, Default, Deserialize)]
 pub struct ListQuery {
     status: Option<String>,
-    limit: Option<u32>,
+    limit: Option<i64>,
 }
 
 pub async fn list(
@@ -96,7 +112,7 @@ pub async fn list(
             ApiError::validation(ValidationErrors::single("status", error.to_string()))
         })?),
     };
-    let limit = query.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
+    let limit = page_limit(query.limit)?;
     let runs = state.store().list_runs(company_id, status, limit).await?;
     Ok(Json(runs.iter().map(RunResponse::from).collect()))
 }
@@ -136,7 +152,7 @@ pub async fn cancel(
 #[derive(Debug, Default, Deserialize)]
 pub struct EventsQuery {
     after: Option<i64>,
-    limit: Option<u32>,
+    limit: Option<i64>,
 }
 
 pub async fn events(
@@ -150,6 +166,8 @@ pub async fn events(
     principal.access(run.company_id)?;
     let query = query_or_400(query)?;
     let after = query.after.unwrap_or(0).max(0);
+    // Checked before choosing JSON or SSE so a bad limit is refused the same way on both.
+    let limit = page_limit(query.limit)?;
     if wants_event_stream(&headers) {
         let follower = state.runs().follow(run.id, after).idle_after(KEEP_ALIVE);
         let stream = futures::stream::unfold(follower, |mut follower| async move {
@@ -170,7 +188,6 @@ pub async fn events(
         )
             .into_response());
     }
-    let limit = query.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
     let events = state.store().list_events(run.id, after, limit).await?;
     Ok(Json(events.iter().map(EventResponse::from).collect::<Vec<_>>()).into_response())
 }
@@ -226,5 +243,21 @@ fn workspace_caller(principal: &Principal) -> WorkspaceCaller {
     match principal {
         Principal::Admin => WorkspaceCaller::Operator,
         Principal::ApiKey(key) => WorkspaceCaller::Company(key.company_id),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_limits_outside_the_bounds_are_refused_not_clamped() {
+        assert_eq!(page_limit(None).unwrap(), DEFAULT_PAGE);
+        assert_eq!(page_limit(Some(1)).unwrap(), 1);
+        assert_eq!(page_limit(Some(10_000)).unwrap(), MAX_PAGE);
+        for limit in [0, -1, 10_001, 1_000_000_000, i64::MAX] {
+            let error = page_limit(Some(limit)).unwrap_err();
+            assert_eq!(error.code(), "validation_failed", "{limit}");
+        }
     }
 }

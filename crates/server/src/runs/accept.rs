@@ -277,15 +277,17 @@ fn validate(
         }
     }
     let cwd = request.cwd.filter(|cwd| !cwd.is_empty());
-    if let Some(cwd) = &cwd
-        && (cwd.starts_with('/')
-            || cwd.split('/').any(|segment| segment == "..")
-            || cwd.contains('\0'))
-    {
-        errors.push(
-            "cwd",
-            "must be a path inside the workspace: relative, without '..'",
-        );
+    if let Some(cwd) = &cwd {
+        // NUL cannot reach the process at all, and other control characters in a directory name are never what a
+        // caller meant (and would garble logs): both are refused with their own message.
+        if cwd.chars().any(char::is_control) {
+            errors.push("cwd", "must not contain control characters");
+        } else if cwd.starts_with('/') || cwd.split('/').any(|segment| segment == "..") {
+            errors.push(
+                "cwd",
+                "must be a path inside the workspace: relative, without '..'",
+            );
+        }
     }
     let timeout = match request.timeout_ms {
         Some(ms) if !(1..=MAX_TIMEOUT_MS).contains(&ms) => {
