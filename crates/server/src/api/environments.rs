@@ -446,6 +446,11 @@ async fn driver_accepts(
     driver: Driver,
     value: &Value,
 ) -> Result<(), ApiError> {
+    // Only sandbox providers and plugin drivers judge configs beyond validation: for the others, opening the
+    // config's secrets would be work (a read and a decryption per secret) for nothing.
+    if !matches!(driver, Driver::Sandbox | Driver::Plugin) {
+        return Ok(());
+    }
     let Ok(config) = DriverConfig::parse(driver, value, state.drivers().providers()) else {
         return Ok(());
     };
