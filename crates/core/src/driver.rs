@@ -41,6 +41,31 @@ pub struct LeaseHandle {
     pub provider_lease_id: Option<String>,
     pub metadata: Map<String, Value>,
     pub expires_at: Option<Timestamp>,
+    /// The command running on the lease when it was last recorded (see [`OutputSink::started`]): what cleanup after
+    /// a crash kills, and nothing else. Stored with the lease, never shown by the API.
+    pub process: Option<ProcessIdentity>,
+}
+
+/// Who a started command is, recorded before it can do anything so that cleanup after a crash of berth kills exactly
+/// its processes — wherever they ran, never a process that later got a recycled pid.
+///
+/// A command runs as the leader of its own process group. The kernel never hands out a pid that is still some
+/// group's id, so while any process of the group lives, `pgid` names this group; `boot_id` and `start_ticks` tell it
+/// from a later group that reused the number after the whole group had gone.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProcessIdentity {
+    /// The process group (the leader's pid), on the host the command ran on.
+    pub pgid: u32,
+    /// The session the group belongs to: members left behind by a dead leader still carry it.
+    pub session_id: u32,
+    /// The leader's start time in clock ticks since boot (`/proc/<pid>/stat`, field 22).
+    pub start_ticks: u64,
+    /// `/proc/sys/kernel/random/boot_id` of that host: after a reboot no recorded process can still run.
+    pub boot_id: String,
+    /// The cgroup the command was placed in, when the driver made one for it: killing it kills every process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
 }
 
 /// Where the run's files come from.
@@ -196,6 +221,12 @@ impl OutputStream {
 /// taken care of; a slow sink slows the command down (backpressure) rather than buffering without bound.
 pub trait OutputSink: Send + Sync {
     fn output<'a>(&'a self, stream: OutputStream, data: &'a [u8]) -> BoxFuture<'a, ()>;
+
+    /// The command's process group started: the server records `process` durably (drivers await this as soon as they
+    /// know the group), so a crash from then on leaves enough behind to kill exactly these processes.
+    fn started<'a>(&'a self, _process: &'a ProcessIdentity) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// Resolves when the run is cancelled. Drivers select on it and kill the process tree.

@@ -221,6 +221,7 @@ impl EnvironmentDriver for LocalDriver {
                 provider_lease_id: None,
                 metadata,
                 expires_at: None,
+                process: None,
             })
         })
     }

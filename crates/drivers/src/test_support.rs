@@ -169,6 +169,7 @@ impl SandboxProvider for StubProvider {
                 provider_lease_id: Some(format!("stub://{}", request.run_id)),
                 metadata: Map::new(),
                 expires_at: None,
+                process: None,
             })
         })
     }

@@ -288,6 +288,7 @@ impl FakeProvider {
             provider_lease_id: Some(key.id()),
             metadata,
             expires_at: None,
+            process: None,
         }
     }
 

@@ -203,6 +203,7 @@ impl PluginSandboxProvider {
             provider_lease_id: Some(result.provider_lease_id),
             metadata,
             expires_at: result.expires_at.as_deref().and_then(parse_rfc3339),
+            process: None,
         }
     }
 

@@ -292,6 +292,7 @@ impl Server {
             provider_lease_id: Some(lease.provider_lease_id.clone()),
             metadata: lease.metadata.clone(),
             expires_at: None,
+            process: None,
         }
     }
 

@@ -198,6 +198,7 @@ impl SandboxProvider for DirSandbox {
                 provider_lease_id: Some(id),
                 metadata,
                 expires_at: None,
+                process: None,
             })
         })
     }

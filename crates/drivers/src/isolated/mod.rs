@@ -229,6 +229,7 @@ impl IsolatedProvider {
             provider_lease_id: Some(key.id()),
             metadata,
             expires_at: None,
+            process: None,
         }
     }
 

@@ -212,6 +212,7 @@ fn handle_for(config: &SshConfig, request: &LeaseRequest, dir: &str) -> LeaseHan
         )),
         metadata,
         expires_at: None,
+        process: None,
     }
 }
 

@@ -79,6 +79,7 @@ pub fn handle_of(lease: &Lease) -> LeaseHandle {
         provider_lease_id: lease.provider_lease_id.clone(),
         metadata: lease.metadata.clone().unwrap_or_default(),
         expires_at: lease.expires_at,
+        process: None,
     }
 }
 
