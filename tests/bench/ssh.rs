@@ -7,10 +7,19 @@
 //!   persistent workspace, cold (empty remote directory) and after changing one file (median of a few), beside
 //!   `rsync -a` over ssh doing the same. Target: the incremental sync no slower than 2× rsync.
 //!
+//! - (c) a slow login: a second sshd whose user's `~/.bashrc` sleeps 150 ms, as on a developer's host whose rc files
+//!   run `pyenv init` or nvm. A whole berth run (acquire → sync in → exec `true` → sync back → release of a small
+//!   workspace, on the pooled connection and its runner; the first, cold run apart) beside one `ssh host true`, and
+//!   the pooled exec round trip there. Targets: the whole run faster than one CLI connection; pooled exec p50 under
+//!   5 ms.
+//! - (d) output throughput: one command writing 100 MB to stdout through berth's runner beside
+//!   `ssh host head -c …` into /dev/null (medians of three).
+//!
 //! Nothing here can time a no-op: sshd's log proves which variants opened new connections, and every copy is checked
 //! against its source. Run: `bash scripts/bench.sh ssh`. Knobs: `BERTH_BENCH_EXECS` (berth and ControlMaster,
 //! default 200), `BERTH_BENCH_CLI_EXECS` (per-command CLI, default 50), `BERTH_BENCH_SYNC_FILES` (default 5000),
-//! `BERTH_BENCH_SYNC_MB` (default 50), `BERTH_BENCH_SYNC_REPEATS` (incremental syncs, default 5).
+//! `BERTH_BENCH_SYNC_MB` (default 50), `BERTH_BENCH_SYNC_REPEATS` (incremental syncs, default 5),
+//! `BERTH_BENCH_WHOLE_RUNS` (slow-login whole runs, default 20), `BERTH_BENCH_OUTPUT_MB` (default 100).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -667,6 +676,251 @@ async fn workspace_sync(sshd: &TestSshd, files: usize, megabytes: usize, repeats
     berth_incremental / rsync_incremental
 }
 
+/// Counts what arrives.
+#[derive(Default)]
+struct Count(std::sync::atomic::AtomicU64);
+
+impl OutputSink for Count {
+    fn output<'a>(&'a self, _stream: OutputStream, data: &'a [u8]) -> BoxFuture<'a, ()> {
+        self.0
+            .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        Box::pin(async {})
+    }
+}
+
+/// One whole run of `true` on a per-run workspace synced from `source`: acquire, sync in, exec, sync back, release.
+async fn whole_run(driver: &SshDriver, config: &DriverConfig, source: &Path) -> Duration {
+    let request = LeaseRequest {
+        company_id: CompanyId::new(),
+        environment_id: EnvironmentId::new(),
+        run_id: RunId::new(),
+    };
+    let started = Instant::now();
+    let lease = driver
+        .acquire(config, &request)
+        .await
+        .expect("acquire an ssh lease");
+    let workspace = driver
+        .realize_workspace(
+            &lease,
+            &WorkspaceRequest {
+                run_id: request.run_id,
+                local_path: Some(source.to_path_buf()),
+            },
+        )
+        .await
+        .expect("sync the workspace in");
+    let outcome = driver
+        .execute(
+            &lease,
+            &workspace,
+            true_request(),
+            &Discard,
+            Box::pin(std::future::pending()),
+        )
+        .await
+        .expect("run `true`");
+    assert_eq!(outcome.exit_code, Some(0), "{outcome:?}");
+    driver
+        .sync_back(&lease, &workspace)
+        .await
+        .expect("sync the workspace back");
+    driver
+        .release(&lease, false, Some(config))
+        .await
+        .expect("release the lease");
+    let elapsed = started.elapsed();
+    assert!(
+        !Path::new(&workspace.cwd).exists(),
+        "the per-run workspace outlived its lease"
+    );
+    elapsed
+}
+
+/// The figures of (c).
+struct SlowLoginFigures {
+    whole_run_p50_ms: f64,
+    cli_p50_ms: f64,
+    pooled_p50_ms: f64,
+}
+
+async fn slow_login(runs: usize, execs: usize, cli_execs: usize) -> SlowLoginFigures {
+    let sshd = TestSshd::start();
+    sshd.slow_login(Duration::from_millis(150));
+    let (shell, mut startup) = login_shell_startup(&sshd, 10).await;
+    let (shell_p50, _) = p50_p99_ms(&mut startup);
+    assert!(
+        shell_p50 >= 140.0,
+        "the slow login shell ({shell}) starts in {shell_p50:.1} ms: the sleep in ~/.bashrc is not read"
+    );
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let source = scratch.path().join("source");
+    let mut rng = Rng(0x5EED);
+    generate_tree(&source, 20, 200_000, &mut rng);
+    let log = scratch.path().join("ssh-client.log");
+
+    let mut cli = Vec::with_capacity(cli_execs);
+    for _ in 0..cli_execs.clamp(5, 20) {
+        let mut command = ssh_cli(&sshd);
+        command.arg("true");
+        cli.push(time_cli(command, &log).await);
+    }
+
+    let driver = SshDriver::default();
+    let config = driver_config(&sshd, "per_run");
+    let cold = whole_run(&driver, &config, &source).await;
+    let before = SshdCounts::now(&sshd);
+    let mut warm = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        warm.push(whole_run(&driver, &config, &source).await);
+    }
+    let (connections, sessions) = before.since(&sshd);
+    assert_eq!(connections, 0, "the warm runs opened new connections");
+
+    // Pooled exec on this host: the runner already started.
+    let request = LeaseRequest {
+        company_id: CompanyId::new(),
+        environment_id: EnvironmentId::new(),
+        run_id: RunId::new(),
+    };
+    let lease = driver.acquire(&config, &request).await.expect("acquire");
+    let workspace = driver
+        .realize_workspace(
+            &lease,
+            &WorkspaceRequest {
+                run_id: request.run_id,
+                local_path: None,
+            },
+        )
+        .await
+        .expect("workspace");
+    time_berth_exec(&driver, &lease, &workspace).await;
+    let mut pooled = Vec::with_capacity(execs);
+    for _ in 0..execs {
+        pooled.push(time_berth_exec(&driver, &lease, &workspace).await);
+    }
+    driver
+        .release(&lease, false, Some(&config))
+        .await
+        .expect("release");
+
+    let (cli_p50, cli_p99) = p50_p99_ms(&mut cli);
+    let (warm_p50, warm_p99) = p50_p99_ms(&mut warm);
+    let (pooled_p50, pooled_p99) = p50_p99_ms(&mut pooled);
+    println!(
+        "\n(c) slow login: {shell} whose ~/.bashrc sleeps 150 ms (measured {shell_p50:.0} ms); a whole run syncs 20 files \
+         / 200 kB in and back"
+    );
+    println!("{:<52} {:>8} {:>10} {:>10}", "", "runs", "p50 ms", "p99 ms");
+    println!(
+        "{:<52} {:>8} {cli_p50:>10.2} {cli_p99:>10.2}",
+        "`ssh host true`, one CLI connection (baseline)",
+        cli.len()
+    );
+    println!(
+        "{:<52} {:>8} {:>10.2} {:>10}",
+        "berth whole run, cold (connect, start the runner)",
+        1,
+        cold.as_secs_f64() * 1000.0,
+        ""
+    );
+    println!(
+        "{:<52} {:>8} {warm_p50:>10.2} {warm_p99:>10.2}",
+        "berth whole run, pooled connection and runner",
+        warm.len()
+    );
+    println!(
+        "{:<52} {:>8} {pooled_p50:>10.2} {pooled_p99:>10.2}",
+        "berth pooled exec of `true`",
+        pooled.len()
+    );
+    println!(
+        "  sessions sshd started during the {} warm runs: {sessions} (each would pay the login shell)",
+        warm.len()
+    );
+    sshd.stop();
+    SlowLoginFigures {
+        whole_run_p50_ms: warm_p50,
+        cli_p50_ms: cli_p50,
+        pooled_p50_ms: pooled_p50,
+    }
+}
+
+/// (d): MB/s of berth (runner) and of the CLI, medians of three.
+async fn output_throughput(sshd: &TestSshd, megabytes: usize) -> (f64, f64) {
+    let bytes = megabytes as u64 * 1_000_000;
+    let driver = SshDriver::default();
+    let config = driver_config(sshd, "per_run");
+    let request = LeaseRequest {
+        company_id: CompanyId::new(),
+        environment_id: EnvironmentId::new(),
+        run_id: RunId::new(),
+    };
+    let lease = driver.acquire(&config, &request).await.expect("acquire");
+    let workspace = driver
+        .realize_workspace(
+            &lease,
+            &WorkspaceRequest {
+                run_id: request.run_id,
+                local_path: None,
+            },
+        )
+        .await
+        .expect("workspace");
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let log = scratch.path().join("ssh-client.log");
+    let (mut berth, mut cli) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let count = Count::default();
+        let started = Instant::now();
+        let outcome = driver
+            .execute(
+                &lease,
+                &workspace,
+                ExecRequest {
+                    argv: vec![
+                        "head".to_owned(),
+                        "-c".to_owned(),
+                        bytes.to_string(),
+                        "/dev/zero".to_owned(),
+                    ],
+                    ..true_request()
+                },
+                &count,
+                Box::pin(std::future::pending()),
+            )
+            .await
+            .expect("berth streams output");
+        berth.push(started.elapsed());
+        assert_eq!(outcome.exit_code, Some(0), "{outcome:?}");
+        assert_eq!(
+            count.0.load(std::sync::atomic::Ordering::Relaxed),
+            bytes,
+            "berth lost or added output"
+        );
+        let mut command = ssh_cli(sshd);
+        command.arg(format!("head -c {bytes} /dev/zero"));
+        cli.push(time_cli(command, &log).await);
+    }
+    driver
+        .release(&lease, false, Some(&config))
+        .await
+        .expect("release");
+    let rate = |samples: &[Duration]| megabytes as f64 / median_secs(samples);
+    let (berth, cli) = (rate(&berth), rate(&cli));
+    println!("\n(d) one command writing {megabytes} MB to stdout (median of 3)");
+    println!("{:<52} {:>10}", "", "MB/s");
+    println!(
+        "{:<52} {berth:>10.0}",
+        "berth, on the pooled connection's runner"
+    );
+    println!(
+        "{:<52} {cli:>10.0}",
+        "`ssh host head -c …` > /dev/null (baseline)"
+    );
+    (berth, cli)
+}
+
 #[tokio::main]
 async fn main() {
     let execs = knob("BERTH_BENCH_EXECS", 200);
@@ -674,11 +928,15 @@ async fn main() {
     let files = knob("BERTH_BENCH_SYNC_FILES", 5000);
     let megabytes = knob("BERTH_BENCH_SYNC_MB", 50);
     let repeats = knob("BERTH_BENCH_SYNC_REPEATS", 5);
+    let whole_runs = knob("BERTH_BENCH_WHOLE_RUNS", 20);
+    let output_mb = knob("BERTH_BENCH_OUTPUT_MB", 100);
     println!("berth ssh benchmark (release build, one OpenSSH sshd on 127.0.0.1)");
 
     let sshd = TestSshd::start();
     let exec = exec_round_trips(&sshd, execs, cli_execs).await;
     let ratio = workspace_sync(&sshd, files, megabytes, repeats).await;
+    let slow = slow_login(whole_runs, execs, cli_execs).await;
+    let (berth_rate, cli_rate) = output_throughput(&sshd, output_mb).await;
 
     println!("\ntargets");
     println!(
@@ -694,6 +952,21 @@ async fn main() {
     println!(
         "  incremental sync no slower than 2× rsync: {} ({ratio:.2}×)",
         verdict(ratio <= 2.0)
+    );
+    println!(
+        "  slow login: a whole run faster than one `ssh host true`: {} ({:.1} ms against {:.1} ms)",
+        verdict(slow.whole_run_p50_ms < slow.cli_p50_ms),
+        slow.whole_run_p50_ms,
+        slow.cli_p50_ms
+    );
+    println!(
+        "  slow login: pooled exec p50 under 5 ms: {} ({:.2} ms)",
+        verdict(slow.pooled_p50_ms < 5.0),
+        slow.pooled_p50_ms
+    );
+    println!(
+        "  output through berth at least as fast as the ssh CLI's: {} ({berth_rate:.0} against {cli_rate:.0} MB/s)",
+        verdict(berth_rate >= cli_rate * 0.9)
     );
     if exec.login_shell_p50_ms > 10.0 {
         println!(

@@ -11,6 +11,19 @@ fn ssh_config() -> Value {
     json!({"host": "build.internal", "username": "agent", "remoteWorkspacePath": "/srv/berth"})
 }
 
+/// A freshly generated OpenSSH private key (ssh keys are decoded at create and update, so a made-up one is refused).
+fn generated_private_key() -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("key");
+    let status = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&path)
+        .status()
+        .expect("ssh-keygen (openssh-client)");
+    assert!(status.success());
+    std::fs::read_to_string(path).unwrap()
+}
+
 async fn create_env(server: &TestServer, company: &str, body: Value) -> Value {
     let (status, created) = server
         .post(&format!("/api/companies/{company}/environments"), body)
@@ -407,7 +420,9 @@ async fn keys_are_confined_to_their_company() {
 async fn ssh_environments_get_defaults_and_secrets_never_come_back() {
     let server = TestServer::start().await;
     let company = server.default_company().await;
-    let private_key = "-----BEGIN OPENSSH PRIVATE KEY-----\nc2VjcmV0LWtleS1tYXRlcmlhbC1mb3ItdGVzdHM=\n-----END OPENSSH PRIVATE KEY-----\n";
+    let private_key = generated_private_key();
+    // The last line of the body: private key material, unlike the first (a header every ed25519 key shares).
+    let key_body = private_key.lines().rev().nth(1).unwrap().to_owned();
     let mut config = ssh_config();
     config["privateKey"] = json!(private_key);
     config["password"] = json!("correct-horse-battery-staple");
@@ -436,8 +451,7 @@ async fn ssh_environments_get_defaults_and_secrets_never_come_back() {
     for body in [&created, &fetched, &listed] {
         let text = body.to_string();
         assert!(
-            !text.contains("c2VjcmV0LWtleS1tYXRlcmlhbC1mb3ItdGVzdHM")
-                && !text.contains("correct-horse"),
+            !text.contains(&key_body) && !text.contains("correct-horse"),
             "{text}"
         );
     }
@@ -448,7 +462,7 @@ async fn ssh_environments_get_defaults_and_secrets_never_come_back() {
             let bytes = std::fs::read(entry.path()).unwrap();
             let haystack = String::from_utf8_lossy(&bytes);
             assert!(
-                !haystack.contains("correct-horse") && !haystack.contains("c2VjcmV0LWtleS1"),
+                !haystack.contains("correct-horse") && !haystack.contains(&key_body),
                 "{:?}",
                 entry.path()
             );
@@ -457,7 +471,7 @@ async fn ssh_environments_get_defaults_and_secrets_never_come_back() {
     }
     assert!(files_checked >= 2, "expected the database and key files");
     let logs = server.stop().await;
-    assert!(!logs.contains("correct-horse") && !logs.contains("c2VjcmV0LWtleS1"));
+    assert!(!logs.contains("correct-horse") && !logs.contains(&key_body));
 }
 
 #[tokio::test]
@@ -742,8 +756,7 @@ async fn patch_merges_same_driver_config_and_replaces_it_on_a_driver_change() {
     let server = TestServer::start().await;
     let company = server.default_company().await;
     let mut config = ssh_config();
-    config["privateKey"] =
-        json!("-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n-----END OPENSSH PRIVATE KEY-----\n");
+    config["privateKey"] = json!(generated_private_key());
     config["port"] = json!(2222);
     let created = create_env(
         &server,
@@ -800,7 +813,10 @@ async fn patch_merges_same_driver_config_and_replaces_it_on_a_driver_change() {
 
     // A new inline key replaces the stored one, and the old secret is deleted.
     let (status, rekeyed) = server
-        .patch(&format!("/api/environments/{id}"), json!({"config": {"privateKey": "-----BEGIN OPENSSH PRIVATE KEY-----\nBBBB\n-----END OPENSSH PRIVATE KEY-----\n"}}))
+        .patch(
+            &format!("/api/environments/{id}"),
+            json!({"config": {"privateKey": generated_private_key()}}),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{rekeyed}");
     let new_secret: berth_core::ids::SecretId = rekeyed["config"]["privateKeySecretRef"]
@@ -1140,7 +1156,130 @@ async fn activity_records_changes_without_config_values() {
         !rendered.contains("very-distinctive-host") && !rendered.contains("distinctive-user"),
         "{rendered}"
     );
+
+    // The same log through the API: oldest first, paged by the last id seen, readable by the company's keys only.
+    let route = format!("/api/companies/{company}/activity");
+    let (status, listed) = server.get(&route).await;
+    assert_eq!(status, StatusCode::OK, "{listed}");
+    let listed = listed.as_array().unwrap().clone();
+    assert_eq!(listed.len(), activity.len());
+    let ours: Vec<&Value> = listed
+        .iter()
+        .filter(|entry| entry["entityId"] == id)
+        .collect();
+    assert_eq!(ours[1]["action"], "environment.updated");
+    assert_eq!(ours[1]["actor"], "admin");
+    assert_eq!(ours[1]["entityType"], "environment");
+    assert_eq!(ours[1]["details"]["changedFields"], json!(["config"]));
+    assert_eq!(ours[1]["companyId"], company.as_str());
+    assert!(ours[1]["createdAt"].as_str().unwrap().ends_with('Z'));
+    let rendered = Value::Array(listed.clone()).to_string();
+    assert!(
+        !rendered.contains("very-distinctive-host") && !rendered.contains("distinctive-user"),
+        "{rendered}"
+    );
+    let first_id = listed[0]["id"].as_i64().unwrap();
+    let (_, page) = server
+        .get(&format!("{route}?after={first_id}&limit=2"))
+        .await;
+    let page: Vec<i64> = page
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        page,
+        [
+            listed[1]["id"].as_i64().unwrap(),
+            listed[2]["id"].as_i64().unwrap()
+        ]
+    );
+    let (status, error) = server.get(&format!("{route}?limit=0")).await;
+    assert_error(
+        status,
+        &error,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+    );
+    let reader = server.create_key(&company, "reader").await;
+    let (status, as_reader) = server.call(Method::GET, &route, &reader, None).await;
+    assert_eq!(status, StatusCode::OK);
+    // The reader sees the same log (plus the entry its own creation added).
+    assert_eq!(as_reader.as_array().unwrap().len(), listed.len() + 1);
+    let other = server.create_company("elsewhere").await;
+    let outsider = server.create_key(&other, "manager").await;
+    let (status, error) = server.call(Method::GET, &route, &outsider, None).await;
+    assert_error(status, &error, StatusCode::FORBIDDEN, "forbidden");
+    let (status, theirs) = server
+        .call(
+            Method::GET,
+            &format!("/api/companies/{other}/activity"),
+            &outsider,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        theirs
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|entry| entry["companyId"] == other.as_str())
+    );
+    let (status, error) = server
+        .get(&format!("/api/companies/{}/activity", uuid::Uuid::now_v7()))
+        .await;
+    assert_error(status, &error, StatusCode::NOT_FOUND, "not_found");
     store.close().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn every_response_carries_a_request_id() {
+    let server = TestServer::start().await;
+    let http = reqwest::Client::new();
+    let token = std::fs::read_to_string(server.data_dir.join("admin-token")).unwrap();
+    let kept = http
+        .get(format!("{}/api/whoami", server.url))
+        .bearer_auth(token.trim())
+        .header("x-request-id", "trace-42:abc")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(kept.headers()["x-request-id"], "trace-42:abc");
+    // Errors carry one too, and an id that could forge a log line is replaced.
+    for hostile in ["has space", "quote\"", &"x".repeat(129)] {
+        let response = http
+            .get(format!("{}/api/whoami", server.url))
+            .header("x-request-id", hostile)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        let id = response.headers()["x-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert_ne!(id, hostile);
+        assert!(id.parse::<uuid::Uuid>().is_ok(), "{id}");
+    }
+    let made = http
+        .get(format!("{}/healthz", server.url))
+        .send()
+        .await
+        .unwrap();
+    let first = made.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let again = http
+        .get(format!("{}/healthz", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(
+        again.headers()["x-request-id"].to_str().unwrap(),
+        first,
+        "a fresh id per request"
+    );
     server.stop().await;
 }
 

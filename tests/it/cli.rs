@@ -103,8 +103,65 @@ async fn env_subcommands_create_list_get_probe_and_remove() {
     );
     let listed = json_out(&berth(&server, &["env", "list", "--json"], &[]).await);
     assert_eq!(listed.as_array().unwrap().len(), 2);
-    let fetched = json_out(&berth(&server, &["env", "get", &id], &[]).await);
+    let fetched = json_out(&berth(&server, &["env", "get", &id, "--json"], &[]).await);
     assert_eq!(fetched["config"]["image"], "fake:latest");
+    let shown = berth(&server, &["env", "get", &id], &[]).await;
+    assert!(
+        stdout(&shown)
+            .lines()
+            .any(|line| line.starts_with("name") && line.ends_with("fake box")),
+        "{}",
+        stdout(&shown)
+    );
+
+    let updated = json_out(
+        &berth(
+            &server,
+            &[
+                "env",
+                "update",
+                &id,
+                "--name",
+                "renamed box",
+                "--description",
+                "for the CLI test",
+                "--config",
+                r#"{"image":"fake:2"}"#,
+                "--json",
+            ],
+            &[],
+        )
+        .await,
+    );
+    assert_eq!(updated["name"], "renamed box");
+    assert_eq!(updated["description"], "for the CLI test");
+    // The same driver: the config is merged over the stored one.
+    assert_eq!(updated["config"]["provider"], "fake");
+    assert_eq!(updated["config"]["image"], "fake:2");
+    let cleared = json_out(
+        &berth(
+            &server,
+            &["env", "update", &id, "--description", "", "--json"],
+            &[],
+        )
+        .await,
+    );
+    assert_eq!(cleared["description"], Value::Null);
+    let nothing = berth(&server, &["env", "update", &id], &[]).await;
+    assert_eq!(nothing.status.code(), Some(1));
+    assert!(
+        stderr(&nothing).contains("nothing to change"),
+        "{}",
+        stderr(&nothing)
+    );
+    let invalid = berth(
+        &server,
+        &["env", "update", &id, "--status", "sleeping"],
+        &[],
+    )
+    .await;
+    assert_eq!(invalid.status.code(), Some(1));
+    assert!(stderr(&invalid).contains("status"), "{}", stderr(&invalid));
 
     let probe = berth(&server, &["env", "probe", &id], &[]).await;
     assert!(probe.status.success());
@@ -556,5 +613,259 @@ async fn berth_run_streams_output_and_exits_with_the_command_code() {
     let leases =
         json_out(&berth(&server, &["lease", "list", "--env", &env_id, "--json"], &[]).await);
     assert_eq!(leases.as_array().unwrap().len(), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn runs_subcommands_list_show_print_follow_and_cancel() {
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let finished = crate::support::runs::start_run(
+        &server,
+        &company,
+        json!({"command": ["sh", "-c", "echo first; echo oops >&2; echo second; exit 3"]}),
+    )
+    .await;
+    crate::support::runs::wait_run(&server, &finished, Duration::from_secs(30)).await;
+
+    let listed = json_out(&berth(&server, &["runs", "list", "--json"], &[]).await);
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|run| run["id"] == finished.as_str())
+    );
+    let failed = json_out(
+        &berth(
+            &server,
+            &["runs", "list", "--status", "failed", "--json"],
+            &[],
+        )
+        .await,
+    );
+    assert_eq!(failed.as_array().unwrap().len(), 1, "{failed}");
+    let table = berth(&server, &["runs", "list"], &[]).await;
+    let row = stdout(&table)
+        .lines()
+        .find(|line| line.starts_with(&finished))
+        .map(str::to_owned);
+    assert!(
+        row.as_deref()
+            .is_some_and(|row| row.contains("failed") && row.contains(" 3 ")),
+        "{}",
+        stdout(&table)
+    );
+
+    let run = json_out(&berth(&server, &["runs", "get", &finished, "--json"], &[]).await);
+    assert_eq!(run["exitCode"], 3);
+    let shown = berth(&server, &["runs", "get", &finished], &[]).await;
+    assert!(
+        stdout(&shown)
+            .lines()
+            .any(|line| line.starts_with("status") && line.ends_with("failed"))
+    );
+
+    let logs = berth(&server, &["runs", "logs", &finished], &[]).await;
+    assert!(logs.status.success(), "{}", stderr(&logs));
+    assert_eq!(stdout(&logs), "first\nsecond\n");
+    assert!(stderr(&logs).contains("oops\n"), "{}", stderr(&logs));
+    let lines = berth(&server, &["runs", "logs", &finished, "--json"], &[]).await;
+    let events: Vec<Value> = stdout(&lines)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let seqs: Vec<i64> = events
+        .iter()
+        .map(|event| event["seq"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as i64).collect::<Vec<_>>(),
+        "dense, in order"
+    );
+    // Following a finished run replays it and exits with its code.
+    let followed = berth(&server, &["runs", "logs", "-f", &finished], &[]).await;
+    assert_eq!(followed.status.code(), Some(3), "{}", stderr(&followed));
+    assert_eq!(stdout(&followed), "first\nsecond\n");
+
+    // Following a live run shows output as it comes; cancelling it through the CLI ends the follow.
+    let live = crate::support::runs::start_run(
+        &server,
+        &company,
+        json!({"command": ["sh", "-c", "echo started; sleep 100"]}),
+    )
+    .await;
+    crate::support::runs::wait_status(&server, &live, "running").await;
+    let mut follower = berth_command(&server, &["runs", "logs", "--follow", &live], &[]);
+    let follower = follower
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let cancelled = berth(&server, &["runs", "cancel", &live], &[]).await;
+    assert!(cancelled.status.success(), "{}", stderr(&cancelled));
+    assert!(
+        stdout(&cancelled).starts_with(&live),
+        "{}",
+        stdout(&cancelled)
+    );
+    let followed = tokio::time::timeout(Duration::from_secs(20), follower.wait_with_output())
+        .await
+        .expect("the follow ends with the run")
+        .unwrap();
+    assert_eq!(followed.status.code(), Some(130), "{}", stderr(&followed));
+    assert_eq!(stdout(&followed), "started\n");
+    let run = json_out(&berth(&server, &["runs", "get", &live, "--json"], &[]).await);
+    assert_eq!(run["status"], "cancelled");
+
+    let leases = json_out(
+        &berth(
+            &server,
+            &[
+                "lease",
+                "list",
+                "--env",
+                run["environmentId"].as_str().unwrap(),
+                "--json",
+            ],
+            &[],
+        )
+        .await,
+    );
+    let lease_id = leases[0]["id"].as_str().unwrap().to_owned();
+    let lease = json_out(&berth(&server, &["lease", "get", &lease_id, "--json"], &[]).await);
+    assert_eq!(lease["id"], lease_id.as_str());
+    let shown = berth(&server, &["lease", "get", &lease_id], &[]).await;
+    assert!(
+        stdout(&shown)
+            .lines()
+            .any(|line| line.starts_with("leasePolicy")),
+        "{}",
+        stdout(&shown)
+    );
+    let hostile = berth(&server, &["runs", "get", "../environments"], &[]).await;
+    assert_eq!(hostile.status.code(), Some(1));
+    assert!(
+        stderr(&hostile).contains("not a valid id"),
+        "{}",
+        stderr(&hostile)
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn company_and_key_subcommands_manage_tenants() {
+    let server = TestServer::start().await;
+    let created = berth(&server, &["company", "create", "--name", "acme"], &[]).await;
+    assert!(created.status.success(), "{}", stderr(&created));
+    let acme = stdout(&created).trim().to_owned();
+    let companies = json_out(&berth(&server, &["company", "list", "--json"], &[]).await);
+    let names: Vec<&str> = companies
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"acme") && names.contains(&"default"),
+        "{names:?}"
+    );
+    let duplicate = berth(&server, &["company", "create", "--name", "acme"], &[]).await;
+    assert_eq!(duplicate.status.code(), Some(1));
+
+    let text = berth(
+        &server,
+        &[
+            "key",
+            "create",
+            "--company",
+            "acme",
+            "--name",
+            "ro",
+            "--role",
+            "reader",
+        ],
+        &[],
+    )
+    .await;
+    assert!(text.status.success(), "{}", stderr(&text));
+    assert!(
+        stderr(&text).contains("shown only this once"),
+        "{}",
+        stderr(&text)
+    );
+    let reader_token = stdout(&text).trim().to_owned();
+
+    let key = json_out(
+        &berth(
+            &server,
+            &[
+                "key",
+                "create",
+                "--company",
+                &acme,
+                "--name",
+                "ci",
+                "--role",
+                "manager",
+                "--json",
+            ],
+            &[],
+        )
+        .await,
+    );
+    assert_eq!(key["role"], "manager");
+    let token = key["token"].as_str().unwrap().to_owned();
+    // The key acts for its own company: what it creates lands there, and the reader sees it redacted.
+    let made = berth(
+        &server,
+        &[
+            "env",
+            "create",
+            "--name",
+            "acme box",
+            "--driver",
+            "sandbox",
+            "--config",
+            r#"{"provider":"fake"}"#,
+        ],
+        &[("BERTH_TOKEN", &token)],
+    )
+    .await;
+    assert!(made.status.success(), "{}", stderr(&made));
+    let as_key = json_out(
+        &berth(
+            &server,
+            &["env", "list", "--json"],
+            &[("BERTH_TOKEN", &token)],
+        )
+        .await,
+    );
+    assert_eq!(as_key.as_array().unwrap().len(), 1, "{as_key}");
+    assert_eq!(as_key[0]["companyId"], acme.as_str());
+    let as_reader = json_out(
+        &berth(
+            &server,
+            &["env", "list", "--json"],
+            &[("BERTH_TOKEN", &reader_token)],
+        )
+        .await,
+    );
+    assert_eq!(as_reader[0]["configRedacted"], true, "{as_reader}");
+    // Only the admin manages tenants.
+    let refused = berth(&server, &["company", "list"], &[("BERTH_TOKEN", &token)]).await;
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        stderr(&refused).contains("HTTP 403"),
+        "{}",
+        stderr(&refused)
+    );
+
+    let removed = berth(&server, &["key", "rm", key["id"].as_str().unwrap()], &[]).await;
+    assert!(removed.status.success(), "{}", stderr(&removed));
+    let gone = berth(&server, &["env", "list"], &[("BERTH_TOKEN", &token)]).await;
+    assert_eq!(gone.status.code(), Some(1));
+    assert!(stderr(&gone).contains("HTTP 401"), "{}", stderr(&gone));
     server.stop().await;
 }

@@ -19,6 +19,7 @@ mod data_dir;
 mod drivers;
 mod lab;
 mod layering;
+mod openapi;
 mod orphans;
 mod plugin_cli;
 mod plugin_drivers;

@@ -166,3 +166,91 @@ async fn a_dead_port_fails_fast() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_truncated_or_undecodable_key_is_refused_at_create_and_patch_without_quoting_it() {
+    let sshd = TestSshd::start();
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let key_lines: Vec<&str> = sshd.user_key.lines().collect();
+    // The first half of a real key: its armour begins well, its body stops short. Its last line is key material of
+    // this key (the first body line is a header every ed25519 key shares).
+    let truncated = key_lines[..key_lines.len() / 2].join("\n");
+    let secret_body = key_lines[key_lines.len() / 2 - 1].to_owned();
+    assert!(key_lines.len() / 2 > 2, "{}", key_lines.len());
+
+    let mut config = sshd.config();
+    config["privateKey"] = json!(truncated);
+    let (status, problem) = server
+        .post(
+            &format!("/api/companies/{company}/environments"),
+            json!({"name": "truncated", "driver": "ssh", "config": config}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+    let text = problem.to_string();
+    assert!(text.contains("config.privateKey"), "{text}");
+    assert!(text.contains("cannot be read"), "{text}");
+    assert!(
+        !text.contains(&secret_body),
+        "the key reached the answer: {text}"
+    );
+
+    // A pinned host key that does not parse is named by its line.
+    let mut config = sshd.config();
+    config["knownHosts"] = json!(format!(
+        "{}\n[127.0.0.1]:22 ssh-ed25519 not-base64!",
+        sshd.known_hosts
+    ));
+    let (status, problem) = server
+        .post(
+            &format!("/api/companies/{company}/environments"),
+            json!({"name": "bad-pin", "driver": "ssh", "config": config}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+    assert!(
+        problem.to_string().contains("config.knownHosts"),
+        "{problem}"
+    );
+    assert!(problem.to_string().contains("line 2"), "{problem}");
+
+    // A good environment, then a patch that would break its key: refused, and the stored key still works.
+    let (status, env) = server
+        .post(
+            &format!("/api/companies/{company}/environments"),
+            json!({"name": "good", "driver": "ssh", "config": sshd.config()}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{env}");
+    let id = env["id"].as_str().unwrap();
+    let (status, problem) = server
+        .patch(
+            &format!("/api/environments/{id}"),
+            json!({"config": {"privateKey": truncated}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+    assert!(
+        problem.to_string().contains("config.privateKey"),
+        "{problem}"
+    );
+    assert!(!problem.to_string().contains(&secret_body), "{problem}");
+    // A patch that leaves the stored key alone is judged with it, opened: accepted.
+    let (status, patched) = server
+        .patch(
+            &format!("/api/environments/{id}"),
+            json!({"config": {"strictHostKeyChecking": true}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{patched}");
+    let (_, result) = server
+        .post(&format!("/api/environments/{id}/probe"), json!({}))
+        .await;
+    assert_eq!(result["ok"], true, "{result}");
+    let logs = server.stop().await;
+    assert!(
+        !logs.contains(&secret_body),
+        "the private key reached the logs"
+    );
+}

@@ -978,3 +978,110 @@ async fn what_a_chatty_login_shell_prints_never_reaches_the_output() {
     assert_eq!(text_of(&events, "stdout"), "only this\n");
     server.stop().await;
 }
+
+/// The pids of the berth runners (the bootstrap's `sh` reading its job loop) of `user` on this machine.
+fn runner_pids(user: &str) -> Vec<String> {
+    let output = std::process::Command::new("pgrep")
+        .args(["-u", user, "-f", "read -r berth_n"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn runs_reuse_the_connections_runner_and_a_runner_killed_on_the_host_is_replaced() {
+    let Lab {
+        sshd,
+        server,
+        company,
+        env,
+    } = lab(json!({})).await;
+    let run = json!({"environmentId": env, "command": ["sh", "-c", "echo ran; cat", "x"], "stdin": "in\n", "bridge": false});
+    let (first, events) = run_to_end(&server, &company, run.clone()).await;
+    assert_eq!(first["status"], "succeeded", "{first}");
+    assert_eq!(text_of(&events, "stdout"), "ran\nin\n");
+    let sessions = || sshd.logs().matches("Starting session:").count();
+    let before = sessions();
+    for _ in 0..3 {
+        let (next, events) = run_to_end(&server, &company, run.clone()).await;
+        assert_eq!(next["status"], "succeeded", "{next}");
+        assert_eq!(text_of(&events, "stdout"), "ran\nin\n");
+    }
+    // Workspace setup, the command and the cleanup of three runs: all on the runners already started.
+    assert_eq!(
+        sessions(),
+        before,
+        "runs opened sessions instead of using the runner"
+    );
+
+    let runners = runner_pids(&sshd.user);
+    assert!(!runners.is_empty(), "no runner on the host");
+    let status = std::process::Command::new("kill")
+        .arg("-KILL")
+        .args(&runners)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (after, events) = run_to_end(&server, &company, run.clone()).await;
+    assert_eq!(after["status"], "succeeded", "{after} {events:?}");
+    assert_eq!(text_of(&events, "stdout"), "ran\nin\n");
+    let replaced = runner_pids(&sshd.user);
+    assert!(
+        !replaced.is_empty() && replaced.iter().all(|pid| !runners.contains(pid)),
+        "{runners:?} → {replaced:?}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_killed_server_leaves_no_remote_process_even_outside_the_workspace() {
+    // Persistent: the workspace stays, and the command leaves it; only its recorded identity finds it.
+    let Lab {
+        sshd,
+        server,
+        company,
+        env,
+    } = lab(json!({"workspaceMode": "persistent"})).await;
+    let marker = format!("berth-ssh-identity-{}", uuid::Uuid::new_v4().simple());
+    let run_id = start_run(
+        &server,
+        &company,
+        json!({"environmentId": env, "command": ["sh", "-c", format!("cd /; echo up; sh -c 'sleep 1000; true {marker}' & sleep 1000")], "bridge": false}),
+    )
+    .await;
+    wait_for_stdout(&server, &run_id, "up").await;
+    assert!(pgrep(&marker), "the command is not running");
+    let (_, run) = server.get(&format!("/api/runs/{run_id}")).await;
+    let data_dir = server.data_dir.clone();
+    let keeper = server.kill_keeping_data().await;
+    // The server is gone, its connection too: the command runs on, unsupervised.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(pgrep(&marker), "the command died with the connection");
+
+    let restarted = TestServer::start_with(crate::support::server::ServerOptions {
+        data_dir: Some(data_dir),
+        ..Default::default()
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pgrep(&marker) {
+        assert!(
+            Instant::now() < deadline,
+            "the orphaned remote command still runs; lease {}; logs {}",
+            lease_of(&restarted, &run).await,
+            restarted.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lease = lease_of(&restarted, &run).await;
+    assert_ne!(lease["status"], "active", "{lease}");
+    assert!(
+        sshd.workspace.join("envs").is_dir(),
+        "the persistent workspace was removed"
+    );
+    restarted.stop().await;
+    drop(keeper);
+}

@@ -182,10 +182,9 @@ async fn a_hostile_remote_can_neither_stage_nor_land_a_setuid_file_nor_pass_its_
         "cp /usr/bin/id suid && chmod 4755 suid && truncate -s 2G big && echo changed > keep.txt",
     )
     .await;
-    assert_eq!(
-        run["status"], "succeeded",
-        "the command itself succeeded: {run}"
-    );
+    // The command succeeded, but what it did never reached the host: the run fails, its exit code kept.
+    assert_eq!(run["status"], "failed", "{run}");
+    assert_eq!(run["exitCode"], 0, "{run}");
     let errors = events_of(&events, "error");
     assert_eq!(errors.len(), 1, "{events:?}");
     assert_eq!(errors[0]["data"]["code"], "sync_back_failed");
@@ -289,5 +288,51 @@ async fn a_remote_file_where_the_host_has_a_fifo_does_not_hang_the_run() {
         fs::read_to_string(local.join("pipe.berth-conflict")).unwrap(),
         "data\n"
     );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_entry_that_cannot_land_fails_the_run_after_the_others_landed() {
+    let sshd = TestSshd::start();
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let env = ssh_env(&server, &company, &sshd, json!({})).await;
+    let temp = tempfile::tempdir().unwrap();
+    let local = temp.path().join("workspace");
+    fs::create_dir(&local).unwrap();
+    // The remote user (not root) may change the host copy during the run, as another process on the host would.
+    fs::set_permissions(&local, fs::Permissions::from_mode(0o777)).unwrap();
+    fs::write(local.join("a"), "orig\n").unwrap();
+    fs::set_permissions(local.join("a"), fs::Permissions::from_mode(0o666)).unwrap();
+
+    // `a` changes on both sides, and a directory stands where its conflict copy must go: that one entry cannot
+    // land. Everything else must.
+    let script = format!(
+        "echo env > a && echo host > {host}/a && mkdir -p {host}/a.berth-conflict/x && echo one > b && mkdir d && echo two > d/c",
+        host = local.display()
+    );
+    let (run, events, _) = run_script(&server, &company, &env, &local, &script).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert_eq!(run["exitCode"], 0, "the command's exit code is kept: {run}");
+    let error = run["error"].as_str().unwrap();
+    assert!(
+        error.contains("did not bring back 1 of") && error.contains("`a`"),
+        "{error}"
+    );
+    let errors = events_of(&events, "error");
+    assert_eq!(errors.len(), 1, "{events:?}");
+    assert_eq!(errors[0]["data"]["code"], "sync_back_failed");
+    let data = synced(&events).unwrap_or_else(|| panic!("no synced event: {events:?}"));
+    assert_eq!(data["complete"], false, "{data}");
+    assert_eq!(data["conflicts"], json!(["a"]), "{data}");
+    let skipped = data["skipped"].as_array().unwrap();
+    assert_eq!(skipped.len(), 1, "{data}");
+    assert_eq!(skipped[0]["path"], "a");
+    assert_eq!(skipped[0]["reason"], "failed");
+    assert!(skipped[0]["detail"].as_str().is_some(), "{data}");
+    // The entries after the one that failed landed.
+    assert_eq!(fs::read_to_string(local.join("b")).unwrap(), "one\n");
+    assert_eq!(fs::read_to_string(local.join("d/c")).unwrap(), "two\n");
+    assert_eq!(fs::read_to_string(local.join("a")).unwrap(), "host\n");
     server.stop().await;
 }

@@ -109,6 +109,8 @@ pub struct SkippedEntry {
     /// The path relative to the workspace (`/`-separated).
     pub path: String,
     pub reason: SkipReason,
+    /// What went wrong, for [`SkipReason::Failed`] (an error message without secrets); `None` otherwise.
+    pub detail: Option<String>,
 }
 
 /// Why sync-back left an entry out.
@@ -121,6 +123,8 @@ pub enum SkipReason {
     UnsafeHostPath,
     /// The environment listed it but did not send it (or sent something else in its place).
     NotSent,
+    /// Writing it on the host failed (a name the host's filesystem refuses, an I/O error): see the entry's detail.
+    Failed,
 }
 
 impl SkipReason {
@@ -130,6 +134,7 @@ impl SkipReason {
             SkipReason::SpecialFile => "special_file",
             SkipReason::UnsafeHostPath => "unsafe_host_path",
             SkipReason::NotSent => "not_sent",
+            SkipReason::Failed => "failed",
         }
     }
 }

@@ -422,19 +422,19 @@ impl Slot {
     }
 
     /// Writes what `source` yields into a regular file here with `mode & 0o777` (never setuid, setgid or sticky)
-    /// and, if given, `mtime` (seconds). `before_write(n)` is called with each chunk's size before it is written:
-    /// its error stops the copy, and nothing half-written is left. Returns the size and SHA-256 written.
+    /// and, if given, `mtime` (seconds, nanoseconds). `before_write(n)` is called with each chunk's size before it is
+    /// written: its error stops the copy, and nothing half-written is left. Returns the size and SHA-256 written.
     pub(crate) fn write_file(
         &self,
         source: &mut dyn Read,
         mode: u32,
-        mtime: Option<i64>,
+        mtime: Option<(i64, u32)>,
         placement: Placement,
         before_write: &mut dyn FnMut(u64) -> Result<(), DriverError>,
     ) -> Result<(u64, String), DriverError> {
         let name = match placement {
             Placement::CreateNew => self.name.clone(),
-            Placement::Replace => temp_name(&self.name),
+            Placement::Replace => temp_name(),
         };
         let flags = OFlags::WRONLY
             | OFlags::CREATE
@@ -478,7 +478,7 @@ impl Slot {
             Placement::CreateNew => rustix::fs::symlinkat(target, &*self.dir, &*self.name)
                 .map_err(errno_error(creating())),
             Placement::Replace => {
-                let temp = temp_name(&self.name);
+                let temp = temp_name();
                 rustix::fs::symlinkat(target, &*self.dir, &*temp)
                     .map_err(errno_error(creating()))?;
                 rustix::fs::renameat(&*self.dir, &*temp, &*self.dir, &*self.name).map_err(|errno| {
@@ -495,7 +495,7 @@ fn fill(
     mut target: File,
     source: &mut dyn Read,
     mode: u32,
-    mtime: Option<i64>,
+    mtime: Option<(i64, u32)>,
     path: &Path,
     before_write: &mut dyn FnMut(u64) -> Result<(), DriverError>,
 ) -> Result<(u64, String), DriverError> {
@@ -526,8 +526,10 @@ fn fill(
     // Through the descriptor: exact (no umask), and never a setuid, setgid or sticky bit.
     rustix::fs::fchmod(&target, Mode::from_raw_mode(mode & 0o777))
         .map_err(errno_error(writing()))?;
-    if let Some(seconds) = mtime.and_then(|seconds| u64::try_from(seconds).ok()) {
-        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds);
+    if let Some((seconds, nanos)) =
+        mtime.and_then(|(seconds, nanos)| Some((u64::try_from(seconds).ok()?, nanos)))
+    {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::new(seconds, nanos.min(999_999_999));
         target
             .set_modified(at)
             .map_err(io_error(format!("setting the mtime of {}", path.display())))?;
@@ -535,8 +537,10 @@ fn fill(
     Ok((size, hex::encode(hasher.finalize())))
 }
 
-/// A fresh name beside `name` for writing before the atomic rename.
-fn temp_name(name: &str) -> String {
+/// A fresh name in the same directory for writing before the atomic rename. It does not derive from the name it
+/// stands in for, so it stays short (at most 37 bytes) however long that name is: a name near `NAME_MAX` must still
+/// get a temporary file. The process id and a counter keep it unique; `O_EXCL` refuses a stale one.
+fn temp_name() -> String {
     let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!(".{name}.berth-sync-{}-{n}", std::process::id())
+    format!(".berth-sync-{:x}-{n:x}", std::process::id())
 }

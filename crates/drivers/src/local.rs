@@ -138,6 +138,24 @@ impl LocalDriver {
         }
     }
 
+    /// Kills what the lease's last command left running, found by its recorded identity wherever it ran: in the
+    /// run-private directory or in a user's own `localPath` (where a scan by working directory would also hit the
+    /// user's unrelated processes). A command that ended normally is no longer recorded.
+    async fn kill_recorded_process(&self, lease: &LeaseHandle) -> Result<(), DriverError> {
+        let Some(identity) = lease.process.clone() else {
+            return Ok(());
+        };
+        blocking("the local driver", move || {
+            crate::process::kill_recorded(&identity)
+                .map(|_| ())
+                .map_err(io_error(format!(
+                    "killing what the run's process group {} left running",
+                    identity.pgid
+                )))
+        })
+        .await
+    }
+
     async fn remove_lease_dir(
         &self,
         lease: &LeaseHandle,
@@ -149,7 +167,8 @@ impl LocalDriver {
         };
         blocking("the local driver", move || {
             // Destroy is for workspaces nobody runs in any more (orphans, expiry): processes a crashed berth left
-            // there go with it. A run's own release needs no scan, its process tree is already gone.
+            // there go with it. A run's own release needs no scan, its process tree is already gone. Only this
+            // directory, which berth made for the run, is scanned: never a user's `localPath`.
             if kill_leftovers {
                 crate::process::kill_processes_in(&dir);
             }
@@ -240,7 +259,8 @@ impl EnvironmentDriver for LocalDriver {
         Box::pin(async { Ok(None) })
     }
 
-    /// Removes the run directory unless `keep` (kept for inspection; a later [`destroy`](Self::destroy) removes it).
+    /// Kills what the lease's recorded command left running, then removes the run directory unless `keep` (kept
+    /// for inspection; a later [`destroy`](Self::destroy) removes it).
     fn release<'a>(
         &'a self,
         lease: &'a LeaseHandle,
@@ -248,6 +268,7 @@ impl EnvironmentDriver for LocalDriver {
         _config: Option<&'a DriverConfig>,
     ) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(async move {
+            self.kill_recorded_process(lease).await?;
             if keep {
                 tracing::debug!("local lease kept");
                 return Ok(());
@@ -261,7 +282,10 @@ impl EnvironmentDriver for LocalDriver {
         lease: &'a LeaseHandle,
         _config: Option<&'a DriverConfig>,
     ) -> BoxFuture<'a, Result<(), DriverError>> {
-        Box::pin(self.remove_lease_dir(lease, true))
+        Box::pin(async move {
+            self.kill_recorded_process(lease).await?;
+            self.remove_lease_dir(lease, true).await
+        })
     }
 
     fn realize_workspace<'a>(
@@ -767,5 +791,60 @@ mod tests {
         assert!(!result.ok);
         assert!(driver.acquire(&config, &lease_request()).await.is_err());
         assert_eq!(driver.driver(), Driver::Local);
+    }
+
+    /// After a crash, destroy kills the recorded group wherever it ran (here: a user's project, not the run's
+    /// directory), and nothing else working in that directory.
+    #[tokio::test]
+    async fn destroy_kills_the_recorded_group_wherever_it_ran_and_nothing_else() {
+        use std::io::BufRead;
+        use std::os::unix::process::{CommandExt, ExitStatusExt};
+
+        let temp = tempfile::tempdir().unwrap();
+        let project = tempfile::tempdir().unwrap();
+        let driver = LocalDriver::new(temp.path(), Containment::disabled_for_tests());
+        let mut lease = driver
+            .acquire(&DriverConfig::Local, &lease_request())
+            .await
+            .unwrap();
+        let mut run = std::process::Command::new("/bin/sh")
+            .args(["-c", "sleep 1000 & echo $!; wait"])
+            .current_dir(project.path())
+            .process_group(0)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(run.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let background: u32 = line.trim().parse().unwrap();
+        let mut users_shell = std::process::Command::new("sleep")
+            .arg("1000")
+            .current_dir(project.path())
+            .spawn()
+            .unwrap();
+        lease.process = Some(crate::process::identity_of(run.id()).unwrap());
+
+        driver.destroy(&lease, None).await.unwrap();
+        assert_eq!(run.wait().unwrap().signal(), Some(9));
+        let dead = (0..100).any(|_| {
+            let stat = std::fs::read_to_string(format!("/proc/{background}/stat"));
+            let gone = stat.map_or(true, |stat| {
+                crate::process::parse_proc_stat(&stat)
+                    .is_none_or(|stat| matches!(stat.state, 'Z' | 'X'))
+            });
+            if !gone {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            gone
+        });
+        assert!(dead, "the run's background process survived destroy");
+        assert!(
+            users_shell.try_wait().unwrap().is_none(),
+            "a process that merely works in the project was killed"
+        );
+        users_shell.kill().unwrap();
+        users_shell.wait().unwrap();
     }
 }

@@ -16,7 +16,7 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use berth_core::driver::{
-    CancelSignal, DriverError, ExecOutcome, ExecRequest, OutputSink, OutputStream,
+    CancelSignal, DriverError, ExecOutcome, ExecRequest, OutputSink, OutputStream, ProcessIdentity,
 };
 use rustix::process::{Pid, Signal};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -33,6 +33,9 @@ pub const KILL_GRACE: Duration = Duration::from_secs(2);
 /// pipes normally reach EOF at once; only a process that left the group (`setsid`) can hold them open, and it must
 /// not hold the run with them.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(2);
+
+/// How long a command's start waits for the sink to record its process group ([`OutputSink::started`]).
+pub const RECORD_DEADLINE: Duration = Duration::from_secs(10);
 
 /// The largest chunk handed to the sink at once.
 pub const CHUNK_SIZE: usize = 256 * 1024;
@@ -178,6 +181,24 @@ pub async fn run_process(
         .and_then(Pid::from_raw);
     let mut guard = GroupGuard { pgid };
     tracing::debug!(program = %program, pid = ?pgid, cwd = %cwd.display(), "command started");
+    // Recorded before anything is read from the command: from here on a crash of berth leaves enough behind for the
+    // next start to kill exactly this group ([`kill_recorded`]), wherever the command runs.
+    if let Some(leader) = child.id() {
+        match identity_of(leader) {
+            Ok(identity) => {
+                // Bounded: a sink that cannot record (its database hung) must not hold the command's supervision.
+                if tokio::time::timeout(RECORD_DEADLINE, sink.started(&identity))
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(program = %program, pgid = identity.pgid, "recording the command's process group took too long; going on without waiting");
+                }
+            }
+            Err(err) => {
+                tracing::warn!(program = %program, pid = leader, error = %err, "cannot record the command's process group; a crash of berth could leave it running")
+            }
+        }
+    }
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let child_stdin = child.stdin.take();
@@ -421,6 +442,256 @@ pub fn kill_processes_in(dir: &Path) -> usize {
         tracing::info!(dir = %dir.display(), killed, "killed processes left in a workspace");
     }
     killed
+}
+
+/// Where the kernel says which boot this is: a random id, new at every boot.
+const BOOT_ID_FILE: &str = "/proc/sys/kernel/random/boot_id";
+
+/// Where cgroups are mounted; a recorded cgroup anywhere else is refused.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// How many times [`kill_recorded`] looks again for members forked while it was killing: each pass kills every member
+/// it sees, so only a process forked during a pass survives it, and its forker is dead by the next one.
+const KILL_PASSES: usize = 64;
+
+/// What `/proc/<pid>/stat` tells about a process that identity checks need (see proc(5)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcStat {
+    /// Field 3: `R`, `S`, `D`, ...; `Z` and `X`: dead already, nothing to kill.
+    pub state: char,
+    /// Field 5: the process group.
+    pub pgrp: u32,
+    /// Field 6: the session.
+    pub session: u32,
+    /// Field 22: when the process started, in clock ticks since boot.
+    pub start_ticks: u64,
+}
+
+/// Parses the text of `/proc/<pid>/stat`. The command name (field 2) is in parentheses and may itself hold spaces and
+/// parentheses, so the fields are counted from the last `)`.
+pub fn parse_proc_stat(text: &str) -> Option<ProcStat> {
+    let (_, rest) = text.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_ascii_whitespace().collect();
+    // `fields[0]` is field 3 of proc(5): field n is `fields[n - 3]`.
+    Some(ProcStat {
+        state: fields.first()?.chars().next()?,
+        pgrp: fields.get(2)?.parse().ok()?,
+        session: fields.get(3)?.parse().ok()?,
+        start_ticks: fields.get(19)?.parse().ok()?,
+    })
+}
+
+/// `/proc/<pid>/stat`, parsed. `Ok(None)`: there is no such process (any more).
+fn read_stat(pid: u32) -> io::Result<Option<ProcStat>> {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(text) => parse_proc_stat(&text).map(Some).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("/proc/{pid}/stat is not in the expected format"),
+            )
+        }),
+        // ESRCH: the process went away while the file was being read.
+        Err(err)
+            if err.kind() == io::ErrorKind::NotFound
+                || err.raw_os_error() == Some(rustix::io::Errno::SRCH.raw_os_error()) =>
+        {
+            Ok(None)
+        }
+        Err(err) => Err(err),
+    }
+}
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`).
+pub fn boot_id() -> io::Result<String> {
+    Ok(std::fs::read_to_string(BOOT_ID_FILE)?.trim().to_owned())
+}
+
+/// The identity of the process group that `leader` (a command just spawned with `process_group(0)`) leads.
+pub fn identity_of(leader: u32) -> io::Result<ProcessIdentity> {
+    let Some(stat) = read_stat(leader)? else {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("process {leader} is gone"),
+        ));
+    };
+    if stat.pgrp != leader {
+        return Err(io::Error::other(format!(
+            "process {leader} does not lead its process group (group {})",
+            stat.pgrp
+        )));
+    }
+    Ok(ProcessIdentity {
+        pgid: leader,
+        session_id: stat.session,
+        start_ticks: stat.start_ticks,
+        boot_id: boot_id()?,
+        cgroup: None,
+    })
+}
+
+/// SIGKILLs exactly the processes of the recorded command, wherever on this host they run, and returns how many.
+///
+/// What a crashed berth left behind is found by identity, not by place: nothing is killed for running in a directory
+/// (a user's own shells in an in-place workspace are no business of berth's). The rules:
+///
+/// - a different boot id: the host rebooted since (or the record is another host's), so nothing recorded can run;
+/// - a live process with the group's number but another start time: the number was handed out again, which the
+///   kernel only does once no process of the recorded group is left, so there is nothing to kill;
+/// - otherwise every process in group `pgid` of session `session_id` that started no earlier than the leader — the
+///   leader itself, or what it left behind when it died — is killed, each checked through a pidfd so that a pid
+///   recycled between the check and the signal is never hit;
+/// - and every process of the recorded cgroup, if there is one.
+///
+/// berth itself is never killed. Errors when `/proc` cannot be read: the caller cannot know what still runs.
+pub fn kill_recorded(identity: &ProcessIdentity) -> io::Result<usize> {
+    let booted = boot_id()?;
+    if booted != identity.boot_id {
+        tracing::debug!(
+            pgid = identity.pgid,
+            "the recorded command ran before the last boot (or elsewhere); nothing to kill"
+        );
+        return Ok(0);
+    }
+    let mut killed = 0;
+    if let Some(cgroup) = &identity.cgroup {
+        killed += kill_cgroup(Path::new(cgroup))?;
+    }
+    // Group 0 and 1 are not commands' groups; a record naming them was not written by berth.
+    if identity.pgid > 1 {
+        killed += kill_group_members(identity)?;
+    }
+    if killed > 0 {
+        tracing::info!(
+            pgid = identity.pgid,
+            killed,
+            "killed processes a crashed run left behind"
+        );
+    }
+    Ok(killed)
+}
+
+/// The process-group half of [`kill_recorded`].
+fn kill_group_members(identity: &ProcessIdentity) -> io::Result<usize> {
+    if let Some(leader) = read_stat(identity.pgid)?
+        && leader.start_ticks != identity.start_ticks
+    {
+        tracing::debug!(
+            pgid = identity.pgid,
+            "the recorded group's number belongs to a later process; nothing to kill"
+        );
+        return Ok(0);
+    }
+    let own_pid = std::process::id();
+    let belongs = |stat: &ProcStat| {
+        stat.pgrp == identity.pgid
+            && stat.session == identity.session_id
+            && stat.start_ticks >= identity.start_ticks
+            && !matches!(stat.state, 'Z' | 'X')
+    };
+    let mut signalled = std::collections::HashSet::new();
+    for _ in 0..KILL_PASSES {
+        let mut found_new = false;
+        for pid in all_pids()? {
+            if pid == own_pid || signalled.contains(&pid) {
+                continue;
+            }
+            let Some(stat) = read_stat(pid)? else {
+                continue;
+            };
+            if belongs(&stat)
+                && kill_checked(pid, |pid| Ok(read_stat(pid)?.is_some_and(|s| belongs(&s))))?
+            {
+                signalled.insert(pid);
+                found_new = true;
+            }
+        }
+        if !found_new {
+            break;
+        }
+    }
+    Ok(signalled.len())
+}
+
+/// The cgroup half of [`kill_recorded`]: every process in `cgroup` (a directory under [`CGROUP_ROOT`]), then the
+/// cgroup itself if it is empty.
+fn kill_cgroup(cgroup: &Path) -> io::Result<usize> {
+    let plain = cgroup
+        .components()
+        .all(|component| matches!(component, Component::RootDir | Component::Normal(_)));
+    if !plain || !cgroup.starts_with(CGROUP_ROOT) || cgroup == Path::new(CGROUP_ROOT) {
+        tracing::warn!(cgroup = %cgroup.display(), "refusing a recorded cgroup outside the cgroup mount");
+        return Ok(0);
+    }
+    let procs = cgroup.join("cgroup.procs");
+    let members = |path: &Path| -> io::Result<Vec<u32>> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Ok(text
+                .lines()
+                .filter_map(|line| line.trim().parse().ok())
+                .collect()),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(err) => Err(err),
+        }
+    };
+    let own_pid = std::process::id();
+    let mut signalled = std::collections::HashSet::new();
+    for _ in 0..KILL_PASSES {
+        let mut found_new = false;
+        for pid in members(&procs)? {
+            if pid == own_pid || signalled.contains(&pid) {
+                continue;
+            }
+            if kill_checked(pid, |pid| Ok(members(&procs)?.contains(&pid)))? {
+                signalled.insert(pid);
+                found_new = true;
+            }
+        }
+        if !found_new {
+            break;
+        }
+    }
+    // Only an empty cgroup can be removed; one still emptying is left for its owner (or the next sweep).
+    if let Err(err) = std::fs::remove_dir(cgroup)
+        && err.kind() != io::ErrorKind::NotFound
+    {
+        tracing::debug!(cgroup = %cgroup.display(), error = %err, "the recorded cgroup was not removed");
+    }
+    Ok(signalled.len())
+}
+
+/// SIGKILLs `pid` if `still_matches(pid)` holds once a pidfd pins it: a process that exits and whose pid is handed
+/// out again between the check and the signal is then never hit, since the pidfd names the process checked. Returns
+/// whether it was signalled. Kernels without pidfds (before 5.3) get a plain kill right after the check.
+fn kill_checked(pid: u32, still_matches: impl Fn(u32) -> io::Result<bool>) -> io::Result<bool> {
+    let Some(raw) = i32::try_from(pid).ok().and_then(Pid::from_raw) else {
+        return Ok(false);
+    };
+    match rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty()) {
+        Ok(pidfd) => {
+            if !still_matches(pid)? {
+                return Ok(false);
+            }
+            Ok(rustix::process::pidfd_send_signal(&pidfd, Signal::KILL).is_ok())
+        }
+        Err(rustix::io::Errno::SRCH) => Ok(false),
+        Err(rustix::io::Errno::NOSYS) => {
+            Ok(still_matches(pid)? && rustix::process::kill_process(raw, Signal::KILL).is_ok())
+        }
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Every pid in `/proc`.
+fn all_pids() -> io::Result<Vec<u32>> {
+    Ok(std::fs::read_dir("/proc")?
+        .flatten()
+        .filter_map(|entry| {
+            entry
+                .file_name()
+                .to_str()
+                .and_then(|name| name.parse().ok())
+        })
+        .collect())
 }
 
 /// The conventional name of a signal number: `SIGKILL`; `SIG<n>` for those without one here.
@@ -1067,5 +1338,265 @@ mod kill_in_dir_tests {
         );
         spared.kill().unwrap();
         spared.wait().unwrap();
+    }
+}
+
+#[cfg(test)]
+mod identity_tests {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    use std::process::{Child, Command, Stdio};
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use berth_core::driver::{BoxFuture, OutputSink, OutputStream, ProcessIdentity};
+
+    use super::{ProcStat, boot_id, identity_of, kill_recorded, parse_proc_stat, read_stat};
+    use crate::test_support::never;
+
+    /// Whether `pid` is gone or a zombie within a second (a container's pid 1 may never reap orphans).
+    fn is_dead(pid: u32) -> bool {
+        for _ in 0..100 {
+            match read_stat(pid).unwrap() {
+                None => return true,
+                Some(stat) if matches!(stat.state, 'Z' | 'X') => return true,
+                Some(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        false
+    }
+
+    /// `sh -c script` leading its own process group, with the first line it prints (a pid it reports).
+    fn group_reporting_a_pid(script: &str) -> (Child, u32) {
+        let mut child = Command::new("/bin/sh")
+            .args(["-c", script])
+            .process_group(0)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        (child, line.trim().parse().unwrap())
+    }
+
+    fn kill_pid(pid: u32) {
+        let pid = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap()).unwrap();
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+    }
+
+    #[test]
+    fn stat_fields_are_counted_from_the_last_parenthesis() {
+        let text = "4242 (we(ird) name) S 1 4240 4239 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10 \
+                    18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0";
+        assert_eq!(
+            parse_proc_stat(text),
+            Some(ProcStat {
+                state: 'S',
+                pgrp: 4240,
+                session: 4239,
+                start_ticks: 987_654,
+            })
+        );
+        assert_eq!(parse_proc_stat("4242 (truncated) S 1"), None);
+        assert_eq!(parse_proc_stat("no parenthesis"), None);
+    }
+
+    #[test]
+    fn a_live_group_is_killed_whole() {
+        let (mut child, background) = group_reporting_a_pid("sleep 1000 & echo $!; wait");
+        let identity = identity_of(child.id()).unwrap();
+        assert_eq!(identity.pgid, child.id());
+        assert_eq!(identity.boot_id, boot_id().unwrap());
+        assert_eq!(
+            identity.session_id,
+            rustix::process::getsid(None)
+                .unwrap()
+                .as_raw_pid()
+                .unsigned_abs()
+        );
+        assert_eq!(kill_recorded(&identity).unwrap(), 2);
+        assert_eq!(child.wait().unwrap().signal(), Some(9));
+        assert!(is_dead(background), "the background sleep survived");
+        // Nothing of the group is left: a second pass finds nothing.
+        assert_eq!(kill_recorded(&identity).unwrap(), 0);
+    }
+
+    #[test]
+    fn what_a_dead_leader_left_in_its_group_is_killed() {
+        let (mut child, background) = group_reporting_a_pid("sleep 1000 & echo $!");
+        let identity = identity_of(child.id()).unwrap();
+        // The leader exits (and is reaped): only its background sleep still carries the group.
+        assert!(child.wait().unwrap().success());
+        assert_eq!(read_stat(child.id()).unwrap(), None);
+        assert_eq!(kill_recorded(&identity).unwrap(), 1);
+        assert!(is_dead(background), "the orphaned member survived");
+    }
+
+    #[test]
+    fn a_group_that_does_not_match_the_record_is_left_alone() {
+        let (mut child, background) = group_reporting_a_pid("sleep 1000 & echo $!; wait");
+        let real = identity_of(child.id()).unwrap();
+        let impostors = [
+            // The number was reused by a later leader.
+            ProcessIdentity {
+                start_ticks: real.start_ticks + 1,
+                ..real.clone()
+            },
+            ProcessIdentity {
+                start_ticks: real.start_ticks.saturating_sub(1),
+                ..real.clone()
+            },
+            // Recorded before a reboot.
+            ProcessIdentity {
+                boot_id: "00000000-0000-0000-0000-000000000000".to_owned(),
+                ..real.clone()
+            },
+            // Another session's group with this number.
+            ProcessIdentity {
+                session_id: real.session_id + 1,
+                ..real.clone()
+            },
+            // Groups that are no command's.
+            ProcessIdentity {
+                pgid: 1,
+                ..real.clone()
+            },
+            ProcessIdentity {
+                pgid: 0,
+                ..real.clone()
+            },
+        ];
+        for impostor in &impostors {
+            assert_eq!(kill_recorded(impostor).unwrap(), 0, "{impostor:?}");
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the leader was killed");
+        assert!(
+            read_stat(background)
+                .unwrap()
+                .is_some_and(|stat| stat.state != 'Z')
+        );
+
+        // With the leader gone, members older than the recorded start time are not the recorded group's.
+        kill_pid(child.id());
+        child.wait().unwrap();
+        let later = ProcessIdentity {
+            start_ticks: real.start_ticks + 1_000_000,
+            ..real.clone()
+        };
+        assert_eq!(kill_recorded(&later).unwrap(), 0);
+        assert!(
+            !is_dead(background),
+            "a member older than the record was killed"
+        );
+        assert_eq!(kill_recorded(&real).unwrap(), 1);
+        assert!(is_dead(background));
+    }
+
+    #[test]
+    fn a_recorded_cgroup_is_emptied_and_removed() {
+        let pids = std::path::Path::new("/sys/fs/cgroup/pids");
+        let cgroup = pids.join(format!("berth-test-{}", uuid_like()));
+        if std::fs::create_dir(&cgroup).is_err() {
+            eprintln!(
+                "no writable cgroup v1 pids hierarchy here; the cgroup path is not exercised"
+            );
+            return;
+        }
+        let mut sleeper = Command::new("sleep").arg("1000").spawn().unwrap();
+        std::fs::write(cgroup.join("cgroup.procs"), sleeper.id().to_string()).unwrap();
+        // This process joins too, standing in for berth: it must come out alive, and goes back where it was.
+        let home = std::fs::read_to_string("/proc/self/cgroup")
+            .unwrap()
+            .lines()
+            .find_map(|line| line.split_once(":pids:").map(|(_, path)| path.to_owned()))
+            .unwrap();
+        std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string()).unwrap();
+        let identity = ProcessIdentity {
+            pgid: 0,
+            session_id: 0,
+            start_ticks: 0,
+            boot_id: boot_id().unwrap(),
+            cgroup: Some(cgroup.display().to_string()),
+        };
+        assert_eq!(kill_recorded(&identity).unwrap(), 1);
+        assert_eq!(sleeper.wait().unwrap().signal(), Some(9));
+        std::fs::write(
+            pids.join(home.trim_start_matches('/')).join("cgroup.procs"),
+            std::process::id().to_string(),
+        )
+        .unwrap();
+        for _ in 0..100 {
+            if !cgroup.exists() {
+                break;
+            }
+            let _ = std::fs::remove_dir(&cgroup);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!cgroup.exists());
+        // A path outside the cgroup mount is refused.
+        let outside = ProcessIdentity {
+            cgroup: Some("/sys/fs/cgroup/../../tmp".to_owned()),
+            ..identity
+        };
+        assert_eq!(kill_recorded(&outside).unwrap(), 0);
+    }
+
+    fn uuid_like() -> String {
+        format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        )
+    }
+
+    /// Keeps the identity the command reported and its stdout.
+    #[derive(Debug, Default)]
+    struct Started {
+        identity: Mutex<Option<ProcessIdentity>>,
+        stdout: Mutex<Vec<u8>>,
+    }
+
+    impl OutputSink for Started {
+        fn output<'a>(&'a self, _stream: OutputStream, data: &'a [u8]) -> BoxFuture<'a, ()> {
+            Box::pin(async move { self.stdout.lock().unwrap().extend_from_slice(data) })
+        }
+
+        fn started<'a>(&'a self, process: &'a ProcessIdentity) -> BoxFuture<'a, ()> {
+            Box::pin(async move {
+                let mut slot = self.identity.lock().unwrap();
+                assert!(slot.is_none(), "started twice");
+                *slot = Some(process.clone());
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn commands_report_their_group_before_they_are_read() {
+        let temp = tempfile::tempdir().unwrap();
+        let sink = Started::default();
+        let spec = super::ProcessSpec {
+            argv: vec!["/bin/sh".to_owned(), "-c".to_owned(), "echo $$".to_owned()],
+            env: std::collections::BTreeMap::new(),
+            cwd: temp.path().to_path_buf(),
+            stdin: None,
+            timeout: None,
+        };
+        let outcome = super::run_process(spec, &sink, never()).await.unwrap();
+        assert_eq!(outcome.exit_code, Some(0));
+        let shell: u32 = String::from_utf8(sink.stdout.lock().unwrap().clone())
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let identity = sink.identity.lock().unwrap().clone().unwrap();
+        assert_eq!(identity.pgid, shell);
+        assert_eq!(identity.boot_id, boot_id().unwrap());
+        assert!(identity.start_ticks > 0);
+        assert_eq!(identity.cgroup, None);
     }
 }

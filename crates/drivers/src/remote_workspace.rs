@@ -3,17 +3,19 @@
 //!
 //! **Sync in.** The host tree is scanned into a content manifest ([`crate::sync::Manifest`]: modes, sizes,
 //! SHA-256, symlink targets; a file unchanged since the last scan is not read again, see [`HashCache`]). The remote
-//! tree is listed with `find -printf` (kind, mode, size, mtime, link target; no hashing on the remote). A file travels when the remote has nothing there, or something of another kind, size,
-//! mode or mtime (tar keeps mtimes, so a file synced before matches until either side changes it: rsync's quick
-//! check). What travels goes as one tar stream over one channel into `tar -x` on the remote. Nothing of the remote
-//! is deleted at sync-in: a persistent workspace keeps its build products.
+//! tree is listed with `find -printf` (kind, mode, size, mtime to the nanosecond, link target; no hashing on the
+//! remote). A file travels when the remote has nothing there, or something of another kind, size, mode or mtime (the
+//! archive carries mtimes to the nanosecond in pax records, so a file synced before matches until either side changes
+//! it: rsync's quick check), and always when its host mtime has whole seconds only and is within the last two
+//! seconds, too recent for such a timestamp to tell. What travels goes as one tar stream over one channel into
+//! `tar -x` on the remote. Nothing of the remote is deleted at sync-in: a persistent workspace keeps its build
+//! products.
 //!
-//! **Sync back.** The remote is listed again and compared with the listing taken right after sync-in; what the
-//! command created or changed comes back as one tar stream, into a private staging directory, and is applied to the
-//! host path by path. A host path that changed during the run (its content differs from the manifest taken at
-//! sync-in, or holds something berth never synced, like a FIFO) is never overwritten: the remote version is written
-//! beside it as `NAME.berth-conflict` and reported. Remote deletions delete on the host only what is still as it was
-//! at sync-in.
+//! **Sync back.** The remote is listed again and compared with the listing taken right after sync-in (a file whose
+//! mtime is too close to sync-in to trust is compared by content); what the command created or changed comes back as
+//! one tar stream, into a private staging directory, and is applied to the host by [`crate::sync`]'s rules (conflicts
+//! keep the host's version and put the remote's beside it; one entry that cannot land is reported, the others still
+//! land). A path the remote's tar could not send is reported, not fatal.
 //!
 //! **The remote is untrusted**: it chooses what its listing says and what its tar sends. The sizes it lists must fit
 //! the environment's `syncBackMaxMb` before anything is staged, and what it sends is counted again while it is read.
@@ -37,10 +39,11 @@ use berth_core::driver::{DriverError, SkipReason, SkippedEntry, SyncReport};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use crate::fs::{Kind, Placement, Reach, Slot, Tree, blocking, io_error};
+use crate::fs::{blocking, io_error};
 use crate::remote_shell::{CONTROL_TIMEOUT, RemoteShell, ScriptOutput, control, shell_quote};
+pub use crate::sync::CONFLICT_SUFFIX;
 use crate::sync::{
-    self, Budget, Entry, HashCache, Manifest, StopFlag, SyncBackLimits, blocked, skip,
+    self, Budget, Changes, Content, Entry, HashCache, Incoming, Manifest, SyncBackLimits,
 };
 
 /// Bytes per chunk between the tar thread and the channel.
@@ -49,8 +52,6 @@ const CHUNK: usize = 256 * 1024;
 const CHUNKS_IN_FLIGHT: usize = 16;
 /// How long a whole transfer may take.
 const TRANSFER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
-/// The suffix of the remote version of a path that changed on both sides.
-pub const CONFLICT_SUFFIX: &str = ".berth-conflict";
 /// How long the remote may send nothing while it sends the workspace back before berth gives up on it.
 pub const SYNC_BACK_IDLE: Duration = Duration::from_secs(60);
 /// The prefix of a sync-back staging directory's name.
@@ -69,6 +70,8 @@ pub struct RemoteEntry {
     pub size: u64,
     /// Seconds since the epoch.
     pub mtime: i64,
+    /// The nanoseconds of the mtime (0 where the remote's filesystem keeps whole seconds only).
+    pub mtime_nanos: u32,
     pub link: Option<String>,
 }
 
@@ -82,6 +85,9 @@ pub struct SyncedIn {
     pub host: Manifest,
     /// The remote tree right after sync-in.
     pub remote: RemoteListing,
+    /// The remote's clock (seconds) when sync-in began, if it could be read: a file whose mtime is not well before
+    /// it may have been changed since within the same timestamp, so sync-back compares its content.
+    pub remote_clock: Option<i64>,
     pub files_sent: u64,
     pub bytes_sent: u64,
 }
@@ -94,20 +100,22 @@ pub async fn list(
 ) -> Result<RemoteListing, DriverError> {
     Ok(list_if_present(shell, dir, exclude)
         .await?
+        .map(|(_, listing)| listing)
         .unwrap_or_default())
 }
 
 /// Exit status of the listing when the directory does not exist.
 const MISSING_DIR_STATUS: u32 = 3;
 
-/// Lists `dir` on the remote; `None` when it does not exist.
+/// Lists `dir` on the remote, with the remote's clock when it was listed; `None` when it does not exist.
 async fn list_if_present(
     shell: &dyn RemoteShell,
     dir: &str,
     exclude: &SyncExclude,
-) -> Result<Option<RemoteListing>, DriverError> {
+) -> Result<Option<(Option<i64>, RemoteListing)>, DriverError> {
+    // The clock first (its own NUL-terminated field), then one record per entry; `%T@` has the mtime's fraction.
     let script = format!(
-        "cd -- {} 2>/dev/null || exit {MISSING_DIR_STATUS}; exec find . -mindepth 1 \\( -type f -o -type d -o -type l \\) -printf '%y %m %s %T@ %P\\0%l\\0'",
+        "cd -- {} 2>/dev/null || exit {MISSING_DIR_STATUS}; date +%s; printf '\\0'; exec find . -mindepth 1 -printf '%y %m %s %T@ %P\\0%l\\0'",
         shell_quote(dir)
     );
     let output = bounded_listing(shell, &script).await?;
@@ -120,11 +128,37 @@ async fn list_if_present(
             output.error_line()
         )));
     }
-    let mut listing = parse_listing(&output.stdout)?;
+    let (clock, records) = match output.stdout.iter().position(|&byte| byte == 0) {
+        Some(end) => (
+            parse_clock(&output.stdout[..end]),
+            &output.stdout[end + 1..],
+        ),
+        None => (None, &output.stdout[..]),
+    };
+    let mut listing = parse_listing(records)?;
     if !exclude.is_empty() {
         listing.retain(|path, _| !exclude.matches(path));
     }
-    Ok(Some(listing))
+    Ok(Some((clock, listing)))
+}
+
+/// The remote's `date +%s`, if it printed one.
+fn parse_clock(printed: &[u8]) -> Option<i64> {
+    std::str::from_utf8(printed).ok()?.trim().parse().ok()
+}
+
+/// An mtime as `find -printf %T@` prints it (`1700000000.1234567890`): seconds and nanoseconds.
+fn parse_mtime(printed: &str) -> Option<(i64, u32)> {
+    let (seconds, fraction) = printed.split_once('.').unwrap_or((printed, ""));
+    let seconds = seconds.parse().ok()?;
+    if !fraction.bytes().all(|byte| byte.is_ascii_digit()) {
+        return None;
+    }
+    let mut digits: String = fraction.chars().take(9).collect();
+    while digits.len() < 9 {
+        digits.push('0');
+    }
+    Some((seconds, digits.parse().ok()?))
 }
 
 /// Runs a listing script, keeping at most [`MAX_LISTING_BYTES`] of what it prints: the remote chooses how much
@@ -188,6 +222,7 @@ fn parse_listing(bytes: &[u8]) -> Result<RemoteListing, DriverError> {
             continue;
         }
         let kind = kind.chars().next().ok_or_else(malformed)?;
+        let (mtime, mtime_nanos) = parse_mtime(mtime).ok_or_else(malformed)?;
         let entry = RemoteEntry {
             kind,
             mode: u32::from_str_radix(mode, 8).map_err(|_| malformed())? & 0o777,
@@ -196,11 +231,8 @@ fn parse_listing(bytes: &[u8]) -> Result<RemoteListing, DriverError> {
             } else {
                 0
             },
-            mtime: mtime
-                .split('.')
-                .next()
-                .and_then(|seconds| seconds.parse().ok())
-                .ok_or_else(malformed)?,
+            mtime,
+            mtime_nanos,
             link: (kind == 'l')
                 .then(|| String::from_utf8(link.to_vec()).ok())
                 .flatten(),
@@ -213,8 +245,9 @@ fn parse_listing(bytes: &[u8]) -> Result<RemoteListing, DriverError> {
     Ok(listing)
 }
 
-/// Whether the remote already holds what the host has at this path.
-fn up_to_date(host: &Entry, host_mtime: Option<i64>, remote: Option<&RemoteEntry>) -> bool {
+/// Whether the remote already holds what the host has at this path: for a file, the same size, mode and mtime to
+/// the nanosecond (the archive carries mtimes whole, so a file synced before matches until either side changes it).
+fn up_to_date(host: &Entry, host_mtime: Option<(i64, u32)>, remote: Option<&RemoteEntry>) -> bool {
     let Some(remote) = remote else { return false };
     match host {
         Entry::Dir { mode } => remote.kind == 'd' && remote.mode == *mode,
@@ -222,7 +255,7 @@ fn up_to_date(host: &Entry, host_mtime: Option<i64>, remote: Option<&RemoteEntry
             remote.kind == 'f'
                 && remote.mode == *mode
                 && remote.size == *size
-                && Some(remote.mtime) == host_mtime
+                && Some((remote.mtime, remote.mtime_nanos)) == host_mtime
         }
         Entry::Symlink { target } => remote.kind == 'l' && remote.link.as_deref() == Some(target),
     }
@@ -241,19 +274,30 @@ pub async fn sync_in(
     if !exclude.is_empty() {
         host.retain(|path| !exclude.matches(path));
     }
-    let (exists, before) = if fresh {
-        (false, RemoteListing::new())
+    let (exists, mut remote_clock, before) = if fresh {
+        (false, None, RemoteListing::new())
     } else {
         match list_if_present(shell, dir, exclude).await? {
-            Some(listing) => (true, listing),
-            None => (false, RemoteListing::new()),
+            Some((clock, listing)) => (true, clock, listing),
+            None => (false, None, RemoteListing::new()),
         }
     };
     let mut send = Vec::new();
     let mut clear = Vec::new();
+    // On a host filesystem that keeps whole seconds (no nanoseconds), a file changed this recently may have been
+    // changed again within the same second: it travels whatever its mtime says.
+    let recent = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(i64::MAX, |now| {
+            i64::try_from(now.as_secs()).unwrap_or(i64::MAX) - MTIME_TRUST_MARGIN_SECS
+        });
     for (path, entry) in host.entries() {
         let remote = before.get(path);
-        if up_to_date(entry, mtimes.get(path).copied(), remote) {
+        let mtime = mtimes.get(path).copied();
+        // Only a file's mtime decides anything (directories and links compare by mode and target).
+        let trusted = !matches!(entry, Entry::File { .. })
+            || mtime.is_some_and(|(seconds, nanos)| nanos != 0 || seconds < recent);
+        if trusted && up_to_date(entry, mtime, remote) {
             continue;
         }
         // Something of another kind is in the way (tar cannot put a file where a directory is).
@@ -308,12 +352,15 @@ pub async fn sync_in(
     }
     // The directory must exist even with nothing to send: the command runs there.
     if !send.is_empty() || !exists {
-        upload(shell, local, dir, send).await?;
+        let clock = upload(shell, local, dir, send).await?;
+        // The earlier clock is the safer one: it makes more mtimes too recent to trust.
+        remote_clock = remote_clock.or(clock);
     }
     tracing::debug!(dir, files_sent, bytes_sent, "workspace synced in");
     Ok(SyncedIn {
         host,
         remote,
+        remote_clock,
         files_sent,
         bytes_sent,
     })
@@ -328,15 +375,16 @@ fn nul_list(paths: &[String]) -> Vec<u8> {
     list
 }
 
-/// Streams a tar of `paths` (relative to `local`) into `tar -x` in `dir`.
+/// Streams a tar of `paths` (relative to `local`) into `tar -x` in `dir`. Returns the remote's clock (seconds) from
+/// before the unpacking, if it printed one.
 async fn upload(
     shell: &dyn RemoteShell,
     local: &Path,
     dir: &str,
     paths: Vec<String>,
-) -> Result<(), DriverError> {
+) -> Result<Option<i64>, DriverError> {
     let script = format!(
-        "mkdir -p -- {dir} && exec tar -x -p --no-same-owner -f - -C {dir}",
+        "mkdir -p -- {dir} && date +%s && exec tar -x -p --no-same-owner -f - -C {dir}",
         dir = shell_quote(dir)
     );
     let (chunks, received) = mpsc::channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
@@ -356,10 +404,11 @@ async fn upload(
             output.error_line()
         )));
     }
-    Ok(())
+    Ok(parse_clock(&output.stdout))
 }
 
-/// Writes a tar of `paths` into `chunks`. Links are archived as links, never followed.
+/// Writes a tar of `paths` into `chunks`. Links are archived as links, never followed. A file's mtime also travels
+/// to the nanosecond, in a pax record GNU tar applies, so that the next quick check compares exact times.
 fn pack(root: &Path, paths: &[String], chunks: mpsc::Sender<Vec<u8>>) -> Result<(), DriverError> {
     let writer = ChunkWriter {
         chunks,
@@ -369,6 +418,26 @@ fn pack(root: &Path, paths: &[String], chunks: mpsc::Sender<Vec<u8>>) -> Result<
     builder.follow_symlinks(false);
     for path in paths {
         let source = root.join(path);
+        if let Ok(meta) = std::fs::symlink_metadata(&source)
+            && meta.is_file()
+        {
+            use std::os::unix::fs::MetadataExt;
+            let record = pax_record(
+                "mtime",
+                &format!("{}.{:09}", meta.mtime(), meta.mtime_nsec()),
+            );
+            let mut header = tar::Header::new_ustar();
+            header.set_entry_type(tar::EntryType::XHeader);
+            header
+                .set_path("PaxHeaders/mtime")
+                .map_err(io_error("packing the workspace archive"))?;
+            header.set_mode(0o644);
+            header.set_size(record.len() as u64);
+            header.set_cksum();
+            builder
+                .append(&header, record.as_bytes())
+                .map_err(io_error(format!("packing {}", source.display())))?;
+        }
         builder
             .append_path_with_name(&source, path)
             .map_err(io_error(format!("packing {}", source.display())))?;
@@ -379,6 +448,16 @@ fn pack(root: &Path, paths: &[String], chunks: mpsc::Sender<Vec<u8>>) -> Result<
     writer
         .flush()
         .map_err(io_error("sending the workspace archive"))
+}
+
+/// One pax extended-header record: `<length> <key>=<value>\n`, the length counting itself.
+fn pax_record(key: &str, value: &str) -> String {
+    let body = format!(" {key}={value}\n");
+    let mut length = body.len() + 1;
+    while length.to_string().len() + body.len() != length {
+        length = length.to_string().len() + body.len();
+    }
+    format!("{length}{body}")
 }
 
 struct ChunkWriter {
@@ -455,20 +534,23 @@ fn changed(before: Option<&RemoteEntry>, now: &RemoteEntry) -> bool {
 }
 
 /// How the remote lists `entry` once tar has unpacked it.
-fn expected_remote(entry: &Entry, mtime: Option<i64>) -> RemoteEntry {
+fn expected_remote(entry: &Entry, mtime: Option<(i64, u32)>) -> RemoteEntry {
     match entry {
         Entry::Dir { mode } => RemoteEntry {
             kind: 'd',
             mode: *mode,
             size: 0,
             mtime: 0,
+            mtime_nanos: 0,
             link: None,
         },
+        // The archive carries the mtime to the nanosecond (a pax record).
         Entry::File { mode, size, .. } => RemoteEntry {
             kind: 'f',
             mode: *mode,
             size: *size,
-            mtime: mtime.unwrap_or_default(),
+            mtime: mtime.unwrap_or_default().0,
+            mtime_nanos: mtime.unwrap_or_default().1,
             link: None,
         },
         Entry::Symlink { target } => RemoteEntry {
@@ -476,6 +558,7 @@ fn expected_remote(entry: &Entry, mtime: Option<i64>) -> RemoteEntry {
             mode: 0o777,
             size: 0,
             mtime: 0,
+            mtime_nanos: 0,
             link: Some(target.clone()),
         },
     }
@@ -489,7 +572,16 @@ fn is_at_or_below(path: &str, parent: &str) -> bool {
             .is_some_and(|rest| rest.starts_with('/'))
 }
 
-/// Brings what the command changed in `dir` back to `local`, within `limits`.
+/// How far before the remote's clock at sync-in an mtime must lie to be trusted to have moved with every change:
+/// a filesystem that keeps whole seconds (or two, FAT) cannot tell an edit in the same second from none, so a file
+/// whose mtime is later than this is compared by content.
+const MTIME_TRUST_MARGIN_SECS: i64 = 2;
+
+/// Brings what the command changed in `dir` back to `local`, within `limits`, by [`crate::sync`]'s rules.
+///
+/// What changed is what the listing shows moved since sync-in (kind, mode, size, mtime to the nanosecond, link
+/// target); a file that looks the same but whose mtime is too close to sync-in to trust (`MTIME_TRUST_MARGIN_SECS`,
+/// two seconds) is fetched too, and counts as changed only when its content differs from the host's at sync-in.
 ///
 /// The remote is untrusted. What it claims (the listing's sizes) must fit the bound before anything is staged; what
 /// it sends is counted again while it is read, before it is written. It lands in a private staging directory (mode
@@ -505,26 +597,54 @@ pub async fn sync_back(
     exclude: &SyncExclude,
     limits: &SyncBackLimits,
 ) -> Result<SyncReport, DriverError> {
-    let now = list(shell, dir, exclude).await?;
+    let mut now = list(shell, dir, exclude).await?;
+    // FIFOs, sockets and devices are no workspace content: the new ones are reported, none is fetched, and to the
+    // rest of sync-back they are not there.
+    let is_content = |entry: &RemoteEntry| matches!(entry.kind, 'f' | 'd' | 'l');
+    let specials: Vec<String> = now
+        .iter()
+        .filter(|(path, entry)| {
+            !is_content(entry)
+                && synced
+                    .remote
+                    .get(*path)
+                    .is_none_or(|before| before.kind != entry.kind)
+        })
+        .map(|(path, _)| path.clone())
+        .collect();
+    now.retain(|_, entry| is_content(entry));
     let changed_paths: Vec<String> = now
         .iter()
         .filter(|(path, entry)| changed(synced.remote.get(*path), entry))
         .map(|(path, _)| path.clone())
         .collect();
+    let unsure: Vec<String> = now
+        .iter()
+        .filter(|(path, entry)| {
+            entry.kind == 'f'
+                && !changed(synced.remote.get(*path), entry)
+                && matches!(synced.host.get(path), Some(Entry::File { .. }))
+                && synced
+                    .remote_clock
+                    .is_none_or(|clock| entry.mtime >= clock - MTIME_TRUST_MARGIN_SECS)
+        })
+        .map(|(path, _)| path.clone())
+        .collect();
     let deleted: Vec<String> = synced
         .remote
-        .keys()
-        .filter(|path| !now.contains_key(*path))
-        .cloned()
+        .iter()
+        .filter(|(path, entry)| is_content(entry) && !now.contains_key(*path))
+        .map(|(path, _)| path.clone())
         .collect();
-    if changed_paths.is_empty() && deleted.is_empty() {
+    if changed_paths.is_empty() && deleted.is_empty() && unsure.is_empty() && specials.is_empty() {
         return Ok(SyncReport::default());
     }
-    let fetch: Vec<String> = changed_paths
+    let mut fetch: Vec<String> = changed_paths
         .iter()
         .filter(|path| now.get(*path).is_some_and(|entry| entry.kind != 'd'))
         .cloned()
         .collect();
+    fetch.extend(unsure.iter().cloned());
     // What the remote says it will send must fit before anything is staged.
     let listed: u64 = fetch
         .iter()
@@ -536,26 +656,35 @@ pub async fn sync_back(
 
     let staging = create_staging(local)?;
     let applied = async {
-        let unpacked = if fetch.is_empty() {
-            Unpacked::default()
+        let (unpacked, trouble) = if fetch.is_empty() {
+            (Unpacked::default(), None)
         } else {
             download(shell, dir, &fetch, staging.path(), limits).await?
         };
-        let (host_dir, before, stop) = (
-            local.to_path_buf(),
-            synced.host.clone(),
-            limits.stop_flag().clone(),
+        let mut changes = collect_changes(
+            &now,
+            changed_paths,
+            &unsure,
+            deleted,
+            unpacked,
+            trouble,
+            &synced.host,
         );
+        for path in specials {
+            tracing::warn!(
+                path,
+                reason = SkipReason::SpecialFile.as_str(),
+                "sync-back skipped an entry"
+            );
+            changes.skipped.push(SkippedEntry {
+                path,
+                reason: SkipReason::SpecialFile,
+                detail: None,
+            });
+        }
+        let (host_dir, before, limits) = (local.to_path_buf(), synced.host.clone(), limits.clone());
         blocking("the workspace sync", move || {
-            apply(
-                &host_dir,
-                &before,
-                &now,
-                &changed_paths,
-                &deleted,
-                unpacked,
-                &stop,
-            )
+            sync::apply(&host_dir, None, &before, changes, &limits)
         })
         .await
     }
@@ -573,6 +702,90 @@ pub async fn sync_back(
     applied
 }
 
+/// What the remote changed, with what it sent for each path. `trouble` is why the remote's archive may lack some
+/// (its tar's complaint): a path it lacks is reported as not sent, with that reason.
+fn collect_changes(
+    now: &RemoteListing,
+    mut changed_paths: Vec<String>,
+    unsure: &[String],
+    deleted: Vec<String>,
+    unpacked: Unpacked,
+    trouble: Option<String>,
+    host_before: &Manifest,
+) -> Changes {
+    let Unpacked {
+        mut staged,
+        skipped,
+    } = unpacked;
+    for path in unsure {
+        let unchanged = match (staged.get(path), host_before.get(path)) {
+            (Some(Staged::File { sha256, .. }), Some(Entry::File { sha256: was, .. })) => {
+                sha256 == was
+            }
+            _ => false,
+        };
+        if unchanged {
+            staged.remove(path);
+        } else {
+            tracing::debug!(
+                path,
+                "a file whose mtime could not be trusted changed (or did not arrive)"
+            );
+            changed_paths.push(path.clone());
+        }
+    }
+    let skipped_paths: HashSet<String> = skipped.iter().map(|entry| entry.path.clone()).collect();
+    let mut changes = Changes {
+        deleted,
+        skipped,
+        ..Changes::default()
+    };
+    for path in changed_paths {
+        let Some(remote) = now.get(&path) else {
+            continue;
+        };
+        if skipped_paths.contains(&path) {
+            continue;
+        }
+        // Rewritten with the very content and mode it had at sync-in: no change (only content and mode count).
+        if let (
+            Some(Staged::File { sha256, mode, .. }),
+            Some(Entry::File {
+                sha256: was,
+                mode: was_mode,
+                ..
+            }),
+        ) = (staged.get(&path), host_before.get(&path))
+            && sha256 == was
+            && mode == was_mode
+        {
+            continue;
+        }
+        let incoming = if remote.kind == 'd' {
+            Incoming::Dir { mode: remote.mode }
+        } else {
+            match staged.remove(&path) {
+                Some(Staged::File {
+                    staged,
+                    mode,
+                    sha256,
+                }) => Incoming::File {
+                    mode,
+                    sha256,
+                    mtime: Some((remote.mtime, remote.mtime_nanos)),
+                    content: Content::Staged(staged),
+                },
+                Some(Staged::Symlink { target }) => Incoming::Symlink { target },
+                None => Incoming::Missing {
+                    reason: SkipReason::NotSent,
+                    detail: trouble.clone(),
+                },
+            }
+        };
+        changes.changed.insert(path, incoming);
+    }
+    changes
+}
 /// A private staging directory beside the workspace, on its filesystem (a large sync-back must not fill a small
 /// /tmp), else in the temporary directory: mode 0700 whatever the umask.
 fn create_staging(local: &Path) -> Result<tempfile::TempDir, DriverError> {
@@ -617,14 +830,15 @@ struct Unpacked {
     skipped: Vec<SkippedEntry>,
 }
 
-/// Streams a tar of `paths` in `dir` into `staging`, within `limits`.
+/// Streams a tar of `paths` in `dir` into `staging`, within `limits`. With what was staged comes the remote tar's
+/// complaint when it could not read some paths (they are missing from what was staged).
 async fn download(
     shell: &dyn RemoteShell,
     dir: &str,
     paths: &[String],
     staging: &Path,
     limits: &SyncBackLimits,
-) -> Result<Unpacked, DriverError> {
+) -> Result<(Unpacked, Option<String>), DriverError> {
     let script = format!(
         "cd -- {} && exec tar -c -f - --no-recursion --null -T -",
         shell_quote(dir)
@@ -679,13 +893,24 @@ async fn download(
     // The unpacker's failure (a bound crossed) is why the transfer stopped, when it stopped early.
     let unpacked = unpacked?;
     let output = transferred?;
-    if !output.success() {
+    if output.status.is_none() {
         return Err(DriverError::failed(format!(
-            "the remote could not pack the workspace {dir}: {}",
+            "the remote's tar of the workspace {dir} did not finish: {}",
             output.error_line()
         )));
     }
-    Ok(unpacked)
+    // GNU tar goes on past a path it cannot read (gone since the listing, a path too long) and says so in its exit
+    // status: what it sent is applied, and what it did not is reported with its complaint.
+    let trouble = (!output.success()).then(|| {
+        let complaint = output.error_line();
+        tracing::warn!(
+            dir,
+            complaint,
+            "the remote could not send every changed path"
+        );
+        format!("the remote's tar: {complaint}")
+    });
+    Ok((unpacked, trouble))
 }
 
 /// Resolves once `progress` has not moved for a whole `limit`.
@@ -778,6 +1003,7 @@ fn unpack(
                     None => unpacked.skipped.push(SkippedEntry {
                         path,
                         reason: SkipReason::NotSent,
+                        detail: Some("its link target is not UTF-8".to_owned()),
                     }),
                 }
             }
@@ -788,6 +1014,7 @@ fn unpack(
                 unpacked.skipped.push(SkippedEntry {
                     path,
                     reason: SkipReason::SpecialFile,
+                    detail: None,
                 });
             }
         }
@@ -819,203 +1046,6 @@ fn stage(
             .map_err(io_error(format!("staging `{path}`")))?;
     }
     Ok(hex::encode(hasher.finalize()))
-}
-
-/// What a host path holds now.
-#[derive(Debug)]
-enum HostState {
-    Absent,
-    /// In manifest terms (files hashed).
-    Entry(Entry),
-    /// A FIFO, socket or device (never opened), or a link whose target is not UTF-8.
-    Other,
-}
-
-fn host_state(slot: &Slot) -> Result<HostState, DriverError> {
-    let Some(meta) = slot.meta()? else {
-        return Ok(HostState::Absent);
-    };
-    Ok(match meta.kind {
-        Kind::Symlink => match slot.read_link()? {
-            Some(target) => HostState::Entry(Entry::Symlink { target }),
-            None => HostState::Other,
-        },
-        Kind::Dir => HostState::Entry(Entry::Dir {
-            mode: meta.mode & 0o777,
-        }),
-        Kind::File => match slot.open_file()? {
-            Some((mut file, meta)) => {
-                let (size, sha256) = sync::hash_reader(&mut file, slot.path(), u64::MAX, None)?;
-                HostState::Entry(Entry::File {
-                    mode: meta.mode & 0o777,
-                    size,
-                    sha256,
-                })
-            }
-            None => HostState::Other,
-        },
-        Kind::Special => HostState::Other,
-    })
-}
-
-/// Same content (modes aside): what decides whether the host changed a path during the run.
-fn same_content(current: &HostState, before: Option<&Entry>) -> bool {
-    match (current, before) {
-        (HostState::Absent, None) => true,
-        (HostState::Entry(current), Some(before)) => match (current, before) {
-            (Entry::Dir { .. }, Entry::Dir { .. }) => true,
-            (Entry::File { sha256: x, .. }, Entry::File { sha256: y, .. }) => x == y,
-            (Entry::Symlink { target: x }, Entry::Symlink { target: y }) => x == y,
-            _ => false,
-        },
-        _ => false,
-    }
-}
-
-/// Whether the host already holds what the remote sent (modes aside).
-fn already_there(current: &HostState, incoming: &Staged) -> bool {
-    match (current, incoming) {
-        (HostState::Entry(Entry::File { sha256: x, .. }), Staged::File { sha256: y, .. }) => x == y,
-        (HostState::Entry(Entry::Symlink { target: x }), Staged::Symlink { target: y }) => x == y,
-        _ => false,
-    }
-}
-
-fn check_stop(stop: &StopFlag) -> Result<(), DriverError> {
-    if stop.is_stopped() {
-        Err(DriverError::SyncBackCancelled)
-    } else {
-        Ok(())
-    }
-}
-
-fn apply(
-    host_dir: &Path,
-    before: &Manifest,
-    now: &RemoteListing,
-    changed_paths: &[String],
-    deleted: &[String],
-    unpacked: Unpacked,
-    stop: &StopFlag,
-) -> Result<SyncReport, DriverError> {
-    let host = Tree::open(host_dir)?;
-    let mut report = SyncReport {
-        skipped: unpacked.skipped,
-        ..SyncReport::default()
-    };
-    // Deletions, children first.
-    for path in deleted.iter().rev() {
-        check_stop(stop)?;
-        let slot = match host.reach(path, false)? {
-            Reach::Slot(slot) => slot,
-            Reach::Missing => continue,
-            Reach::Blocked { at } => {
-                blocked(&mut report, path, &at);
-                continue;
-            }
-        };
-        let current = host_state(&slot)?;
-        if matches!(current, HostState::Absent) {
-            continue;
-        }
-        if !same_content(&current, before.get(path)) {
-            report.conflicts.push(path.clone());
-            continue;
-        }
-        if matches!(current, HostState::Entry(Entry::Dir { .. })) {
-            // Only when empty: the host may hold files the run never saw.
-            slot.remove_dir()?;
-        } else if slot.remove_file()? {
-            report.files_deleted += 1;
-        }
-    }
-    // Writes, parents first.
-    let mut dir_modes = Vec::new();
-    for path in changed_paths {
-        check_stop(stop)?;
-        let Some(remote) = now.get(path) else {
-            continue;
-        };
-        let slot = match host.reach(path, true)? {
-            Reach::Slot(slot) => slot,
-            Reach::Missing => continue,
-            Reach::Blocked { at } => {
-                blocked(&mut report, path, &at);
-                continue;
-            }
-        };
-        let current = host_state(&slot)?;
-        if remote.kind == 'd' {
-            match &current {
-                HostState::Entry(Entry::Dir { .. }) => {}
-                HostState::Absent => slot.create_dir()?,
-                _ => {
-                    report.conflicts.push(path.clone());
-                    continue;
-                }
-            }
-            dir_modes.push((path.clone(), remote.mode));
-            continue;
-        }
-        let Some(incoming) = unpacked.staged.get(path) else {
-            if !report.skipped.iter().any(|skipped| skipped.path == *path) {
-                skip(&mut report, path, SkipReason::NotSent);
-            }
-            continue;
-        };
-        if already_there(&current, incoming) {
-            // Already as the remote has it (or only the mode moved): bring the mode along.
-            if let (HostState::Entry(Entry::File { mode, .. }), Staged::File { mode: new_mode, .. }) =
-                (&current, incoming)
-                && mode != new_mode
-            {
-                slot.set_file_mode(*new_mode)?;
-            }
-            continue;
-        }
-        let host_unchanged = same_content(&current, before.get(path));
-        if host_unchanged && matches!(current, HostState::Entry(Entry::Dir { .. })) {
-            report.conflicts.push(path.clone());
-            continue;
-        }
-        let destination = if host_unchanged {
-            slot
-        } else {
-            // Changed on both sides (or something berth never synced is there, a FIFO): the host's version stays,
-            // the remote's is kept beside it.
-            report.conflicts.push(path.clone());
-            match host.reach(&format!("{path}{CONFLICT_SUFFIX}"), true)? {
-                Reach::Slot(slot) => slot,
-                Reach::Missing | Reach::Blocked { .. } => {
-                    skip(&mut report, path, SkipReason::UnsafeHostPath);
-                    continue;
-                }
-            }
-        };
-        match incoming {
-            Staged::File { staged, mode, .. } => {
-                let mut source = std::fs::File::open(staged)
-                    .map_err(io_error(format!("reading the staged `{path}`")))?;
-                // The remote's mtime, so that the next sync's quick check sees both sides in step.
-                let (size, _) = destination.write_file(
-                    &mut source,
-                    *mode,
-                    Some(remote.mtime),
-                    Placement::Replace,
-                    &mut |_| check_stop(stop),
-                )?;
-                report.bytes_written += size;
-            }
-            Staged::Symlink { target } => destination.write_symlink(target, Placement::Replace)?,
-        }
-        report.files_written += 1;
-    }
-    for (path, mode) in dir_modes.into_iter().rev() {
-        if let Reach::Slot(slot) = host.reach(&path, false)? {
-            slot.set_dir_mode(mode)?;
-        }
-    }
-    Ok(report)
 }
 
 /// Shell that sets `d` to `dir` resolved (or exits 0 when it is gone) and kills every process of the user whose
@@ -1101,16 +1131,19 @@ mod tests {
             mode: 0o644,
             size: 5,
             mtime: 10,
+            mtime_nanos: 0,
             link: None,
         };
-        assert!(up_to_date(&file, Some(10), Some(&remote)));
-        assert!(!up_to_date(&file, Some(11), Some(&remote)));
-        assert!(!up_to_date(&file, Some(10), None));
+        assert!(up_to_date(&file, Some((10, 0)), Some(&remote)));
+        assert!(!up_to_date(&file, Some((11, 0)), Some(&remote)));
+        // The same second is not the same time.
+        assert!(!up_to_date(&file, Some((10, 5)), Some(&remote)));
+        assert!(!up_to_date(&file, Some((10, 0)), None));
         let moved = RemoteEntry {
             mode: 0o755,
             ..remote
         };
-        assert!(!up_to_date(&file, Some(10), Some(&moved)));
+        assert!(!up_to_date(&file, Some((10, 0)), Some(&moved)));
     }
 
     /// One raw tar entry: the name is written as is (a hostile remote's tar need not refuse `..` or `/`).
@@ -1433,8 +1466,35 @@ mod tests {
             mode: 0o644,
             size,
             mtime: 1_700_000_000,
+            mtime_nanos: 0,
             link: None,
         }
+    }
+
+    /// Applies what `collect_changes` makes of a download, as `sync_back` does.
+    fn apply_download(
+        host: &Path,
+        now: &RemoteListing,
+        changed: &[&str],
+        unpacked: Unpacked,
+    ) -> SyncReport {
+        let changes = collect_changes(
+            now,
+            changed.iter().map(|path| (*path).to_owned()).collect(),
+            &[],
+            Vec::new(),
+            unpacked,
+            None,
+            &Manifest::default(),
+        );
+        sync::apply(
+            host,
+            None,
+            &Manifest::default(),
+            changes,
+            &SyncBackLimits::default(),
+        )
+        .unwrap()
     }
 
     #[tokio::test]
@@ -1469,15 +1529,7 @@ mod tests {
         let report = tokio::time::timeout(
             Duration::from_secs(10),
             blocking("test", move || {
-                apply(
-                    &host_dir,
-                    &Manifest::default(),
-                    &now,
-                    &["pipe".to_owned()],
-                    &[],
-                    unpacked,
-                    &StopFlag::default(),
-                )
+                Ok(apply_download(&host_dir, &now, &["pipe"], unpacked))
             }),
         )
         .await
@@ -1529,21 +1581,13 @@ mod tests {
                 mode: 0o777,
                 size: 0,
                 mtime: 0,
+                mtime_nanos: 0,
                 link: Some(outside.display().to_string()),
             },
         );
         now.insert("x/passwd".to_owned(), remote_file(5));
 
-        let report = apply(
-            &host,
-            &Manifest::default(),
-            &now,
-            &["x".to_owned(), "x/passwd".to_owned()],
-            &[],
-            unpacked,
-            &StopFlag::default(),
-        )
-        .unwrap();
+        let report = apply_download(&host, &now, &["x", "x/passwd"], unpacked);
         assert_eq!(
             std::fs::read_to_string(outside.join("passwd")).unwrap(),
             "root"
@@ -1553,8 +1597,130 @@ mod tests {
             report.skipped,
             [SkippedEntry {
                 path: "x/passwd".to_owned(),
-                reason: SkipReason::UnsafeHostPath
+                reason: SkipReason::UnsafeHostPath,
+                detail: None,
             }]
+        );
+    }
+
+    #[tokio::test]
+    async fn packed_files_keep_their_mtime_to_the_nanosecond_through_gnu_tar() {
+        let temp = tempfile::tempdir().unwrap();
+        let source = temp.path().join("source");
+        std::fs::create_dir_all(source.join("dir")).unwrap();
+        std::fs::write(source.join("dir/f"), "content").unwrap();
+        let (chunks, mut received) = mpsc::channel(CHUNKS_IN_FLIGHT);
+        let root = source.clone();
+        let packer = tokio::task::spawn_blocking(move || {
+            pack(&root, &["dir".to_owned(), "dir/f".to_owned()], chunks)
+        });
+        let mut archive = Vec::new();
+        while let Some(chunk) = received.recv().await {
+            archive.extend_from_slice(&chunk);
+        }
+        packer.await.unwrap().unwrap();
+        let target = temp.path().join("target");
+        std::fs::create_dir(&target).unwrap();
+        std::fs::write(temp.path().join("a.tar"), &archive).unwrap();
+        let status = std::process::Command::new("tar")
+            .args(["-x", "-p", "--no-same-owner", "-f"])
+            .arg(temp.path().join("a.tar"))
+            .arg("-C")
+            .arg(&target)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        use std::os::unix::fs::MetadataExt;
+        let (from, to) = (
+            std::fs::metadata(source.join("dir/f")).unwrap(),
+            std::fs::metadata(target.join("dir/f")).unwrap(),
+        );
+        assert_eq!(
+            (to.mtime(), to.mtime_nsec()),
+            (from.mtime(), from.mtime_nsec())
+        );
+        assert_eq!(
+            std::fs::read_to_string(target.join("dir/f")).unwrap(),
+            "content"
+        );
+    }
+
+    #[test]
+    fn pax_records_count_their_own_length() {
+        let record = pax_record("mtime", "1700000000.123456789");
+        assert_eq!(record, "30 mtime=1700000000.123456789\n");
+        assert_eq!(record.len(), 30);
+        let short = pax_record("k", "v");
+        assert_eq!(short, format!("{} k=v\n", short.len()));
+    }
+
+    #[test]
+    fn mtimes_keep_their_nanoseconds() {
+        assert_eq!(
+            parse_mtime("1700000000.1234567890"),
+            Some((1_700_000_000, 123_456_789))
+        );
+        assert_eq!(
+            parse_mtime("1700000000.5"),
+            Some((1_700_000_000, 500_000_000))
+        );
+        assert_eq!(parse_mtime("1700000000"), Some((1_700_000_000, 0)));
+        assert_eq!(parse_mtime("17x.5"), None);
+        assert_eq!(parse_mtime("1.-5"), None);
+        // Two edits in the same second are two different listings.
+        let mut first = remote_file(5);
+        first.mtime_nanos = 100;
+        let second = RemoteEntry {
+            mtime_nanos: 200,
+            ..first.clone()
+        };
+        assert!(changed(Some(&first), &second));
+        assert!(!changed(Some(&first), &first.clone()));
+    }
+
+    #[test]
+    fn a_file_too_recent_to_trust_counts_as_changed_only_when_its_content_did() {
+        let temp = tempfile::tempdir().unwrap();
+        let staged = temp.path().join("0");
+        std::fs::write(&staged, "same").unwrap();
+        let mut host_before = Manifest::default();
+        for (path, content) in [("same.txt", "same"), ("edited.txt", "was!")] {
+            host_before.insert_for_tests(
+                path,
+                Entry::File {
+                    mode: 0o644,
+                    size: 4,
+                    sha256: hex::encode(Sha256::digest(content.as_bytes())),
+                },
+            );
+        }
+        let mut unpacked = Unpacked::default();
+        for path in ["same.txt", "edited.txt"] {
+            unpacked.staged.insert(
+                path.to_owned(),
+                Staged::File {
+                    staged: staged.clone(),
+                    mode: 0o644,
+                    sha256: hex::encode(Sha256::digest(b"same")),
+                },
+            );
+        }
+        let mut now = RemoteListing::new();
+        now.insert("same.txt".to_owned(), remote_file(4));
+        now.insert("edited.txt".to_owned(), remote_file(4));
+        let changes = collect_changes(
+            &now,
+            Vec::new(),
+            &["same.txt".to_owned(), "edited.txt".to_owned()],
+            Vec::new(),
+            unpacked,
+            None,
+            &host_before,
+        );
+        assert_eq!(
+            changes.changed.keys().collect::<Vec<_>>(),
+            ["edited.txt"],
+            "{changes:?}"
         );
     }
 }

@@ -1,30 +1,61 @@
-//! Copying workspaces into places that run commands, and what changed back out.
+//! Copying workspaces into places that run commands, and what changed back out: **the rules of sync-back**, for
+//! every driver that syncs (the fake and isolated sandboxes on this host through [`sync_back_with`]; SSH hosts and
+//! plugin sandboxes through [`crate::remote_workspace`], which finds what changed its own way and applies it here,
+//! through `apply`).
 //!
-//! Drivers that cannot run in place (sandboxes) copy the host workspace in with [`copy_tree`], keep the
-//! [`Manifest`] it returns (in [`RealizedWorkspace::metadata`](berth_core::driver::RealizedWorkspace), see
-//! [`Manifest::to_value`]), and after the run call [`sync_back_with`]: files the command created or changed are
-//! written to the host, files it deleted are deleted there, and anything it did not touch is left alone, even if the
-//! host changed it meanwhile.
+//! Drivers that cannot run in place copy the host workspace in ([`copy_tree`], or a tar stream for a remote), keep
+//! the [`Manifest`] of the host tree at that moment (in the workspace's metadata, see [`Manifest::to_value`], or in
+//! memory), and after the run bring back what the environment changed.
+//!
+//! **What changed.** A path changed in the environment when it is new, gone, or differs from what the environment
+//! held at sync-in in kind, permission bits, content or link target. On this host content is compared by SHA-256.
+//! A remote is compared by its listing — kind, mode, size, mtime to the nanosecond, link target — and a file whose
+//! listing did not move but whose mtime is within two seconds of the remote's clock at sync-in (a filesystem that
+//! keeps whole seconds cannot tell an edit in that second from none) is fetched and compared by content. What the
+//! environment did not change is never touched, whatever the host did to it meanwhile.
+//!
+//! **How it lands.** For each changed path, parents before children, after the deletions (children first):
+//!
+//! - The host still has what it had at sync-in there (same content; a directory is a directory): the environment's
+//!   version replaces it — a new or changed file or link is written through a temporary file in the same directory
+//!   and a rename, a deletion deletes it, and a change of kind works both ways (file or link ↔ directory: the old
+//!   entry goes, a directory only once empty).
+//! - The host changed it during the run (other content, deleted, another kind, something berth never syncs like a
+//!   FIFO), or a directory the environment deleted or made a file still holds what the host added: a **conflict**.
+//!   The host's version stays; the environment's file or link is written beside it as `NAME.berth-conflict` (the
+//!   name shortened to fit 255 bytes), a directory's entries go below `NAME.berth-conflict/`, and the path is
+//!   listed in [`SyncReport::conflicts`]. A deletion that meets a conflict is not applied.
+//! - The host already has exactly what the environment has: nothing is written (a changed mode is still applied).
 //!
 //! Symlinks are copied as symlinks and never followed, in either direction: a link to `/etc` in a workspace stays a
-//! link, and nothing is ever read or written through one. Only regular files, directories and symlinks are copied;
-//! sockets, fifos and devices are skipped, as are entries whose names are not UTF-8 (the manifest is JSON).
-//! File modes are kept (the permission bits, `0o777`; setuid, setgid and sticky bits are dropped).
+//! link, and nothing is ever read or written through one. File modes are kept (the permission bits, `0o777`;
+//! setuid, setgid and sticky bits are dropped). Names may be as long as the filesystem takes (255 bytes) and paths
+//! as deep as it holds: every name is reached from its directory's descriptor, never through a whole path, and a
+//! temporary name is short whatever the name it stands in for.
+//!
+//! **Nothing is lost silently.** One entry that cannot be applied (an I/O error, a name the host refuses) does not
+//! stop the others: it is listed in [`SyncReport::skipped`] as [`SkipReason::Failed`] with the error, and the rest
+//! still land. Entries are also skipped, and listed, when the environment listed a change it did not send
+//! ([`SkipReason::NotSent`]), when a host path on the way is not a real directory even beside a conflict
+//! ([`SkipReason::UnsafeHostPath`]), and for FIFOs, sockets and devices ([`SkipReason::SpecialFile`]). All but
+//! special files are a **loss** ([`lost_entries`]): a change the environment made that is nowhere on the host, so a
+//! run whose sync-back lost anything does not end as plain success (the server fails it with `sync_back_failed`).
+//! Special files are not a loss: they are not workspace content in either direction (copy-in skips them too), and
+//! what they would hold does not exist as data.
 //!
 //! **What comes back is untrusted**: the environment chooses it.
 //!
 //! - Both trees are walked from directory descriptors, one name at a time, never following a link (`openat` with
 //!   `O_NOFOLLOW`): a link the environment plants, or a host directory swapped for one, never makes berth read or
-//!   write outside either root. What lies beyond such a host link is skipped and reported.
-//! - Files land with their permission bits only — never setuid, setgid or sticky — through a temporary file in the
-//!   same directory and a rename. An existing host path is never opened for writing and nothing is opened blocking,
-//!   so a FIFO on either side cannot hang a sync. FIFOs, sockets and devices the environment made are skipped and
-//!   reported in [`SyncReport::skipped`].
+//!   write outside either root.
+//! - Files land with their permission bits only — never setuid, setgid or sticky. An existing host path is never
+//!   opened for writing and nothing is opened blocking, so a FIFO on either side cannot hang a sync.
 //! - The file content one sync-back brings is bounded ([`SyncBackLimits`]: the environment's `syncBackMaxMb`),
 //!   counted while it is read and before anything is written, so a sparse 2 GB file counts as 2 GB. Past the bound
 //!   sync-back fails with [`DriverError::SyncBackTooLarge`] before it has changed the host.
-//! - A [`StopFlag`] (set when the run is cancelled) stops it between chunks; [`CancelLatch`] keeps a run's cancel
-//!   signal past `execute` so a driver's sync-back can watch it.
+//! - A [`StopFlag`] (set when the run is cancelled) stops it between chunks and entries, with
+//!   [`DriverError::SyncBackCancelled`]; [`CancelLatch`] keeps a run's cancel signal past `execute` so a driver's
+//!   sync-back can watch it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -122,6 +153,11 @@ impl Manifest {
             )));
         }
         Ok(manifest)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn insert_for_tests(&mut self, path: &str, entry: Entry) {
+        self.entries.insert(path.to_owned(), entry);
     }
 
     /// Keeps only the entries for which `keep(path)` holds.
@@ -377,11 +413,11 @@ impl Fingerprint {
 }
 
 /// [`scan_tree`], reading only the files whose fingerprint changed since `cache` last saw them. Also returns each
-/// file's mtime (whole seconds), which the stat for the fingerprint has already read.
+/// file's mtime (seconds, nanoseconds), which the stat for the fingerprint has already read.
 pub async fn scan_tree_cached(
     dir: &Path,
     cache: &Arc<HashCache>,
-) -> Result<(Manifest, BTreeMap<String, i64>), DriverError> {
+) -> Result<(Manifest, BTreeMap<String, (i64, u32)>), DriverError> {
     let (dir, cache) = (dir.to_path_buf(), cache.clone());
     blocking("the workspace sync", move || {
         let tree = Tree::open(&dir)?;
@@ -403,7 +439,11 @@ pub async fn scan_tree_cached(
                     return Ok(());
                 };
                 let fingerprint = Fingerprint::of(meta);
-                mtimes.insert(relative.to_owned(), fingerprint.mtime.0);
+                let (seconds, nanos) = fingerprint.mtime;
+                mtimes.insert(
+                    relative.to_owned(),
+                    (seconds, u32::try_from(nanos).unwrap_or_default()),
+                );
                 let (hashed_size, hash) = match known.get(relative) {
                     Some((cached, hash)) if *cached == fingerprint => {
                         (fingerprint.size, hash.clone())
@@ -485,12 +525,12 @@ pub fn empty_for_copy(workspace: &Path, local_path: &Path) -> Result<PathBuf, Dr
 
 /// Brings what changed in `sandbox_dir` since `at_copy_in` (the manifest [`copy_tree`] returned) to `host_dir`.
 ///
-/// New or changed files and symlinks are written atomically (temporary file, then rename) with their modes; new
-/// directories are created; entries of `at_copy_in` that are gone from the sandbox are deleted from the host
-/// (directories only when empty: the host may have added files to them). The sandbox wins over concurrent host
-/// changes to the same path. Nothing is read outside `sandbox_dir` or written outside `host_dir`, and never through
-/// a symlink: what a host link stands in the way of is skipped and reported. The sandbox's file content is counted
-/// against `limits` while it is read, before anything is written: past it, nothing is changed on the host.
+/// What the sandbox changed is compared by content hash with `at_copy_in` and applied by the rules of this module
+/// (see the module doc): changes land, deletions delete what the host still has as it was, a path the host changed
+/// too is a conflict (the host's version stays, the sandbox's goes beside it), and an entry that cannot be applied is
+/// reported while the rest still are. Nothing is read outside `sandbox_dir` or written outside `host_dir`, and never
+/// through a symlink. The sandbox's file content is counted against `limits` while it is read, before anything is
+/// written: past it, nothing is changed on the host.
 pub async fn sync_back_with(
     sandbox_dir: &Path,
     host_dir: &Path,
@@ -702,11 +742,466 @@ fn copy_tree_blocking(from: &Path, to: &Path) -> Result<Manifest, DriverError> {
     Ok(manifest)
 }
 
-/// Whether the sandbox's `new` entry means the host's entry (listed as `old` at copy-in) must go first.
-fn must_delete(old: &Entry, new: Option<&Entry>) -> bool {
-    match new {
-        None => true,
-        Some(new) => old.is_dir() != new.is_dir(),
+// === Applying what changed ===
+
+/// The suffix of the environment's version of a path that changed on both sides, written beside the host's.
+pub const CONFLICT_SUFFIX: &str = ".berth-conflict";
+
+/// The longest name Linux filesystems take (`NAME_MAX`, in bytes).
+const NAME_MAX: usize = 255;
+
+/// `path` with [`CONFLICT_SUFFIX`] on its last name, that name first shortened (at a character boundary) so that the
+/// result still fits in `NAME_MAX`: a 250-byte name must have a conflict copy too.
+pub fn conflict_path(path: &str) -> String {
+    let (parent, name) = match path.rsplit_once('/') {
+        Some((parent, name)) => (Some(parent), name),
+        None => (None, path),
+    };
+    let mut keep = name.len().min(NAME_MAX - CONFLICT_SUFFIX.len());
+    while !name.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    let beside = format!("{}{CONFLICT_SUFFIX}", &name[..keep]);
+    match parent {
+        Some(parent) => format!("{parent}/{beside}"),
+        None => beside,
+    }
+}
+
+/// What the environment holds now at a path that changed since sync-in.
+#[derive(Debug)]
+pub(crate) enum Incoming {
+    Dir {
+        mode: u32,
+    },
+    File {
+        mode: u32,
+        sha256: String,
+        /// The environment's mtime (seconds, nanoseconds), kept so that both sides look alike to the next sync.
+        mtime: Option<(i64, u32)>,
+        content: Content,
+    },
+    Symlink {
+        target: String,
+    },
+    /// Listed as changed, but its content did not arrive: reported, never applied.
+    Missing {
+        reason: SkipReason,
+        detail: Option<String>,
+    },
+}
+
+/// Where an incoming file's content is read from.
+#[derive(Debug)]
+pub(crate) enum Content {
+    /// A staging file berth wrote (from a remote's archive).
+    Staged(PathBuf),
+    /// The same path in the environment's tree on this host.
+    Environment,
+}
+
+/// What changed in the environment since sync-in.
+#[derive(Debug, Default)]
+pub(crate) struct Changes {
+    /// Paths the environment held at sync-in and holds no more.
+    pub(crate) deleted: Vec<String>,
+    /// Paths that are new or differ (kind, mode, content, target), with what they are now.
+    pub(crate) changed: BTreeMap<String, Incoming>,
+    /// What was left out before anything was applied (special files).
+    pub(crate) skipped: Vec<SkippedEntry>,
+}
+
+/// What a host path holds now.
+#[derive(Debug)]
+enum HostState {
+    Absent,
+    /// In manifest terms (files hashed).
+    Entry(Entry),
+    /// A FIFO, socket or device (never opened), or a link whose target is not UTF-8.
+    Other,
+}
+
+fn host_state(slot: &Slot) -> Result<HostState, DriverError> {
+    let Some(meta) = slot.meta()? else {
+        return Ok(HostState::Absent);
+    };
+    Ok(match meta.kind {
+        Kind::Symlink => match slot.read_link()? {
+            Some(target) => HostState::Entry(Entry::Symlink { target }),
+            None => HostState::Other,
+        },
+        Kind::Dir => HostState::Entry(Entry::Dir {
+            mode: meta.mode & MODE_MASK,
+        }),
+        Kind::File => match slot.open_file()? {
+            Some((mut file, meta)) => {
+                let (size, sha256) = hash_reader(&mut file, slot.path(), u64::MAX, None)?;
+                HostState::Entry(Entry::File {
+                    mode: meta.mode & MODE_MASK,
+                    size,
+                    sha256,
+                })
+            }
+            None => HostState::Other,
+        },
+        Kind::Special => HostState::Other,
+    })
+}
+
+/// Same content (modes aside): what decides whether the host changed a path during the run.
+fn same_content(current: &HostState, before: Option<&Entry>) -> bool {
+    match (current, before) {
+        (HostState::Absent, None) => true,
+        (HostState::Entry(current), Some(before)) => match (current, before) {
+            (Entry::Dir { .. }, Entry::Dir { .. }) => true,
+            (Entry::File { sha256: x, .. }, Entry::File { sha256: y, .. }) => x == y,
+            (Entry::Symlink { target: x }, Entry::Symlink { target: y }) => x == y,
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// Whether the host already holds what the environment has (modes aside).
+fn already_there(current: &HostState, incoming: &Incoming) -> bool {
+    match (current, incoming) {
+        (HostState::Entry(Entry::File { sha256: x, .. }), Incoming::File { sha256: y, .. }) => {
+            x == y
+        }
+        (HostState::Entry(Entry::Symlink { target: x }), Incoming::Symlink { target: y }) => x == y,
+        (HostState::Entry(Entry::Dir { .. }), Incoming::Dir { .. }) => true,
+        _ => false,
+    }
+}
+
+/// Reports `path` as skipped for `reason`, and logs it.
+pub(crate) fn skip(report: &mut SyncReport, path: &str, reason: SkipReason) {
+    tracing::warn!(path, reason = reason.as_str(), "sync-back skipped an entry");
+    report.skipped.push(SkippedEntry {
+        path: path.to_owned(),
+        reason,
+        detail: None,
+    });
+}
+
+/// The entries of `report` whose change the environment made did not arrive on the host: what makes a sync-back
+/// fail (see the module's rules). Special files are not workspace content and are left out.
+pub fn lost_entries(report: &SyncReport) -> Vec<&SkippedEntry> {
+    report
+        .skipped
+        .iter()
+        .filter(|entry| entry.reason != SkipReason::SpecialFile)
+        .collect()
+}
+
+/// Applies `changes` to the host tree at `host_dir`, by the rules of this module. `before` is the host tree at
+/// sync-in; `environment` is the environment's tree when it is on this host (its files are read from there).
+///
+/// One entry that cannot be applied is reported ([`SkipReason::Failed`], with the error) and the rest still are;
+/// only a stop ([`DriverError::SyncBackCancelled`]) or a host root that cannot be opened ends it early.
+pub(crate) fn apply(
+    host_dir: &Path,
+    environment: Option<&Tree>,
+    before: &Manifest,
+    changes: Changes,
+    limits: &SyncBackLimits,
+) -> Result<SyncReport, DriverError> {
+    let mut applier = Applier {
+        host: Tree::open(host_dir)?,
+        environment,
+        before,
+        budget: Budget::new(limits),
+        report: SyncReport {
+            skipped: changes.skipped,
+            ..SyncReport::default()
+        },
+        redirects: Vec::new(),
+        dir_modes: Vec::new(),
+        not_dirs: changes
+            .changed
+            .iter()
+            .filter(|(_, incoming)| !matches!(incoming, Incoming::Dir { .. }))
+            .map(|(path, _)| path.clone())
+            .collect(),
+    };
+    // Deletions first, children before parents, so that a path that changed kind is free for its new entry.
+    let mut deleted = changes.deleted;
+    deleted.sort();
+    for path in deleted.iter().rev() {
+        applier.budget.check_stop()?;
+        let result = applier.delete(path);
+        applier.settle(path, result)?;
+    }
+    // Then writes, parents before children (a parent sorts before its children).
+    for (path, incoming) in &changes.changed {
+        applier.budget.check_stop()?;
+        let result = applier.write(path, incoming);
+        applier.settle(path, result)?;
+    }
+    // Directory modes last, deepest first: a read-only directory must still have received its contents.
+    for (path, mode) in std::mem::take(&mut applier.dir_modes).into_iter().rev() {
+        let result = match applier.host.reach(&path, false) {
+            Ok(Reach::Slot(slot)) => slot.set_dir_mode(mode).map(drop),
+            Ok(Reach::Missing | Reach::Blocked { .. }) => Ok(()),
+            Err(error) => Err(error),
+        };
+        applier.settle(&path, result)?;
+    }
+    tracing::debug!(
+        host_dir = %host_dir.display(),
+        files_written = applier.report.files_written,
+        files_deleted = applier.report.files_deleted,
+        bytes_written = applier.report.bytes_written,
+        conflicts = applier.report.conflicts.len(),
+        skipped = applier.report.skipped.len(),
+        "workspace synced back"
+    );
+    Ok(applier.report)
+}
+
+struct Applier<'a> {
+    host: Tree,
+    environment: Option<&'a Tree>,
+    before: &'a Manifest,
+    /// What is copied is counted again: a file on this host may have grown since it was scanned.
+    budget: Budget,
+    report: SyncReport,
+    /// Environment directories that met a conflict, and where what the environment has below them goes instead.
+    redirects: Vec<(String, String)>,
+    dir_modes: Vec<(String, u32)>,
+    /// Paths the environment says are no directory: one that still has entries below it is a hostile listing.
+    not_dirs: std::collections::HashSet<String>,
+}
+
+impl Applier<'_> {
+    /// Records an entry's failure and goes on; only a stop ends the sync-back.
+    fn settle(&mut self, path: &str, result: Result<(), DriverError>) -> Result<(), DriverError> {
+        match result {
+            Ok(()) => Ok(()),
+            Err(DriverError::SyncBackCancelled) => Err(DriverError::SyncBackCancelled),
+            Err(error) => {
+                tracing::warn!(path, error = %error, "sync-back could not apply an entry; applying the rest");
+                self.report.skipped.push(SkippedEntry {
+                    path: path.to_owned(),
+                    reason: SkipReason::Failed,
+                    detail: Some(error.to_string()),
+                });
+                Ok(())
+            }
+        }
+    }
+
+    fn conflict(&mut self, path: &str) {
+        if !self.report.conflicts.iter().any(|known| known == path) {
+            tracing::info!(
+                path,
+                "changed on both sides during the run: the host's version is kept"
+            );
+            self.report.conflicts.push(path.to_owned());
+        }
+    }
+
+    /// Where the environment's `path` goes on the host: below a conflicting directory's conflict path, else itself.
+    fn redirected(&self, path: &str) -> String {
+        self.redirects
+            .iter()
+            .filter_map(|(from, to)| {
+                let rest = path.strip_prefix(from.as_str())?.strip_prefix('/')?;
+                Some((from.len(), format!("{to}/{rest}")))
+            })
+            .max_by_key(|(depth, _)| *depth)
+            .map_or_else(|| path.to_owned(), |(_, to)| to)
+    }
+
+    /// The environment deleted `path`: it goes from the host only if the host still has it as it was at sync-in.
+    fn delete(&mut self, path: &str) -> Result<(), DriverError> {
+        let slot = match self.host.reach(path, false)? {
+            Reach::Slot(slot) => slot,
+            Reach::Missing => return Ok(()),
+            Reach::Blocked { at } => {
+                // The host made a directory on the way something else during the run: its version stays.
+                self.conflict(&at);
+                return Ok(());
+            }
+        };
+        let current = host_state(&slot)?;
+        if matches!(current, HostState::Absent) {
+            return Ok(());
+        }
+        if !same_content(&current, self.before.get(path)) {
+            self.conflict(path);
+            return Ok(());
+        }
+        if matches!(current, HostState::Entry(Entry::Dir { .. })) {
+            // Only when empty: what the host added to it during the run stays.
+            if slot.remove_dir()? == RemovedDir::NotEmpty {
+                self.conflict(path);
+            }
+        } else if slot.remove_file()? {
+            self.report.files_deleted += 1;
+        }
+        Ok(())
+    }
+
+    /// The environment has `incoming` at `path`, new or changed since sync-in.
+    fn write(&mut self, path: &str, incoming: &Incoming) -> Result<(), DriverError> {
+        if let Incoming::Missing { reason, detail } = incoming {
+            tracing::warn!(
+                path,
+                reason = reason.as_str(),
+                "sync-back did not receive an entry"
+            );
+            self.report.skipped.push(SkippedEntry {
+                path: path.to_owned(),
+                reason: *reason,
+                detail: detail.clone(),
+            });
+            return Ok(());
+        }
+        let target = self.redirected(path);
+        let redirected = target != path;
+        let slot = match self.host.reach(&target, true)? {
+            Reach::Slot(slot) => slot,
+            Reach::Missing => {
+                return Err(DriverError::failed(format!(
+                    "a directory on the way to `{target}` could not be created"
+                )));
+            }
+            Reach::Blocked { at } if !redirected && !self.not_dirs.contains(&at) => {
+                // A directory the environment kept is something else on the host now (a link, a file): the host
+                // changed it during the run, so its version stays and the environment's entries go beside it.
+                self.conflict(&at);
+                self.redirects.push((at.clone(), conflict_path(&at)));
+                return self.write(path, incoming);
+            }
+            Reach::Blocked { at } => {
+                blocked(&mut self.report, path, &at);
+                return Ok(());
+            }
+        };
+        let current = host_state(&slot)?;
+        let before = if redirected {
+            None
+        } else {
+            self.before.get(path)
+        };
+        let host_unchanged = same_content(&current, before);
+        if let Incoming::Dir { mode } = incoming {
+            match current {
+                HostState::Entry(Entry::Dir { .. }) => {}
+                HostState::Absent => slot.create_dir()?,
+                // A file or link as at sync-in: the environment made it a directory.
+                _ if host_unchanged => {
+                    slot.remove_file()?;
+                    slot.create_dir()?;
+                }
+                _ => {
+                    self.conflict(path);
+                    let beside = conflict_path(&target);
+                    self.redirects.push((path.to_owned(), beside.clone()));
+                    let Reach::Slot(beside_slot) = self.host.reach(&beside, true)? else {
+                        skip(&mut self.report, path, SkipReason::UnsafeHostPath);
+                        return Ok(());
+                    };
+                    match beside_slot.meta()? {
+                        None => beside_slot.create_dir()?,
+                        Some(meta) if meta.kind == Kind::Dir => {}
+                        Some(_) => {
+                            return Err(DriverError::failed(format!(
+                                "`{beside}` is in the way of the environment's directory `{path}`"
+                            )));
+                        }
+                    }
+                    self.dir_modes.push((beside, *mode));
+                    return Ok(());
+                }
+            }
+            self.dir_modes.push((target, *mode));
+            return Ok(());
+        }
+        if already_there(&current, incoming) {
+            // Only the mode may have moved: bring it along.
+            if let (HostState::Entry(Entry::File { mode, .. }), Incoming::File { mode: new, .. }) =
+                (&current, incoming)
+                && mode != new
+            {
+                slot.set_file_mode(*new)?;
+            }
+            return Ok(());
+        }
+        let free = match current {
+            _ if !host_unchanged => false,
+            // A directory as at sync-in, that the environment made a file or link: emptied by the deletions above
+            // unless the host added to it.
+            HostState::Entry(Entry::Dir { .. }) => slot.remove_dir()? != RemovedDir::NotEmpty,
+            _ => true,
+        };
+        let destination = if free {
+            slot
+        } else {
+            // Changed on both sides (or something berth never synced is there, a FIFO): the host's version stays,
+            // the environment's is written beside it.
+            self.conflict(path);
+            match self.host.reach(&conflict_path(&target), true)? {
+                Reach::Slot(slot) => slot,
+                Reach::Missing | Reach::Blocked { .. } => {
+                    skip(&mut self.report, path, SkipReason::UnsafeHostPath);
+                    return Ok(());
+                }
+            }
+        };
+        self.put(path, &destination, incoming)
+    }
+
+    /// Writes the environment's file or link `path` at `destination`.
+    fn put(
+        &mut self,
+        path: &str,
+        destination: &Slot,
+        incoming: &Incoming,
+    ) -> Result<(), DriverError> {
+        match incoming {
+            Incoming::File {
+                mode,
+                mtime,
+                content,
+                ..
+            } => {
+                let source = match content {
+                    Content::Staged(staged) => Some(
+                        fs::File::open(staged)
+                            .map_err(io_error(format!("reading the staged `{path}`")))?,
+                    ),
+                    Content::Environment => match self.environment {
+                        Some(environment) => match environment.reach(path, false)? {
+                            Reach::Slot(source) => source.open_file()?.map(|(file, _)| file),
+                            Reach::Missing | Reach::Blocked { .. } => None,
+                        },
+                        None => None,
+                    },
+                };
+                let Some(mut source) = source else {
+                    skip(&mut self.report, path, SkipReason::NotSent);
+                    return Ok(());
+                };
+                let budget = &mut self.budget;
+                let (size, _) = destination.write_file(
+                    &mut source,
+                    *mode,
+                    *mtime,
+                    Placement::Replace,
+                    &mut |n| budget.take(n),
+                )?;
+                self.report.files_written += 1;
+                self.report.bytes_written += size;
+            }
+            Incoming::Symlink { target } => {
+                destination.write_symlink(target, Placement::Replace)?;
+                self.report.files_written += 1;
+            }
+            Incoming::Dir { .. } | Incoming::Missing { .. } => {}
+        }
+        Ok(())
     }
 }
 
@@ -720,15 +1215,7 @@ pub(crate) fn blocked(report: &mut SyncReport, path: &str, at: &str) {
     report.skipped.push(SkippedEntry {
         path: path.to_owned(),
         reason: SkipReason::UnsafeHostPath,
-    });
-}
-
-/// Reports `path` as skipped for `reason`, and logs it.
-pub(crate) fn skip(report: &mut SyncReport, path: &str, reason: SkipReason) {
-    tracing::warn!(path, reason = reason.as_str(), "sync-back skipped an entry");
-    report.skipped.push(SkippedEntry {
-        path: path.to_owned(),
-        reason,
+        detail: None,
     });
 }
 
@@ -739,8 +1226,6 @@ fn sync_back_blocking(
     limits: &SyncBackLimits,
 ) -> Result<SyncReport, DriverError> {
     let sandbox = Tree::open(sandbox_dir)?;
-    let host = Tree::open(host_dir)?;
-    let mut report = SyncReport::default();
 
     // Read (and count) everything the sandbox sends before touching the host: past the bound, nothing changes.
     let mut budget = Budget::new(limits);
@@ -775,101 +1260,43 @@ fn sync_back_blocking(
             Ok(())
         },
     )?;
-    for path in &specials {
-        skip(&mut report, path, SkipReason::SpecialFile);
-    }
 
-    // Deletions first, children before parents, so that a path that changed kind is free for its new entry.
-    for (relative, old) in before.entries.iter().rev() {
-        if !must_delete(old, after.get(relative)) {
+    let mut changes = Changes::default();
+    for path in specials {
+        tracing::warn!(
+            path,
+            reason = SkipReason::SpecialFile.as_str(),
+            "sync-back skipped an entry"
+        );
+        changes.skipped.push(SkippedEntry {
+            path,
+            reason: SkipReason::SpecialFile,
+            detail: None,
+        });
+    }
+    changes.deleted = before
+        .entries
+        .keys()
+        .filter(|path| !after.entries.contains_key(*path))
+        .cloned()
+        .collect();
+    for (path, entry) in after.entries {
+        if before.get(&path) == Some(&entry) {
             continue;
         }
-        budget.check_stop()?;
-        let slot = match host.reach(relative, false)? {
-            Reach::Slot(slot) => slot,
-            Reach::Missing => continue,
-            Reach::Blocked { at } => {
-                blocked(&mut report, relative, &at);
-                continue;
-            }
+        let incoming = match entry {
+            Entry::Dir { mode } => Incoming::Dir { mode },
+            Entry::File { mode, sha256, .. } => Incoming::File {
+                mode,
+                sha256,
+                mtime: None,
+                content: Content::Environment,
+            },
+            Entry::Symlink { target } => Incoming::Symlink { target },
         };
-        let Some(meta) = slot.meta()? else {
-            continue;
-        };
-        if old.is_dir() {
-            if meta.kind == Kind::Dir && slot.remove_dir()? == RemovedDir::NotEmpty {
-                tracing::debug!(path = %slot.path().display(), "keeping a deleted directory that still holds host files");
-            }
-        } else if meta.kind != Kind::Dir && slot.remove_file()? {
-            report.files_deleted += 1;
-        }
+        changes.changed.insert(path, incoming);
     }
-
-    // Then writes, parents before children. What is copied is counted again: it may have grown since it was read.
-    let mut copied = Budget::new(limits);
-    let mut dir_modes: Vec<(String, u32)> = Vec::new();
-    for (relative, new) in &after.entries {
-        if before.get(relative) == Some(new) {
-            continue;
-        }
-        copied.check_stop()?;
-        let slot = match host.reach(relative, true)? {
-            Reach::Slot(slot) => slot,
-            Reach::Missing => continue,
-            Reach::Blocked { at } => {
-                blocked(&mut report, relative, &at);
-                continue;
-            }
-        };
-        match new {
-            Entry::Dir { mode } => {
-                match slot.meta()? {
-                    Some(meta) if meta.kind == Kind::Dir => {}
-                    Some(_) => {
-                        // A file, link or FIFO the host put where the sandbox now has a directory: the sandbox wins.
-                        slot.remove_file()?;
-                        slot.create_dir()?;
-                    }
-                    None => slot.create_dir()?,
-                }
-                dir_modes.push((relative.clone(), *mode));
-            }
-            Entry::File { mode, .. } => {
-                let source = match sandbox.reach(relative, false)? {
-                    Reach::Slot(source) => source.open_file()?,
-                    Reach::Missing | Reach::Blocked { .. } => None,
-                };
-                let Some((mut source, _)) = source else {
-                    skip(&mut report, relative, SkipReason::NotSent);
-                    continue;
-                };
-                let (size, _) =
-                    slot.write_file(&mut source, *mode, None, Placement::Replace, &mut |n| {
-                        copied.take(n)
-                    })?;
-                report.files_written += 1;
-                report.bytes_written += size;
-            }
-            Entry::Symlink { target: link } => {
-                slot.write_symlink(link, Placement::Replace)?;
-                report.files_written += 1;
-            }
-        }
-    }
-    for (relative, mode) in dir_modes.into_iter().rev() {
-        if let Reach::Slot(slot) = host.reach(&relative, false)? {
-            slot.set_dir_mode(mode)?;
-        }
-    }
-    tracing::debug!(
-        host_dir = %host_dir.display(),
-        files_written = report.files_written,
-        files_deleted = report.files_deleted,
-        bytes_written = report.bytes_written,
-        skipped = report.skipped.len(),
-        "workspace synced back"
-    );
-    Ok(report)
+    apply(host_dir, Some(&sandbox), before, changes, limits)
 }
 
 #[cfg(test)]
@@ -1093,11 +1520,12 @@ mod tests {
         assert_eq!(
             report,
             SyncReport {
-                // README.md, src/main.rs, new.txt, out/bin/tool, main-link, abs-link.
-                files_written: 6,
+                // README.md, new.txt, out/bin/tool, main-link, abs-link (src/main.rs only changed its mode: it is
+                // not rewritten).
+                files_written: 5,
                 // src/nested/deep.txt, locked.txt.
                 files_deleted: 2,
-                bytes_written: 8 + 13 + 9 + 4,
+                bytes_written: 8 + 9 + 4,
                 conflicts: Vec::new(),
                 skipped: Vec::new(),
             }
@@ -1128,12 +1556,25 @@ mod tests {
         symlink(outside.join("victim"), host.join("plain")).unwrap();
         fs::write(sandbox.join("plain"), "replaced").unwrap();
 
-        sync_back(&sandbox, &host, &manifest).await.unwrap();
+        let report = sync_back(&sandbox, &host, &manifest).await.unwrap();
 
-        assert!(fs::symlink_metadata(host.join("sub")).unwrap().is_dir());
-        assert_eq!(fs::read_to_string(host.join("sub/file")).unwrap(), "inside");
+        // Both links are the host's doing during the run: they stay, and the environment's versions go beside.
+        assert_eq!(report.conflicts, ["plain", "sub"]);
+        assert!(fs::symlink_metadata(host.join("sub")).unwrap().is_symlink());
+        assert_eq!(
+            fs::read_to_string(host.join("sub.berth-conflict/file")).unwrap(),
+            "inside"
+        );
         assert!(!outside.join("file").exists());
-        assert!(fs::symlink_metadata(host.join("plain")).unwrap().is_file());
+        assert!(
+            fs::symlink_metadata(host.join("plain"))
+                .unwrap()
+                .is_symlink()
+        );
+        assert_eq!(
+            fs::read_to_string(host.join("plain.berth-conflict")).unwrap(),
+            "replaced"
+        );
         assert_eq!(
             fs::read_to_string(outside.join("victim")).unwrap(),
             "original"
@@ -1141,7 +1582,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn host_ancestor_symlinks_are_refused() {
+    async fn host_ancestor_symlinks_are_never_written_through() {
         let temp = tempfile::tempdir().unwrap();
         let outside = temp.path().join("outside");
         fs::create_dir(&outside).unwrap();
@@ -1157,14 +1598,12 @@ mod tests {
         fs::write(sandbox.join("dir/file"), "v2").unwrap();
 
         let report = sync_back(&sandbox, &host, &manifest).await.unwrap();
+        assert!(report.skipped.is_empty(), "{report:?}");
+        assert_eq!(report.conflicts, ["dir"]);
         assert_eq!(
-            report.skipped,
-            [SkippedEntry {
-                path: "dir/file".to_owned(),
-                reason: SkipReason::UnsafeHostPath
-            }]
+            fs::read_to_string(host.join("dir.berth-conflict/file")).unwrap(),
+            "v2"
         );
-        assert_eq!(report.files_written, 0);
         assert!(!outside.join("file").exists());
     }
 
@@ -1284,7 +1723,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_host_fifo_is_replaced_never_opened() {
+    async fn a_host_fifo_is_kept_never_opened() {
         let temp = tempfile::tempdir().unwrap();
         let (host, sandbox, manifest) = empty_pair(temp.path()).await;
         // The host grows FIFOs where the environment writes a file and makes a directory; nobody ever opens them.
@@ -1301,8 +1740,16 @@ mod tests {
         .await
         .expect("sync-back blocked on a FIFO")
         .unwrap();
-        assert_eq!(fs::read_to_string(host.join("pipe")).unwrap(), "data");
-        assert_eq!(fs::read_to_string(host.join("dir/inside")).unwrap(), "in");
+        // The FIFOs are the host's: they stay, and the environment's entries go beside them.
+        assert_eq!(report.conflicts, ["dir", "pipe"]);
+        assert_eq!(
+            fs::read_to_string(host.join("pipe.berth-conflict")).unwrap(),
+            "data"
+        );
+        assert_eq!(
+            fs::read_to_string(host.join("dir.berth-conflict/inside")).unwrap(),
+            "in"
+        );
         assert_eq!(report.files_written, 2);
     }
 
@@ -1330,7 +1777,8 @@ mod tests {
             report.skipped,
             [SkippedEntry {
                 path: "file".to_owned(),
-                reason: SkipReason::SpecialFile
+                reason: SkipReason::SpecialFile,
+                detail: None,
             }]
         );
     }
@@ -1412,13 +1860,14 @@ mod tests {
         );
         // The environment's link comes back as a link, never followed.
         assert_eq!(fs::read_link(host.join("link")).unwrap(), outside);
+        // The host changed `x` during the run: its link stays, and the environment's file goes beside it.
+        assert_eq!(report.conflicts, ["x"]);
+        assert!(report.skipped.is_empty(), "{report:?}");
         assert_eq!(
-            report.skipped,
-            [SkippedEntry {
-                path: "x/passwd".to_owned(),
-                reason: SkipReason::UnsafeHostPath
-            }]
+            fs::read_to_string(host.join("x.berth-conflict/passwd")).unwrap(),
+            "pwned"
         );
+        assert_eq!(fs::read_link(host.join("x")).unwrap(), outside);
         assert!(
             !fs::read_dir(&outside).unwrap().any(|entry| entry
                 .unwrap()
@@ -1548,6 +1997,114 @@ mod tests {
             SyncBackLimits::for_lease(&lease).max_bytes(),
             5 * 1024 * 1024
         );
+    }
+
+    #[tokio::test]
+    async fn one_entry_that_cannot_land_does_not_stop_the_others() {
+        let temp = tempfile::tempdir().unwrap();
+        let host = temp.path().join("host");
+        fs::create_dir(&host).unwrap();
+        fs::write(host.join("a"), "orig").unwrap();
+        let sandbox = temp.path().join("sandbox");
+        let manifest = copy_tree(&host, &sandbox).await.unwrap();
+        fs::write(sandbox.join("a"), "env").unwrap();
+        fs::write(sandbox.join("b"), "b").unwrap();
+        fs::create_dir(sandbox.join("z")).unwrap();
+        fs::write(sandbox.join("z/new"), "new").unwrap();
+        // `a` changes on the host too, and a directory stands where its conflict copy must go.
+        fs::write(host.join("a"), "host").unwrap();
+        fs::create_dir_all(host.join("a.berth-conflict/in-the-way")).unwrap();
+
+        let report = sync_back(&sandbox, &host, &manifest).await.unwrap();
+        assert_eq!(report.conflicts, ["a"]);
+        assert_eq!(report.skipped.len(), 1, "{report:?}");
+        assert_eq!(report.skipped[0].path, "a");
+        assert_eq!(report.skipped[0].reason, SkipReason::Failed);
+        assert!(report.skipped[0].detail.is_some(), "{report:?}");
+        assert_eq!(lost_entries(&report).len(), 1);
+        // Everything after it landed.
+        assert_eq!(fs::read_to_string(host.join("b")).unwrap(), "b");
+        assert_eq!(fs::read_to_string(host.join("z/new")).unwrap(), "new");
+        assert_eq!(fs::read_to_string(host.join("a")).unwrap(), "host");
+    }
+
+    #[tokio::test]
+    async fn kinds_swap_both_ways_and_long_names_land() {
+        let temp = tempfile::tempdir().unwrap();
+        let host = temp.path().join("host");
+        let long = "n".repeat(250);
+        fs::create_dir_all(host.join("dir-to-file")).unwrap();
+        fs::write(host.join("dir-to-file/inner"), "x").unwrap();
+        fs::create_dir(host.join("dir-to-link")).unwrap();
+        fs::write(host.join("file-to-dir"), "x").unwrap();
+        symlink("somewhere", host.join("link-to-dir")).unwrap();
+        fs::create_dir(host.join("kept-dir")).unwrap();
+        fs::write(host.join(&long), "old").unwrap();
+        let sandbox = temp.path().join("sandbox");
+        let manifest = copy_tree(&host, &sandbox).await.unwrap();
+
+        fs::remove_dir_all(sandbox.join("dir-to-file")).unwrap();
+        fs::write(sandbox.join("dir-to-file"), "file now").unwrap();
+        fs::remove_dir(sandbox.join("dir-to-link")).unwrap();
+        symlink("elsewhere", sandbox.join("dir-to-link")).unwrap();
+        fs::remove_file(sandbox.join("file-to-dir")).unwrap();
+        fs::create_dir(sandbox.join("file-to-dir")).unwrap();
+        fs::write(sandbox.join("file-to-dir/f"), "in").unwrap();
+        fs::remove_file(sandbox.join("link-to-dir")).unwrap();
+        fs::create_dir(sandbox.join("link-to-dir")).unwrap();
+        fs::write(sandbox.join("link-to-dir/f"), "in").unwrap();
+        fs::remove_dir(sandbox.join("kept-dir")).unwrap();
+        fs::write(sandbox.join("kept-dir"), "a file").unwrap();
+        fs::write(sandbox.join(&long), "new").unwrap();
+        fs::write(sandbox.join("m".repeat(255)), "max").unwrap();
+        // The host adds to a directory the sandbox made a file: the host's directory stays, the file goes beside.
+        fs::write(host.join("kept-dir/host-added"), "keep").unwrap();
+
+        let report = sync_back(&sandbox, &host, &manifest).await.unwrap();
+        assert!(lost_entries(&report).is_empty(), "{report:?}");
+        assert_eq!(report.conflicts, ["kept-dir"]);
+        assert_eq!(
+            fs::read_to_string(host.join("dir-to-file")).unwrap(),
+            "file now"
+        );
+        assert_eq!(
+            fs::read_link(host.join("dir-to-link")).unwrap(),
+            Path::new("elsewhere")
+        );
+        assert_eq!(
+            fs::read_to_string(host.join("file-to-dir/f")).unwrap(),
+            "in"
+        );
+        assert_eq!(
+            fs::read_to_string(host.join("link-to-dir/f")).unwrap(),
+            "in"
+        );
+        assert_eq!(
+            fs::read_to_string(host.join("kept-dir/host-added")).unwrap(),
+            "keep"
+        );
+        assert_eq!(
+            fs::read_to_string(host.join("kept-dir.berth-conflict")).unwrap(),
+            "a file"
+        );
+        assert_eq!(fs::read_to_string(host.join(&long)).unwrap(), "new");
+        assert_eq!(
+            fs::read_to_string(host.join("m".repeat(255))).unwrap(),
+            "max"
+        );
+    }
+
+    #[test]
+    fn conflict_paths_fit_in_a_name() {
+        assert_eq!(conflict_path("a/b"), "a/b.berth-conflict");
+        let long = format!("dir/{}", "n".repeat(250));
+        let beside = conflict_path(&long);
+        assert!(beside.starts_with("dir/nnn") && beside.ends_with(CONFLICT_SUFFIX));
+        assert_eq!(beside.len() - "dir/".len(), NAME_MAX);
+        // Never cut inside a character.
+        let wide = "é".repeat(127);
+        let beside = conflict_path(&wide);
+        assert!(beside.len() <= NAME_MAX && beside.ends_with(CONFLICT_SUFFIX));
     }
 
     #[tokio::test]

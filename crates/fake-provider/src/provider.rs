@@ -302,9 +302,19 @@ impl FakeProvider {
             tracing::debug!(lease.id = %key.id(), operation, "fake release fault injected");
             return Err(DriverError::failed(message.clone()));
         }
+        let recorded = lease.process.clone();
         blocking("the fake provider", move || {
+            // What the lease's last command left running, by its recorded identity: a crashed berth's command may
+            // have ended up anywhere on this host. A command that ended normally is no longer recorded.
+            if let Some(identity) = &recorded {
+                berth_drivers::process::kill_recorded(identity).map_err(io_error(format!(
+                    "killing what the run's process group {} left running",
+                    identity.pgid
+                )))?;
+            }
             // Destroy is for sandboxes nobody is running in any more (orphans, expiry): processes a crashed berth
-            // left there go with it. A run's own release needs no scan, its process tree is already gone.
+            // left there go with it. A run's own release needs no scan, its process tree is already gone. The
+            // sandbox directory is the provider's own, so whatever works in it belongs to a run.
             if operation == "destroy" {
                 berth_drivers::process::kill_processes_in(&dir);
             }

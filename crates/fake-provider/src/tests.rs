@@ -855,10 +855,14 @@ async fn what_a_sandbox_sends_back_is_never_setuid_special_or_blocking() {
     .unwrap();
     let suid = std::fs::symlink_metadata(host.join("suid")).unwrap();
     assert_eq!(suid.permissions().mode() & 0o7777, 0o755);
+    // The host's FIFO is something berth never synced: it stays (never opened), and the sandbox's file goes beside.
+    let pipe = std::fs::symlink_metadata(host.join("pipe")).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(&pipe.file_type()));
     assert_eq!(
-        std::fs::read_to_string(host.join("pipe")).unwrap(),
+        std::fs::read_to_string(host.join("pipe.berth-conflict")).unwrap(),
         "data\n"
     );
+    assert_eq!(report.conflicts, ["pipe"]);
     assert_eq!(
         std::fs::read_link(host.join("etc")).unwrap(),
         Path::new("/etc")
@@ -868,7 +872,8 @@ async fn what_a_sandbox_sends_back_is_never_setuid_special_or_blocking() {
         report.skipped,
         [SkippedEntry {
             path: "fifo".to_owned(),
-            reason: SkipReason::SpecialFile
+            reason: SkipReason::SpecialFile,
+            detail: None,
         }]
     );
     assert_eq!(report.files_written, 3);

@@ -1,13 +1,24 @@
 //! The `berth` command line: `serve`, and client subcommands that talk to a running server (API.md §1).
 
+mod activity;
+mod companies;
+mod env;
+mod leases;
+mod output;
+mod runs;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
+use self::companies::{CompanyCommand, KeyCommand};
+use self::env::EnvCommand;
+use self::leases::LeaseCommand;
+use self::output::{cell, print_json};
+use self::runs::RunsCommand;
 use crate::client::{ClientArgs, Session};
 use crate::data_dir::default_data_dir;
 use crate::host_policy::LocalEnvironments;
@@ -40,9 +51,20 @@ pub enum Command {
     /// Run a command in an environment and stream its output; exits with the command's exit code (124 on
     /// timeout, 125 when berth failed before the command ran, 255 when berth lost the run after starting it).
     Run(crate::run_command::RunArgs),
+    /// Runs: list, show, print or follow their output, cancel.
+    #[command(subcommand)]
+    Runs(RunsCommand),
     /// Inspect leases.
     #[command(subcommand)]
     Lease(LeaseCommand),
+    /// Companies (admin).
+    #[command(subcommand)]
+    Company(CompanyCommand),
+    /// A company's API keys (admin).
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// The company's activity log: who created, changed, probed or deleted what, and when.
+    Activity(activity::ActivityArgs),
     /// Local fixtures for trying drivers: `berth lab ssh up | status | down`.
     #[command(subcommand)]
     Lab(crate::lab::LabCommand),
@@ -142,62 +164,12 @@ pub struct ServeArgs {
     /// How long a started plugin may take to answer `initialize`. For tests.
     #[arg(long, hide = true, default_value_t = 15_000)]
     pub plugin_initialize_deadline_ms: u64,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum EnvCommand {
-    /// List the company's environments, newest update first.
-    List {
-        #[command(flatten)]
-        client: ClientArgs,
-    },
-    /// Show one environment.
-    Get {
-        id: String,
-        #[command(flatten)]
-        client: ClientArgs,
-    },
-    /// Create an environment.
-    Create {
-        #[arg(long)]
-        name: String,
-        /// local, ssh, sandbox or plugin.
-        #[arg(long)]
-        driver: String,
-        /// Driver config as JSON, or @FILE to read it from a file.
-        #[arg(long)]
-        config: Option<String>,
-        #[arg(long)]
-        description: Option<String>,
-        #[command(flatten)]
-        client: ClientArgs,
-    },
-    /// Check that berth can reach and use an environment (exit 1 when it cannot).
-    Probe {
-        id: String,
-        #[command(flatten)]
-        client: ClientArgs,
-    },
-    /// Delete an environment (its active leases are released first).
-    Rm {
-        id: String,
-        #[command(flatten)]
-        client: ClientArgs,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-pub enum LeaseCommand {
-    /// List an environment's leases.
-    List {
-        #[arg(long)]
-        env: String,
-        /// Only leases in this status.
-        #[arg(long)]
-        status: Option<String>,
-        #[command(flatten)]
-        client: ClientArgs,
-    },
+    /// How long an API client may take to send a request head, and may stay idle between requests. For tests.
+    #[arg(long, hide = true, default_value_t = 10_000)]
+    pub http_header_read_timeout_ms: u64,
+    /// API connections served at once; past it, a connection is answered 503 `too_many_connections`.
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    pub max_connections: usize,
 }
 
 impl Cli {
@@ -222,8 +194,12 @@ impl Cli {
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
-        Command::Env(command) => env(command).await,
-        Command::Lease(command) => lease(command).await,
+        Command::Env(command) => env::run(command).await,
+        Command::Runs(command) => runs::run(command).await,
+        Command::Lease(command) => leases::run(command).await,
+        Command::Company(command) => companies::company(command).await,
+        Command::Key(command) => companies::key(command).await,
+        Command::Activity(args) => activity::run(args).await,
         Command::Run(args) => crate::run_command::run(args).await,
         Command::Lab(command) => crate::lab::run(command).await,
         Command::Plugin(PluginCommand::Check(args)) => crate::plugin_check::run(args).await,
@@ -263,6 +239,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             IsolationTier::Namespaces => berth_drivers::isolated::TierChoice::Namespaces,
             IsolationTier::Landlock => berth_drivers::isolated::TierChoice::Landlock,
         },
+        connections: berth_listen::Limits {
+            header_read_timeout: std::time::Duration::from_millis(
+                args.http_header_read_timeout_ms.max(1),
+            ),
+            max_connections: args.max_connections.max(1),
+            ..berth_listen::Limits::default()
+        },
         sweep_interval: std::env::var("BERTH_SWEEP_INTERVAL_MS")
             .ok()
             .and_then(|value| value.parse::<u64>().ok())
@@ -278,136 +261,6 @@ fn secret_env(name: &str) -> Option<Zeroizing<String>> {
         .ok()
         .filter(|value| !value.trim().is_empty())
         .map(Zeroizing::new)
-}
-
-async fn env(command: EnvCommand) -> anyhow::Result<ExitCode> {
-    match command {
-        EnvCommand::List { client } => {
-            let session = Session::open(client).await?;
-            let list = session
-                .api
-                .get(&format!(
-                    "/api/companies/{}/environments",
-                    session.company_id
-                ))
-                .await?;
-            if session.json {
-                print_json(&list);
-            } else {
-                print_environment_table(&list);
-            }
-        }
-        EnvCommand::Get { id, client } => {
-            let session = Session::open(client).await?;
-            let environment = session
-                .api
-                .get(&format!("/api/environments/{}", path_segment(&id)?))
-                .await?;
-            print_json(&environment);
-        }
-        EnvCommand::Create {
-            name,
-            driver,
-            config,
-            description,
-            client,
-        } => {
-            let config = match config.as_deref() {
-                None => json!({}),
-                Some(text) => parse_config_argument(text)?,
-            };
-            let session = Session::open(client).await?;
-            let mut body = json!({"name": name, "driver": driver, "config": config});
-            if let Some(description) = description {
-                body["description"] = Value::String(description);
-            }
-            let created = session
-                .api
-                .post(
-                    &format!("/api/companies/{}/environments", session.company_id),
-                    &body,
-                )
-                .await?;
-            if session.json {
-                print_json(&created);
-            } else {
-                println!("{}", created["id"].as_str().unwrap_or_default());
-            }
-        }
-        EnvCommand::Probe { id, client } => {
-            let session = Session::open(client).await?;
-            let result = session
-                .api
-                .post(
-                    &format!("/api/environments/{}/probe", path_segment(&id)?),
-                    &json!({}),
-                )
-                .await;
-            let result = result?;
-            let ok = result["ok"].as_bool().unwrap_or(false);
-            if session.json {
-                print_json(&result);
-            } else {
-                println!(
-                    "{}: {}",
-                    if ok { "ok" } else { "failed" },
-                    result["summary"].as_str().unwrap_or_default()
-                );
-            }
-            if !ok {
-                return Ok(ExitCode::FAILURE);
-            }
-        }
-        EnvCommand::Rm { id, client } => {
-            let session = Session::open(client).await?;
-            let removed = session
-                .api
-                .delete(&format!("/api/environments/{}", path_segment(&id)?))
-                .await?;
-            if session.json {
-                print_json(&removed);
-            } else {
-                println!("removed {}", removed["id"].as_str().unwrap_or_default());
-            }
-        }
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-async fn lease(command: LeaseCommand) -> anyhow::Result<ExitCode> {
-    match command {
-        LeaseCommand::List {
-            env,
-            status,
-            client,
-        } => {
-            let session = Session::open(client).await?;
-            let mut path = format!("/api/environments/{}/leases", path_segment(&env)?);
-            if let Some(status) = status {
-                path.push_str(&format!("?status={}", path_segment(&status)?));
-            }
-            let leases = session.api.get(&path).await?;
-            if session.json {
-                print_json(&leases);
-            } else {
-                println!(
-                    "{:<36}  {:<9}  {:<20}  {:<36}  ACQUIRED",
-                    "ID", "STATUS", "POLICY", "RUN"
-                );
-                for lease in leases.as_array().into_iter().flatten() {
-                    println!(
-                        "{:<36}  {:<9}  {:<20}  {:<36}  {}",
-                        text(&lease["id"]),
-                        text(&lease["status"]),
-                        text(&lease["leasePolicy"]),
-                        text(&lease["runId"]),
-                        text(&lease["acquiredAt"]),
-                    );
-                }
-            }
-        }
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// `berth plugin list`: the capabilities' sandbox providers and environment drivers whose `source` is `plugin`, and
@@ -448,75 +301,19 @@ async fn plugin_list(client: ClientArgs) -> anyhow::Result<ExitCode> {
     if session.json {
         print_json(&json!({"plugins": plugins, "problems": problems}));
     } else {
-        println!(
-            "{:<24}  {:<20}  {:<18}  {:<11}  REASON",
-            "PLUGIN", "DRIVER", "KIND", "STATUS"
+        output::print_table(
+            &Value::Array(plugins),
+            &[
+                ("PLUGIN", "pluginKey"),
+                ("DRIVER", "driverKey"),
+                ("KIND", "kind"),
+                ("STATUS", "status"),
+                ("REASON", "reason"),
+            ],
         );
-        for plugin in &plugins {
-            println!(
-                "{:<24}  {:<20}  {:<18}  {:<11}  {}",
-                text(&plugin["pluginKey"]),
-                text(&plugin["driverKey"]),
-                text(&plugin["kind"]),
-                text(&plugin["status"]),
-                plugin["reason"].as_str().unwrap_or(""),
-            );
-        }
         for problem in &problems {
-            println!("not loaded: {}", text(problem));
+            println!("not loaded: {}", cell(problem));
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// `--config '{"k": 1}'` or `--config @file.json`.
-fn parse_config_argument(text: &str) -> anyhow::Result<Value> {
-    let (source, contents) = match text.strip_prefix('@') {
-        Some(path) => (
-            path.to_owned(),
-            std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?,
-        ),
-        None => ("--config".to_owned(), text.to_owned()),
-    };
-    serde_json::from_str(&contents).with_context(|| format!("{source} is not valid JSON"))
-}
-
-/// Ids go into URL paths; anything that is not a plain id token is refused rather than escaped into another route.
-fn path_segment(text: &str) -> anyhow::Result<&str> {
-    if text.is_empty()
-        || !text
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
-        bail!("`{text}` is not a valid id");
-    }
-    Ok(text)
-}
-
-fn print_json(value: &Value) {
-    match serde_json::to_string_pretty(value) {
-        Ok(rendered) => println!("{rendered}"),
-        Err(_) => println!("{value}"),
-    }
-}
-
-fn text(value: &Value) -> &str {
-    value.as_str().unwrap_or("-")
-}
-
-fn print_environment_table(list: &Value) {
-    println!(
-        "{:<36}  {:<24}  {:<8}  {:<8}  UPDATED",
-        "ID", "NAME", "DRIVER", "STATUS"
-    );
-    for environment in list.as_array().into_iter().flatten() {
-        println!(
-            "{:<36}  {:<24}  {:<8}  {:<8}  {}",
-            text(&environment["id"]),
-            text(&environment["name"]),
-            text(&environment["driver"]),
-            text(&environment["status"]),
-            text(&environment["updatedAt"]),
-        );
-    }
 }

@@ -80,6 +80,10 @@ impl ApiClient {
         self.send(Method::POST, path, Some(body)).await
     }
 
+    pub async fn patch(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
+        self.send(Method::PATCH, path, Some(body)).await
+    }
+
     pub async fn delete(&self, path: &str) -> Result<Value, ClientError> {
         self.send(Method::DELETE, path, None).await
     }
@@ -204,7 +208,17 @@ pub(crate) struct Session {
 }
 
 impl Session {
+    /// Connects and resolves the company the command acts for.
     pub(crate) async fn open(args: ClientArgs) -> anyhow::Result<Self> {
+        let company = args.company.clone();
+        let mut session = Self::connect(args)?;
+        session.company_id = resolve_company(&session.api, company.as_deref()).await?;
+        Ok(session)
+    }
+
+    /// Connects without asking which company: for routes that name their resource by id (a run, a lease, a key) or
+    /// act above companies. `company_id` stays empty.
+    pub(crate) fn connect(args: ClientArgs) -> anyhow::Result<Self> {
         let token = match args.token.filter(|token| !token.trim().is_empty()) {
             Some(token) => Zeroizing::new(token),
             None => {
@@ -219,11 +233,9 @@ impl Session {
                 Zeroizing::new(contents.trim().to_owned())
             }
         };
-        let api = ApiClient::new(&args.server, token);
-        let company_id = resolve_company(&api, args.company.as_deref()).await?;
         Ok(Self {
-            api,
-            company_id,
+            api: ApiClient::new(&args.server, token),
+            company_id: String::new(),
             json: args.json,
         })
     }

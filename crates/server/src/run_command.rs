@@ -24,6 +24,9 @@ pub const EXIT_CANCELLED: u8 = 130;
 /// "not found" to shells.
 pub const EXIT_RUN_LOST: u8 = 255;
 
+/// Exit code when the user stopped following with Ctrl-C (as a shell reports SIGINT).
+pub const EXIT_INTERRUPTED: u8 = 130;
+
 /// How often the event stream is reopened before the run counts as lost, waiting 200 ms longer each time (3 s in
 /// all): enough to ride out a dropped connection or a quick server restart.
 const MAX_RECONNECTS: u32 = 5;
@@ -108,7 +111,7 @@ async fn start_and_follow(args: RunArgs) -> Result<ExitCode, Failure> {
         .context("the server returned no run id")
         .map_err(Failure::BeforeStart)?
         .to_owned();
-    match follow(&session, &run_id, json_output).await {
+    match follow(&session, &run_id, json_output, OnInterrupt::CancelRun).await {
         Ok(code) => {
             if code == EXIT_TIMED_OUT {
                 // The final event says only `timed_out`: without a word the 124 looks like the command's own code.
@@ -201,10 +204,35 @@ async fn read_stdin(input: impl tokio::io::AsyncRead + Unpin) -> anyhow::Result<
     Ok(Some(text))
 }
 
-/// Streams the run's events until the final one, and returns the exit code it implies. An error means the run was
-/// lost: the server stopped answering, or stopped knowing it.
-async fn follow(session: &Session, run_id: &str, json_output: bool) -> anyhow::Result<u8> {
-    let mut after = 0i64;
+/// What Ctrl-C means while following a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum OnInterrupt {
+    /// `berth run`: the user started the command and wants it stopped; the final event then ends the stream.
+    CancelRun,
+    /// `berth runs logs -f`: the user only watches; stop watching and leave the run alone.
+    StopFollowing,
+}
+
+/// Streams the run's events from `after` until the final one, and returns the exit code it implies. An error means
+/// the run was lost: the server stopped answering, or stopped knowing it.
+pub(crate) async fn follow(
+    session: &Session,
+    run_id: &str,
+    json_output: bool,
+    on_interrupt: OnInterrupt,
+) -> anyhow::Result<u8> {
+    follow_from(session, run_id, 0, json_output, on_interrupt).await
+}
+
+/// [`follow`], starting after event `after`.
+pub(crate) async fn follow_from(
+    session: &Session,
+    run_id: &str,
+    after: i64,
+    json_output: bool,
+    on_interrupt: OnInterrupt,
+) -> anyhow::Result<u8> {
+    let mut after = after;
     let mut cancel_sent = false;
     let mut reconnects = 0u32;
     loop {
@@ -220,6 +248,9 @@ async fn follow(session: &Session, run_id: &str, json_output: bool) -> anyhow::R
                     let chunk = tokio::select! {
                         chunk = body.next() => chunk,
                         _ = tokio::signal::ctrl_c(), if !cancel_sent => {
+                            if on_interrupt == OnInterrupt::StopFollowing {
+                                return Ok(EXIT_INTERRUPTED);
+                            }
                             cancel_sent = true;
                             eprintln!("berth: cancelling run {run_id}");
                             let _ = session.api.post(&format!("/api/runs/{run_id}/cancel"), &json!({})).await;
@@ -292,7 +323,7 @@ fn parse_sse_data(block: &[u8]) -> Option<Value> {
     serde_json::from_str(&data.join("\n")).ok()
 }
 
-fn render(event: &Value) -> anyhow::Result<()> {
+pub(crate) fn render(event: &Value) -> anyhow::Result<()> {
     let text = event["data"]["text"].as_str().unwrap_or_default();
     match event["type"].as_str() {
         Some("stdout") => {

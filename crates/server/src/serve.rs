@@ -13,7 +13,6 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use berth_core::company::DEFAULT_COMPANY_NAME;
 use std::sync::Arc;
 
-use axum::serve::ListenerExt;
 use berth_drivers::contain::{Containment, Hidden};
 use berth_drivers::local::LocalDriver;
 use berth_drivers::registry::{DriverRegistry, ProviderRegistry};
@@ -21,8 +20,8 @@ use berth_fake_provider::FakeProvider;
 use berth_isolation::probe::HostSupport;
 use berth_plugins::PluginHost;
 use berth_plugins::supervisor::{Deadlines, HostSettings, RestartPolicy};
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
 
 use berth_bridge::policy::BridgePolicy;
@@ -37,7 +36,8 @@ use crate::secrets::{SecretCipher, SecretsError};
 use crate::state::AppState;
 use berth_store::{Store, StoreError};
 
-/// How long in-flight requests get to finish after SIGINT/SIGTERM; the contract allows 10 s in all.
+/// How long in-flight requests get to finish after SIGINT/SIGTERM (idle connections are closed at once); the
+/// contract allows 10 s in all.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
 
 /// Name of the admin token file in the data dir.
@@ -83,6 +83,8 @@ pub struct ServeOptions {
     pub plugin_restart_max: Duration,
     /// How long plugin calls may take.
     pub plugin_deadlines: Deadlines,
+    /// The API listener's connection limits: header-read timeout, connection bound, lingering close.
+    pub connections: berth_listen::Limits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -144,45 +146,30 @@ pub async fn serve(
     let runs = state.runs().clone();
     let plugins = state.plugins().clone();
     runs.spawn_background();
-    let stopping = CancellationToken::new();
-    // No Nagle: event streams write small frames, and Nagle plus the client's delayed ACK would hold each one back
-    // for 40 ms.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(%error, "could not set TCP_NODELAY");
-        }
-    });
-    let server = axum::serve(listener, crate::api::router(state))
-        .with_graceful_shutdown(stopping.clone().cancelled_owned());
-    let mut server = tokio::spawn(async move { server.await });
-    tokio::select! {
-        finished = &mut server => return finish(finished, &store).await,
-        () = shutdown => tracing::info!("shutting down"),
-    }
-    stopping.cancel();
-    // Cancel live runs first: each kills its process tree and releases its lease while the database is still open.
+    let router = crate::api::router(state);
+    let http = berth_listen::Listener::tcp(listener, options.connections.clone(), move |_| {
+        TowerToHyperService::new(router.clone())
+    })
+    .map_err(ServeError::Serve)?;
+    shutdown.await;
+    tracing::info!("shutting down");
+    // Stop accepting and close idle connections now; requests in flight get the grace period, in parallel with
+    // cancelling live runs: each kills its process tree and releases its lease while the database is still open.
+    let draining = tokio::spawn(http.shutdown(SHUTDOWN_GRACE));
     runs.shutdown(RUN_SHUTDOWN_GRACE).await;
     plugins.shutdown(PLUGIN_SHUTDOWN_GRACE).await;
-    match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
-        Ok(finished) => finish(finished, &store).await,
-        Err(_) => {
-            tracing::warn!("connections still open after the grace period; closing them");
-            server.abort();
-            store.close().await;
-            Ok(())
+    match draining.await {
+        Ok(0) => {}
+        Ok(dropped) => {
+            tracing::warn!(
+                connections = dropped,
+                "requests still in flight after the grace period; closed them"
+            );
         }
+        Err(error) => tracing::warn!(%error, "the API listener failed while draining"),
     }
-}
-
-async fn finish(
-    finished: Result<Result<(), io::Error>, tokio::task::JoinError>,
-    store: &Store,
-) -> Result<(), ServeError> {
     store.close().await;
-    match finished {
-        Ok(result) => result.map_err(ServeError::Serve),
-        Err(join_error) => Err(ServeError::Serve(io::Error::other(join_error))),
-    }
+    Ok(())
 }
 
 /// How Local and fake-provider commands are contained: berth's data dir, the fake provider's root, a SQLite

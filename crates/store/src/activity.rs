@@ -13,6 +13,10 @@ const INSERT_ACTIVITY: &str = "INSERT INTO activity_log \
 const LIST_ACTIVITY: &str = "SELECT id, company_id, actor, action, entity_type, entity_id, details, created_at \
      FROM activity_log WHERE company_id = $1 ORDER BY id";
 
+/// A page of the log after a cursor: the id of the last entry the reader has.
+const LIST_ACTIVITY_AFTER: &str = "SELECT id, company_id, actor, action, entity_type, entity_id, details, created_at \
+     FROM activity_log WHERE company_id = $1 AND id > $2 ORDER BY id LIMIT $3";
+
 // === impl Store ===
 
 impl Store {
@@ -32,6 +36,24 @@ impl Store {
                 .await?;
         });
         Ok(())
+    }
+
+    /// Up to `limit` entries of the company's activity after the entry `after` (0: from the start), oldest first.
+    pub async fn list_activity_after(
+        &self,
+        company_id: CompanyId,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<ActivityEntry>, StoreError> {
+        let rows: Vec<ActivityRow> = on_pool!(&self.db, |pool| {
+            sqlx::query_as(LIST_ACTIVITY_AFTER)
+                .bind(company_id.to_string())
+                .bind(after)
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await?
+        });
+        convert_all(rows)
     }
 
     /// The company's activity, oldest first.

@@ -50,6 +50,9 @@ pub enum ConflictKind {
     LocalEnvironmentExists,
     /// Company names are unique.
     CompanyNameTaken,
+    /// An environment holds at most one reusable (`reuse_by_environment`) lease at a time — active, or with its
+    /// cleanup pending: another run (or its cleanup) holds it.
+    ReusableLeaseHeld,
     /// Any other unique constraint (a duplicate id or token hash).
     Other,
 }
@@ -65,6 +68,7 @@ impl StoreError {
                 "local_environment_exists"
             }
             StoreError::Conflict(ConflictKind::CompanyNameTaken) => "company_name_taken",
+            StoreError::Conflict(ConflictKind::ReusableLeaseHeld) => "reusable_lease_held",
             StoreError::Conflict(ConflictKind::Other) => "conflict",
             StoreError::ConcurrentUpdate => "concurrent_update",
             StoreError::CorruptRow { .. } => "corrupt_row",
@@ -119,6 +123,7 @@ impl fmt::Display for ConflictKind {
         f.write_str(match self {
             ConflictKind::LocalEnvironmentExists => "the company already has a local environment",
             ConflictKind::CompanyNameTaken => "a company with this name already exists",
+            ConflictKind::ReusableLeaseHeld => "another run holds the environment's reusable lease",
             ConflictKind::Other => "the row conflicts with an existing one",
         })
     }
@@ -205,6 +210,11 @@ mod tests {
             (
                 StoreError::Conflict(ConflictKind::CompanyNameTaken),
                 "company_name_taken",
+                ErrorKind::Conflict,
+            ),
+            (
+                StoreError::Conflict(ConflictKind::ReusableLeaseHeld),
+                "reusable_lease_held",
                 ErrorKind::Conflict,
             ),
             (

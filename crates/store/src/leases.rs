@@ -3,17 +3,20 @@
 //! Several replicas may share one PostgreSQL database and race to release, expire or reclaim the same lease. Every
 //! status change therefore goes through [`Store::transition_lease`], a compare-and-set on the stored status: of any
 //! number of concurrent callers, exactly one sees the transition succeed and owns the follow-up (provider cleanup,
-//! reuse). The sweeper queries below are plain reads; the transition is what decides.
+//! reuse). The sweeper queries below are plain reads; the transition is what decides. Which run takes an environment's
+//! reusable lease is decided by a partial unique index (one held `reuse_by_environment` lease per environment), so
+//! inserting one is the whole decision too.
 
 use serde_json::{Map, Value};
 
+use berth_core::driver::ProcessIdentity;
 use berth_core::ids::{EnvironmentId, LeaseId};
 use berth_core::lease::{CleanupStatus, Lease, LeaseStatus};
 use berth_core::time::Timestamp;
 
 use super::Store;
-use super::error::StoreError;
-use super::rows::{LeaseRow, convert_all, json_object_or_null, json_text_or_null};
+use super::error::{ConflictKind, StoreError, conflict_as};
+use super::rows::{LeaseRow, convert_all, json_object_or_null, json_text_or_null, json_value_text};
 
 macro_rules! lease_columns {
     () => {
@@ -51,6 +54,9 @@ const _: () = assert!(
     LeaseStatus::ALL.len() == 5,
     "LEASES_IN_STATUSES takes one parameter per lease status"
 );
+/// The partial unique index (migration 0007) that lets an environment hold one `reuse_by_environment` lease at a time:
+/// active, or ended with its cleanup pending (its sandbox is still being destroyed).
+const ONE_HELD_REUSABLE_LEASE: &str = "environment_leases_one_held_reusable";
 const UPDATE_LEASE_HANDLE: &str = "UPDATE environment_leases SET provider = $2, provider_lease_id = $3, \
      metadata = $4, expires_at = $5, last_used_at = $6 WHERE id = $1";
 /// The compare-and-set behind every lease status change: it only matches while the status is still `$2`. On
@@ -66,6 +72,8 @@ const UNFINISHED_LEASE_CONFIGS: &str = "SELECT acquired_config FROM environment_
      AND (status IN ('active', 'retained') OR cleanup_status = 'pending')";
 const SET_LEASE_CLEANUP_STATUS: &str =
     "UPDATE environment_leases SET cleanup_status = $2 WHERE id = $1";
+const SET_LEASE_PROCESS: &str = "UPDATE environment_leases SET process = $2 WHERE id = $1";
+const GET_LEASE_PROCESS: &str = "SELECT process FROM environment_leases WHERE id = $1";
 /// Active leases without a live run: the run id is `NULL`, names no row, or names a run in a final status.
 const ORPHANED_LEASES: &str = concat!(
     "SELECT ",
@@ -99,6 +107,9 @@ const EXPIRED_LEASES: &str = concat!(
 // === impl Store ===
 
 impl Store {
+    /// Inserts a lease. An active `reuse_by_environment` lease while the environment already holds one (active, or
+    /// with its cleanup pending) is refused with `Conflict(ReusableLeaseHeld)`: the database decides, so of any number
+    /// of concurrent inserts (on any replica) exactly one takes the environment's reusable lease.
     pub async fn insert_lease(&self, lease: &Lease) -> Result<(), StoreError> {
         let metadata = json_text_or_null(lease.metadata.as_ref())?;
         let acquired_config = json_text_or_null(lease.acquired_config.as_ref())?;
@@ -122,7 +133,11 @@ impl Store {
                 .bind(metadata.as_deref())
                 .bind(acquired_config.as_deref())
                 .execute(pool)
-                .await?;
+                .await
+                .map_err(conflict_as(
+                    ONE_HELD_REUSABLE_LEASE,
+                    ConflictKind::ReusableLeaseHeld,
+                ))?;
         });
         Ok(())
     }
@@ -207,7 +222,8 @@ impl Store {
     /// cleanup_status (both exactly as given, `None` clearing them) and last_used_at = `now`.
     ///
     /// Returns the updated lease if this call made the transition, `None` if the lease is missing or no longer in
-    /// `from`. Concurrent callers on any replica cannot both get `Some`: that is what makes release, expiry and
+    /// `from`. `Conflict(ReusableLeaseHeld)` if the transition would make a second reusable lease of its environment
+    /// held (a kept one expiring, with its cleanup pending, while a run holds another). Concurrent callers on any replica cannot both get `Some`: that is what makes release, expiry and
     /// reclaiming a retained lease happen exactly once.
     pub async fn transition_lease(
         &self,
@@ -232,7 +248,11 @@ impl Store {
                 .bind(cleanup_status.map(CleanupStatus::as_str))
                 .bind(now.unix_millis())
                 .fetch_optional(pool)
-                .await?
+                .await
+                .map_err(conflict_as(
+                    ONE_HELD_REUSABLE_LEASE,
+                    ConflictKind::ReusableLeaseHeld,
+                ))?
         });
         row.map(Lease::try_from).transpose()
     }
@@ -251,6 +271,42 @@ impl Store {
                 .await?;
         });
         Ok(())
+    }
+
+    /// Records the process group of the command now running on the lease (`None`: the command ended, forget it):
+    /// what cleanup after a crash kills. A missing lease is not an error. Never returned by the API.
+    pub async fn set_lease_process(
+        &self,
+        id: LeaseId,
+        process: Option<&ProcessIdentity>,
+    ) -> Result<(), StoreError> {
+        let text = process.map(json_value_text).transpose()?;
+        on_pool!(&self.db, |pool| {
+            sqlx::query(SET_LEASE_PROCESS)
+                .bind(id.to_string())
+                .bind(text.as_deref())
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// The process group recorded for the lease's command, if one is (see [`Store::set_lease_process`]). `None` too
+    /// for a missing lease.
+    pub async fn lease_process(&self, id: LeaseId) -> Result<Option<ProcessIdentity>, StoreError> {
+        let text: Option<(Option<String>,)> = on_pool!(&self.db, |pool| {
+            sqlx::query_as(GET_LEASE_PROCESS)
+                .bind(id.to_string())
+                .fetch_optional(pool)
+                .await?
+        });
+        let Some((Some(text),)) = text else {
+            return Ok(None);
+        };
+        serde_json::from_str(&text).map_err(|_| StoreError::CorruptRow {
+            table: "environment_leases",
+            column: "process",
+        })
     }
 
     /// Active leases whose run is missing or final (or that have no run): nobody will release them, so the sweeper

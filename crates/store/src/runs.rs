@@ -58,6 +58,12 @@ const HEARTBEAT_RUNS: &str = concat!(
     live!(),
     " RETURNING id, cancel_requested"
 );
+/// Served by the partial index on the live runs' owner (`runs_live_owner`): a handful of rows per node.
+const CANCEL_REQUESTED_RUNS: &str = concat!(
+    "SELECT id FROM runs WHERE owner_node = $1 AND ",
+    live!(),
+    " AND cancel_requested = 1"
+);
 const REQUEST_CANCEL: &str = concat!(
     "UPDATE runs SET cancel_requested = 1 WHERE id = $1 AND ",
     live!(),
@@ -78,6 +84,16 @@ const FAIL_ORPHANED_RUN: &str = concat!(
     live!(),
     " AND (owner_node = $2 OR heartbeat_at < $3)"
 );
+/// Like [`FAIL_ORPHANED_RUN`], with the outcome given: for an orphan whose final event was written before its node
+/// died.
+const SETTLE_ORPHANED_RUN: &str = concat!(
+    "UPDATE runs SET status = $4, exit_code = $5, signal = $6, error = $7, finished_at = $8 WHERE id = $1 AND ",
+    live!(),
+    " AND (owner_node = $2 OR heartbeat_at < $3)"
+);
+/// The run's last event, when it is a status event (its data is small JSON, never in a segment file).
+const LAST_STATUS_EVENT: &str =
+    "SELECT kind, data FROM run_events WHERE run_id = $1 ORDER BY seq DESC LIMIT 1";
 const LIVE_RUNS_OF_ENVIRONMENT: &str = concat!(
     "SELECT ",
     run_columns!(),
@@ -230,8 +246,28 @@ impl Store {
             .collect()
     }
 
+    /// The live runs of `owner_node` whose cancellation was requested: a read only, cheap enough to poll several times
+    /// a second, so that a cancel made through another replica reaches the owner well before its next heartbeat.
+    pub async fn cancel_requested_runs(&self, owner_node: &str) -> Result<Vec<RunId>, StoreError> {
+        let ids: Vec<String> = on_pool!(&self.db, |pool| {
+            sqlx::query_scalar(CANCEL_REQUESTED_RUNS)
+                .bind(owner_node)
+                .fetch_all(pool)
+                .await?
+        });
+        ids.into_iter()
+            .map(|id| {
+                id.parse().map_err(|_| StoreError::CorruptRow {
+                    table: "runs",
+                    column: "id",
+                })
+            })
+            .collect()
+    }
+
     /// Sets cancel_requested on a live run and returns the run as stored after the update; a final run is returned
-    /// unchanged, a missing one is `None`. The owner picks the request up with its next heartbeat.
+    /// unchanged, a missing one is `None`. The owner picks the request up by polling [`Store::cancel_requested_runs`] (or
+    /// with its next heartbeat).
     pub async fn request_cancel(&self, id: RunId) -> Result<Option<Run>, StoreError> {
         let row: Option<RunRow> = on_pool!(&self.db, |pool| {
             sqlx::query_as(REQUEST_CANCEL)
@@ -287,6 +323,53 @@ impl Store {
                 .rows_affected()
         });
         Ok(updated > 0)
+    }
+
+    /// Settles a live run that is an orphan by the rules of [`Store::orphaned_runs`] with the outcome `run` carries
+    /// (status, exit_code, signal, error, finished_at): for a run whose node died after writing its final event and
+    /// before saving the row, so the row says what the event already told followers. One conditional statement, like
+    /// [`Store::fail_orphaned_run`]. Returns whether this call changed the row.
+    pub async fn settle_orphaned_run(
+        &self,
+        run: &Run,
+        owner_node: &str,
+        stale_before: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let updated = on_pool!(&self.db, |pool| {
+            sqlx::query(SETTLE_ORPHANED_RUN)
+                .bind(run.id.to_string())
+                .bind(owner_node)
+                .bind(stale_before.unix_millis())
+                .bind(run.status.as_str())
+                .bind(run.exit_code.map(i64::from))
+                .bind(run.signal.as_deref())
+                .bind(run.error.as_deref())
+                .bind(run.finished_at.map(Timestamp::unix_millis))
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(updated > 0)
+    }
+
+    /// The data of the run's last event if that is a `status` event, else `None`: whether a run's final event was
+    /// written (it is always the last one).
+    pub async fn last_status_event(&self, run_id: RunId) -> Result<Option<Value>, StoreError> {
+        let row: Option<(String, String)> = on_pool!(&self.db, |pool| {
+            sqlx::query_as(LAST_STATUS_EVENT)
+                .bind(run_id.to_string())
+                .fetch_optional(pool)
+                .await?
+        });
+        match row {
+            Some((kind, data)) if kind == EventKind::Status.as_str() => serde_json::from_str(&data)
+                .map(Some)
+                .map_err(|_| StoreError::CorruptRow {
+                    table: "run_events",
+                    column: "data",
+                }),
+            _ => Ok(None),
+        }
     }
 
     /// Appends `events` with the next dense seqs (max + 1, max + 2, ...) atomically and returns them as stored:

@@ -65,6 +65,21 @@ async fn activity_is_recorded_in_order(db: &TestDb) {
         assert_eq!(stored.details, sent.details);
         assert!(stored.created_at >= before && stored.created_at <= Timestamp::now());
     }
+    // Paged by cursor: after an entry's id, at most `limit`, the other company's entries never among them.
+    let first = store.list_activity_after(acme.id, 0, 2).await.unwrap();
+    assert_eq!(ids(&first, |entry| entry.id), [log[0].id, log[1].id]);
+    let rest = store
+        .list_activity_after(acme.id, first[1].id, 2)
+        .await
+        .unwrap();
+    assert_eq!(ids(&rest, |entry| entry.id), [log[2].id]);
+    assert!(
+        store
+            .list_activity_after(acme.id, log[2].id, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let other_log = store.list_activity(other.id).await.unwrap();
     assert_eq!(ids(&other_log, |entry| entry.details.clone()), [json!({})]);
     assert!(

@@ -8,7 +8,8 @@ use berth_core::lease::{CleanupStatus, Lease, LeasePolicy, LeaseStatus};
 use berth_core::run::{Run, RunStatus};
 
 use super::{
-    at, environment, ids, insert_runs, lease, new_company, object, replica, run, sole_winner,
+    assert_conflict, at, environment, ids, insert_runs, lease, new_company, object, replica, run,
+    sole_winner,
 };
 use crate::support::db::TestDb;
 
@@ -16,11 +17,13 @@ both_backends!(
     leases_round_trip_and_listing,
     lease_transitions_happen_once,
     a_retained_lease_is_claimed_or_released_once,
+    an_environment_holds_at_most_one_reusable_lease,
     lease_handles_and_cleanup_are_recorded,
     orphaned_leases_are_active_leases_without_a_live_run,
     expired_leases_are_found,
     leases_are_listed_by_statuses,
     unfinished_leases_keep_the_configs_they_were_acquired_with,
+    a_lease_records_the_process_group_of_its_command,
 );
 
 async fn leases_round_trip_and_listing(db: &TestDb) {
@@ -324,6 +327,141 @@ async fn a_retained_lease_is_claimed_or_released_once(db: &TestDb) {
         assert_eq!(again.released_at, None);
     }
     replicas[1].close().await;
+}
+
+async fn an_environment_holds_at_most_one_reusable_lease(db: &TestDb) {
+    let store = db.store();
+    let acme = new_company(store, "acme").await;
+    let env = environment(acme.id, "sandbox", Driver::Sandbox, 1_000);
+    let other_env = environment(acme.id, "other", Driver::Sandbox, 1_000);
+    store.insert_environment(&env).await.unwrap();
+    store.insert_environment(&other_env).await.unwrap();
+    let reusable = |env: &berth_core::environment::Environment| Lease {
+        run_id: Some(RunId::new()),
+        lease_policy: LeasePolicy::ReuseByEnvironment,
+        ..lease(env, LeaseStatus::Active, 100)
+    };
+
+    // Runs on two replicas race to take the environment's reusable lease: the database lets exactly one in.
+    let replicas = [store.clone(), replica(db).await];
+    let tasks: Vec<_> = (0..32)
+        .map(|i| {
+            let store = replicas[i % 2].clone();
+            let candidate = reusable(&env);
+            tokio::spawn(async move { store.insert_lease(&candidate).await.map(|()| candidate) })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(inserted) => winners.push(inserted),
+            Err(error) => assert_held(Err::<(), _>(error)),
+        }
+    }
+    assert_eq!(winners.len(), 1, "{winners:?}");
+    let holder = winners.remove(0);
+    assert_eq!(
+        store.list_leases(env.id, None).await.unwrap(),
+        vec![holder.clone()]
+    );
+
+    // Not covered: ephemeral leases beside it, another environment's, and reusable leases kept or cleaned up.
+    let others = [
+        lease(&env, LeaseStatus::Active, 100),
+        reusable(&other_env),
+        Lease {
+            status: LeaseStatus::Retained,
+            ..reusable(&env)
+        },
+        Lease {
+            status: LeaseStatus::Released,
+            cleanup_status: Some(CleanupStatus::Success),
+            ..reusable(&env)
+        },
+    ];
+    for other in &others {
+        store.insert_lease(other).await.unwrap();
+    }
+    // A reusable lease whose sandbox is still being destroyed is held too.
+    let being_destroyed = Lease {
+        status: LeaseStatus::Released,
+        cleanup_status: Some(CleanupStatus::Pending),
+        ..reusable(&env)
+    };
+    assert_held(store.insert_lease(&being_destroyed).await);
+
+    // Once the holder's run keeps its lease, the next run takes the reusable lease; the kept one can neither become
+    // active beside it nor expire into a pending destruction while it is held.
+    store
+        .transition_lease(
+            holder.id,
+            LeaseStatus::Active,
+            LeaseStatus::Retained,
+            None,
+            None,
+            at(2_000),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let next = reusable(&env);
+    replicas[1].insert_lease(&next).await.unwrap();
+    for (to, cleanup) in [
+        (LeaseStatus::Active, None),
+        (LeaseStatus::Expired, Some(CleanupStatus::Pending)),
+    ] {
+        assert_held(
+            store
+                .transition_lease(
+                    holder.id,
+                    LeaseStatus::Retained,
+                    to,
+                    None,
+                    cleanup,
+                    at(3_000),
+                )
+                .await,
+        );
+    }
+    let held: Vec<LeaseId> = store
+        .list_leases(env.id, Some(LeaseStatus::Active))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|lease| lease.lease_policy == LeasePolicy::ReuseByEnvironment)
+        .map(|lease| lease.id)
+        .collect();
+    assert_eq!(held, vec![next.id]);
+
+    // The next run's lease is released by a sweep: held until its cleanup is over, then free.
+    store
+        .transition_lease(
+            next.id,
+            LeaseStatus::Active,
+            LeaseStatus::Released,
+            None,
+            Some(CleanupStatus::Pending),
+            at(4_000),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_held(store.insert_lease(&reusable(&env)).await);
+    store
+        .set_lease_cleanup_status(next.id, CleanupStatus::Success)
+        .await
+        .unwrap();
+    store.insert_lease(&reusable(&env)).await.unwrap();
+    replicas[1].close().await;
+}
+
+#[track_caller]
+fn assert_held<T: std::fmt::Debug>(result: Result<T, berth_store::StoreError>) {
+    assert_conflict(
+        result,
+        berth_store::ConflictKind::ReusableLeaseHeld,
+        "reusable_lease_held",
+    );
 }
 
 async fn lease_handles_and_cleanup_are_recorded(db: &TestDb) {
@@ -640,4 +778,60 @@ async fn unfinished_leases_keep_the_configs_they_were_acquired_with(db: &TestDb)
         [1, 2, 3],
         "active, retained and cleanup-pending leases only"
     );
+}
+
+async fn a_lease_records_the_process_group_of_its_command(db: &TestDb) {
+    use berth_core::driver::ProcessIdentity;
+
+    let store = db.store();
+    let acme = new_company(store, "acme").await;
+    let env = environment(acme.id, "local", Driver::Local, 1_000);
+    store.insert_environment(&env).await.unwrap();
+    let running = lease(&env, LeaseStatus::Active, 100);
+    let neighbour = lease(&env, LeaseStatus::Active, 200);
+    for lease in [&running, &neighbour] {
+        store.insert_lease(lease).await.unwrap();
+    }
+    assert_eq!(store.lease_process(running.id).await.unwrap(), None);
+
+    let identity = ProcessIdentity {
+        pgid: 4242,
+        session_id: 4200,
+        start_ticks: 9_876_543_210,
+        boot_id: "ee0713b0-884c-45d0-96f9-9b08de66ebaa".to_owned(),
+        cgroup: Some("/sys/fs/cgroup/berth/run-1".to_owned()),
+    };
+    store
+        .set_lease_process(running.id, Some(&identity))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.lease_process(running.id).await.unwrap(),
+        Some(identity.clone())
+    );
+    assert_eq!(store.lease_process(neighbour.id).await.unwrap(), None);
+    // Recording it changes nothing else of the lease.
+    assert_eq!(
+        store.get_lease(running.id).await.unwrap().as_ref(),
+        Some(&running)
+    );
+
+    // A later command replaces it; one that ended clears it.
+    let later = ProcessIdentity {
+        pgid: 5151,
+        cgroup: None,
+        ..identity
+    };
+    store
+        .set_lease_process(running.id, Some(&later))
+        .await
+        .unwrap();
+    assert_eq!(store.lease_process(running.id).await.unwrap(), Some(later));
+    store.set_lease_process(running.id, None).await.unwrap();
+    assert_eq!(store.lease_process(running.id).await.unwrap(), None);
+
+    // A lease that is gone (its environment deleted) has nothing recorded, and recording on it is no error.
+    let missing = LeaseId::new();
+    store.set_lease_process(missing, None).await.unwrap();
+    assert_eq!(store.lease_process(missing).await.unwrap(), None);
 }

@@ -18,6 +18,8 @@ both_backends!(
     orphaned_runs_are_found_by_owner_or_staleness,
     failing_an_orphaned_run_happens_once,
     runs_outlive_their_environment,
+    cancel_requests_are_polled_by_their_owner,
+    an_orphan_whose_final_event_was_written_is_settled_as_it_says,
 );
 
 async fn runs_round_trip_and_listing(db: &TestDb) {
@@ -339,6 +341,140 @@ async fn cancel_requests_mark_live_runs_only(db: &TestDb) {
     let mut expected = vec![running.id, queued.id];
     expected.sort();
     assert_eq!(requested, expected);
+}
+
+async fn cancel_requests_are_polled_by_their_owner(db: &TestDb) {
+    let store = db.store();
+    let acme = new_company(store, "acme").await;
+    let owned_by = |owner: &str, status: RunStatus| Run {
+        owner_node: owner.to_owned(),
+        ..run(acme.id, status, 1_000)
+    };
+    let running = owned_by("node-a", RunStatus::Running);
+    let queued = owned_by("node-a", RunStatus::Queued);
+    let not_asked = owned_by("node-a", RunStatus::Running);
+    let elsewhere = owned_by("node-b", RunStatus::Running);
+    insert_runs(store, &[&running, &queued, &not_asked, &elsewhere]).await;
+    assert_eq!(store.cancel_requested_runs("node-a").await.unwrap(), []);
+
+    // Asked through another replica: the owner's poll finds exactly its own live runs that were asked.
+    let other = replica(db).await;
+    for asked in [&running, &queued, &elsewhere] {
+        other.request_cancel(asked.id).await.unwrap();
+    }
+    let mut found = store.cancel_requested_runs("node-a").await.unwrap();
+    found.sort();
+    let mut expected = vec![running.id, queued.id];
+    expected.sort();
+    assert_eq!(found, expected);
+    assert_eq!(
+        store.cancel_requested_runs("node-b").await.unwrap(),
+        [elsewhere.id]
+    );
+
+    // Once final, a run is no longer asked about.
+    let cancelled = Run {
+        status: RunStatus::Cancelled,
+        finished_at: Some(at(2_000)),
+        ..running.clone()
+    };
+    assert!(store.update_run(&cancelled).await.unwrap());
+    assert_eq!(
+        store.cancel_requested_runs("node-a").await.unwrap(),
+        [queued.id]
+    );
+    other.close().await;
+}
+
+async fn an_orphan_whose_final_event_was_written_is_settled_as_it_says(db: &TestDb) {
+    let store = db.store();
+    let acme = new_company(store, "acme").await;
+    let died_after_final_event = Run {
+        heartbeat_at: at(1_000),
+        ..run(acme.id, RunStatus::Running, 1_000)
+    };
+    let died_mid_output = Run {
+        heartbeat_at: at(1_000),
+        ..run(acme.id, RunStatus::Running, 1_000)
+    };
+    insert_runs(store, &[&died_after_final_event, &died_mid_output]).await;
+    assert_eq!(
+        store
+            .last_status_event(died_after_final_event.id)
+            .await
+            .unwrap(),
+        None
+    );
+    let final_data = json!({"status": "failed", "exitCode": 3, "signal": null, "error": null});
+    store
+        .append_events(
+            died_after_final_event.id,
+            vec![
+                event(EventKind::Status, json!({"status": "queued"})),
+                event(EventKind::Stdout, json!({"text": "out\n"})),
+                event(EventKind::Status, final_data.clone()),
+            ],
+        )
+        .await
+        .unwrap();
+    store
+        .append_events(
+            died_mid_output.id,
+            vec![
+                event(EventKind::Status, json!({"status": "running"})),
+                event(EventKind::Stdout, json!({"text": "partial"})),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .last_status_event(died_after_final_event.id)
+            .await
+            .unwrap(),
+        Some(final_data)
+    );
+    assert_eq!(
+        store.last_status_event(died_mid_output.id).await.unwrap(),
+        None
+    );
+
+    // Settled once, as the event says, by whichever sweeper gets there first; a final run never changes again.
+    let settled = Run {
+        status: RunStatus::Failed,
+        exit_code: Some(3),
+        finished_at: Some(at(9_000)),
+        ..died_after_final_event.clone()
+    };
+    let stale_before = at(5_000);
+    assert!(
+        store
+            .settle_orphaned_run(&settled, "", stale_before)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !replica(db)
+            .await
+            .settle_orphaned_run(&settled, "", stale_before)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.get_run(died_after_final_event.id).await.unwrap(),
+        Some(settled)
+    );
+    // Not an orphan by the rules (its heartbeat is fresh and its owner is another node): left alone.
+    let fresh = Run {
+        status: RunStatus::Succeeded,
+        ..died_mid_output.clone()
+    };
+    assert!(
+        !store
+            .settle_orphaned_run(&fresh, "node-b", at(500))
+            .await
+            .unwrap()
+    );
 }
 
 async fn orphaned_runs_are_found_by_owner_or_staleness(db: &TestDb) {

@@ -219,6 +219,36 @@ impl TestSshd {
         )
     }
 
+    /// Makes logging in slow, as on a developer's host whose rc files run `pyenv init` or nvm: the throwaway user's
+    /// login shell becomes bash, and its `~/.bashrc` (which bash reads for the commands sshd starts) sleeps `delay`.
+    /// Needs the throwaway user (root).
+    #[allow(
+        dead_code,
+        reason = "the ssh bench's slow-login figures; no integration test needs a slow login"
+    )]
+    pub fn slow_login(&self, delay: Duration) {
+        let entry = Command::new("getent")
+            .args(["passwd", &self.user])
+            .output()
+            .expect("run getent");
+        let entry = String::from_utf8_lossy(&entry.stdout).trim().to_owned();
+        let home = entry.split(':').nth(5).unwrap_or_default().to_owned();
+        assert!(
+            self._login_user.is_some() && !home.is_empty(),
+            "a slow login reshapes the throwaway user, which needs root: {entry}"
+        );
+        std::fs::write(
+            Path::new(&home).join(".bashrc"),
+            format!("sleep {:.3}\n", delay.as_secs_f64()),
+        )
+        .expect("write ~/.bashrc");
+        let status = Command::new("usermod")
+            .args(["-s", "/bin/bash", &self.user])
+            .status()
+            .expect("run usermod");
+        assert!(status.success(), "usermod failed");
+    }
+
     /// Lets `public_key` (an `authorized_keys` line) log in too.
     pub fn authorize(&self, public_key: &str) {
         let mut file = std::fs::OpenOptions::new()

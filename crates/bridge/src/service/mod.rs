@@ -18,8 +18,8 @@
 //! 7. the response comes back with only allowlisted headers, its body read in full within `maxResponseBytes` first,
 //!    so the agent never gets a truncated body that looks complete (502 `upstream_response_too_large`).
 //!
-//! This module holds the [`Bridge`] and the order above (`process`); the steps live by concern: `listen` (accept
-//! loops, [`BridgeListener`], serving a connection, the header-read timeout), `auth` (the run credential, the
+//! This module holds the [`Bridge`] and the order above (`process`); the steps live by concern: `listen`
+//! ([`BridgeListener`] and serving a connection, on `berth-listen`'s accept loops and timeouts), `auth` (the run credential, the
 //! [`RunGate`], the request body's checks), `forward` (the upstream client, the signed forwarded request, the
 //! response) and `audit` ([`AuditEntry`], [`AuditSink`]).
 

@@ -1,9 +1,15 @@
 //! The SSH driver, over russh: no `ssh` binary, no key files on disk, no secrets in any argv on either host.
 //!
 //! - [`connect`]: TCP, host-key pinning (strict by default), key or password authentication.
-//! - [`pool`]: pooled keep-alive connections per target, with a session semaphore below sshd's `MaxSessions`.
-//! - [`exec`]: commands on their own channels; env and stdin framed over the channel, never in a command line;
-//!   timeouts and cancels kill the remote process group.
+//! - [`pool`]: pooled keep-alive connections per target, with a session semaphore below sshd's `MaxSessions`, and
+//!   each connection's idle runners.
+//! - [`runner`]: the remote runner — a long-lived POSIX `sh` loop on one session of a pooled connection that runs
+//!   every command a run needs (workspace setup, sync in and back, the command, kills, cleanup), so the login shell's
+//!   start-up (rc files: pyenv, nvm, conda) is paid once per runner, not once per step. Its module docs hold the
+//!   design; a host without what it needs gets one session per command.
+//! - [`exec`]: commands on a runner, or on their own channels; env and stdin framed over the channel, never in a
+//!   command line; timeouts and cancels kill the remote process group; the command's identity reported as it
+//!   starts, and killed by that identity after a crash of berth.
 //! - [`workspace`]: incremental sync in (a content manifest and one tar stream), sync back with conflicts.
 //! - [`forward`]: the callback bridge through a remote port forward on the remote loopback.
 //! - [`probe`]: "can berth use this host?".
@@ -19,6 +25,7 @@ pub mod exec;
 pub mod forward;
 pub mod pool;
 pub mod probe;
+pub mod runner;
 pub mod target;
 
 use std::collections::HashMap;
@@ -87,7 +94,9 @@ impl SshDriver {
     }
 
     /// Gives a lease back: removes a per-run workspace unless `keep`; `kill_leftovers` first kills whatever still
-    /// runs in the workspace (destroy: the lease's run is gone). Uses the live state, else the config.
+    /// runs in the workspace (destroy: the lease's run is gone). A command the server recorded as started and not
+    /// ended (`lease.process`: berth crashed under it) is killed by its identity first, wherever it runs. Uses the
+    /// live state, else the config.
     async fn give_back(
         &self,
         lease: &LeaseHandle,
@@ -102,7 +111,7 @@ impl SshDriver {
             .lock()
             .ok()
             .and_then(|mut leases| leases.remove(&key));
-        if keep {
+        if keep && lease.process.is_none() {
             return Ok(());
         }
         let (target, dir, per_run) = match live {
@@ -131,26 +140,34 @@ impl SshDriver {
                 (SshTarget::from_config(config), dir, per_run)
             }
         };
+        let shell = SshShell {
+            pool: &self.pool,
+            target: &target,
+        };
+        let mut killed_by_identity = false;
+        if let Some(process) = &lease.process
+            && let Some(script) = exec::identity_kill_script(process)
+        {
+            let output = exec::control(&self.pool, &target, &script, None).await?;
+            if !output.success() {
+                return Err(DriverError::failed(format!(
+                    "cannot kill the lease's command on {}: {}",
+                    target.display(),
+                    output.error_line()
+                )));
+            }
+            tracing::debug!(target = %target.display(), pgid = process.pgid, "killed the lease's recorded command");
+            killed_by_identity = true;
+        }
+        if keep {
+            return Ok(());
+        }
         if per_run {
-            // Kills what still runs there, then removes it: one session.
-            workspace::remove(
-                &SshShell {
-                    pool: &self.pool,
-                    target: &target,
-                },
-                &dir,
-            )
-            .await
-        } else if kill_leftovers {
-            // The run died with its server: its command may still run in the workspace, unsupervised.
-            workspace::kill_processes_in(
-                &SshShell {
-                    pool: &self.pool,
-                    target: &target,
-                },
-                &dir,
-            )
-            .await
+            // Kills what still runs there (a command berth never recorded included), then removes it: one script.
+            workspace::remove(&shell, &dir).await
+        } else if (kill_leftovers || lease.process.is_some()) && !killed_by_identity {
+            // No identity to go by (a host without /proc): what still runs in the workspace, as the last resort.
+            workspace::kill_processes_in(&shell, &dir).await
         } else {
             Ok(())
         }
@@ -169,6 +186,70 @@ fn names_same_place(config: &SshConfig, lease: &LeaseHandle, dir: &str) -> bool 
         && same("port", json!(config.port))
         && same("username", json!(config.username))
         && under_root
+}
+
+/// What [`EnvironmentDriver::validate_config`] finds wrong with the key and the pinned host keys.
+fn check_credentials(config: &SshConfig) -> berth_core::validation::ValidationErrors {
+    use berth_core::config::SecretSlot;
+    use secrecy::ExposeSecret;
+    let mut errors = berth_core::validation::ValidationErrors::new();
+    let password = match &config.password {
+        Some(SecretSlot::Inline(password)) => Some(password.expose_secret()),
+        _ => None,
+    };
+    if let Some(SecretSlot::Inline(key)) = &config.private_key {
+        let pem = key.expose_secret();
+        match russh::keys::decode_secret_key(pem, None) {
+            Ok(_) => {}
+            Err(russh::keys::Error::KeyIsEncrypted) => match password {
+                None => errors.push(
+                    "config.privateKey",
+                    "the private key is encrypted: give its passphrase as `password`",
+                ),
+                Some(passphrase) => {
+                    if russh::keys::decode_secret_key(pem, Some(passphrase)).is_err() {
+                        errors.push(
+                            "config.privateKey",
+                            "the private key is encrypted and does not open with `password` as its passphrase",
+                        );
+                    }
+                }
+            },
+            Err(_) => {
+                // A key encrypted in a format that only says so once decrypted also lands here: try the password.
+                let opens = password.is_some_and(|passphrase| {
+                    russh::keys::decode_secret_key(pem, Some(passphrase)).is_ok()
+                });
+                if !opens {
+                    errors.push(
+                        "config.privateKey",
+                        "the private key cannot be read: it is not a complete OpenSSH, PEM or PuTTY private key (truncated or damaged?)",
+                    );
+                }
+            }
+        }
+    }
+    if let Some(known_hosts) = &config.known_hosts {
+        for (index, line) in known_hosts.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') || line.starts_with('@') {
+                continue;
+            }
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let parses =
+                fields.len() >= 3 && russh::keys::parse_public_key_base64(fields[2]).is_ok();
+            if !parses {
+                errors.push(
+                    "config.knownHosts",
+                    format!(
+                        "line {} is not a known_hosts entry (`host key-type base64-key`) with a key that parses",
+                        index + 1
+                    ),
+                );
+            }
+        }
+    }
+    errors
 }
 
 fn ssh_config(config: &DriverConfig) -> Result<&SshConfig, DriverError> {
@@ -226,6 +307,20 @@ impl EnvironmentDriver for SshDriver {
             match config {
                 DriverConfig::Ssh(ssh) => probe::probe(ssh).await,
                 _ => ProbeResult::failed(Driver::Ssh, "not an ssh config"),
+            }
+        })
+    }
+
+    /// The key must decode (with `password` as its passphrase when it is encrypted) and every `knownHosts` line must
+    /// hold a key: otherwise only the first probe or run would find out. No message quotes the key.
+    fn validate_config<'a>(
+        &'a self,
+        config: &'a DriverConfig,
+    ) -> BoxFuture<'a, berth_core::validation::ValidationErrors> {
+        Box::pin(async move {
+            match config {
+                DriverConfig::Ssh(ssh) => check_credentials(ssh),
+                _ => berth_core::validation::ValidationErrors::new(),
             }
         })
     }

@@ -3,6 +3,9 @@
 //!
 //! A connection that dies (sshd restarted, network cut) is dropped from the pool the first time it fails and the
 //! next caller reconnects; a run whose channel was on it fails, the others are unaffected.
+//!
+//! Each connection also keeps its idle [remote runners](super::runner): a runner holds one of the connection's
+//! sessions while it lives, and is handed to the next command instead of a new session.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -32,7 +35,7 @@ const REFUSAL_BACKOFF: std::time::Duration = std::time::Duration::from_millis(25
 pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct PoolKey {
+pub(super) struct PoolKey {
     host: String,
     port: u16,
     username: String,
@@ -42,7 +45,7 @@ struct PoolKey {
 impl PoolKey {
     /// The pool key: connections are shared only between identical targets. The credential and pins enter as a
     /// digest, so the key itself holds no secret.
-    fn of(target: &SshTarget) -> Self {
+    pub(super) fn of(target: &SshTarget) -> Self {
         let mut digest = Sha256::new();
         for part in [
             target.private_key.as_ref().map(ExposeSecret::expose_secret),
@@ -68,10 +71,30 @@ pub struct Connection {
     handle: client::Handle<ClientHandler>,
     routes: ForwardRoutes,
     sessions: Arc<Semaphore>,
-    target: String,
+    pub(super) target: String,
     last_used: Mutex<std::time::Instant>,
     /// Sessions this connection may hold: [`SESSIONS_PER_CONNECTION`], less each one the server refused.
     capacity: AtomicUsize,
+    /// Started runners waiting for a command; each holds a session permit.
+    pub(super) idle_runners: Mutex<Vec<IdleRunner>>,
+    /// Why this host cannot have a runner, once a runner said so: commands then take a session each.
+    pub(super) runner_unsupported: Mutex<Option<String>>,
+}
+
+/// A runner between jobs: its session channel and permit, without the connection (which owns the idle list).
+pub struct IdleRunner {
+    pub channel: Channel<Msg>,
+    pub permit: OwnedSemaphorePermit,
+    pub nonce: String,
+    pub boot_id: String,
+}
+
+impl fmt::Debug for IdleRunner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdleRunner")
+            .field("channel", &self.channel.id())
+            .finish_non_exhaustive()
+    }
 }
 
 impl fmt::Debug for Connection {
@@ -97,11 +120,27 @@ impl Connection {
         &self.target
     }
 
-    fn is_usable(&self) -> bool {
+    pub fn is_usable(&self) -> bool {
         !self.handle.is_closed()
     }
 
-    fn touch(&self) {
+    /// Why a runner cannot start on this connection's host, if one said so.
+    pub fn runner_unsupported(&self) -> Option<String> {
+        self.runner_unsupported
+            .lock()
+            .ok()
+            .and_then(|unsupported| unsupported.clone())
+    }
+
+    pub fn sessions_free(&self) -> usize {
+        self.sessions.available_permits()
+    }
+
+    fn idle_runner_count(&self) -> usize {
+        self.idle_runners.lock().map_or(0, |idle| idle.len())
+    }
+
+    pub(super) fn touch(&self) {
         if let Ok(mut last_used) = self.last_used.lock() {
             *last_used = std::time::Instant::now();
         }
@@ -116,7 +155,8 @@ impl Connection {
         let forwards = self.routes.lock().map_or(1, |routes| routes.len());
         quiet
             && forwards == 0
-            && self.sessions.available_permits() == self.capacity.load(Ordering::Relaxed)
+            && self.sessions.available_permits() + self.idle_runner_count()
+                >= self.capacity.load(Ordering::Relaxed)
     }
 }
 
@@ -125,7 +165,7 @@ impl Connection {
 pub struct SessionChannel {
     pub channel: Channel<Msg>,
     pub connection: Arc<Connection>,
-    _permit: OwnedSemaphorePermit,
+    pub permit: OwnedSemaphorePermit,
 }
 
 impl fmt::Debug for SessionChannel {
@@ -178,7 +218,7 @@ impl Pool {
                     return Ok(SessionChannel {
                         channel,
                         connection,
-                        _permit: permit,
+                        permit,
                     });
                 }
                 Err(error) => error,
@@ -266,7 +306,7 @@ impl Pool {
 
     /// The live connections to `key`. Closed and idle connections to every target are dropped on the way, so the
     /// pool shrinks back once a host is no longer used.
-    fn usable(&self, key: &PoolKey) -> Vec<Arc<Connection>> {
+    pub(super) fn usable(&self, key: &PoolKey) -> Vec<Arc<Connection>> {
         let Ok(mut connections) = self.connections.lock() else {
             return Vec::new();
         };
@@ -324,6 +364,8 @@ impl Pool {
             target: target.display(),
             last_used: Mutex::new(std::time::Instant::now()),
             capacity: AtomicUsize::new(SESSIONS_PER_CONNECTION),
+            idle_runners: Mutex::new(Vec::new()),
+            runner_unsupported: Mutex::new(None),
         });
         tracing::debug!(target = %connection.target, "new pooled ssh connection");
         if let Ok(mut connections) = self.connections.lock() {

@@ -1,7 +1,8 @@
 //! Probing an SSH host: connect within the deadline, check the host key against the pinned `knownHosts` (strict by
 //! default: an unknown or changed key refuses the connection, and the summary shows the presented fingerprint so the
 //! operator can pin it), authenticate with the key or password the server decrypted for this call, then report OS,
-//! architecture, shell, `tar`, free disk in the workspace and round-trip latency. A probe opens a connection of its
+//! architecture, shell, `tar`, free disk in the workspace, round-trip latency, and whether a remote runner starts
+//! there (`runner`: without one, every command pays the login shell's start-up). A probe opens a connection of its
 //! own (not a pooled one): it answers "can berth connect now?".
 
 use std::time::{Duration, Instant};
@@ -15,6 +16,7 @@ use serde_json::{Map, Value, json};
 
 use super::connect::{self, ClientHandler, HostKeyVerdict};
 use super::exec::shell_quote;
+use super::runner;
 use super::target::SshTarget;
 
 /// How long a probe's remote commands may take.
@@ -47,6 +49,7 @@ pub async fn probe(config: &SshConfig) -> ProbeResult {
         let timed = Instant::now();
         exec(&session, "true").await.map(|_| timed.elapsed())
     };
+    let runner = runner::check(&session, &target).await;
     let _ = session
         .disconnect(russh::Disconnect::ByApplication, "", "en")
         .await;
@@ -94,6 +97,14 @@ pub async fn probe(config: &SshConfig) -> ProbeResult {
     if let Ok(round_trip) = round_trip {
         details.insert("roundTripMs".to_owned(), json!(millis(round_trip)));
     }
+    // Without a runner every command pays the login shell's start-up: say so, and why.
+    details.insert(
+        "runner".to_owned(),
+        json!(match &runner {
+            Ok(()) => "ready".to_owned(),
+            Err(why) => format!("unavailable: {why}; one session per command"),
+        }),
+    );
     let summary = format!(
         "{target} ready: {} {}, {} free in {}",
         lines[0],

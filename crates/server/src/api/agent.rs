@@ -114,19 +114,39 @@ impl FromRequest<AppState> for AgentRequest {
 }
 
 /// `GET /api/agent/run`: the run, as the agent sees it.
+#[utoipa::path(
+    get,
+    path = "/api/agent/run",
+    tag = "agent",
+    security(("runCredential" = [])),
+    responses(
+        (status = 200, description = "The run this credential belongs to", body = RunResponse),
+    )
+)]
 pub async fn run(request: AgentRequest) -> Json<RunResponse> {
     Json(RunResponse::from(&request.run))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentEventRequest {
     message: String,
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     data: Option<Map<String, Value>>,
 }
 
 /// `POST /api/agent/events`: the agent reports progress; it appears in the run's events as `agent`.
+#[utoipa::path(
+    post,
+    path = "/api/agent/events",
+    tag = "agent",
+    security(("runCredential" = [])),
+    request_body = AgentEventRequest,
+    responses(
+        (status = 202, description = "Recorded as an `agent` event of the run", body = Object),
+    )
+)]
 pub async fn post_event(
     State(state): State<AppState>,
     request: AgentRequest,

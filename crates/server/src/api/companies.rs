@@ -26,6 +26,15 @@ use crate::tokens::token_digest_hex;
 /// Prefix of company API key tokens, so a leaked one is recognisable (and greppable by secret scanners).
 pub const API_KEY_PREFIX: &str = "berth_key_";
 
+#[utoipa::path(
+    get,
+    path = "/api/companies",
+    tag = "companies",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Every company (admin)", body = [CompanyResponse]),
+    )
+)]
 pub async fn list(
     State(state): State<AppState>,
     principal: Principal,
@@ -35,6 +44,17 @@ pub async fn list(
     Ok(Json(companies.iter().map(CompanyResponse::from).collect()))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/companies",
+    tag = "companies",
+    security(("bearer" = [])),
+    request_body = CreateCompanyRequest,
+    responses(
+        (status = 201, description = "The new company (admin)", body = CompanyResponse),
+        (status = 409, description = "Conflicts with the current state", body = crate::api::openapi::ErrorDoc),
+    )
+)]
 pub async fn create(
     State(state): State<AppState>,
     principal: Principal,
@@ -67,6 +87,19 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(CompanyResponse::from(&company))))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/companies/{company_id}/api-keys",
+    tag = "companies",
+    security(("bearer" = [])),
+    params(
+        ("company_id" = String, Path, description = "The company's id"),
+    ),
+    request_body = CreateApiKeyRequest,
+    responses(
+        (status = 201, description = "The new key with its token, shown only here (admin)", body = ApiKeyResponse),
+    )
+)]
 pub async fn create_api_key(
     State(state): State<AppState>,
     principal: Principal,
@@ -121,6 +154,18 @@ pub async fn create_api_key(
     ))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/api-keys/{id}",
+    tag = "companies",
+    security(("bearer" = [])),
+    params(
+        ("id" = String, Path, description = "The API key's id"),
+    ),
+    responses(
+        (status = 200, description = "Deleted: the key stops working at once (admin)", body = DeletedResponse),
+    )
+)]
 pub async fn delete_api_key(
     State(state): State<AppState>,
     principal: Principal,
@@ -148,6 +193,15 @@ pub async fn delete_api_key(
     }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/whoami",
+    tag = "companies",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Whose token this is", body = WhoAmIResponse),
+    )
+)]
 pub async fn whoami(
     State(state): State<AppState>,
     principal: Principal,

@@ -15,6 +15,7 @@ use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
+use utoipa::ToSchema;
 
 use super::json::Patch;
 
@@ -33,13 +34,13 @@ pub fn rfc3339(timestamp: Timestamp) -> String {
 
 // === Companies and keys ===
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CreateCompanyRequest {
     pub name: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CompanyResponse {
     pub id: String,
@@ -57,14 +58,14 @@ impl From<&Company> for CompanyResponse {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CreateApiKeyRequest {
     pub name: String,
     pub role: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ApiKeyResponse {
     pub id: String,
@@ -90,7 +91,7 @@ impl ApiKeyResponse {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DeletedResponse {
     pub id: String,
@@ -98,7 +99,7 @@ pub struct DeletedResponse {
 }
 
 /// `GET /api/whoami`: who the token belongs to, so clients can find their company.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WhoAmIResponse {
     pub kind: &'static str,
@@ -111,7 +112,7 @@ pub struct WhoAmIResponse {
 
 // === Environments ===
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CreateEnvironmentRequest {
     pub name: String,
@@ -121,39 +122,46 @@ pub struct CreateEnvironmentRequest {
     #[serde(default)]
     pub status: Option<String>,
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub config: Option<Value>,
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub metadata: Option<Value>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PatchEnvironmentRequest {
     #[serde(default)]
     pub name: Option<String>,
     #[serde(default, deserialize_with = "patch_description")]
+    #[schema(value_type = Option<String>)]
     pub description: Patch<String>,
     #[serde(default)]
     pub driver: Option<String>,
     #[serde(default)]
     pub status: Option<String>,
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub config: Option<Value>,
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub metadata: Patch<Value>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ProbeConfigRequest {
     pub driver: String,
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub config: Option<Value>,
     #[serde(default)]
     pub name: Option<String>,
     #[serde(default, deserialize_with = "description")]
     pub description: Option<String>,
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub metadata: Option<Value>,
 }
 
@@ -179,7 +187,7 @@ fn patch_description<'de, D: Deserializer<'de>>(
     Ok(patch)
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EnvironmentResponse {
     pub id: String,
@@ -188,7 +196,9 @@ pub struct EnvironmentResponse {
     pub description: Option<String>,
     pub driver: &'static str,
     pub status: &'static str,
+    #[schema(value_type = Object)]
     pub config: Map<String, Value>,
+    #[schema(value_type = Option<Object>)]
     pub metadata: Option<Map<String, Value>>,
     pub config_redacted: bool,
     pub metadata_redacted: bool,
@@ -227,12 +237,13 @@ impl EnvironmentResponse {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProbeResponse {
     pub ok: bool,
     pub driver: &'static str,
     pub summary: String,
+    #[schema(value_type = Object)]
     pub details: Map<String, Value>,
 }
 
@@ -249,14 +260,14 @@ impl From<&ProbeResult> for ProbeResponse {
 
 // === Capabilities ===
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CapabilitiesResponse {
     pub drivers: BTreeMap<&'static str, DriverCapabilityResponse>,
     pub sandbox_providers: BTreeMap<String, SandboxProviderResponse>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DriverCapabilityResponse {
     pub status: &'static str,
@@ -273,7 +284,7 @@ pub struct DriverCapabilityResponse {
     pub problems: Option<Vec<String>>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SandboxProviderResponse {
     pub status: &'static str,
@@ -286,6 +297,7 @@ pub struct SandboxProviderResponse {
     pub plugin_key: Option<String>,
     pub supports_reusable_leases: bool,
     pub supports_run_execution: bool,
+    #[schema(value_type = Object)]
     pub config_schema: Value,
 }
 
@@ -339,7 +351,7 @@ impl From<&Capabilities> for CapabilitiesResponse {
 
 // === Leases ===
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LeaseResponse {
     pub id: String,
@@ -357,6 +369,7 @@ pub struct LeaseResponse {
     pub released_at: Option<String>,
     pub failure_reason: Option<String>,
     pub cleanup_status: Option<&'static str>,
+    #[schema(value_type = Option<Object>)]
     pub metadata: Option<Map<String, Value>>,
 }
 
@@ -385,7 +398,7 @@ impl From<&Lease> for LeaseResponse {
 
 // === Runs ===
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CreateRunRequest {
     #[serde(default)]
@@ -409,13 +422,13 @@ pub struct CreateRunRequest {
     pub lease_policy: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RunWorkspaceRequest {
     pub local_path: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RunResponse {
     pub id: String,
@@ -451,9 +464,40 @@ impl From<&berth_core::run::Run> for RunResponse {
     }
 }
 
+/// An activity log entry: who did what to which entity, and which fields it touched (never their values).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ActivityResponse<'a> {
+    /// The entry's place in the log: pass the last one seen as `?after=` to read on.
+    pub id: i64,
+    pub company_id: Option<String>,
+    pub actor: &'a str,
+    pub action: &'a str,
+    pub entity_type: &'a str,
+    pub entity_id: &'a str,
+    #[schema(value_type = Object)]
+    pub details: &'a Value,
+    pub created_at: String,
+}
+
+impl<'a> From<&'a berth_store::ActivityEntry> for ActivityResponse<'a> {
+    fn from(entry: &'a berth_store::ActivityEntry) -> Self {
+        Self {
+            id: entry.id,
+            company_id: entry.company_id.map(|id| id.to_string()),
+            actor: &entry.actor,
+            action: &entry.action,
+            entity_type: &entry.entity_type,
+            entity_id: &entry.entity_id,
+            details: &entry.details,
+            created_at: rfc3339(entry.created_at),
+        }
+    }
+}
+
 /// Borrows the event's data: output events carry up to hundreds of KiB of text, serialized straight from the store's
 /// value.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EventResponse<'a> {
     pub seq: i64,
@@ -461,6 +505,7 @@ pub struct EventResponse<'a> {
     pub at: String,
     #[serde(rename = "type")]
     pub kind: &'static str,
+    #[schema(value_type = Object)]
     pub data: &'a Value,
 }
 

@@ -33,6 +33,20 @@ pub struct ListQuery {
     driver: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/companies/{company_id}/environments",
+    tag = "environments",
+    security(("bearer" = [])),
+    params(
+        ("company_id" = String, Path, description = "The company's id"),
+        ("status" = Option<String>, Query, description = "active or archived"),
+        ("driver" = Option<String>, Query, description = "local, ssh, sandbox or plugin"),
+    ),
+    responses(
+        (status = 200, description = "The company's environments, newest update first", body = [EnvironmentResponse]),
+    )
+)]
 pub async fn list(
     State(state): State<AppState>,
     principal: Principal,
@@ -60,6 +74,20 @@ pub async fn list(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/companies/{company_id}/environments",
+    tag = "environments",
+    security(("bearer" = [])),
+    params(
+        ("company_id" = String, Path, description = "The company's id"),
+    ),
+    request_body = CreateEnvironmentRequest,
+    responses(
+        (status = 201, description = "The new environment; secrets come back as references", body = EnvironmentResponse),
+        (status = 409, description = "Conflicts with the current state", body = crate::api::openapi::ErrorDoc),
+    )
+)]
 pub async fn create(
     State(state): State<AppState>,
     principal: Principal,
@@ -129,6 +157,18 @@ pub async fn create(
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/environments/{id}",
+    tag = "environments",
+    security(("bearer" = [])),
+    params(
+        ("id" = String, Path, description = "The environment's id"),
+    ),
+    responses(
+        (status = 200, description = "The environment, redacted for readers", body = EnvironmentResponse),
+    )
+)]
 pub async fn get(
     State(state): State<AppState>,
     principal: Principal,
@@ -139,6 +179,20 @@ pub async fn get(
     Ok(Json(view(&environment, access)))
 }
 
+#[utoipa::path(
+    patch,
+    path = "/api/environments/{id}",
+    tag = "environments",
+    security(("bearer" = [])),
+    params(
+        ("id" = String, Path, description = "The environment's id"),
+    ),
+    request_body = PatchEnvironmentRequest,
+    responses(
+        (status = 200, description = "The changed environment", body = EnvironmentResponse),
+        (status = 409, description = "Conflicts with the current state", body = crate::api::openapi::ErrorDoc),
+    )
+)]
 pub async fn patch(
     State(state): State<AppState>,
     principal: Principal,
@@ -253,6 +307,18 @@ pub async fn patch(
     Ok(Json(EnvironmentResponse::full(&stored)))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/environments/{id}",
+    tag = "environments",
+    security(("bearer" = [])),
+    params(
+        ("id" = String, Path, description = "The environment's id"),
+    ),
+    responses(
+        (status = 200, description = "The removed environment; its active leases were released first", body = EnvironmentResponse),
+    )
+)]
 pub async fn delete(
     State(state): State<AppState>,
     principal: Principal,
@@ -285,6 +351,18 @@ pub async fn delete(
     Ok(Json(EnvironmentResponse::full(&removed)))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/environments/{id}/probe",
+    tag = "environments",
+    security(("bearer" = [])),
+    params(
+        ("id" = String, Path, description = "The environment's id"),
+    ),
+    responses(
+        (status = 200, description = "What the probe found; a failure is `ok: false`, never an error", body = ProbeResponse),
+    )
+)]
 pub async fn probe(
     State(state): State<AppState>,
     principal: Principal,
@@ -312,6 +390,19 @@ pub async fn probe(
     Ok(Json(ProbeResponse::from(&result)))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/companies/{company_id}/environments/probe-config",
+    tag = "environments",
+    security(("bearer" = [])),
+    params(
+        ("company_id" = String, Path, description = "The company's id"),
+    ),
+    request_body = ProbeConfigRequest,
+    responses(
+        (status = 200, description = "What a probe of the unsaved config found; nothing is stored", body = ProbeResponse),
+    )
+)]
 pub async fn probe_config(
     State(state): State<AppState>,
     principal: Principal,
@@ -357,6 +448,18 @@ pub async fn probe_config(
     Ok(Json(ProbeResponse::from(&result)))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/companies/{company_id}/environments/capabilities",
+    tag = "environments",
+    security(("bearer" = [])),
+    params(
+        ("company_id" = String, Path, description = "The company's id"),
+    ),
+    responses(
+        (status = 200, description = "Drivers, sandbox providers and plugin drivers with their config schemas", body = CapabilitiesResponse),
+    )
+)]
 pub async fn capabilities(
     State(state): State<AppState>,
     principal: Principal,
@@ -446,9 +549,10 @@ async fn driver_accepts(
     driver: Driver,
     value: &Value,
 ) -> Result<(), ApiError> {
-    // Only sandbox providers and plugin drivers judge configs beyond validation: for the others, opening the
-    // config's secrets would be work (a read and a decryption per secret) for nothing.
-    if !matches!(driver, Driver::Sandbox | Driver::Plugin) {
+    // Sandbox providers, plugin drivers and ssh (whose key must decode, with its passphrase) judge configs beyond
+    // validation: for the others, opening the config's secrets would be work (a read and a decryption per secret)
+    // for nothing.
+    if !matches!(driver, Driver::Sandbox | Driver::Plugin | Driver::Ssh) {
         return Ok(());
     }
     let Ok(config) = DriverConfig::parse(driver, value, state.drivers().providers()) else {

@@ -93,21 +93,29 @@ impl ApiError {
     }
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
+/// The error body of every failed request (API.md §2).
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = Error)]
+pub(crate) struct ErrorBody<'a> {
     error: ErrorPayload<'a>,
 }
 
-#[derive(Serialize)]
-struct ErrorPayload<'a> {
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = ErrorPayload)]
+pub(crate) struct ErrorPayload<'a> {
+    /// A stable snake_case code (`validation_failed`, `not_found`, ...).
     code: &'a str,
+    /// What went wrong, for people. Never a secret, an internal detail or SQL.
     message: &'a str,
+    /// For `validation_failed`: every problem, each at the path of the field in the request body.
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     details: Vec<DetailPayload<'a>>,
 }
 
-#[derive(Serialize)]
-struct DetailPayload<'a> {
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = ErrorDetail)]
+pub(crate) struct DetailPayload<'a> {
+    /// `config.port`, `command.0`; empty for the body as a whole.
     path: &'a str,
     message: &'a str,
 }

@@ -17,6 +17,19 @@ pub struct LeaseQuery {
     status: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/environments/{id}/leases",
+    tag = "leases",
+    security(("bearer" = [])),
+    params(
+        ("id" = String, Path, description = "The environment's id"),
+        ("status" = Option<String>, Query, description = "active, released, expired, failed or retained"),
+    ),
+    responses(
+        (status = 200, description = "The environment's leases (managers and the admin)", body = [LeaseResponse]),
+    )
+)]
 pub async fn list(
     State(state): State<AppState>,
     principal: Principal,
@@ -41,6 +54,18 @@ pub async fn list(
     Ok(Json(leases.iter().map(LeaseResponse::from).collect()))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/environment-leases/{id}",
+    tag = "leases",
+    security(("bearer" = [])),
+    params(
+        ("id" = String, Path, description = "The lease's id"),
+    ),
+    responses(
+        (status = 200, description = "The lease (managers and the admin)", body = LeaseResponse),
+    )
+)]
 pub async fn get(
     State(state): State<AppState>,
     principal: Principal,

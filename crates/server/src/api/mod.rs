@@ -3,6 +3,7 @@
 //! Handlers are thin: they authenticate ([`auth::Principal`]), parse strictly ([`json::ApiJson`]), call the store and
 //! drivers, and convert to wire types ([`dto`]). Every failure becomes the uniform error body in [`error`].
 
+pub mod activity;
 pub mod agent;
 pub mod auth;
 pub mod companies;
@@ -12,6 +13,8 @@ pub mod error;
 pub mod health;
 pub mod json;
 pub mod leases;
+pub mod openapi;
+pub mod request_id;
 pub mod runs;
 mod support;
 
@@ -28,6 +31,7 @@ use crate::state::AppState;
 /// The whole HTTP application: health probes and the `/api` routes.
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
+        .route("/openapi.json", get(openapi::openapi_json))
         .route("/whoami", get(companies::whoami))
         .route("/agent/run", get(agent::run))
         .route("/agent/events", post(agent::post_event))
@@ -37,6 +41,7 @@ pub fn router(state: AppState) -> Router {
             post(companies::create_api_key),
         )
         .route("/api-keys/{id}", delete(companies::delete_api_key))
+        .route("/companies/{company_id}/activity", get(activity::list))
         .route(
             "/companies/{company_id}/environments",
             get(environments::list).post(environments::create),
@@ -74,8 +79,25 @@ pub fn router(state: AppState) -> Router {
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(json::MAX_BODY_BYTES))
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        // Outermost: the id exists before the trace span opens, and every answer carries it.
+        .layer(axum::middleware::from_fn(request_id::assign))
         .with_state(state)
+}
+
+/// The span every log line of a request is in: method, path (never the query, which may hold a cursor or filter a
+/// user typed) and the request id.
+fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    let request_id = request
+        .extensions()
+        .get::<request_id::RequestId>()
+        .map_or("", request_id::RequestId::as_str);
+    tracing::info_span!(
+        "request",
+        method = %request.method(),
+        path = %request.uri().path(),
+        request_id,
+    )
 }
 
 async fn no_route(method: Method, uri: Uri) -> ApiError {

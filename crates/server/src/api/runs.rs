@@ -20,30 +20,26 @@ use super::auth::Principal;
 use super::dto::{CreateRunRequest, EventResponse, RunResponse};
 use super::error::ApiError;
 use super::json::ApiJson;
-use super::support::{load_company, parse_path_id, query_or_400};
+use super::support::{load_company, page_limit, parse_path_id, query_or_400};
 use crate::host_policy::WorkspaceCaller;
 use crate::runs::{AcceptRun, Followed};
 use crate::state::AppState;
 
-const DEFAULT_PAGE: u32 = 1000;
-const MAX_PAGE: u32 = 10_000;
-
-/// The page size a `?limit=` asks for. Out of range is refused rather than clamped, so a client never silently gets
-/// fewer rows than it asked for (or one row for `limit=0`). Read as `i64` so a negative limit is a 422 with the bounds,
-/// like any other out-of-range value, rather than a query-string parse error.
-fn page_limit(limit: Option<i64>) -> Result<u32, ApiError> {
-    let Some(limit) = limit else {
-        return Ok(DEFAULT_PAGE);
-    };
-    match u32::try_from(limit) {
-        Ok(limit) if (1..=MAX_PAGE).contains(&limit) => Ok(limit),
-        _ => Err(ApiError::validation(ValidationErrors::single(
-            "limit",
-            format!("must be between 1 and {MAX_PAGE}"),
-        ))),
-    }
-}
-
+#[utoipa::path(
+    post,
+    path = "/api/companies/{company_id}/runs",
+    tag = "runs",
+    security(("bearer" = [])),
+    params(
+        ("company_id" = String, Path, description = "The company's id"),
+    ),
+    request_body = CreateRunRequest,
+    responses(
+        (status = 201, description = "The accepted run", body = RunResponse),
+        (status = 409, description = "Conflicts with the current state", body = crate::api::openapi::ErrorDoc),
+        (status = 503, description = "The server is shutting down or the environment's driver is unavailable", body = crate::api::openapi::ErrorDoc),
+    )
+)]
 pub async fn create(
     State(state): State<AppState>,
     principal: Principal,
@@ -91,6 +87,20 @@ pub struct ListQuery {
     limit: Option<i64>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/companies/{company_id}/runs",
+    tag = "runs",
+    security(("bearer" = [])),
+    params(
+        ("company_id" = String, Path, description = "The company's id"),
+        ("status" = Option<String>, Query, description = "queued, running, succeeded, failed, timed_out or cancelled"),
+        ("limit" = Option<i64>, Query, description = "Page size, 1 to 10000 (default 1000)"),
+    ),
+    responses(
+        (status = 200, description = "The company's runs, newest first", body = [RunResponse]),
+    )
+)]
 pub async fn list(
     State(state): State<AppState>,
     principal: Principal,
@@ -117,6 +127,18 @@ pub async fn list(
     Ok(Json(runs.iter().map(RunResponse::from).collect()))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/runs/{id}",
+    tag = "runs",
+    security(("bearer" = [])),
+    params(
+        ("id" = String, Path, description = "The run's id"),
+    ),
+    responses(
+        (status = 200, description = "The run", body = RunResponse),
+    )
+)]
 pub async fn get(
     State(state): State<AppState>,
     principal: Principal,
@@ -127,6 +149,18 @@ pub async fn get(
     Ok(Json(RunResponse::from(&run)))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/runs/{id}/cancel",
+    tag = "runs",
+    security(("bearer" = [])),
+    params(
+        ("id" = String, Path, description = "The run's id"),
+    ),
+    responses(
+        (status = 200, description = "The run: its process tree is killed, its lease released", body = RunResponse),
+    )
+)]
 pub async fn cancel(
     State(state): State<AppState>,
     principal: Principal,
@@ -155,6 +189,20 @@ pub struct EventsQuery {
     limit: Option<i64>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/runs/{id}/events",
+    tag = "runs",
+    security(("bearer" = [])),
+    params(
+        ("id" = String, Path, description = "The run's id"),
+        ("after" = Option<i64>, Query, description = "Only events with a larger `seq`"),
+        ("limit" = Option<i64>, Query, description = "Page size, 1 to 10000 (default 1000)"),
+    ),
+    responses(
+        (status = 200, description = "The events as JSON; with `Accept: text/event-stream`, a live SSE stream (one event per `data:` frame) that replays from `after` and ends after the final event", content((Vec<EventResponse<'_>> = "application/json"), (String = "text/event-stream"))),
+    )
+)]
 pub async fn events(
     State(state): State<AppState>,
     principal: Principal,
@@ -243,21 +291,5 @@ fn workspace_caller(principal: &Principal) -> WorkspaceCaller {
     match principal {
         Principal::Admin => WorkspaceCaller::Operator,
         Principal::ApiKey(key) => WorkspaceCaller::Company(key.company_id),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn page_limits_outside_the_bounds_are_refused_not_clamped() {
-        assert_eq!(page_limit(None).unwrap(), DEFAULT_PAGE);
-        assert_eq!(page_limit(Some(1)).unwrap(), 1);
-        assert_eq!(page_limit(Some(10_000)).unwrap(), MAX_PAGE);
-        for limit in [0, -1, 10_001, 1_000_000_000, i64::MAX] {
-            let error = page_limit(Some(limit)).unwrap_err();
-            assert_eq!(error.code(), "validation_failed", "{limit}");
-        }
     }
 }

@@ -9,6 +9,7 @@ use axum::extract::rejection::QueryRejection;
 use berth_core::company::Company;
 use berth_core::environment::Environment;
 use berth_core::ids::CompanyId;
+use berth_core::validation::ValidationErrors;
 use berth_store::NewActivity;
 use serde_json::Value;
 
@@ -16,6 +17,25 @@ use super::auth::Principal;
 use super::error::ApiError;
 use crate::error_chain::DisplayChain;
 use crate::state::AppState;
+
+const DEFAULT_PAGE: u32 = 1000;
+const MAX_PAGE: u32 = 10_000;
+
+/// The page size a `?limit=` asks for. Out of range is refused rather than clamped, so a client never silently gets
+/// fewer rows than it asked for (or one row for `limit=0`). Read as `i64` so a negative limit is a 422 with the bounds,
+/// like any other out-of-range value, rather than a query-string parse error.
+pub(crate) fn page_limit(limit: Option<i64>) -> Result<u32, ApiError> {
+    let Some(limit) = limit else {
+        return Ok(DEFAULT_PAGE);
+    };
+    match u32::try_from(limit) {
+        Ok(limit) if (1..=MAX_PAGE).contains(&limit) => Ok(limit),
+        _ => Err(ApiError::validation(ValidationErrors::single(
+            "limit",
+            format!("must be between 1 and {MAX_PAGE}"),
+        ))),
+    }
+}
 
 /// Parses an id from the path. An id that cannot exist is simply not found: ids are opaque to clients.
 pub(crate) fn parse_path_id<T: std::str::FromStr>(text: &str, what: &str) -> Result<T, ApiError> {
@@ -68,5 +88,21 @@ pub(crate) async fn record_activity(
     };
     if let Err(error) = state.store().record_activity(&entry).await {
         tracing::warn!(action, error = %DisplayChain(&error), "could not record activity");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_limits_outside_the_bounds_are_refused_not_clamped() {
+        assert_eq!(page_limit(None).unwrap(), DEFAULT_PAGE);
+        assert_eq!(page_limit(Some(1)).unwrap(), 1);
+        assert_eq!(page_limit(Some(10_000)).unwrap(), MAX_PAGE);
+        for limit in [0, -1, 10_001, 1_000_000_000, i64::MAX] {
+            let error = page_limit(Some(limit)).unwrap_err();
+            assert_eq!(error.code(), "validation_failed", "{limit}");
+        }
     }
 }

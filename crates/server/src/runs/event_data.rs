@@ -123,8 +123,13 @@ impl EventData<'_> {
                 "skipped": report
                     .skipped
                     .iter()
-                    .map(|entry| json!({"path": entry.path, "reason": entry.reason.as_str()}))
+                    .map(|entry| match &entry.detail {
+                        Some(detail) => json!({"path": entry.path, "reason": entry.reason.as_str(), "detail": detail}),
+                        None => json!({"path": entry.path, "reason": entry.reason.as_str()}),
+                    })
                     .collect::<Vec<_>>(),
+                // Whether every change the environment made arrived (special files are no workspace content).
+                "complete": berth_drivers::sync::lost_entries(report).is_empty(),
             }),
             Self::Error { code, message } => json!({"code": code, "message": message}),
             Self::Agent { message, data } => json!({"message": message, "data": data}),

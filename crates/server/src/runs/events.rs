@@ -4,10 +4,11 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use berth_core::driver::{BoxFuture, OutputSink, OutputStream};
-use berth_core::ids::RunId;
+use berth_core::driver::{BoxFuture, OutputSink, OutputStream, ProcessIdentity};
+use berth_core::ids::{LeaseId, RunId};
 use berth_core::run::{EventKind, NewRunEvent, RunEvent};
 use berth_core::time::Timestamp;
 use serde_json::Value;
@@ -119,27 +120,57 @@ pub struct OutputEvents {
     /// Cancelled by `finish`, so the writer stops lingering for more output.
     finished: CancellationToken,
     writer: tokio::task::JoinHandle<()>,
+    store: Store,
+    run_id: RunId,
+    /// The lease whose row records the command's process group (see [`OutputEvents::recording_process_on`]).
+    process_lease: Option<LeaseId>,
+    /// Whether a process group was recorded, so `finish` knows to clear it.
+    process_recorded: AtomicBool,
 }
 
 impl OutputEvents {
     pub fn start(writer: EventWriter) -> Self {
         let (queue, chunks) = mpsc::channel(OUTPUT_QUEUE_CHUNKS);
         let finished = CancellationToken::new();
+        let store = writer.store.clone();
+        let run_id = writer.run_id;
         let writer = tokio::spawn(write_output(writer, chunks, finished.clone()));
         Self {
             queue,
             finished,
             writer,
+            store,
+            run_id,
+            process_lease: None,
+            process_recorded: AtomicBool::new(false),
+        }
+    }
+
+    /// Records the command's process group on `lease` as soon as the driver reports it ([`OutputSink::started`]),
+    /// and clears it at [`finish`](Self::finish): in between, a crash of berth leaves on the lease exactly what its
+    /// cleanup must kill.
+    #[must_use]
+    pub fn recording_process_on(self, lease: LeaseId) -> Self {
+        Self {
+            process_lease: Some(lease),
+            ..self
         }
     }
 
     /// Waits until every chunk is stored (and emits whatever partial characters are left, lossily): the command
-    /// has ended.
+    /// has ended, so the process group recorded for it is forgotten — nothing of it runs any more.
     pub async fn finish(self) {
         drop(self.queue);
         self.finished.cancel();
         if let Err(error) = self.writer.await {
             tracing::error!(%error, "the output writer failed");
+        }
+        if let Some(lease_id) = self.process_lease
+            && self.process_recorded.load(Ordering::Acquire)
+            && let Err(error) = self.store.set_lease_process(lease_id, None).await
+        {
+            // Harmless: cleanup checks the recorded identity before it kills anything.
+            tracing::warn!(run.id = %self.run_id, lease.id = %lease_id, error = %DisplayChain(&error), "could not forget the command's process group");
         }
     }
 }
@@ -149,6 +180,23 @@ impl OutputSink for OutputEvents {
         Box::pin(async move {
             // The writer only stops once `finish` drops the queue, so a send error cannot lose output here.
             let _ = self.queue.send((stream, data.to_vec())).await;
+        })
+    }
+
+    fn started<'a>(&'a self, process: &'a ProcessIdentity) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let Some(lease_id) = self.process_lease else {
+                return;
+            };
+            match self.store.set_lease_process(lease_id, Some(process)).await {
+                Ok(()) => {
+                    self.process_recorded.store(true, Ordering::Release);
+                    tracing::debug!(run.id = %self.run_id, lease.id = %lease_id, pgid = process.pgid, "recorded the command's process group");
+                }
+                Err(error) => {
+                    tracing::warn!(run.id = %self.run_id, lease.id = %lease_id, error = %DisplayChain(&error), "could not record the command's process group; a crash of berth now may leave it running")
+                }
+            }
         })
     }
 }

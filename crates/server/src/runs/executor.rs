@@ -210,7 +210,7 @@ async fn with_lease(
         _ => None,
     };
 
-    let sink = OutputEvents::start(events.clone());
+    let sink = OutputEvents::start(events.clone()).recording_process_on(held.lease.id);
     let token = cancel.clone();
     let cancel_signal: CancelSignal = Box::pin(async move { token.cancelled_owned().await });
     let executed = driver
@@ -221,28 +221,53 @@ async fn with_lease(
         bridge.stop().await;
     }
     drop(tunnel);
-    let finish = match executed {
+    let mut finish = match executed {
         Ok(outcome) => Finish::from_outcome(&outcome),
         Err(error) => {
             Finish::berth_failed(error.code(), format!("could not run the command: {error}"))
         }
     };
 
-    match driver.sync_back(&held.handle, &workspace).await {
+    // A change the environment made that did not reach the host is never plain success (docs/api.md, "Sync-back").
+    let lost = match driver.sync_back(&held.handle, &workspace).await {
         Ok(report) if workspace.local_path.is_some() => {
             events.record(EventData::WorkspaceSynced(&report)).await;
+            let lost = berth_drivers::sync::lost_entries(&report);
+            (!lost.is_empty()).then(|| lost_changes_message(&lost))
         }
-        Ok(_) => {}
-        Err(error) => {
-            events
-                .error(
-                    "sync_back_failed",
-                    &format!("could not sync the workspace back: {error}"),
-                )
-                .await;
-        }
+        Ok(_) => None,
+        Err(error) => Some(format!("could not sync the workspace back: {error}")),
+    };
+    if let Some(message) = lost {
+        tracing::warn!(run.id = %run.id, lease.id = %held.lease.id, message, "sync-back did not bring back every change");
+        events.error("sync_back_failed", &message).await;
+        finish.sync_back_failed(message);
     }
     finish
+}
+
+/// How many of the environment's changes did not arrive, naming the first few.
+fn lost_changes_message(lost: &[&berth_core::driver::SkippedEntry]) -> String {
+    const NAMED: usize = 3;
+    let named: Vec<String> = lost
+        .iter()
+        .take(NAMED)
+        .map(|entry| match &entry.detail {
+            Some(detail) => format!("`{}` ({}: {detail})", entry.path, entry.reason.as_str()),
+            None => format!("`{}` ({})", entry.path, entry.reason.as_str()),
+        })
+        .collect();
+    let more = lost.len().saturating_sub(NAMED);
+    let more = if more > 0 {
+        format!(" and {more} more")
+    } else {
+        String::new()
+    };
+    format!(
+        "sync-back did not bring back {} of the environment's changes: {}{more}; the workspace event lists them",
+        lost.len(),
+        named.join(", ")
+    )
 }
 
 async fn save(context: &RunContext, run: &Run) {
@@ -294,6 +319,15 @@ impl Finish {
             signal: None,
             error: None,
             error_event: None,
+        }
+    }
+
+    /// Sync-back failed or left changes behind: a run its command made `succeeded` fails with `message` (its exit
+    /// code kept); any other outcome stays as the command made it. The `error` event is the caller's.
+    fn sync_back_failed(&mut self, message: String) {
+        if self.status == RunStatus::Succeeded {
+            self.status = RunStatus::Failed;
+            self.error = Some(message);
         }
     }
 

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use berth_core::config::DriverConfig;
-use berth_core::driver::{EnvironmentDriver, LeaseHandle, LeaseRequest};
+use berth_core::driver::{EnvironmentDriver, LeaseHandle, LeaseRequest, ProcessIdentity};
 use berth_core::environment::Environment;
 use berth_core::ids::{LeaseId, RunId};
 use berth_core::lease::{CleanupStatus, Lease, LeasePolicy, LeaseStatus};
@@ -16,7 +16,7 @@ use berth_core::time::Timestamp;
 use super::context::RunContext;
 use crate::error_chain::DisplayChain;
 use crate::vault::{self, ResolvedConfig, VaultError};
-use berth_store::{Store, StoreError};
+use berth_store::{ConflictKind, Store, StoreError};
 
 /// A lease a run holds, with the driver's view of it.
 #[derive(Debug, Clone)]
@@ -73,6 +73,8 @@ fn actor_of(lease: &Lease) -> String {
         .map_or_else(|| SWEEPER_ACTOR.to_owned(), run_actor)
 }
 
+/// The driver's view of a stored lease, without the process group recorded for its command: enough to match and
+/// resume it. Cleanup takes [`stored_handle`], which has it.
 pub fn handle_of(lease: &Lease) -> LeaseHandle {
     LeaseHandle {
         provider: lease.provider.clone(),
@@ -80,6 +82,27 @@ pub fn handle_of(lease: &Lease) -> LeaseHandle {
         metadata: lease.metadata.clone().unwrap_or_default(),
         expires_at: lease.expires_at,
         process: None,
+    }
+}
+
+/// [`handle_of`] with the process group recorded for the lease's command, if its command did not end normally (a
+/// crash of berth, a run abandoned midway): what release and destroy kill, wherever it ran.
+pub async fn stored_handle(store: &Store, lease: &Lease) -> LeaseHandle {
+    LeaseHandle {
+        process: stored_process(store, lease.id).await,
+        ..handle_of(lease)
+    }
+}
+
+/// The process group recorded for the lease's command. A failed read is logged and cleanup goes on without it: the
+/// driver then kills nothing it does not know.
+async fn stored_process(store: &Store, lease_id: LeaseId) -> Option<ProcessIdentity> {
+    match store.lease_process(lease_id).await {
+        Ok(process) => process,
+        Err(error) => {
+            tracing::warn!(lease.id = %lease_id, error = %DisplayChain(&error), "could not read the process group recorded for the lease; its processes are not killed");
+            None
+        }
     }
 }
 
@@ -97,6 +120,12 @@ pub fn policy_for(config: &DriverConfig, requested: Option<LeasePolicy>) -> Leas
 /// Resumes a lease an earlier run of this environment kept, when the policy allows and the driver agrees; else takes
 /// a fresh one. The lease row is written *before* the provider is asked, so a crash in between leaves a row the
 /// orphan sweep can clean up rather than an untracked sandbox.
+///
+/// Under `ReuseByEnvironment` the row goes in first as the environment's one active reusable lease, which the
+/// database allows only once per environment (a partial unique index, not a read-then-write): of concurrent runs, on
+/// any replica, exactly one takes the reusable sandbox and the others get sandboxes of their own. Only that holder
+/// claims kept leases, so a kept sandbox is resumed for at most one run, and never while another run works in a
+/// fresh reusable one.
 pub async fn acquire(
     store: &Store,
     driver: &Arc<dyn EnvironmentDriver>,
@@ -110,32 +139,29 @@ pub async fn acquire(
         environment_id: environment.id,
         run_id,
     };
-    let mut policy = policy;
+    let now = Timestamp::now();
+    let mut lease = new_lease(environment, run_id, policy, now);
     let mut fresh_config = None;
-    if policy == LeasePolicy::ReuseByEnvironment {
-        if let Some(held) =
-            resume_kept(store, driver, environment, config, &request, policy).await?
-        {
-            return Ok(held);
-        }
+    match store.insert_lease(&lease).await {
+        Ok(()) => {}
         // The reusable sandbox is busy with another run of this environment: two runs must never share one
         // workspace, so this run gets a sandbox of its own that is not kept.
-        let busy = store
-            .leases_in_statuses(environment.id, &[LeaseStatus::Active])
-            .await?;
-        if busy
-            .iter()
-            .any(|lease| lease.lease_policy == LeasePolicy::ReuseByEnvironment)
-        {
-            policy = LeasePolicy::Ephemeral;
+        Err(StoreError::Conflict(ConflictKind::ReusableLeaseHeld)) => {
+            tracing::info!(env.id = %environment.id, run.id = %run_id, "the reusable lease is held by another run; taking an ephemeral one");
+            lease = new_lease(environment, run_id, LeasePolicy::Ephemeral, now);
+            store.insert_lease(&lease).await?;
             fresh_config = not_reusable(config);
         }
+        Err(error) => return Err(error.into()),
+    }
+    if lease.lease_policy == LeasePolicy::ReuseByEnvironment
+        && let Some(held) =
+            resume_kept(store, driver, environment, config, &request, &mut lease).await?
+    {
+        return Ok(held);
     }
     let config = fresh_config.as_ref().unwrap_or(config);
 
-    let now = Timestamp::now();
-    let mut lease = new_lease(environment, run_id, policy, now);
-    store.insert_lease(&lease).await?;
     match driver.acquire(config, &request).await {
         Ok(handle) => {
             let expires_at = handle
@@ -161,7 +187,7 @@ pub async fn acquire(
                     LeaseStatus::Failed,
                     Some(&reason),
                     None,
-                    now,
+                    Timestamp::now(),
                 )
                 .await?;
             Err(error.into())
@@ -169,13 +195,16 @@ pub async fn acquire(
     }
 }
 
+/// Resumes a kept lease of the environment for the run holding `lease`, its active reusable lease, which takes over
+/// the kept lease's resource. Runs of the environment cannot race here (only the one holder gets this far); a sweep
+/// releasing or expiring the kept lease meanwhile can, which the compare-and-set on its status settles.
 async fn resume_kept(
     store: &Store,
     driver: &Arc<dyn EnvironmentDriver>,
     environment: &Environment,
     config: &DriverConfig,
     request: &LeaseRequest,
-    policy: LeasePolicy,
+    lease: &mut Lease,
 ) -> Result<Option<HeldLease>, LeaseError> {
     let kept = store
         .leases_in_statuses(environment.id, &[LeaseStatus::Retained])
@@ -186,7 +215,7 @@ async fn resume_kept(
         {
             continue;
         }
-        // Claim it: only one run, on any replica, can move it out of `retained`.
+        // Claim it: only one caller, on any replica, can move it out of `retained`.
         let now = Timestamp::now();
         let Some(_claimed) = store
             .transition_lease(
@@ -203,16 +232,14 @@ async fn resume_kept(
         };
         match driver.resume(config, &handle, request).await {
             Ok(Some(resumed)) => {
-                let mut lease = new_lease(environment, request.run_id, policy, now);
-                store.insert_lease(&lease).await?;
                 let expires_at = resumed
                     .expires_at
                     .or_else(|| lifetime(config).map(|ttl| now.saturating_add(ttl)));
-                record_handle(store, &mut lease, &resumed, expires_at).await?;
-                record_activity(store, &lease, "lease.resumed", &run_actor(request.run_id)).await;
+                record_handle(store, lease, &resumed, expires_at).await?;
+                record_activity(store, lease, "lease.resumed", &run_actor(request.run_id)).await;
                 tracing::info!(lease.id = %lease.id, from = %candidate.id, "resumed a kept lease");
                 return Ok(Some(HeldLease {
-                    lease,
+                    lease: lease.clone(),
                     handle: LeaseHandle {
                         expires_at,
                         ..resumed
@@ -330,7 +357,11 @@ pub async fn release(
         else {
             return Ok(None);
         };
-        if let Err(error) = driver.release(&held.handle, true, Some(config)).await {
+        let handle = LeaseHandle {
+            process: stored_process(store, held.lease.id).await,
+            ..held.handle.clone()
+        };
+        if let Err(error) = driver.release(&handle, true, Some(config)).await {
             tracing::warn!(lease.id = %held.lease.id, error = %DisplayChain(&error), "provider release (keep) failed");
         }
         if let Some(ttl) = keep_for {
@@ -392,7 +423,7 @@ pub async fn cleanup(
 ) -> CleanupStatus {
     let store = &context.store;
     let driver = context.drivers.get(lease.driver);
-    let handle = handle_of(lease);
+    let handle = stored_handle(store, lease).await;
     let loaded = match config {
         Some(_) => None,
         None => match acquired_config(context, lease).await {

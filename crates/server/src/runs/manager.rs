@@ -11,7 +11,7 @@ use berth_core::lease::LeaseStatus;
 use berth_core::run::{Run, RunEvent, RunStatus};
 use berth_core::time::Timestamp;
 use berth_drivers::registry::DriverRegistry;
-use berth_store::{Store, StoreError};
+use berth_store::{Backend, ConflictKind, Store, StoreError};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -31,6 +31,14 @@ use super::context::RunContext;
 
 /// How often this node refreshes the heartbeat of its live runs (and picks up cancel requests from other replicas).
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+/// How often a node on PostgreSQL, where other replicas may take a cancel request for its runs, looks for one.
+///
+/// A poll rather than `LISTEN/NOTIFY`: a listener needs a dedicated connection and reconnect handling, and a poll
+/// anyway for notifications sent while it was reconnecting. This query reads only this node's live runs through the
+/// partial index `runs_live_owner`, and is skipped while the node runs nothing, so four a second cost next to
+/// nothing and bound the delay of a cancel made elsewhere to a quarter of a second plus the kill. On SQLite there is
+/// a single node, whose cancel endpoint cancels the run in-process at once: no poll.
+pub const CANCEL_POLL_INTERVAL: Duration = Duration::from_millis(250);
 /// A live run whose heartbeat is older than this has lost its node.
 pub const STALE_AFTER: Duration = Duration::from_secs(30);
 /// A cleanup still pending this long after it started is taken to have died with its node, and is retried.
@@ -140,6 +148,21 @@ impl RunManager {
         );
     }
 
+    /// Acts on a cancel request another replica recorded for a run this node executes; logged once, however many
+    /// polls still see the request before the run ends.
+    fn cancel_requested_elsewhere(&self, run_id: RunId) {
+        let newly_cancelled = match self.live().get(&run_id) {
+            Some(live) if !live.cancel.is_cancelled() => {
+                live.cancel.cancel();
+                true
+            }
+            _ => false,
+        };
+        if newly_cancelled {
+            tracing::info!(run.id = %run_id, "cancel requested through another replica");
+        }
+    }
+
     /// Cancels a run this node executes. `false`: not here (or already finished).
     pub fn cancel_local(&self, run_id: RunId) -> bool {
         match self.live().get(&run_id) {
@@ -222,8 +245,23 @@ impl RunManager {
         }
     }
 
-    /// The periodic work: heartbeats (and remote cancels) every [`HEARTBEAT_INTERVAL`], sweeps every sweep interval.
+    /// The periodic work: heartbeats (and remote cancels) every [`HEARTBEAT_INTERVAL`], sweeps every sweep interval,
+    /// and on PostgreSQL the cancel poll every [`CANCEL_POLL_INTERVAL`] — in a task of its own, so that a slow sweep
+    /// (it cleans up leases through their providers) never delays a cancel.
     pub fn spawn_background(&self) {
+        if self.inner.context.store.backend() == Backend::Postgres {
+            let manager = self.clone();
+            self.inner.tasks.spawn(async move {
+                let mut poll = tokio::time::interval(CANCEL_POLL_INTERVAL);
+                poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        () = manager.inner.stopping.cancelled() => break,
+                        _ = poll.tick() => manager.pick_up_remote_cancels().await,
+                    }
+                }
+            });
+        }
         let manager = self.clone();
         self.inner.tasks.spawn(async move {
             let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
@@ -248,12 +286,33 @@ impl RunManager {
         {
             Ok(cancel_requested) => {
                 for run_id in cancel_requested {
-                    if self.cancel_local(run_id) {
-                        tracing::info!(run.id = %run_id, "cancel requested through another replica");
-                    }
+                    self.cancel_requested_elsewhere(run_id);
                 }
             }
             Err(error) => tracing::warn!(error = %DisplayChain(&error), "heartbeat failed"),
+        }
+    }
+
+    /// Cancels this node's runs whose cancellation was requested through another replica.
+    async fn pick_up_remote_cancels(&self) {
+        if self.live().is_empty() {
+            return;
+        }
+        match self
+            .inner
+            .context
+            .store
+            .cancel_requested_runs(&self.inner.node_id)
+            .await
+        {
+            Ok(cancel_requested) => {
+                for run_id in cancel_requested {
+                    self.cancel_requested_elsewhere(run_id);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(error = %DisplayChain(&error), "looking for cancel requests failed")
+            }
         }
     }
 
@@ -262,6 +321,58 @@ impl RunManager {
     pub async fn startup_sweep(&self) {
         let node = self.inner.node_id.clone();
         self.sweep(&node).await;
+    }
+
+    /// Settles an orphan whose node died after writing its final event and before saving the row, as that event says,
+    /// writing nothing more: followers already stopped at it, so a second final event would contradict what they
+    /// reported. `false` when the run has no final event: it is failed as an orphan.
+    async fn settle_from_final_event(
+        &self,
+        run: &Run,
+        owner_node: &str,
+        stale_before: Timestamp,
+        now: Timestamp,
+    ) -> bool {
+        let store = &self.inner.context.store;
+        let data = match store.last_status_event(run.id).await {
+            Ok(Some(data)) => data,
+            Ok(None) => return false,
+            Err(error) => {
+                // Failing it now could add a second final event; a later sweep tries again.
+                tracing::warn!(run.id = %run.id, error = %DisplayChain(&error), "could not read an orphaned run's last event");
+                return true;
+            }
+        };
+        let Some(status) = data["status"]
+            .as_str()
+            .and_then(|status| status.parse::<RunStatus>().ok())
+            .filter(|status| status.is_terminal())
+        else {
+            return false;
+        };
+        let settled = Run {
+            status,
+            exit_code: data["exitCode"]
+                .as_i64()
+                .and_then(|code| i32::try_from(code).ok()),
+            signal: data["signal"].as_str().map(str::to_owned),
+            error: data["error"].as_str().map(str::to_owned),
+            finished_at: Some(now),
+            ..run.clone()
+        };
+        match store
+            .settle_orphaned_run(&settled, owner_node, stale_before)
+            .await
+        {
+            Ok(true) => {
+                tracing::warn!(run.id = %run.id, status = %status, "settled an orphaned run as its final event says")
+            }
+            Ok(false) => {}
+            Err(error) => {
+                tracing::warn!(run.id = %run.id, error = %DisplayChain(&error), "could not settle an orphaned run")
+            }
+        }
+        true
     }
 
     /// Fails orphaned runs, releases leases nobody holds, expires leases past `expiresAt`.
@@ -274,6 +385,12 @@ impl RunManager {
         match store.orphaned_runs(owner_node, stale_before).await {
             Ok(orphans) => {
                 for run in orphans {
+                    if self
+                        .settle_from_final_event(&run, owner_node, stale_before, now)
+                        .await
+                    {
+                        continue;
+                    }
                     let message = "berth stopped while the run was in flight";
                     match store
                         .fail_orphaned_run(run.id, owner_node, stale_before, message, now)
@@ -282,6 +399,12 @@ impl RunManager {
                         Ok(true) => {
                             tracing::warn!(run.id = %run.id, "failed an orphaned run");
                             let events = EventWriter::new(store.clone(), run.id);
+                            // A node killed between storing the run and its first event left none: the run was
+                            // queued all the same, and its log starts there like every run's.
+                            if matches!(store.list_events(run.id, 0, 1).await, Ok(first) if first.is_empty())
+                            {
+                                events.record(EventData::Status(RunStatus::Queued)).await;
+                            }
                             events.error("orphaned", message).await;
                             events
                                 .record(EventData::Final {
@@ -383,22 +506,35 @@ impl RunManager {
                             now,
                         )
                         .await;
-                    if let Ok(Some(expired)) = claimed {
-                        let status =
-                            leases::cleanup(context, &expired, CleanupKind::Destroy, None).await;
-                        tracing::info!(lease.id = %expired.id, cleanup = %status, "expired a lease");
-                        let expired = berth_core::lease::Lease {
-                            cleanup_status: Some(status),
-                            ..expired
-                        };
-                        leases::record_activity(
-                            store,
-                            &expired,
-                            "lease.expired",
-                            leases::SWEEPER_ACTOR,
-                        )
-                        .await;
-                    }
+                    let expired = match claimed {
+                        Ok(Some(expired)) => expired,
+                        Ok(None) => continue,
+                        // A kept reusable lease while a run holds the environment's reusable one: a provider may key
+                        // both to one sandbox, so destroying this one now could pull it from under that run. The
+                        // database refused; a later sweep expires it once the run has given its lease back.
+                        Err(StoreError::Conflict(ConflictKind::ReusableLeaseHeld)) => {
+                            tracing::debug!(lease.id = %lease.id, env.id = %lease.environment_id, "expiry deferred: the environment's reusable lease is held");
+                            continue;
+                        }
+                        Err(error) => {
+                            tracing::warn!(lease.id = %lease.id, error = %DisplayChain(&error), "could not expire a lease");
+                            continue;
+                        }
+                    };
+                    let status =
+                        leases::cleanup(context, &expired, CleanupKind::Destroy, None).await;
+                    tracing::info!(lease.id = %expired.id, cleanup = %status, "expired a lease");
+                    let expired = berth_core::lease::Lease {
+                        cleanup_status: Some(status),
+                        ..expired
+                    };
+                    leases::record_activity(
+                        store,
+                        &expired,
+                        "lease.expired",
+                        leases::SWEEPER_ACTOR,
+                    )
+                    .await;
                 }
             }
             Err(error) => tracing::warn!(error = %DisplayChain(&error), "expiry sweep failed"),

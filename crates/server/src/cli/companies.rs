@@ -1,0 +1,116 @@
+//! `berth company` and `berth key`: companies and their API keys (admin token only).
+
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use serde_json::json;
+
+use super::output::{path_segment, print_json, print_table};
+use crate::client::{ClientArgs, Session};
+
+#[derive(Debug, Subcommand)]
+pub enum CompanyCommand {
+    /// List every company (admin).
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Create a company (admin); prints its id.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Create an API key for the company (--company, default `default`); prints its token, which is shown only
+    /// this once.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// manager (read everything, change environments, start runs) or reader (read, configs redacted).
+        #[arg(long)]
+        role: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Delete an API key: it stops working at once.
+    Rm {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+pub(super) async fn company(command: CompanyCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        CompanyCommand::List { client } => {
+            let session = Session::connect(client)?;
+            let companies = session.api.get("/api/companies").await?;
+            if session.json {
+                print_json(&companies);
+            } else {
+                print_table(
+                    &companies,
+                    &[("ID", "id"), ("NAME", "name"), ("CREATED", "createdAt")],
+                );
+            }
+        }
+        CompanyCommand::Create { name, client } => {
+            let session = Session::connect(client)?;
+            let created = session
+                .api
+                .post("/api/companies", &json!({"name": name}))
+                .await?;
+            if session.json {
+                print_json(&created);
+            } else {
+                println!("{}", created["id"].as_str().unwrap_or_default());
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) async fn key(command: KeyCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        KeyCommand::Create { name, role, client } => {
+            let session = Session::open(client).await?;
+            let created = session
+                .api
+                .post(
+                    &format!("/api/companies/{}/api-keys", session.company_id),
+                    &json!({"name": name, "role": role}),
+                )
+                .await?;
+            if session.json {
+                print_json(&created);
+            } else {
+                // The token alone on stdout, so `TOKEN=$(berth key create ...)` works; what it is goes to stderr.
+                eprintln!(
+                    "created {} key {} ({}); the token is shown only this once:",
+                    created["role"].as_str().unwrap_or_default(),
+                    created["name"].as_str().unwrap_or_default(),
+                    created["id"].as_str().unwrap_or_default(),
+                );
+                println!("{}", created["token"].as_str().unwrap_or_default());
+            }
+        }
+        KeyCommand::Rm { id, client } => {
+            let session = Session::connect(client)?;
+            let removed = session
+                .api
+                .delete(&format!("/api/api-keys/{}", path_segment(&id)?))
+                .await?;
+            if session.json {
+                print_json(&removed);
+            } else {
+                println!("removed {}", removed["id"].as_str().unwrap_or(&id));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
