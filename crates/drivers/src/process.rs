@@ -1409,13 +1409,10 @@ mod identity_tests {
         let identity = identity_of(child.id()).unwrap();
         assert_eq!(identity.pgid, child.id());
         assert_eq!(identity.boot_id, boot_id().unwrap());
-        assert_eq!(
-            identity.session_id,
-            rustix::process::getsid(None)
-                .unwrap()
-                .as_raw_pid()
-                .unsigned_abs()
-        );
+        // Read from /proc rather than getsid(2): under a container whose session leader lives outside
+        // the pid namespace, the session reads as 0, which rustix's `getsid` cannot represent.
+        let own_session = read_stat(std::process::id()).unwrap().unwrap().session;
+        assert_eq!(identity.session_id, own_session);
         assert_eq!(kill_recorded(&identity).unwrap(), 2);
         assert_eq!(child.wait().unwrap().signal(), Some(9));
         assert!(is_dead(background), "the background sleep survived");
