@@ -21,6 +21,10 @@ command -v ssh-keygen >/dev/null 2>&1 || missing+=(openssh-client)
 command -v rsync >/dev/null 2>&1 || missing+=(rsync)
 # Containment: Local runs and the isolated provider are built on bubblewrap.
 command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
+# The operator console's browser tests drive Debian's chromium over WebDriver.
+# (fonts-liberation is only a recommendation of chromium's, and we install without recommendations.)
+[ -x /usr/bin/chromium ] || missing+=(chromium fonts-liberation)
+[ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
   if as_root; then
     log "installing ${missing[*]}"

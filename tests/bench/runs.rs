@@ -130,6 +130,7 @@ async fn lease_cycles(label: &str, store: Store, cycles: usize) {
         id: CompanyId::new(),
         name: format!("lease-bench-{}", uuid::Uuid::new_v4()),
         created_at: now,
+        default_environment_id: None,
     };
     store.insert_company(&company).await.unwrap();
     let environment: Environment = store.ensure_local_environment(company.id).await.unwrap();
@@ -160,13 +161,13 @@ async fn lease_cycles(label: &str, store: Store, cycles: usize) {
                     &store,
                     &driver,
                     &environment,
-                    &DriverConfig::Local,
+                    &DriverConfig::local(),
                     RunId::new(),
                     LeasePolicy::Ephemeral,
                 )
                 .await
                 .unwrap();
-                leases::release(&context, &held, &DriverConfig::Local, false, None)
+                leases::release(&context, &held, &DriverConfig::local(), false, None, None)
                     .await
                     .unwrap()
                     .unwrap();

@@ -507,7 +507,8 @@ async fn isolated_leases_are_reused_cancelled_and_cleaned_up_after_a_crash() {
             run["leaseId"].as_str().unwrap()
         ))
         .await;
-    assert_eq!(lease["status"], "released", "{lease}");
+    assert_eq!(lease["status"], "failed", "{lease}");
+    assert_eq!(lease["failureReason"], "orphaned", "{lease}");
     assert_eq!(lease["cleanupStatus"], "success", "{lease}");
     let left: Vec<_> = std::fs::read_dir(data_dir.join("isolated"))
         .unwrap()

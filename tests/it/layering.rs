@@ -21,12 +21,18 @@ type ModPath = Vec<String>;
 /// The server's layers, lowest first. A module may name modules of its own layer or below; a new top-level module
 /// must be placed here, which is the point: where it sits is a decision.
 const SERVER_LAYERS: &[&[&str]] = &[
-    &["error_chain", "private_file", "telemetry", "data_dir"],
+    &[
+        "error_chain",
+        "private_file",
+        "telemetry",
+        "data_dir",
+        "metrics",
+    ],
     &["secrets", "host_policy", "tokens"],
     &["vault"],
     // The server's half of the bridge runs around each command and records its audit as run events.
     &["runs", "bridge"],
-    &["state", "api"],
+    &["state", "api", "console"],
     &["serve", "client", "run_command", "lab", "plugin_check"],
     &["cli"],
 ];

@@ -191,7 +191,8 @@ async fn a_crashed_in_place_run_is_killed_by_identity_and_the_users_own_processe
     bystanders.children.push(users_own);
 
     let (restarted, keeper, lease, pids, reaper) = crash_a_run(true, Some(user_dir.path())).await;
-    assert_eq!(lease["status"], "released", "{lease}");
+    assert_eq!(lease["status"], "failed", "{lease}");
+    assert_eq!(lease["failureReason"], "orphaned", "{lease}");
     assert_eq!(lease["cleanupStatus"], "success", "{lease}");
     assert!(
         !lease.as_object().unwrap().contains_key("process"),
@@ -225,7 +226,8 @@ async fn a_crashed_in_place_run_is_killed_by_identity_and_the_users_own_processe
 #[tokio::test]
 async fn a_crashed_run_in_its_private_workspace_is_killed_and_removed() {
     let (restarted, keeper, lease, pids, reaper) = crash_a_run(true, None).await;
-    assert_eq!(lease["status"], "released", "{lease}");
+    assert_eq!(lease["status"], "failed", "{lease}");
+    assert_eq!(lease["failureReason"], "orphaned", "{lease}");
     assert_eq!(lease["cleanupStatus"], "success", "{lease}");
     let gone = eventually(Duration::from_secs(10), || {
         pids.iter().all(|pid| !is_alive(*pid))
@@ -257,7 +259,8 @@ async fn a_crashed_contained_in_place_run_leaves_nothing_and_spares_the_user() {
     bystanders.children.push(users_own);
 
     let (restarted, keeper, lease, pids, reaper) = crash_a_run(false, Some(user_dir.path())).await;
-    assert_eq!(lease["status"], "released", "{lease}");
+    assert_eq!(lease["status"], "failed", "{lease}");
+    assert_eq!(lease["failureReason"], "orphaned", "{lease}");
     assert_eq!(lease["cleanupStatus"], "success", "{lease}");
     let gone = eventually(Duration::from_secs(10), || {
         pids.iter().all(|pid| !is_alive(*pid))
@@ -318,4 +321,205 @@ async fn a_command_is_recorded_while_it_runs_and_forgotten_when_it_ends() {
     assert_eq!(store.lease_process(lease_id).await.unwrap(), None);
     store.close().await;
     server.stop().await;
+}
+
+// === Uncontained Local commands in a cgroup of their own: `setsid` no longer escapes ===
+
+/// Whether this host lets berth (the tests' user) make cgroups: then every uncontained Local command gets one.
+fn cgroups_writable() -> bool {
+    [
+        "/sys/fs/cgroup/unified",
+        "/sys/fs/cgroup/pids",
+        "/sys/fs/cgroup",
+    ]
+    .iter()
+    .any(|dir| {
+        let probe = Path::new(dir).join(format!("berth-it-probe-{}", std::process::id()));
+        std::fs::create_dir(&probe).is_ok() && std::fs::remove_dir(&probe).is_ok()
+    })
+}
+
+/// The session a live process belongs to.
+fn session_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()
+}
+
+/// An uncontained server, a run of `setsid sh -c 'sleep N' & <rest>` in it, and, once the daemon is seen: the
+/// daemon's pid (in a session of its own, so out of the command's group) and the cgroup the lease recorded.
+async fn run_with_a_daemon(
+    rest: &str,
+    local_path: Option<&Path>,
+) -> (
+    TestServer,
+    String,
+    String,
+    berth_core::ids::LeaseId,
+    u32,
+    String,
+    Reaper,
+) {
+    let server = TestServer::start_with(ServerOptions {
+        args: vec!["--allow-uncontained-local".to_owned()],
+        ..ServerOptions::default()
+    })
+    .await;
+    let company = server.default_company().await;
+    let (status, probe) = server
+        .post(
+            &format!("/api/companies/{company}/environments/probe-config"),
+            json!({"driver": "local"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{probe}");
+    assert!(
+        matches!(
+            probe["details"]["processTracking"].as_str(),
+            Some("cgroup-v1" | "cgroup-v2")
+        ),
+        "{probe}"
+    );
+    let seconds = unique_seconds();
+    let script = format!("setsid sh -c 'sleep {seconds}' & {rest}");
+    let mut body = json!({"command": ["sh", "-c", script]});
+    if let Some(path) = local_path {
+        body["workspace"] = json!({"localPath": path});
+    }
+    let run_id = start_run(&server, &company, body).await;
+    wait_status(&server, &run_id, "running").await;
+    let mut reaper = Reaper::default();
+    let sleep = ["sleep", seconds.as_str()];
+    let found = eventually(Duration::from_secs(10), || {
+        live_processes(&sleep).len() == 1
+    })
+    .await;
+    let daemons = live_processes(&sleep);
+    reaper.pids.extend(&daemons);
+    assert!(found, "the daemon never appeared");
+    let daemon = daemons[0];
+
+    let (_, run) = server.get(&format!("/api/runs/{run_id}")).await;
+    let lease_id: berth_core::ids::LeaseId = run["leaseId"].as_str().unwrap().parse().unwrap();
+    let store = server.open_store().await;
+    let mut recorded = None;
+    for _ in 0..200 {
+        recorded = store.lease_process(lease_id).await.unwrap();
+        if recorded.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    store.close().await;
+    let recorded = recorded.expect("the command was never recorded");
+    assert_ne!(
+        session_of(daemon),
+        Some(recorded.session_id),
+        "the daemon did not leave the command's session"
+    );
+    let cgroup = recorded
+        .cgroup
+        .expect("an uncontained command runs in a cgroup of its own here");
+    let members = std::fs::read_to_string(format!("{cgroup}/cgroup.procs")).unwrap();
+    assert!(
+        members
+            .lines()
+            .any(|line| line.trim() == daemon.to_string()),
+        "the daemon {daemon} is not in the command's cgroup {cgroup}: {members}"
+    );
+    (server, company, run_id, lease_id, daemon, cgroup, reaper)
+}
+
+#[tokio::test]
+async fn a_setsid_daemon_dies_when_its_run_ends_and_its_cgroup_goes() {
+    if !cgroups_writable() {
+        eprintln!(
+            "berth cannot make cgroups here; the process-group fallback is covered elsewhere"
+        );
+        return;
+    }
+    let (server, _, run_id, _, daemon, cgroup, reaper) = run_with_a_daemon("sleep 1", None).await;
+    let finished = crate::support::runs::wait_run(&server, &run_id, Duration::from_secs(30)).await;
+    assert_eq!(finished["status"], "succeeded", "{finished}");
+    let gone = eventually(Duration::from_secs(5), || !is_alive(daemon)).await;
+    assert!(gone, "the setsid daemon {daemon} outlived its run");
+    assert!(
+        !Path::new(&cgroup).exists(),
+        "the command's cgroup {cgroup} was left behind"
+    );
+    server.stop().await;
+    drop(reaper);
+}
+
+#[tokio::test]
+async fn a_setsid_daemon_dies_when_its_run_is_cancelled() {
+    if !cgroups_writable() {
+        eprintln!(
+            "berth cannot make cgroups here; the process-group fallback is covered elsewhere"
+        );
+        return;
+    }
+    let (server, _, run_id, _, daemon, cgroup, reaper) =
+        run_with_a_daemon("sleep 1000", None).await;
+    let (status, body) = server
+        .post(&format!("/api/runs/{run_id}/cancel"), json!({}))
+        .await;
+    assert!(status.is_success(), "{status}: {body}");
+    let finished = crate::support::runs::wait_run(&server, &run_id, Duration::from_secs(30)).await;
+    assert_eq!(finished["status"], "cancelled", "{finished}");
+    let gone = eventually(Duration::from_secs(5), || !is_alive(daemon)).await;
+    assert!(gone, "the setsid daemon {daemon} outlived the cancel");
+    assert!(
+        !Path::new(&cgroup).exists(),
+        "the command's cgroup {cgroup} was left behind"
+    );
+    server.stop().await;
+    drop(reaper);
+}
+
+#[tokio::test]
+async fn a_setsid_daemon_of_a_crashed_run_is_killed_at_restart_and_its_cgroup_removed() {
+    if !cgroups_writable() {
+        eprintln!(
+            "berth cannot make cgroups here; the process-group fallback is covered elsewhere"
+        );
+        return;
+    }
+    // In place in a user's directory, which no cleanup scans for processes: only the recorded cgroup finds the
+    // daemon, which left the recorded process group and session.
+    let user_dir = tempfile::tempdir().unwrap();
+    let (server, _, _, lease_id, daemon, cgroup, reaper) =
+        run_with_a_daemon("sleep 1000", Some(user_dir.path())).await;
+    let data_dir = server.data_dir.clone();
+    let keeper = server.kill_keeping_data().await;
+    // A cgroup does not kill: what is gone after the restart, the restart's cleanup killed.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(is_alive(daemon), "the daemon died with the server");
+    let restarted = TestServer::start_with(ServerOptions {
+        data_dir: Some(data_dir),
+        args: vec!["--allow-uncontained-local".to_owned()],
+        ..ServerOptions::default()
+    })
+    .await;
+    let (status, lease) = restarted
+        .get(&format!("/api/environment-leases/{lease_id}"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{lease}");
+    assert_eq!(lease["status"], "failed", "{lease}");
+    assert_eq!(lease["failureReason"], "orphaned", "{lease}");
+    assert_eq!(lease["cleanupStatus"], "success", "{lease}");
+    let gone = eventually(Duration::from_secs(10), || !is_alive(daemon)).await;
+    assert!(gone, "the setsid daemon {daemon} survived the restart");
+    let removed = eventually(Duration::from_secs(10), || !Path::new(&cgroup).exists()).await;
+    assert!(
+        removed,
+        "the crashed command's cgroup {cgroup} was left behind"
+    );
+    restarted.stop().await;
+    drop(keeper);
+    drop(reaper);
 }

@@ -295,7 +295,10 @@ async fn plugin_environment_drivers_run_commands_end_to_end() {
     let (_, leases) = server.get(&format!("/api/environments/{env}/leases")).await;
     let lease = &leases.as_array().unwrap()[0];
     assert_eq!(lease["driver"], "plugin", "{lease}");
-    assert_eq!(lease["provider"], "fake-vm", "{lease}");
+    // A plugin driver's lease names its plugin; its cleanup still found the driver (by the acquired config's key).
+    assert_eq!(lease["provider"], "berth.vm", "{lease}");
+    assert_eq!(lease["status"], "failed", "{lease}");
+    assert_eq!(lease["failureReason"], "run_failed", "{lease}");
     assert_eq!(lease["cleanupStatus"], "success", "{lease}");
     assert_no_plaintext(&leases.to_string());
     assert_no_plaintext(&events.iter().map(Value::to_string).collect::<String>());

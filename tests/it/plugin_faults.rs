@@ -199,7 +199,8 @@ async fn an_execute_that_hangs_past_its_deadline_fails_the_run_and_the_plugin_st
     assert_eq!(text_of(&events, "stdout"), "", "nothing ran");
     // Its lease was still cleaned up through the plugin, which is still there.
     let hung_lease = lease_of_run(&server, &hung).await;
-    assert_eq!(hung_lease["status"], "released", "{hung_lease}");
+    assert_eq!(hung_lease["status"], "failed", "{hung_lease}");
+    assert_eq!(hung_lease["failureReason"], "driver_failed", "{hung_lease}");
     assert_eq!(hung_lease["cleanupStatus"], "success", "{hung_lease}");
 
     // The plugin is still usable: ready, and a run without the fault succeeds through it.
@@ -250,7 +251,7 @@ async fn lease_calls_that_hang_past_the_call_deadline_fail_with_a_clear_message(
     assert!(took < Duration::from_secs(6), "the run took {took:?}");
     assert_eq!(failed["status"], "failed", "{failed}");
     assert!(failed["leaseId"].is_null(), "no lease was made: {failed}");
-    assert_eq!(error_code(&events), "lease_failed", "{events:?}");
+    assert_eq!(error_code(&events), "lease_acquire_failed", "{events:?}");
     let message = error_message(&events);
     assert!(
         message.contains("`berth.slow-acquire` did not answer environmentAcquireLease within 1 s"),
@@ -546,7 +547,9 @@ async fn a_server_killed_with_plugin_leases_active_cleans_them_up_through_the_pl
     }
     for (lease_id, sandbox) in lease_ids.iter().zip(&sandboxes) {
         let released = lease(&restarted, lease_id).await;
-        assert_eq!(released["status"], "released", "{released}");
+        // Its run was failed as an orphan, so the lease is failed too, with the sweep's reason.
+        assert_eq!(released["status"], "failed", "{released}");
+        assert_eq!(released["failureReason"], "orphaned", "{released}");
         assert_eq!(released["cleanupStatus"], "success", "{released}");
         assert!(
             !sandbox.exists(),

@@ -286,9 +286,29 @@ async fn a_plugin_provider_runs_commands_end_to_end_with_streamed_output() {
     assert_eq!(leases.len(), 3, "{leases:?}");
     for lease in leases {
         assert_eq!(lease["provider"], "fake-plugin", "{lease}");
-        assert_eq!(lease["status"], "released", "{lease}");
+        assert_eq!(lease["cleanupStatus"], "success", "{lease}");
         assert_eq!(lease["metadata"]["berthPluginId"], "berth.fake", "{lease}");
     }
+    // The failed and the timed-out runs' leases ended `failed`, with why.
+    let mut ends: Vec<(&str, Option<&str>)> = leases
+        .iter()
+        .map(|lease| {
+            (
+                lease["status"].as_str().unwrap(),
+                lease["failureReason"].as_str(),
+            )
+        })
+        .collect();
+    ends.sort();
+    assert_eq!(
+        ends,
+        [
+            ("failed", Some("run_failed")),
+            ("failed", Some("timed_out")),
+            ("released", None)
+        ],
+        "{leases:?}"
+    );
     server.stop().await;
 }
 

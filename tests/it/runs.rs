@@ -79,9 +79,11 @@ async fn a_local_run_streams_output_and_reports_the_exit_code() {
         (json!("status"), json!("failed"))
     );
 
-    // The local lease was released and its private workspace removed.
+    // The local lease of the failed run ended `failed` (docs/api.md, "Leases around a run"), its private workspace
+    // removed all the same.
     let lease = lease(&server, run["leaseId"].as_str().unwrap()).await;
-    assert_eq!(lease["status"], "released", "{lease}");
+    assert_eq!(lease["status"], "failed", "{lease}");
+    assert_eq!(lease["failureReason"], "run_failed", "{lease}");
     assert_eq!(lease["cleanupStatus"], "success");
     assert_eq!(lease["driver"], "local");
     assert_eq!(lease["runId"], run_id.as_str());
@@ -99,7 +101,7 @@ async fn a_local_run_streams_output_and_reports_the_exit_code() {
         lease_actions,
         [
             ("lease.acquired", actor.as_str()),
-            ("lease.released", actor.as_str())
+            ("lease.failed", actor.as_str())
         ]
     );
     store.close().await;
@@ -863,7 +865,9 @@ async fn a_killed_server_leaves_no_active_lease_after_the_next_start() {
     let (_, run) = restarted.get(&format!("/api/runs/{run_id}")).await;
     assert_eq!(run["status"], "failed", "{run}");
     let released = lease(&restarted, held["id"].as_str().unwrap()).await;
-    assert_eq!(released["status"], "released", "{released}");
+    // Its run was failed as an orphan, so the lease is failed too, with the sweep's reason.
+    assert_eq!(released["status"], "failed", "{released}");
+    assert_eq!(released["failureReason"], "orphaned", "{released}");
     assert_eq!(released["cleanupStatus"], "success");
     assert!(!sandbox_dir(&released).exists());
     let events = all_events(&restarted, &run_id).await;

@@ -157,9 +157,10 @@ async fn a_command_runs_over_ssh_with_stdin_env_and_exactly_its_environment() {
     assert_eq!(text_of(&events, "stdout"), "[zero][one two][it's]");
     let run = first;
 
-    // The per-run workspace is gone once the lease is released.
+    // The per-run workspace is gone once the lease is released (`failed`: its run failed).
     let lease = lease_of(&server, &run).await;
-    assert_eq!(lease["status"], "released", "{lease}");
+    assert_eq!(lease["status"], "failed", "{lease}");
+    assert_eq!(lease["failureReason"], "run_failed", "{lease}");
     assert_eq!(lease["cleanupStatus"], "success", "{lease}");
     assert!(!Path::new(&cwd).exists(), "per-run workspace left behind");
     server.stop().await;
@@ -607,7 +608,8 @@ async fn a_connection_killed_mid_run_fails_the_run_and_releases_its_lease() {
         "{run}"
     );
     let lease = lease_of(&server, &run).await;
-    assert_eq!(lease["status"], "released", "{lease}");
+    assert_eq!(lease["status"], "failed", "{lease}");
+    assert_eq!(lease["failureReason"], "driver_failed", "{lease}");
 
     // The host is still there: the next run reconnects.
     let (run, events) = run_to_end(
@@ -656,7 +658,9 @@ async fn a_killed_server_leaves_no_ssh_lease_workspace_or_process_after_the_next
     })
     .await;
     let released = lease_of(&restarted, &run).await;
-    assert_eq!(released["status"], "released", "{released}");
+    // Its run was failed as an orphan, so the lease is failed too, with the sweep's reason.
+    assert_eq!(released["status"], "failed", "{released}");
+    assert_eq!(released["failureReason"], "orphaned", "{released}");
     assert_eq!(
         released["cleanupStatus"],
         "success",
@@ -924,9 +928,9 @@ async fn a_run_on_a_dead_host_fails_fast_and_says_why() {
         "{error}"
     );
     assert!(
-        events
-            .iter()
-            .any(|event| event["type"] == "error" && event["data"]["code"] == "lease_failed")
+        events.iter().any(
+            |event| event["type"] == "error" && event["data"]["code"] == "lease_acquire_failed"
+        )
     );
     let (_, leases) = server.get(&format!("/api/environments/{env}/leases")).await;
     assert!(
@@ -1084,4 +1088,240 @@ async fn a_killed_server_leaves_no_remote_process_even_outside_the_workspace() {
     );
     restarted.stop().await;
     drop(keeper);
+}
+
+/// Whether `path` exists, waiting up to 10 s for it.
+async fn appears(path: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !Path::new(path).exists() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
+#[tokio::test]
+async fn a_process_that_leaves_the_commands_group_never_writes_into_a_later_job_and_its_runner_is_retired()
+ {
+    let Lab {
+        sshd,
+        server,
+        company,
+        env,
+    } = lab(json!({})).await;
+    let run = |script: String| json!({"environmentId": env, "command": ["sh", "-c", script], "bridge": false});
+    let (warm, _) = run_to_end(&server, &company, run("echo warm".to_owned())).await;
+    assert_eq!(warm["status"], "succeeded", "{warm}");
+    let sessions = || sshd.logs().matches("Starting session:").count();
+    let sessions_before = sessions();
+    let runners_before = runner_pids(&sshd.user);
+    assert!(!runners_before.is_empty(), "no runner on the host");
+
+    // The straggler `setsid`s into a session of its own before the command exits (it says so through a file), so
+    // the kill of the command's group cannot reach it (nor, out of the workspace, its removal); it keeps the command's stdout and stderr and writes a second
+    // later, while the next run's command is running.
+    let mark = format!("/tmp/berth-straggler-{}", uuid::Uuid::new_v4().simple());
+    let straggler = format!(
+        "setsid sh -c 'cd /; touch {mark}.up; sleep 1; touch {mark}.woke; echo leak; echo leak >&2' & \
+         while [ ! -e {mark}.up ]; do sleep 0.01; done; echo first"
+    );
+    let (first, events) = run_to_end(&server, &company, run(straggler)).await;
+    assert_eq!(first["status"], "succeeded", "{first}");
+    assert_eq!(text_of(&events, "stdout"), "first\n");
+    assert!(!text_of(&events, "stderr").contains("leak"));
+
+    let (second, events) =
+        run_to_end(&server, &company, run("sleep 1.5; echo second".to_owned())).await;
+    assert_eq!(second["status"], "succeeded", "{second}");
+    assert!(
+        appears(&format!("{mark}.woke")).await,
+        "the straggler did not survive the group kill"
+    );
+    assert_eq!(text_of(&events, "stdout"), "second\n", "{events:?}");
+    assert!(!text_of(&events, "stderr").contains("leak"), "{events:?}");
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (third, events) = run_to_end(&server, &company, run("echo third".to_owned())).await;
+    assert_eq!(third["status"], "succeeded", "{third}");
+    assert_eq!(text_of(&events, "stdout"), "third\n", "{events:?}");
+    assert!(!text_of(&events, "stderr").contains("leak"), "{events:?}");
+
+    // The straggler's runner was not reused: a new one started in a new session, and the old one is gone.
+    assert!(
+        sessions() > sessions_before,
+        "no runner was started to replace the straggler's"
+    );
+    let runners_after = runner_pids(&sshd.user);
+    assert!(
+        runners_before
+            .iter()
+            .any(|pid| !runners_after.contains(pid)),
+        "the straggler's runner still runs: {runners_before:?} → {runners_after:?}"
+    );
+    for suffix in [".up", ".woke"] {
+        let _ = fs::remove_file(format!("{mark}{suffix}"));
+    }
+    server.stop().await;
+}
+
+/// What sits in the private directories (`berth-runner-<pid>-…`) of the runners of `user` alive on this host (the
+/// sshd is local), each entry with whether it is a FIFO.
+fn runner_dir_entries(user: &str) -> Vec<(String, bool)> {
+    use std::os::unix::fs::FileTypeExt;
+    let live = runner_pids(user);
+    let mut entries = Vec::new();
+    for dir in fs::read_dir("/tmp").unwrap().flatten() {
+        let name = dir.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("berth-runner-")
+            .and_then(|rest| rest.split('-').next())
+        else {
+            continue;
+        };
+        if !live.iter().any(|live| live == pid) {
+            continue;
+        }
+        for entry in fs::read_dir(dir.path()).into_iter().flatten().flatten() {
+            let is_fifo = entry.file_type().is_ok_and(|kind| kind.is_fifo());
+            entries.push((entry.path().display().to_string(), is_fifo));
+        }
+    }
+    entries
+}
+
+#[tokio::test]
+async fn large_and_unread_stdin_goes_straight_to_the_command_and_never_disturbs_the_next_job() {
+    use berth_core::config::DriverConfig;
+    use berth_core::driver::{EnvironmentDriver, ExecRequest, WorkspaceRequest};
+    use berth_core::environment::Driver;
+    use berth_drivers::registry::ProviderRegistry;
+    use berth_drivers::ssh::SshDriver;
+    use berth_drivers::test_support::{Recorder, lease_request, never};
+
+    let sshd = TestSshd::start();
+    let driver = SshDriver::default();
+    let config =
+        DriverConfig::parse(Driver::Ssh, &sshd.config(), &ProviderRegistry::new()).unwrap();
+    let request = lease_request();
+    let lease = driver.acquire(&config, &request).await.unwrap();
+    let workspace = driver
+        .realize_workspace(
+            &lease,
+            &WorkspaceRequest {
+                run_id: request.run_id,
+                local_path: None,
+            },
+        )
+        .await
+        .unwrap();
+    let command = |script: &str, stdin: Option<Vec<u8>>, timeout: u64| ExecRequest {
+        argv: vec!["sh".to_owned(), "-c".to_owned(), script.to_owned()],
+        env: Default::default(),
+        cwd: None,
+        stdin,
+        timeout: Some(Duration::from_secs(timeout)),
+    };
+    // Bytes that look like the framing and the markers: lengths, `0` lines, \x01.
+    let big: Vec<u8> = (0..10_000_000u32)
+        .map(|i| match i % 7 {
+            0 => b'\n',
+            1 => b'0',
+            2 => 0x01,
+            _ => (i.wrapping_mul(2_654_435_761) >> 24) as u8,
+        })
+        .collect();
+    let next_job_is_intact = || async {
+        let sink = Recorder::default();
+        let outcome = driver
+            .execute(
+                &lease,
+                &workspace,
+                command("cat; echo next", Some(b"abc".to_vec()), 30),
+                &sink,
+                never(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(outcome.exit_code, Some(0), "{outcome:?}");
+        assert_eq!(sink.stdout(), "abcnext\n");
+    };
+
+    // 10 MB through `cat` and back, byte for byte, while the runner's private directory holds only its FIFOs.
+    let sink = Recorder::default();
+    let echoed = driver.execute(
+        &lease,
+        &workspace,
+        command("sleep 0.5; cat", Some(big.clone()), 60),
+        &sink,
+        never(),
+    );
+    let watch = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        runner_dir_entries(&sshd.user)
+    };
+    let (outcome, entries) = tokio::join!(echoed, watch);
+    let outcome = outcome.unwrap();
+    assert_eq!(outcome.exit_code, Some(0), "{outcome:?}");
+    let echoed: Vec<u8> = sink
+        .chunks
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(stream, _, _)| *stream == berth_core::driver::OutputStream::Stdout)
+        .flat_map(|(_, data, _)| data.clone())
+        .collect();
+    assert!(
+        echoed == big,
+        "stdin came back altered ({} bytes)",
+        echoed.len()
+    );
+    assert!(!entries.is_empty(), "no runner directory seen");
+    assert!(
+        entries.iter().all(|(_, is_fifo)| *is_fifo),
+        "a runner keeps files: {entries:?}"
+    );
+    next_job_is_intact().await;
+
+    // A command that never reads its stdin: it ends as it would, and the next job's framing is intact.
+    let sink = Recorder::default();
+    let started = Instant::now();
+    let outcome = driver
+        .execute(
+            &lease,
+            &workspace,
+            command("sleep 0.3; echo ignored", Some(big.clone()), 30),
+            &sink,
+            never(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome.exit_code, Some(0), "{outcome:?}");
+    assert_eq!(sink.stdout(), "ignored\n");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    next_job_is_intact().await;
+
+    // One that never reads it and never ends: the timeout still fires while its stdin is held back.
+    let sink = Recorder::default();
+    let started = Instant::now();
+    let outcome = driver
+        .execute(
+            &lease,
+            &workspace,
+            command("echo up; sleep 60", Some(big.clone()), 1),
+            &sink,
+            never(),
+        )
+        .await
+        .unwrap();
+    assert!(outcome.timed_out, "{outcome:?}");
+    assert_eq!(sink.stdout(), "up\n");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the timeout waited for the stdin: {:?}",
+        started.elapsed()
+    );
+    next_job_is_intact().await;
+    driver.release(&lease, false, Some(&config)).await.unwrap();
 }

@@ -1014,28 +1014,110 @@ async fn a_same_size_host_edit_in_the_second_of_the_last_sync_reaches_a_persiste
     }
 }
 
+/// Files, a directory and a symlink the command made deeper than PATH_MAX (with a name that looks like a tar option)
+/// all come back: the remote's GNU tar reaches their directory in steps, as no system call can take the whole path.
+async fn deep_remote_paths_come_back(lane: &Lane, temp: &Path) {
+    let host = temp.join(format!("deep-remote-{}", lane.name));
+    std::fs::create_dir(&host).unwrap();
+    let script = format!(
+        "echo top > top && ({})",
+        descend(
+            30,
+            true,
+            "echo deep > f && printf x > --directory=.. && mkdir sub && echo in > sub/g && ln -s f link"
+        )
+    );
+    let (report, output) = run_and_sync(lane, &host, &script).await;
+    assert!(
+        lost_entries(&report).is_empty(),
+        "{}: {report:?} {output}",
+        lane.name
+    );
+    assert_eq!(std::fs::read_to_string(host.join("top")).unwrap(), "top\n");
+    let tree = scan(&host).await;
+    let bottom = vec!["P".repeat(200); 30].join("/");
+    let size = |name: &str| match tree.get(&format!("{bottom}/{name}")) {
+        Some(Entry::File { size, .. }) => *size,
+        other => panic!("{}: {name}: {other:?}", lane.name),
+    };
+    assert_eq!(size("f"), "deep\n".len() as u64);
+    assert_eq!(size("--directory=.."), 1);
+    assert_eq!(size("sub/g"), "in\n".len() as u64);
+    assert!(
+        matches!(tree.get(&format!("{bottom}/link")), Some(Entry::Symlink { target }) if target == "f"),
+        "{}: {:?}",
+        lane.name,
+        tree.get(&format!("{bottom}/link"))
+    );
+    assert_eq!(report.files_written, 5, "{}: {report:?}", lane.name);
+}
+
 #[tokio::test]
-async fn a_remote_path_past_path_max_is_reported_never_silently_lost_over_ssh() {
-    // The remote's GNU tar takes whole paths, so a file deeper than PATH_MAX cannot be sent; sync-back must say so
-    // (and bring back everything else), never drop it quietly.
+async fn a_remote_path_past_path_max_comes_back_over_ssh() {
     let sshd = TestSshd::start();
     let temp = tempfile::tempdir().unwrap();
-    let lane = ssh_lane(&sshd, temp.path());
-    let host = temp.path().join("deep-remote");
+    deep_remote_paths_come_back(&ssh_lane(&sshd, temp.path()), temp.path()).await;
+}
+
+#[tokio::test]
+async fn a_remote_path_past_path_max_comes_back_through_a_plugin() {
+    let temp = tempfile::tempdir().unwrap();
+    let (host, lane) = plugin_lane(temp.path()).await;
+    deep_remote_paths_come_back(&lane, temp.path()).await;
+    host.shutdown(Duration::from_secs(5)).await;
+}
+
+/// What the fake provider's test above checks, where the workspace travels through the remote's tar: a host tree
+/// deeper than PATH_MAX goes in (sync-in reads it from descriptors and places it on the remote in steps), the command
+/// changes it there, and every change comes back.
+async fn deep_host_paths_make_the_round_trip(lane: &Lane, temp: &Path) {
+    let host = temp.join(format!("deep-{}", lane.name));
     std::fs::create_dir(&host).unwrap();
-    let script = format!("echo top > top && ({})", descend(30, true, "echo deep > f"));
-    let (report, output) = run_and_sync(&lane, &host, &script).await;
-    assert_eq!(std::fs::read_to_string(host.join("top")).unwrap(), "top\n");
-    let lost = lost_entries(&report);
-    assert_eq!(lost.len(), 1, "{report:?} {output}");
-    let deep = format!("{}/f", vec!["P".repeat(200); 30].join("/"));
-    assert_eq!(lost[0].path, deep);
-    assert_eq!(lost[0].reason.as_str(), "not_sent");
-    assert!(
-        lost[0]
-            .detail
-            .as_deref()
-            .is_some_and(|detail| detail.contains("tar")),
-        "{report:?}"
+    run_on_host(
+        &host,
+        &descend(
+            30,
+            true,
+            "echo host > old && echo same > kept && ln -s old link",
+        ),
     );
+    let script = descend(
+        30,
+        false,
+        "[ \"$(cat old)\" = host ] && [ \"$(readlink link)\" = old ] && echo changed > old && echo new > new && \
+         mkdir sub && echo in > sub/f",
+    );
+    let (report, output) = run_and_sync(lane, &host, &script).await;
+    assert!(
+        lost_entries(&report).is_empty(),
+        "{}: {report:?} {output}",
+        lane.name
+    );
+    assert_eq!(report.files_written, 3, "{}: {report:?}", lane.name);
+    let tree = scan(&host).await;
+    let bottom = vec!["P".repeat(200); 30].join("/");
+    let file = |name: &str| match tree.get(&format!("{bottom}/{name}")) {
+        Some(Entry::File { size, .. }) => *size,
+        other => panic!("{}: {name}: {other:?}", lane.name),
+    };
+    assert_eq!(file("old"), "changed\n".len() as u64);
+    assert_eq!(file("new"), "new\n".len() as u64);
+    assert_eq!(file("sub/f"), "in\n".len() as u64);
+    assert_eq!(file("kept"), "same\n".len() as u64);
+    assert!(bottom.len() > 4096);
+}
+
+#[tokio::test]
+async fn paths_past_path_max_make_the_round_trip_over_ssh() {
+    let sshd = TestSshd::start();
+    let temp = tempfile::tempdir().unwrap();
+    deep_host_paths_make_the_round_trip(&ssh_lane(&sshd, temp.path()), temp.path()).await;
+}
+
+#[tokio::test]
+async fn paths_past_path_max_make_the_round_trip_through_a_plugin() {
+    let temp = tempfile::tempdir().unwrap();
+    let (host, lane) = plugin_lane(temp.path()).await;
+    deep_host_paths_make_the_round_trip(&lane, temp.path()).await;
+    host.shutdown(Duration::from_secs(5)).await;
 }

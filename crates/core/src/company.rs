@@ -3,7 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::ids::{ApiKeyId, CompanyId};
+use crate::ids::{ApiKeyId, CompanyId, EnvironmentId};
 use crate::time::Timestamp;
 
 /// The company every fresh berth has.
@@ -14,6 +14,9 @@ pub struct Company {
     pub id: CompanyId,
     pub name: String,
     pub created_at: Timestamp,
+    /// Where a run that names no environment runs; `None`: the company's Local environment. Always one of the
+    /// company's own environments (the store keeps it pointing at an existing one).
+    pub default_environment_id: Option<EnvironmentId>,
 }
 
 /// What a company API key may do.

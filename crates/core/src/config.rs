@@ -24,8 +24,16 @@ use crate::validation::{ObjectReader, ValidationErrors, join_path};
 /// Where the config sits in a request body; every path reported starts here.
 pub const CONFIG_PATH: &str = "config";
 
-/// Longest accepted sandbox timeout: one day.
-pub const MAX_SANDBOX_TIMEOUT_MS: i64 = 86_400_000;
+/// Longest accepted command timeout, a run's or an environment's (`timeoutMs`): one day.
+pub const MAX_TIMEOUT_MS: i64 = 86_400_000;
+
+/// Longest accepted sandbox timeout (also how long a kept sandbox lives): the same day.
+pub const MAX_SANDBOX_TIMEOUT_MS: i64 = MAX_TIMEOUT_MS;
+
+/// The berth-level key every driver's config accepts: the default timeout of a command run in the environment, for
+/// runs that give none. It is berth's, never a provider's or plugin driver's: it sits beside `provider` (sandbox) or
+/// `driverConfig` (plugin), outside the fields their schemas validate, so they never see it.
+pub const TIMEOUT_MS_KEY: &str = "timeoutMs";
 
 /// The sync-back bound (`syncBackMaxMb`, MiB) of an environment whose config names none.
 pub const DEFAULT_SYNC_BACK_MAX_MB: u64 = 1024;
@@ -39,10 +47,17 @@ pub const SYNC_BACK_MAX_MB_KEY: &str = "syncBackMaxMb";
 /// A validated environment config.
 #[derive(Debug)]
 pub enum DriverConfig {
-    Local,
+    Local(LocalConfig),
     Ssh(SshConfig),
     Sandbox(SandboxConfig),
     Plugin(PluginConfig),
+}
+
+/// A `local` config: only berth's own keys.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LocalConfig {
+    /// The default command timeout (`timeoutMs`).
+    pub timeout_ms: Option<u64>,
 }
 
 /// How an SSH environment lays out workspaces on the remote host.
@@ -173,6 +188,8 @@ pub struct SshConfig {
     pub sync_exclude: SyncExclude,
     /// Most MiB of file content one sync-back may bring from the remote host (`syncBackMaxMb`); `None`: the default.
     pub sync_back_max_mb: Option<u64>,
+    /// The default command timeout (`timeoutMs`).
+    pub timeout_ms: Option<u64>,
 }
 
 impl SshConfig {
@@ -259,6 +276,7 @@ fn glob_name(pattern: &str, name: &str) -> bool {
 pub struct SandboxConfig {
     pub provider: String,
     pub reuse_lease: bool,
+    /// The default command timeout (`timeoutMs`), and how long a kept (`retained`) sandbox lives.
     pub timeout_ms: Option<u64>,
     /// Most MiB of file content one sync-back may bring from the sandbox (`syncBackMaxMb`); `None`: the default.
     pub sync_back_max_mb: Option<u64>,
@@ -311,6 +329,8 @@ pub struct PluginConfig {
     pub driver_config: Map<String, Value>,
     /// Where the driver's schema keeps secrets.
     pub secrets: SecretPaths,
+    /// The default command timeout (`timeoutMs`), berth's: beside `driverConfig`, never sent to the plugin.
+    pub timeout_ms: Option<u64>,
 }
 
 impl fmt::Debug for PluginConfig {
@@ -322,6 +342,7 @@ impl fmt::Debug for PluginConfig {
                 "driver_config",
                 &redacted(&self.driver_config, &self.secrets),
             )
+            .field("timeout_ms", &self.timeout_ms)
             .finish()
     }
 }
@@ -339,8 +360,10 @@ impl DriverConfig {
         };
         let parsed = match driver {
             Driver::Local => {
+                let mut reader = reader;
+                let timeout_ms = read_timeout_ms(&mut reader);
                 reader.finish();
-                DriverConfig::Local
+                DriverConfig::Local(LocalConfig { timeout_ms })
             }
             Driver::Ssh => DriverConfig::Ssh(parse_ssh(reader)),
             Driver::Sandbox => {
@@ -359,10 +382,25 @@ impl DriverConfig {
 
     pub fn driver(&self) -> Driver {
         match self {
-            DriverConfig::Local => Driver::Local,
+            DriverConfig::Local(_) => Driver::Local,
             DriverConfig::Ssh(_) => Driver::Ssh,
             DriverConfig::Sandbox(_) => Driver::Sandbox,
             DriverConfig::Plugin(_) => Driver::Plugin,
+        }
+    }
+
+    /// A `local` config with nothing set.
+    pub fn local() -> Self {
+        DriverConfig::Local(LocalConfig::default())
+    }
+
+    /// The environment's default command timeout (`timeoutMs`), for runs that give none.
+    pub fn timeout_ms(&self) -> Option<u64> {
+        match self {
+            DriverConfig::Local(local) => local.timeout_ms,
+            DriverConfig::Ssh(ssh) => ssh.timeout_ms,
+            DriverConfig::Sandbox(sandbox) => sandbox.timeout_ms,
+            DriverConfig::Plugin(plugin) => plugin.timeout_ms,
         }
     }
 
@@ -432,8 +470,11 @@ impl DriverConfig {
             return None;
         }
         let mut stored = Map::new();
+        if let Some(timeout_ms) = self.timeout_ms() {
+            stored.insert(TIMEOUT_MS_KEY.to_owned(), timeout_ms.into());
+        }
         match self {
-            DriverConfig::Local => {}
+            DriverConfig::Local(_) => {}
             DriverConfig::Ssh(ssh) => {
                 stored.insert("host".to_owned(), ssh.host.clone().into());
                 stored.insert("port".to_owned(), ssh.port.into());
@@ -469,9 +510,6 @@ impl DriverConfig {
             DriverConfig::Sandbox(sandbox) => {
                 stored.insert("provider".to_owned(), sandbox.provider.clone().into());
                 stored.insert("reuseLease".to_owned(), sandbox.reuse_lease.into());
-                if let Some(timeout_ms) = sandbox.timeout_ms {
-                    stored.insert("timeoutMs".to_owned(), timeout_ms.into());
-                }
                 if let Some(mb) = sandbox.sync_back_max_mb {
                     stored.insert(SYNC_BACK_MAX_MB_KEY.to_owned(), mb.into());
                 }
@@ -514,7 +552,7 @@ impl DriverConfig {
                 &plugin.secrets,
                 SecretField::PluginDriverField,
             ),
-            DriverConfig::Local => Vec::new(),
+            DriverConfig::Local(_) => Vec::new(),
         }
     }
 }
@@ -647,6 +685,7 @@ fn parse_ssh(mut reader: ObjectReader<'_>) -> SshConfig {
         sync_exclude.patterns = patterns;
     }
     let sync_back_max_mb = read_sync_back_max_mb(&mut reader);
+    let timeout_ms = read_timeout_ms(&mut reader);
     reader.finish();
     SshConfig {
         host,
@@ -660,7 +699,15 @@ fn parse_ssh(mut reader: ObjectReader<'_>) -> SshConfig {
         workspace_mode,
         sync_exclude,
         sync_back_max_mb,
+        timeout_ms,
     }
+}
+
+/// `timeoutMs`: whole milliseconds, 1 to [`MAX_TIMEOUT_MS`].
+fn read_timeout_ms(reader: &mut ObjectReader<'_>) -> Option<u64> {
+    reader
+        .optional_integer(TIMEOUT_MS_KEY, 1, MAX_TIMEOUT_MS)
+        .and_then(|ms| u64::try_from(ms).ok())
 }
 
 /// `syncBackMaxMb`: a whole number of MiB, at least 1.
@@ -699,9 +746,7 @@ fn read_secret_slot(reader: &mut ObjectReader<'_>, field: SecretField) -> Option
 fn parse_sandbox_envelope(mut reader: ObjectReader<'_>) -> (SandboxConfig, Map<String, Value>) {
     let provider = reader.required_string("provider").unwrap_or_default();
     let reuse_lease = reader.bool_or("reuseLease", false);
-    let timeout_ms = reader
-        .optional_integer("timeoutMs", 1, MAX_SANDBOX_TIMEOUT_MS)
-        .and_then(|ms| u64::try_from(ms).ok());
+    let timeout_ms = read_timeout_ms(&mut reader);
     let sync_back_max_mb = read_sync_back_max_mb(&mut reader);
     let provider_fields = reader.into_remaining();
     (
@@ -814,12 +859,14 @@ fn parse_plugin(mut reader: ObjectReader<'_>) -> PluginConfig {
     let driver_config = reader
         .optional_object(DRIVER_CONFIG_KEY)
         .unwrap_or_default();
+    let timeout_ms = read_timeout_ms(&mut reader);
     reader.finish();
     PluginConfig {
         plugin_key,
         driver_key,
         driver_config,
         secrets: SecretPaths::default(),
+        timeout_ms,
     }
 }
 

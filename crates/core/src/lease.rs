@@ -6,6 +6,7 @@ use std::str::FromStr;
 use serde_json::{Map, Value};
 
 use crate::company::{UnknownVariant, parse_variant};
+use crate::config::DriverConfig;
 use crate::environment::Driver;
 use crate::ids::{CompanyId, EnvironmentId, LeaseId, RunId};
 use crate::time::Timestamp;
@@ -77,6 +78,40 @@ string_enum!(
     }
 );
 
+/// Why a lease ended `failed` ([`Lease::failure_reason`]): stable codes, one per way a run (or taking its lease) can
+/// fail, so a client can tell "the command failed" from "berth could not set the run up" without parsing messages.
+pub mod failure {
+    /// The driver could not acquire (or resume) the lease.
+    pub const LEASE_ACQUIRE_FAILED: &str = "lease_acquire_failed";
+    /// The workspace could not be realized in the environment.
+    pub const WORKSPACE_REALIZATION_FAILED: &str = "workspace_realization_failed";
+    /// The callback bridge could not be started or carried into the environment.
+    pub const BRIDGE_FAILED: &str = "bridge_failed";
+    /// Sync-back failed or left changes behind, and nothing failed before it.
+    pub const SYNC_BACK_FAILED: &str = "sync_back_failed";
+    /// The command ran and failed (a non-zero exit, a signal).
+    pub const RUN_FAILED: &str = "run_failed";
+    /// The command ran past its timeout.
+    pub const TIMED_OUT: &str = "timed_out";
+    /// The run's node died while the lease was held, and the run did not end well (or never ended): the orphan sweep
+    /// failed the lease.
+    pub const ORPHANED: &str = "orphaned";
+    /// A kept lease outlived its `expiresAt`; the expiry sweep destroyed it.
+    pub const EXPIRED: &str = "expired";
+}
+
+/// The provider a lease of `config` names: `local`, `ssh`, the sandbox provider's key (`fake`, `isolated`, a
+/// plugin's provider), or a plugin driver's plugin key. Known before the driver is asked for anything, so even a lease
+/// whose acquisition failed says where it was to be.
+pub fn provider_of(config: &DriverConfig) -> String {
+    match config {
+        DriverConfig::Local(_) => Driver::Local.as_str().to_owned(),
+        DriverConfig::Ssh(_) => Driver::Ssh.as_str().to_owned(),
+        DriverConfig::Sandbox(sandbox) => sandbox.provider.clone(),
+        DriverConfig::Plugin(plugin) => plugin.plugin_key.clone(),
+    }
+}
+
 /// A lease as stored.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Lease {
@@ -89,6 +124,8 @@ pub struct Lease {
     /// The driver that acquired the lease. Release dispatches on this, never on the environment's current driver,
     /// which may have been changed since.
     pub driver: Driver,
+    /// Where the lease lives, as [`provider_of`] names it. `None` only in rows written before berth recorded it for
+    /// every driver (migration 0008 backfills what it can).
     pub provider: Option<String>,
     pub provider_lease_id: Option<String>,
     pub acquired_at: Timestamp,

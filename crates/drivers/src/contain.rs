@@ -18,7 +18,7 @@ use berth_isolation::bwrap::{HostView, Privilege};
 use berth_isolation::probe::HostSupport;
 use serde_json::{Map, Value, json};
 
-use crate::process::{DEFAULT_PATH, ProcessSpec, find_in_path};
+use crate::process::{CgroupTracking, DEFAULT_PATH, ProcessSpec, find_in_path};
 
 /// coreutils' `env`, which every Debian system has.
 const ENV_PROGRAM: &str = "/usr/bin/env";
@@ -27,6 +27,10 @@ const ENV_PROGRAM: &str = "/usr/bin/env";
 #[derive(Clone, Debug)]
 pub struct Containment {
     inner: Arc<Mode>,
+    /// Where berth may make cgroups for commands it does not contain, read at start-up; `None`: it may not.
+    tracking_hierarchy: Option<berth_isolation::cgroup::Hierarchy>,
+    /// Set by [`Containment::track_processes`] when uncontained commands get a cgroup each.
+    tracking: Option<CgroupTracking>,
 }
 
 #[derive(Debug)]
@@ -80,6 +84,8 @@ impl Containment {
         };
         Self {
             inner: Arc::new(mode),
+            tracking_hierarchy: support.cgroups.tracking(),
+            tracking: None,
         }
     }
 
@@ -87,6 +93,56 @@ impl Containment {
     pub fn disabled_for_tests() -> Self {
         Self {
             inner: Arc::new(Mode::Uncontained { reason: None }),
+            tracking_hierarchy: None,
+            tracking: None,
+        }
+    }
+
+    /// Puts every uncontained command in a cgroup of its own, joined through `trampoline` (berth's own binary, which
+    /// serves `berth sandbox enter`; see [`CgroupTracking`]), where this host lets berth make cgroups. Contained
+    /// commands need none: their PID namespace dies with bubblewrap. Where no cgroup can be made, says so once: such
+    /// commands are tracked by process group only, which a command that calls `setsid` leaves.
+    pub fn track_processes(mut self, trampoline: PathBuf) -> Self {
+        if !matches!(*self.inner, Mode::Uncontained { .. }) {
+            return self;
+        }
+        let tested = match self.tracking_hierarchy.clone() {
+            Some(hierarchy) => {
+                let tracking = CgroupTracking::new(trampoline, hierarchy);
+                tracking.self_test().map(|()| tracking)
+            }
+            None => Err("not root, and no cgroup delegated to it".to_owned()),
+        };
+        match tested {
+            Ok(tracking) => {
+                tracing::info!(
+                    tracking = tracking.describe(),
+                    "uncontained Local and fake-provider commands each run in a cgroup of their own"
+                );
+                self.tracking = Some(tracking);
+            }
+            Err(reason) => tracing::warn!(
+                %reason,
+                "berth cannot put commands in cgroups here: uncontained Local and fake-provider commands are tracked \
+                 by process group only, so one that calls setsid can outlive its run's timeout, cancel and end, and a \
+                 crash of berth"
+            ),
+        }
+        self
+    }
+
+    /// The cgroup tracking uncontained commands get, when they get one.
+    pub fn tracking(&self) -> Option<&CgroupTracking> {
+        self.tracking.as_ref()
+    }
+
+    /// How the processes of a command are found and ended, for probe details: `pid-namespace` (contained: bubblewrap's
+    /// PID namespace, which dies with it), `cgroup-v2` or `cgroup-v1` (a cgroup per command), `process-group`.
+    pub fn process_tracking(&self) -> &'static str {
+        match (&*self.inner, &self.tracking) {
+            (Mode::Contained { .. }, _) => "pid-namespace",
+            (_, Some(tracking)) => tracking.describe(),
+            (_, None) => "process-group",
         }
     }
 

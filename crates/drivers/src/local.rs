@@ -2,7 +2,8 @@
 //!
 //! A lease is a run-private directory `<workspace root>/<run id>` (mode 0700), removed at release. A run that names a
 //! host directory (`workspace.localPath`) runs in place there instead: nothing is copied, so there is nothing to
-//! sync back. Commands go through [`crate::process::run_process`], with exactly the environment the run asked for.
+//! sync back. Commands go through [`crate::process::run_process_tracked`], with exactly the environment the run asked
+//! for (and, uncontained, a cgroup of their own where berth can make one).
 
 use std::io;
 use std::path::{Component, Path, PathBuf};
@@ -19,7 +20,7 @@ use berth_core::probe::ProbeResult;
 use serde_json::{Map, Value};
 
 use crate::contain::Containment;
-use crate::process::{ProcessSpec, command_cwd, run_process};
+use crate::process::{ProcessSpec, command_cwd, run_process_tracked};
 
 /// Lease metadata key: the run-private directory.
 pub const WORKSPACE_DIR_KEY: &str = "workspaceDir";
@@ -193,11 +194,15 @@ impl EnvironmentDriver for LocalDriver {
     fn probe<'a>(&'a self, config: &'a DriverConfig) -> BoxFuture<'a, ProbeResult> {
         Box::pin(async move {
             match config {
-                DriverConfig::Local => {
+                DriverConfig::Local(_) => {
                     let mut result = self.probe_host().await;
                     result
                         .details
                         .insert("containment".to_owned(), self.containment.describe());
+                    result.details.insert(
+                        "processTracking".to_owned(),
+                        self.containment.process_tracking().into(),
+                    );
                     if let Some(refusal) = self.containment.refusal() {
                         result.ok = false;
                         result.summary = refusal.to_string();
@@ -218,7 +223,7 @@ impl EnvironmentDriver for LocalDriver {
         request: &'a LeaseRequest,
     ) -> BoxFuture<'a, Result<LeaseHandle, DriverError>> {
         Box::pin(async move {
-            if !matches!(config, DriverConfig::Local) {
+            if !matches!(config, DriverConfig::Local(_)) {
                 return Err(DriverError::failed(format!(
                     "the local driver cannot take a lease for a {} config",
                     config.driver()
@@ -360,7 +365,7 @@ impl EnvironmentDriver for LocalDriver {
                 timeout: request.timeout,
             };
             let spec = self.containment.confine(spec, Path::new(&workspace.cwd))?;
-            run_process(spec, sink, cancel).await
+            run_process_tracked(spec, self.containment.tracking(), sink, cancel).await
         })
     }
 
@@ -460,7 +465,7 @@ mod tests {
         let temp = tempfile::tempdir().unwrap();
         let root = temp.path().join("workspaces").join("nested");
         let driver = LocalDriver::new(&root, Containment::disabled_for_tests());
-        let result = driver.probe(&DriverConfig::Local).await;
+        let result = driver.probe(&DriverConfig::local()).await;
 
         assert!(result.ok, "{result:?}");
         assert_eq!(result.driver, Driver::Local);
@@ -495,7 +500,7 @@ mod tests {
     async fn probe_of_an_existing_root_is_ok() {
         let temp = tempfile::tempdir().unwrap();
         let result = LocalDriver::new(temp.path(), Containment::disabled_for_tests())
-            .probe(&DriverConfig::Local)
+            .probe(&DriverConfig::local())
             .await;
         assert!(result.ok, "{result:?}");
     }
@@ -507,7 +512,7 @@ mod tests {
         std::fs::write(&file, b"not a directory").unwrap();
         let root = file.join("workspaces");
         let result = LocalDriver::new(&root, Containment::disabled_for_tests())
-            .probe(&DriverConfig::Local)
+            .probe(&DriverConfig::local())
             .await;
 
         assert!(!result.ok);
@@ -520,10 +525,10 @@ mod tests {
             "{}",
             result.summary
         );
-        // A failed probe says nothing of the host but how its commands would be contained.
+        // A failed probe says nothing of the host but how its commands would be contained and tracked.
         assert_eq!(
             result.details.keys().collect::<Vec<_>>(),
-            ["containment"],
+            ["containment", "processTracking"],
             "{:?}",
             result.details
         );
@@ -535,7 +540,7 @@ mod tests {
         let file = temp.path().join("plain-file");
         std::fs::write(&file, b"x").unwrap();
         let result = LocalDriver::new(&file, Containment::disabled_for_tests())
-            .probe(&DriverConfig::Local)
+            .probe(&DriverConfig::local())
             .await;
         assert!(!result.ok);
         assert!(
@@ -552,7 +557,7 @@ mod tests {
         let driver = LocalDriver::new(&root, Containment::disabled_for_tests());
         let request = lease_request();
         let lease = driver
-            .acquire(&DriverConfig::Local, &request)
+            .acquire(&DriverConfig::local(), &request)
             .await
             .unwrap();
 
@@ -607,10 +612,10 @@ mod tests {
             SyncReport::default()
         );
 
-        assert!(!driver.matches_reusable_lease(&DriverConfig::Local, &lease));
+        assert!(!driver.matches_reusable_lease(&DriverConfig::local(), &lease));
         assert_eq!(
             driver
-                .resume(&DriverConfig::Local, &lease, &request)
+                .resume(&DriverConfig::local(), &lease, &request)
                 .await
                 .unwrap(),
             None
@@ -634,7 +639,7 @@ mod tests {
         let driver = LocalDriver::new(temp.path().join("root"), Containment::disabled_for_tests());
         let request = lease_request();
         let lease = driver
-            .acquire(&DriverConfig::Local, &request)
+            .acquire(&DriverConfig::local(), &request)
             .await
             .unwrap();
         let workspace = driver
@@ -691,7 +696,7 @@ mod tests {
         let driver = LocalDriver::new(temp.path(), Containment::disabled_for_tests());
         let request = lease_request();
         let lease = driver
-            .acquire(&DriverConfig::Local, &request)
+            .acquire(&DriverConfig::local(), &request)
             .await
             .unwrap();
         let workspace = driver
@@ -736,7 +741,7 @@ mod tests {
         let root = temp.path().join("root");
         let driver = LocalDriver::new(&root, Containment::disabled_for_tests());
         let lease = driver
-            .acquire(&DriverConfig::Local, &lease_request())
+            .acquire(&DriverConfig::local(), &lease_request())
             .await
             .unwrap();
         let canonical_root = std::fs::canonicalize(&root).unwrap();
@@ -804,7 +809,7 @@ mod tests {
         let project = tempfile::tempdir().unwrap();
         let driver = LocalDriver::new(temp.path(), Containment::disabled_for_tests());
         let mut lease = driver
-            .acquire(&DriverConfig::Local, &lease_request())
+            .acquire(&DriverConfig::local(), &lease_request())
             .await
             .unwrap();
         let mut run = std::process::Command::new("/bin/sh")

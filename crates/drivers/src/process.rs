@@ -4,6 +4,9 @@
 //! - the command gets exactly the environment it is given (plus `PATH`/`HOME` defaults), nothing of berth's own;
 //! - it is never run through a shell;
 //! - it leads its own process group, so timeouts, cancels and the end of the run reach the whole tree;
+//! - with [`CgroupTracking`] (uncontained Local and fake-provider commands, where berth may make cgroups) it also runs
+//!   in a cgroup of its own, so what leaves the group (`setsid`) is still found, killed and, after a crash, cleaned
+//!   up: the group alone is the fallback;
 //! - its output is streamed as it arrives, with the sink's pace as backpressure, and is kept on a timeout or cancel.
 
 use std::collections::BTreeMap;
@@ -13,11 +16,13 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Component, Path, PathBuf};
 use std::pin::pin;
 use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use berth_core::driver::{
     CancelSignal, DriverError, ExecOutcome, ExecRequest, OutputSink, OutputStream, ProcessIdentity,
 };
+use berth_isolation::cgroup::{Hierarchy, RunCgroup, Version};
 use rustix::process::{Pid, Signal};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, Command};
@@ -56,6 +61,89 @@ pub struct ProcessSpec {
     pub timeout: Option<Duration>,
 }
 
+/// Puts each command in a cgroup of its own, below `hierarchy`'s base.
+///
+/// The command must be in its cgroup before it runs a line of its own: a process it forks first (a `setsid` daemon)
+/// would stay outside. berth never forks its server to get there (std spawns with `posix_spawn`, and `pre_exec`
+/// would need `unsafe` and a fork of the whole server), so a small trampoline does it: `trampoline` is berth's own
+/// binary, started through `posix_spawn` as `berth sandbox enter --cgroup <dir>/cgroup.procs --arg0 NAME -- PROGRAM
+/// ARGS`; it writes `0` (itself) into the cgroup and then execs the program in place, keeping its pid, process
+/// group and `argv[0]`. Everything the program ever starts descends from a process already inside. (`clone3` with
+/// `CLONE_INTO_CGROUP` would need `unsafe` and works on v2 only; this works on v1 and v2 alike.)
+#[derive(Clone, Debug)]
+pub struct CgroupTracking {
+    trampoline: PathBuf,
+    hierarchy: Hierarchy,
+}
+
+impl CgroupTracking {
+    /// Tracking through `trampoline` (a binary that serves `sandbox enter`, as berth's does) in `hierarchy` (see
+    /// [`berth_isolation::cgroup::Layout::tracking`]).
+    pub fn new(trampoline: PathBuf, hierarchy: Hierarchy) -> Self {
+        Self {
+            trampoline,
+            hierarchy,
+        }
+    }
+
+    /// `cgroup-v1` or `cgroup-v2`, for probe details.
+    pub fn describe(&self) -> &'static str {
+        match self.hierarchy.version {
+            Version::V1 => "cgroup-v1",
+            Version::V2 => "cgroup-v2",
+        }
+    }
+
+    /// Checks once that commands can join their cgroups here (the trampoline runs `true` in one): a non-root berth may
+    /// be able to make a cgroup yet not to move a process into it, and a command must then not fail, only lose its
+    /// cgroup. `Err` says why, for the start-up warning.
+    pub fn self_test(&self) -> Result<(), String> {
+        let cgroup = self.create().map_err(|err| err.to_string())?;
+        let procs = cgroup
+            .procs_files()
+            .into_iter()
+            .next()
+            .ok_or_else(|| "the test cgroup has no membership file".to_owned())?;
+        let truth = find_in_path("true", DEFAULT_PATH, Path::new("/"))
+            .ok_or_else(|| format!("no `true` in {DEFAULT_PATH}"))?;
+        let ran = std::process::Command::new(&self.trampoline)
+            .args(["sandbox", "enter", "--cgroup"])
+            .arg(&procs)
+            .args(["--arg0", "true", "--"])
+            .arg(&truth)
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output();
+        cgroup.kill_and_remove();
+        match ran {
+            Ok(output) if output.status.success() => Ok(()),
+            Ok(output) => Err(format!(
+                "{} could not join a test cgroup: {}",
+                self.trampoline.display(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            )),
+            Err(err) => Err(format!("cannot start {}: {err}", self.trampoline.display())),
+        }
+    }
+
+    /// A new, empty cgroup for one command. Names are unique within this process (a counter) and across restarts
+    /// (the pid and the time), so a leftover of a crashed berth is never reused.
+    fn create(&self) -> Result<RunCgroup, berth_isolation::Error> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_nanos());
+        let name = format!(
+            "cmd-{}-{}-{nanos}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        self.hierarchy.create_child(&name)
+    }
+}
+
 /// Why berth ended the command itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Termination {
@@ -66,15 +154,41 @@ enum Termination {
 /// SIGKILLs the process group if the run is abandoned midway (its future dropped): `kill_on_drop` only reaches the
 /// direct child, and a run must never leave processes behind. Disarmed once the group has been killed on purpose,
 /// because by then its id may be reused.
+/// The command's cgroup, when it has one, goes the same way: every member is killed and the cgroup removed.
 #[derive(Debug)]
 struct GroupGuard {
     pgid: Option<Pid>,
+    cgroup: Option<RunCgroup>,
 }
 
 impl GroupGuard {
+    /// Kills the group and (in the background) empties and removes the cgroup; for the drop path, which cannot wait.
     fn kill(&mut self) {
         if let Some(pgid) = self.pgid.take() {
             signal_group(pgid, Signal::KILL);
+        }
+        if let Some(cgroup) = self.cgroup.take() {
+            signal_cgroup(&cgroup, Signal::KILL);
+            // Removal waits for the killed members to exit: not on an async worker.
+            let spawned = std::thread::Builder::new()
+                .name("berth-cgroup-cleanup".to_owned())
+                .spawn(move || cgroup.kill_and_remove());
+            if let Err(err) = spawned {
+                tracing::warn!(error = %err, "cannot start removing a command's cgroup; it is left behind");
+            }
+        }
+    }
+
+    /// Kills the group and every member of the cgroup, and waits until the cgroup is removed.
+    async fn finish(&mut self) {
+        if let Some(pgid) = self.pgid.take() {
+            signal_group(pgid, Signal::KILL);
+        }
+        if let Some(cgroup) = self.cgroup.take() {
+            let removed = tokio::task::spawn_blocking(move || cgroup.kill_and_remove()).await;
+            if let Err(err) = removed {
+                tracing::warn!(error = %err, "removing a command's cgroup did not finish");
+            }
         }
     }
 }
@@ -95,6 +209,19 @@ impl Drop for GroupGuard {
 /// Errors only when the command cannot be started ([`DriverError::Spawn`]) or cannot be waited for.
 pub async fn run_process(
     spec: ProcessSpec,
+    sink: &dyn OutputSink,
+    cancel: CancelSignal,
+) -> Result<ExecOutcome, DriverError> {
+    run_process_tracked(spec, None, sink, cancel).await
+}
+
+/// [`run_process`], with the command in a cgroup of its own when `tracking` is given and a cgroup can be made (else,
+/// with a warning, by its process group alone): timeouts and cancels signal every member of the cgroup too, the end
+/// of the command kills them all and removes the cgroup, and the identity reported to the sink names it, so that
+/// [`kill_recorded`] empties and removes it after a crash.
+pub async fn run_process_tracked(
+    spec: ProcessSpec,
+    tracking: Option<&CgroupTracking>,
     sink: &dyn OutputSink,
     cancel: CancelSignal,
 ) -> Result<ExecOutcome, DriverError> {
@@ -141,10 +268,48 @@ pub async fn run_process(
     let resolved = env
         .get("PATH")
         .and_then(|search| find_in_path(&program, search, &cwd));
+    let cgroup = match tracking {
+        Some(tracking) => {
+            // The trampoline always starts; what it would fail to exec must fail here, as a spawn would have.
+            runnable(&program, resolved.as_deref(), &cwd)?;
+            match tracking.create() {
+                Ok(cgroup) => Some((tracking, cgroup)),
+                Err(err) => {
+                    tracing::warn!(program = %program, error = %err, "cannot make the command a cgroup; it is tracked by its process group only");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    // With a cgroup, the trampoline joins it and then becomes the program (see [`CgroupTracking`]).
+    let trampoline_args = cgroup.as_ref().and_then(|(tracking, cgroup)| {
+        let procs = cgroup.procs_files().into_iter().next()?;
+        let args: Vec<std::ffi::OsString> = vec![
+            "sandbox".into(),
+            "enter".into(),
+            "--cgroup".into(),
+            procs.into(),
+            "--arg0".into(),
+            program.clone().into(),
+            "--".into(),
+        ];
+        Some((tracking.trampoline.clone(), args))
+    });
     let command = |path: &Path| {
-        let mut command = Command::new(path);
+        let mut command = match &trampoline_args {
+            Some((trampoline, args)) => {
+                let mut command = Command::new(trampoline);
+                command.args(args).arg(path);
+                command
+            }
+            None => {
+                let mut command = Command::new(path);
+                command.arg0(&program);
+                command
+            }
+        };
         command
-            .arg0(&program)
             .args(&argv[1..])
             .env_clear()
             .envs(&env)
@@ -161,6 +326,8 @@ pub async fn run_process(
         command
     };
     let spawned = match &resolved {
+        // The trampoline's execvp hands a script without `#!` to /bin/sh itself.
+        Some(path) if trampoline_args.is_some() => command(path).spawn(),
         Some(path) => match command(path).spawn() {
             // A script without `#!`: posix_spawn refuses it where execvp hands it to /bin/sh, so let execvp have it.
             Err(err) if err.raw_os_error() == Some(rustix::io::Errno::NOEXEC.raw_os_error()) => {
@@ -170,22 +337,35 @@ pub async fn run_process(
         },
         None => command(Path::new(&program)).spawn(),
     };
-    let mut child = spawned.map_err(|err| DriverError::Spawn {
-        program: program.clone(),
-        message: err.to_string(),
-    })?;
+    let cgroup = cgroup.map(|(_, cgroup)| cgroup);
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(err) => {
+            if let Some(cgroup) = cgroup {
+                cgroup.kill_and_remove();
+            }
+            return Err(DriverError::Spawn {
+                program: program.clone(),
+                message: err.to_string(),
+            });
+        }
+    };
     // `process_group(0)`: the child's pid is its process group id.
     let pgid = child
         .id()
         .and_then(|id| i32::try_from(id).ok())
         .and_then(Pid::from_raw);
-    let mut guard = GroupGuard { pgid };
-    tracing::debug!(program = %program, pid = ?pgid, cwd = %cwd.display(), "command started");
+    let cgroup_dir = cgroup
+        .as_ref()
+        .and_then(|cgroup| cgroup.dirs().next().map(Path::to_path_buf));
+    let mut guard = GroupGuard { pgid, cgroup };
+    tracing::debug!(program = %program, pid = ?pgid, cgroup = ?cgroup_dir, cwd = %cwd.display(), "command started");
     // Recorded before anything is read from the command: from here on a crash of berth leaves enough behind for the
-    // next start to kill exactly this group ([`kill_recorded`]), wherever the command runs.
+    // next start to kill exactly this group and cgroup ([`kill_recorded`]), wherever the command runs.
     if let Some(leader) = child.id() {
         match identity_of(leader) {
-            Ok(identity) => {
+            Ok(mut identity) => {
+                identity.cgroup = cgroup_dir.as_ref().map(|dir| dir.display().to_string());
                 // Bounded: a sink that cannot record (its database hung) must not hold the command's supervision.
                 if tokio::time::timeout(RECORD_DEADLINE, sink.started(&identity))
                     .await
@@ -227,7 +407,13 @@ pub async fn run_process(
     let mut io_done = false;
 
     let waited = {
-        let mut supervised = pin!(supervise(&mut child, pgid, timeout, cancel));
+        let mut supervised = pin!(supervise(
+            &mut child,
+            pgid,
+            guard.cgroup.as_ref(),
+            timeout,
+            cancel
+        ));
         loop {
             tokio::select! {
                 _ = &mut io, if !io_done => io_done = true,
@@ -235,9 +421,9 @@ pub async fn run_process(
             }
         }
     };
-    // The direct child is gone; nothing else of its group may stay, and any member still holding the pipes would
-    // keep the drain below from ever seeing EOF.
-    guard.kill();
+    // The direct child is gone; nothing else of its group (or cgroup) may stay, and any member still holding the
+    // pipes would keep the drain below from ever seeing EOF.
+    guard.finish().await;
     let (status, termination) = waited.map_err(|source| DriverError::Io {
         context: format!("waiting for `{program}`"),
         source,
@@ -306,10 +492,30 @@ pub fn command_cwd(workspace: &Path, request: &ExecRequest) -> Result<PathBuf, D
     Ok(workspace.join(relative_path))
 }
 
-/// Waits for the direct child, ending its process group on timeout or cancel.
+/// Whether `program` (found at `resolved` in its PATH) is something exec could start: the checks a spawn makes, for
+/// the trampoline path where the spawn is the trampoline's. Errors as the spawn would have.
+fn runnable(program: &str, resolved: Option<&Path>, cwd: &Path) -> Result<(), DriverError> {
+    let refused = |errno: rustix::io::Errno| DriverError::Spawn {
+        program: program.to_owned(),
+        message: io::Error::from_raw_os_error(errno.raw_os_error()).to_string(),
+    };
+    let path = match resolved {
+        Some(path) => path.to_path_buf(),
+        None if program.contains('/') => cwd.join(program),
+        None => return Err(refused(rustix::io::Errno::NOENT)),
+    };
+    match std::fs::metadata(&path) {
+        Err(_) => Err(refused(rustix::io::Errno::NOENT)),
+        Ok(meta) if meta.is_dir() => Err(refused(rustix::io::Errno::ACCESS)),
+        Ok(_) => rustix::fs::access(&path, rustix::fs::Access::EXEC_OK).map_err(refused),
+    }
+}
+
+/// Waits for the direct child, ending its process group (and cgroup) on timeout or cancel.
 async fn supervise(
     child: &mut Child,
     pgid: Option<Pid>,
+    cgroup: Option<&RunCgroup>,
     timeout: Option<Duration>,
     cancel: CancelSignal,
 ) -> io::Result<(ExitStatus, Option<Termination>)> {
@@ -328,11 +534,17 @@ async fn supervise(
     if let Some(pgid) = pgid {
         signal_group(pgid, Signal::TERM);
     }
+    if let Some(cgroup) = cgroup {
+        signal_cgroup(cgroup, Signal::TERM);
+    }
     let status = match tokio::time::timeout(KILL_GRACE, child.wait()).await {
         Ok(status) => status?,
         Err(_elapsed) => {
             if let Some(pgid) = pgid {
                 signal_group(pgid, Signal::KILL);
+            }
+            if let Some(cgroup) = cgroup {
+                signal_cgroup(cgroup, Signal::KILL);
             }
             // The group kill reached the child unless it is already gone; make sure either way.
             let _ = child.start_kill();
@@ -402,6 +614,28 @@ fn signal_group(pgid: Pid, signal: Signal) {
     }
 }
 
+/// Signals every process in the command's cgroup, once: the end of the run kills what is left and removes it
+/// ([`RunCgroup::kill_and_remove`]). berth is never in a command's cgroup, and is skipped all the same.
+fn signal_cgroup(cgroup: &RunCgroup, signal: Signal) {
+    let own_pid = std::process::id();
+    for procs in cgroup.procs_files() {
+        let Ok(text) = std::fs::read_to_string(&procs) else {
+            continue;
+        };
+        for pid in text
+            .lines()
+            .filter_map(|line| line.trim().parse::<u32>().ok())
+        {
+            if pid == own_pid {
+                continue;
+            }
+            if let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) {
+                let _ = rustix::process::kill_process(pid, signal);
+            }
+        }
+    }
+}
+
 /// SIGKILLs every process whose working directory is `dir` or lies below it, and returns how many.
 ///
 /// A workspace outlives the berth process that started commands in it when that process crashes; the orphan sweep
@@ -449,6 +683,9 @@ const BOOT_ID_FILE: &str = "/proc/sys/kernel/random/boot_id";
 
 /// Where cgroups are mounted; a recorded cgroup anywhere else is refused.
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// How long [`kill_recorded`] waits for a recorded cgroup's killed members to leave it, so it can be removed.
+const CGROUP_REMOVAL_WAIT: Duration = Duration::from_secs(5);
 
 /// How many times [`kill_recorded`] looks again for members forked while it was killing: each pass kills every member
 /// it sees, so only a process forked during a pass survives it, and its forker is dead by the next one.
@@ -650,11 +887,27 @@ fn kill_cgroup(cgroup: &Path) -> io::Result<usize> {
             break;
         }
     }
-    // Only an empty cgroup can be removed; one still emptying is left for its owner (or the next sweep).
-    if let Err(err) = std::fs::remove_dir(cgroup)
-        && err.kind() != io::ErrorKind::NotFound
-    {
-        tracing::debug!(cgroup = %cgroup.display(), error = %err, "the recorded cgroup was not removed");
+    // Only an empty cgroup can be removed, and killed members take a moment to leave it: retried for a while, so
+    // that a crash leaves no cgroup behind. One that stays busy (a member stuck in the kernel) is left and logged.
+    let deadline = std::time::Instant::now() + CGROUP_REMOVAL_WAIT;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match std::fs::remove_dir(cgroup) {
+            Ok(()) => break,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => break,
+            Err(err)
+                if err.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error())
+                    && std::time::Instant::now() < deadline
+                    && !members(&procs)?.contains(&own_pid) =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            Err(err) => {
+                tracing::warn!(cgroup = %cgroup.display(), error = %err, "the recorded cgroup was not removed");
+                break;
+            }
+        }
     }
     Ok(signalled.len())
 }
@@ -1595,5 +1848,341 @@ mod identity_tests {
         assert_eq!(identity.boot_id, boot_id().unwrap());
         assert!(identity.start_ticks > 0);
         assert_eq!(identity.cgroup, None);
+    }
+}
+
+#[cfg(test)]
+mod cgroup_tests {
+    use std::collections::BTreeMap;
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    use berth_core::driver::{BoxFuture, OutputSink, OutputStream, ProcessIdentity};
+    use berth_isolation::cgroup::{Hierarchy, Layout, Version};
+
+    use super::{
+        CgroupTracking, ProcessSpec, kill_recorded, read_stat, run_process, run_process_tracked,
+    };
+    use crate::test_support::never;
+
+    /// Stands in for `berth sandbox enter` (berth's binary is not built for unit tests): the same argv, the same
+    /// steps — join the cgroup, then exec the program. The integration tests run the real one.
+    const TRAMPOLINE: &str = "#!/bin/sh\n[ \"$1 $2 $3 $5 $7\" = 'sandbox enter --cgroup --arg0 --' ] || exit 125\necho 0 > \"$4\" || exit 126\nshift 7\nexec \"$@\"\n";
+
+    /// A hierarchy of `version` this test may make cgroups in, below a base of its own (removed by [`Base`]);
+    /// `None` where the host has none writable.
+    fn hierarchy(version: Version) -> Option<Base> {
+        let parent = match version {
+            Version::V2 => {
+                Layout::detect()
+                    .tracking()
+                    .filter(|h| h.version == Version::V2)?
+                    .base
+            }
+            Version::V1 => PathBuf::from("/sys/fs/cgroup/pids"),
+        };
+        let base = parent.join(format!("berth-unit-{}-{}", std::process::id(), nanos()));
+        std::fs::create_dir(&base).ok()?;
+        Some(Base(Hierarchy { version, base }))
+    }
+
+    /// Removes its base cgroup when dropped (it must be empty by then: that is what the tests check).
+    struct Base(Hierarchy);
+
+    impl Drop for Base {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0.base);
+        }
+    }
+
+    fn nanos() -> u128 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    }
+
+    fn tracking(dir: &Path, base: &Base) -> CgroupTracking {
+        use std::os::unix::fs::PermissionsExt;
+        let trampoline = dir.join("trampoline");
+        std::fs::write(&trampoline, TRAMPOLINE).unwrap();
+        std::fs::set_permissions(&trampoline, std::fs::Permissions::from_mode(0o755)).unwrap();
+        CgroupTracking::new(trampoline, base.0.clone())
+    }
+
+    /// The cgroups left below `base`.
+    fn children(base: &Base) -> Vec<String> {
+        std::fs::read_dir(&base.0.base)
+            .unwrap()
+            .flatten()
+            .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
+            .map(|entry| entry.file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    fn alive(pid: u32) -> bool {
+        read_stat(pid)
+            .unwrap()
+            .is_some_and(|stat| !matches!(stat.state, 'Z' | 'X'))
+    }
+
+    fn dies(pid: u32) -> bool {
+        for _ in 0..200 {
+            if !alive(pid) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    fn kill(pid: u32) {
+        if let Some(pid) = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap()) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+    }
+
+    /// A script that starts a daemon in a session of its own (out of the command's process group), prints the
+    /// daemon's pid and then runs `rest`.
+    fn escaping(cwd: &Path, rest: &str) -> ProcessSpec {
+        ProcessSpec {
+            argv: vec![
+                "/bin/sh".to_owned(),
+                "-c".to_owned(),
+                format!("setsid sh -c 'echo $$; exec sleep 300' & sleep 0.3; {rest}"),
+            ],
+            env: BTreeMap::new(),
+            cwd: cwd.to_path_buf(),
+            stdin: None,
+            timeout: None,
+        }
+    }
+
+    /// Keeps stdout and the reported identity.
+    #[derive(Debug, Default)]
+    struct Seen {
+        stdout: Mutex<Vec<u8>>,
+        identity: Mutex<Option<ProcessIdentity>>,
+    }
+
+    impl Seen {
+        fn first_pid(&self) -> u32 {
+            String::from_utf8(self.stdout.lock().unwrap().clone())
+                .unwrap()
+                .lines()
+                .next()
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        }
+    }
+
+    impl OutputSink for Seen {
+        fn output<'a>(&'a self, stream: OutputStream, data: &'a [u8]) -> BoxFuture<'a, ()> {
+            Box::pin(async move {
+                if stream == OutputStream::Stdout {
+                    self.stdout.lock().unwrap().extend_from_slice(data);
+                }
+            })
+        }
+
+        fn started<'a>(&'a self, process: &'a ProcessIdentity) -> BoxFuture<'a, ()> {
+            Box::pin(async move { *self.identity.lock().unwrap() = Some(process.clone()) })
+        }
+    }
+
+    /// Without a cgroup, the daemon outlives its run (the scenario is real); with one, nothing does, and the cgroup
+    /// is gone when the run ends.
+    async fn a_daemon_that_left_its_group_dies_with_the_run(version: Version) {
+        let Some(base) = hierarchy(version) else {
+            eprintln!("no writable {version:?} cgroup hierarchy here; not exercised");
+            return;
+        };
+        let temp = tempfile::tempdir().unwrap();
+
+        let untracked = Seen::default();
+        let outcome = run_process(escaping(temp.path(), "true"), &untracked, never())
+            .await
+            .unwrap();
+        assert_eq!(outcome.exit_code, Some(0));
+        let escaped = untracked.first_pid();
+        let survived = alive(escaped);
+        kill(escaped);
+        assert!(
+            survived,
+            "without a cgroup the setsid daemon should have escaped its group"
+        );
+
+        let tracking = tracking(temp.path(), &base);
+        let seen = Seen::default();
+        let started = Instant::now();
+        let outcome = run_process_tracked(
+            escaping(temp.path(), "true"),
+            Some(&tracking),
+            &seen,
+            never(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(outcome.exit_code, Some(0));
+        let daemon = seen.first_pid();
+        assert!(dies(daemon), "the setsid daemon {daemon} outlived its run");
+        // The daemon held the output pipes: the run did not wait out the drain deadline for them.
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        let identity = seen.identity.lock().unwrap().clone().unwrap();
+        let cgroup = identity
+            .cgroup
+            .clone()
+            .expect("the identity names the cgroup");
+        assert!(
+            cgroup.starts_with(&*base.0.base.to_string_lossy()),
+            "{cgroup}"
+        );
+        assert!(
+            !Path::new(&cgroup).exists(),
+            "the command's cgroup {cgroup} was left behind"
+        );
+        assert_eq!(children(&base), Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn a_daemon_that_left_its_group_dies_with_the_run_v2() {
+        a_daemon_that_left_its_group_dies_with_the_run(Version::V2).await;
+    }
+
+    #[tokio::test]
+    async fn a_daemon_that_left_its_group_dies_with_the_run_v1() {
+        a_daemon_that_left_its_group_dies_with_the_run(Version::V1).await;
+    }
+
+    #[tokio::test]
+    async fn a_timeout_and_a_cancel_reach_a_daemon_that_left_the_group() {
+        let Some(base) = hierarchy(Version::V2).or_else(|| hierarchy(Version::V1)) else {
+            eprintln!("no writable cgroup hierarchy here; not exercised");
+            return;
+        };
+        let temp = tempfile::tempdir().unwrap();
+        let tracking = tracking(temp.path(), &base);
+
+        let seen = Seen::default();
+        let mut spec = escaping(temp.path(), "sleep 1000");
+        spec.timeout = Some(Duration::from_millis(800));
+        let outcome = run_process_tracked(spec, Some(&tracking), &seen, never())
+            .await
+            .unwrap();
+        assert!(outcome.timed_out, "{outcome:?}");
+        let daemon = seen.first_pid();
+        assert!(
+            dies(daemon),
+            "the setsid daemon {daemon} outlived the timeout"
+        );
+
+        let seen = Seen::default();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let cancel: berth_core::driver::CancelSignal = Box::pin(async move {
+            if rx.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        });
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            let _ = tx.send(());
+        });
+        let outcome = run_process_tracked(
+            escaping(temp.path(), "sleep 1000"),
+            Some(&tracking),
+            &seen,
+            cancel,
+        )
+        .await
+        .unwrap();
+        assert!(outcome.cancelled, "{outcome:?}");
+        let daemon = seen.first_pid();
+        assert!(
+            dies(daemon),
+            "the setsid daemon {daemon} outlived the cancel"
+        );
+        assert_eq!(children(&base), Vec::<String>::new());
+    }
+
+    /// berth gone mid-run (its run forgotten, never dropped: no guard fires): the recorded identity alone finds the
+    /// daemon through the cgroup, kills it, and removes the cgroup.
+    #[tokio::test]
+    async fn after_a_crash_the_recorded_cgroup_is_emptied_and_removed() {
+        let Some(base) = hierarchy(Version::V2).or_else(|| hierarchy(Version::V1)) else {
+            eprintln!("no writable cgroup hierarchy here; not exercised");
+            return;
+        };
+        let temp = tempfile::tempdir().unwrap();
+        let tracking = tracking(temp.path(), &base);
+        let seen: &'static Seen = Box::leak(Box::default());
+        let tracking: &'static CgroupTracking = Box::leak(Box::new(tracking));
+        let mut run = Box::pin(run_process_tracked(
+            escaping(temp.path(), "sleep 1000"),
+            Some(tracking),
+            seen,
+            never(),
+        ));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(1500), &mut run)
+                .await
+                .is_err()
+        );
+        std::mem::forget(run);
+        let daemon = seen.first_pid();
+        let identity = seen.identity.lock().unwrap().clone().unwrap();
+        let shell = identity.pgid;
+        assert!(alive(daemon) && alive(shell));
+        // The daemon left the recorded group: only the cgroup still knows it.
+        assert_ne!(read_stat(daemon).unwrap().unwrap().pgrp, identity.pgid);
+        let killed = kill_recorded(&identity).unwrap();
+        assert!(killed >= 2, "{killed}");
+        assert!(dies(daemon), "the daemon survived the crash cleanup");
+        assert!(dies(shell), "the command survived the crash cleanup");
+        assert_eq!(children(&base), Vec::<String>::new());
+    }
+
+    /// The start-up check passes where the trampoline joins, fails (and says so) where it cannot, and leaves no
+    /// cgroup either way.
+    #[test]
+    fn the_self_test_tells_a_working_trampoline_from_a_broken_one() {
+        let Some(base) = hierarchy(Version::V2).or_else(|| hierarchy(Version::V1)) else {
+            eprintln!("no writable cgroup hierarchy here; not exercised");
+            return;
+        };
+        let temp = tempfile::tempdir().unwrap();
+        assert_eq!(tracking(temp.path(), &base).self_test(), Ok(()));
+        let broken = CgroupTracking::new(PathBuf::from("/bin/false"), base.0.clone());
+        let err = broken.self_test().unwrap_err();
+        assert!(err.contains("could not join"), "{err}");
+        assert_eq!(children(&base), Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn a_missing_program_fails_to_spawn_as_before() {
+        let Some(base) = hierarchy(Version::V2).or_else(|| hierarchy(Version::V1)) else {
+            eprintln!("no writable cgroup hierarchy here; not exercised");
+            return;
+        };
+        let temp = tempfile::tempdir().unwrap();
+        let tracking = tracking(temp.path(), &base);
+        let spec = ProcessSpec {
+            argv: vec!["no-such-program-berth".to_owned()],
+            env: BTreeMap::new(),
+            cwd: temp.path().to_path_buf(),
+            stdin: None,
+            timeout: None,
+        };
+        let err = run_process_tracked(spec, Some(&tracking), &Seen::default(), never())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "spawn_failed");
+        assert_eq!(children(&base), Vec::<String>::new());
     }
 }

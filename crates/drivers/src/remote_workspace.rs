@@ -25,6 +25,14 @@
 //! [`crate::sync`]). A remote that stalls for [`SYNC_BACK_IDLE`] is given up on, and the run's cancel stops it.
 //!
 //! Symlinks are copied as links and never followed on either side; paths are checked before anything is written.
+//!
+//! **Paths past `PATH_MAX`.** No system call takes a path longer than 4096 bytes whole, and the remote's GNU tar packs
+//! and unpacks by whole names, so such paths are reached in steps: sync-back lists them to tar with `--directory=`
+//! steps down to their directory ([`TarList`]); sync-in reads them on the host from descriptors, sends them under
+//! short names and has a script the archive carries walk down to their directory and rename them into place
+//! ([`DeepPlacement`]); clearing one goes the same way. The steps need GNU tar 1.29 or later
+//! (`--no-verbatim-files-from`) and `mv -T`, asked for only when deep paths travel: on an older remote such a
+//! transfer fails as a whole (sync-back reports every change `not_sent`; sync-in fails the run), never silently.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{self, Read, Write};
@@ -313,8 +321,14 @@ pub async fn sync_in(
         send.push(path.clone());
     }
     if !clear.is_empty() {
-        let script = format!("cd -- {} && xargs -0 rm -rf --", shell_quote(dir));
-        let output = control(shell, &script, Some(nul_list(&clear))).await?;
+        let output = if clear.iter().any(|path| path.len() > WHOLE_PATH_MAX) {
+            // `rm` cannot take a path past PATH_MAX whole: a script, on stdin (no argv limit), walks down to each.
+            let script = format!("cd -- {} && exec sh -s", shell_quote(dir));
+            control(shell, &script, Some(removal_script(&clear).into_bytes())).await?
+        } else {
+            let script = format!("cd -- {} && xargs -0 rm -rf --", shell_quote(dir));
+            control(shell, &script, Some(nul_list(&clear))).await?
+        };
         if !output.success() {
             return Err(DriverError::failed(format!(
                 "cannot prepare the remote workspace {dir}: {}",
@@ -352,7 +366,7 @@ pub async fn sync_in(
     }
     // The directory must exist even with nothing to send: the command runs there.
     if !send.is_empty() || !exists {
-        let clock = upload(shell, local, dir, send).await?;
+        let clock = upload(shell, local, dir, &host, send).await?;
         // The earlier clock is the safer one: it makes more mtimes too recent to trust.
         remote_clock = remote_clock.or(clock);
     }
@@ -366,6 +380,30 @@ pub async fn sync_in(
     })
 }
 
+/// Shell that removes each of `paths` (relative to the current directory), reaching those past [`WHOLE_PATH_MAX`] by
+/// `cd -P` steps; `rm -rf` itself walks what lies below by descriptors, however deep.
+fn removal_script(paths: &[String]) -> String {
+    let mut script = String::new();
+    for path in paths {
+        let line = match path.rsplit_once('/') {
+            Some((parent, name)) if path.len() > WHOLE_PATH_MAX => {
+                let steps: Vec<String> = path_steps(parent)
+                    .iter()
+                    .map(|step| format!("cd -P -- {}", shell_quote(step)))
+                    .collect();
+                format!(
+                    "({} && rm -rf -- {}) || exit 1\n",
+                    steps.join(" && "),
+                    shell_quote(name)
+                )
+            }
+            _ => format!("rm -rf -- {} || exit 1\n", shell_quote(path)),
+        };
+        script.push_str(&line);
+    }
+    script
+}
+
 fn nul_list(paths: &[String]) -> Vec<u8> {
     let mut list = Vec::new();
     for path in paths {
@@ -375,21 +413,120 @@ fn nul_list(paths: &[String]) -> Vec<u8> {
     list
 }
 
+/// How sync-in lands what the remote's tar cannot unpack in place: a path longer than [`WHOLE_PATH_MAX`], which
+/// no system call on a Linux remote takes whole (GNU tar unpacks by whole names).
+///
+/// Such files and links travel in the same archive under short names, `<dir>/<group>/<name>`, with their
+/// directory's `place.sh`; after unpacking, the remote runs it: for each group (the deep paths of one directory) it
+/// walks down to that directory in steps of at most [`WHOLE_PATH_MAX`] bytes (`cd -P`, physical, so the shell never
+/// builds the whole path), creating what is missing, and renames each file or link there (`mv -T`: a rename keeps
+/// the nanosecond mtime tar gave it), or makes and chmods each directory. `<dir>` is then removed, however it went.
+#[derive(Debug)]
+struct DeepPlacement {
+    /// `.berth-deep-<pid>-<nanos>`, at the top of the remote workspace.
+    dir: String,
+    /// Deep path → its short name in the archive (files and links; directories are made by the script).
+    renamed: BTreeMap<String, String>,
+    /// Deep directories, made by the script rather than sent.
+    made: HashSet<String>,
+    script: String,
+}
+
+impl DeepPlacement {
+    /// The plan for `paths` (what sync-in sends, as `host` has them); `None` when none is too deep.
+    fn plan(host: &Manifest, paths: &[String]) -> Option<Self> {
+        let mut groups: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for path in paths.iter().filter(|path| path.len() > WHOLE_PATH_MAX) {
+            let (parent, name) = path.rsplit_once('/').unwrap_or(("", path.as_str()));
+            groups.entry(parent).or_default().push(name);
+        }
+        if groups.is_empty() {
+            return None;
+        }
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_nanos());
+        let dir = format!(".berth-deep-{}-{nanos}", std::process::id());
+        let mut renamed = BTreeMap::new();
+        let mut made = HashSet::new();
+        let mut script = String::from("set -u\n");
+        // Sorted by directory, so a deep directory is made before the group of what lies in it.
+        for (index, (parent, names)) in groups.into_iter().enumerate() {
+            let mut steps = Vec::new();
+            for step in path_steps(parent) {
+                let step = shell_quote(&step);
+                steps.push(format!("mkdir -p -- {step} && cd -P -- {step}"));
+            }
+            for name in names {
+                let path = format!("{parent}/{name}");
+                let quoted = shell_quote(name);
+                match host.get(&path) {
+                    Some(Entry::Dir { mode }) => {
+                        steps.push(format!(
+                            "mkdir -p -- {quoted} && chmod {:o} -- {quoted}",
+                            mode & 0o7777
+                        ));
+                        made.insert(path);
+                    }
+                    Some(Entry::File { .. } | Entry::Symlink { .. }) => {
+                        let short = format!("{dir}/{index}/{name}");
+                        steps.push(format!(
+                            "mv -f -T -- \"$1\"/{} {quoted}",
+                            shell_quote(&short)
+                        ));
+                        renamed.insert(path, short);
+                    }
+                    None => {}
+                }
+            }
+            script.push_str(&format!("({}) || exit 1\n", steps.join(" && ")));
+        }
+        Some(Self {
+            dir,
+            renamed,
+            made,
+            script,
+        })
+    }
+
+    fn script_path(&self) -> String {
+        format!("{}/place.sh", self.dir)
+    }
+}
+
+/// The remote's side of [`upload`]: make `dir`, print the clock, unpack stdin there and, with deep paths, place them
+/// (the staging directory is removed whatever happened).
+fn unpack_script(dir: &str, placement: Option<&DeepPlacement>) -> String {
+    match placement {
+        None => format!(
+            "mkdir -p -- {dir} && date +%s && exec tar -x -p --no-same-owner -f - -C {dir}",
+            dir = shell_quote(dir)
+        ),
+        Some(placement) => format!(
+            "mkdir -p -- {dir} && date +%s && cd -- {dir} && {{ tar -x -p --no-same-owner -f - && sh {script} \"$(pwd -P)\"; \
+             placed=$?; rm -rf -- {staged}; exit $placed; }}",
+            dir = shell_quote(dir),
+            script = shell_quote(&placement.script_path()),
+            staged = shell_quote(&placement.dir),
+        ),
+    }
+}
+
 /// Streams a tar of `paths` (relative to `local`) into `tar -x` in `dir`. Returns the remote's clock (seconds) from
 /// before the unpacking, if it printed one.
 async fn upload(
     shell: &dyn RemoteShell,
     local: &Path,
     dir: &str,
+    host: &Manifest,
     paths: Vec<String>,
 ) -> Result<Option<i64>, DriverError> {
-    let script = format!(
-        "mkdir -p -- {dir} && date +%s && exec tar -x -p --no-same-owner -f - -C {dir}",
-        dir = shell_quote(dir)
-    );
+    let placement = DeepPlacement::plan(host, &paths);
+    let script = unpack_script(dir, placement.as_ref());
     let (chunks, received) = mpsc::channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
     let root = local.to_path_buf();
-    let packer = tokio::task::spawn_blocking(move || pack(&root, &paths, chunks));
+    let packer =
+        tokio::task::spawn_blocking(move || pack(&root, &paths, placement.as_ref(), chunks));
     let transferred = shell
         .run_script(&script, received, None, TRANSFER_TIMEOUT)
         .await;
@@ -407,40 +544,103 @@ async fn upload(
     Ok(parse_clock(&output.stdout))
 }
 
-/// Writes a tar of `paths` into `chunks`. Links are archived as links, never followed. A file's mtime also travels
-/// to the nanosecond, in a pax record GNU tar applies, so that the next quick check compares exact times.
-fn pack(root: &Path, paths: &[String], chunks: mpsc::Sender<Vec<u8>>) -> Result<(), DriverError> {
+/// Writes a tar of `paths` into `chunks`, each under its own name or, past [`WHOLE_PATH_MAX`], the short one of
+/// `placement` (whose script goes last). The host tree is read from a descriptor one name at a time ([`crate::fs`]),
+/// so no path is too deep to read and no link is followed. A file's mtime also travels to the nanosecond, in a pax
+/// record GNU tar applies, so that the next quick check compares exact times.
+fn pack(
+    root: &Path,
+    paths: &[String],
+    placement: Option<&DeepPlacement>,
+    chunks: mpsc::Sender<Vec<u8>>,
+) -> Result<(), DriverError> {
+    use crate::fs::{Kind, Reach, Tree};
     let writer = ChunkWriter {
         chunks,
         buffer: Vec::with_capacity(CHUNK),
     };
     let mut builder = tar::Builder::new(writer);
-    builder.follow_symlinks(false);
+    let tree = Tree::open(root)?;
+    let packing = |path: &str| io_error(format!("packing {}", root.join(path).display()));
+    let gone = |path: &str| {
+        DriverError::failed(format!(
+            "{} changed while the workspace was being sent",
+            root.join(path).display()
+        ))
+    };
     for path in paths {
-        let source = root.join(path);
-        if let Ok(meta) = std::fs::symlink_metadata(&source)
-            && meta.is_file()
-        {
-            use std::os::unix::fs::MetadataExt;
-            let record = pax_record(
-                "mtime",
-                &format!("{}.{:09}", meta.mtime(), meta.mtime_nsec()),
-            );
-            let mut header = tar::Header::new_ustar();
-            header.set_entry_type(tar::EntryType::XHeader);
-            header
-                .set_path("PaxHeaders/mtime")
-                .map_err(io_error("packing the workspace archive"))?;
-            header.set_mode(0o644);
-            header.set_size(record.len() as u64);
-            header.set_cksum();
-            builder
-                .append(&header, record.as_bytes())
-                .map_err(io_error(format!("packing {}", source.display())))?;
+        if placement.is_some_and(|placement| placement.made.contains(path)) {
+            continue;
         }
+        let name = placement
+            .and_then(|placement| placement.renamed.get(path))
+            .unwrap_or(path);
+        let Reach::Slot(slot) = tree.reach(path, false)? else {
+            return Err(gone(path));
+        };
+        let Some(meta) = slot.meta()? else {
+            return Err(gone(path));
+        };
+        let mut header = tar::Header::new_gnu();
+        header.set_mode(meta.mode & 0o7777);
+        header.set_mtime(u64::try_from(meta.mtime.0).unwrap_or_default());
+        match meta.kind {
+            Kind::File => {
+                let Some((file, meta)) = slot.open_file()? else {
+                    return Err(gone(path));
+                };
+                let record = pax_record("mtime", &format!("{}.{:09}", meta.mtime.0, meta.mtime.1));
+                let mut pax = tar::Header::new_ustar();
+                pax.set_entry_type(tar::EntryType::XHeader);
+                pax.set_path("PaxHeaders/mtime").map_err(packing(path))?;
+                pax.set_mode(0o644);
+                pax.set_size(record.len() as u64);
+                pax.set_cksum();
+                builder
+                    .append(&pax, record.as_bytes())
+                    .map_err(packing(path))?;
+                header.set_entry_type(tar::EntryType::Regular);
+                header.set_size(meta.size);
+                // Exactly the size the header states, whatever the file does meanwhile: a file that shrank is
+                // padded, one that grew is cut (the next sync sees its new size and sends it again).
+                let content = file.take(meta.size).chain(io::repeat(0)).take(meta.size);
+                builder
+                    .append_data(&mut header, name, content)
+                    .map_err(packing(path))?;
+            }
+            Kind::Symlink => {
+                let Some(target) = slot.read_link()? else {
+                    return Err(gone(path));
+                };
+                header.set_entry_type(tar::EntryType::Symlink);
+                header.set_size(0);
+                builder
+                    .append_link(&mut header, name, &target)
+                    .map_err(packing(path))?;
+            }
+            Kind::Dir => {
+                header.set_entry_type(tar::EntryType::Directory);
+                header.set_size(0);
+                builder
+                    .append_data(&mut header, name, io::empty())
+                    .map_err(packing(path))?;
+            }
+            // Not workspace content: scans leave them out, and one that appeared since is not sent.
+            Kind::Special => {}
+        }
+    }
+    if let Some(placement) = placement {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_mode(0o600);
+        header.set_size(placement.script.len() as u64);
         builder
-            .append_path_with_name(&source, path)
-            .map_err(io_error(format!("packing {}", source.display())))?;
+            .append_data(
+                &mut header,
+                placement.script_path(),
+                placement.script.as_bytes(),
+            )
+            .map_err(io_error("packing the placement script"))?;
     }
     let mut writer = builder
         .into_inner()
@@ -830,6 +1030,90 @@ struct Unpacked {
     skipped: Vec<SkippedEntry>,
 }
 
+/// The longest relative path handed to the remote's tar whole. A longer one cannot be opened by name on a Linux
+/// remote (`PATH_MAX`, 4096 bytes with its NUL), so its directory is reached in steps (see [`TarList`]); the margin
+/// keeps every step well inside the limit.
+const WHOLE_PATH_MAX: usize = 3072;
+
+/// The list the remote's tar reads (`-T -`, NUL-separated), and how to read back the names it archives.
+///
+/// Paths up to [`WHOLE_PATH_MAX`] are listed as they are. Deeper ones are grouped by their directory: for each group
+/// the list holds a marker (`.`, which tar archives as the directory entry `./`), then `--directory=` steps down to
+/// the group's directory (each step at most [`WHOLE_PATH_MAX`] bytes; GNU tar's `-C` is cumulative and opens each
+/// step relative to the last, so no system call ever sees the whole path), the group's names, and one
+/// `--directory=..` per component back up. tar archives a group's names relative to its directory; the marker tells
+/// the reader which group they belong to ([`TarList::segments`]). Options in the list need
+/// `--no-verbatim-files-from` (GNU tar 1.29, 2016), so only a list with deep paths asks for it, and then every name is
+/// written `./name`: a name starting with `-` is never read as an option.
+#[derive(Debug)]
+struct TarList {
+    bytes: Vec<u8>,
+    /// Segment 0 holds whole paths; segment `i` (after the `i`-th marker) names relative to `segments[i]`.
+    segments: Vec<String>,
+}
+
+impl TarList {
+    fn new(paths: &[String]) -> Self {
+        let (whole, deep): (Vec<&String>, Vec<&String>) =
+            paths.iter().partition(|path| path.len() <= WHOLE_PATH_MAX);
+        if deep.is_empty() {
+            return Self {
+                bytes: nul_list(paths),
+                segments: vec![String::new()],
+            };
+        }
+        let mut groups: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for path in deep {
+            let (parent, name) = path.rsplit_once('/').unwrap_or(("", path.as_str()));
+            groups.entry(parent).or_default().push(name);
+        }
+        let mut bytes = Vec::new();
+        let mut push = |record: &str| {
+            bytes.extend_from_slice(record.as_bytes());
+            bytes.push(0);
+        };
+        for path in whole {
+            push(&format!("./{path}"));
+        }
+        let mut segments = vec![String::new()];
+        for (parent, names) in groups {
+            push(".");
+            let steps = path_steps(parent);
+            for step in &steps {
+                push(&format!("--directory={step}"));
+            }
+            for name in names {
+                push(&format!("./{name}"));
+            }
+            for _ in 0..parent.split('/').count() {
+                push("--directory=..");
+            }
+            segments.push(parent.to_owned());
+        }
+        Self { bytes, segments }
+    }
+
+    /// Whether the list holds options (deep paths).
+    fn has_steps(&self) -> bool {
+        self.segments.len() > 1
+    }
+}
+
+/// `dir` cut at `/` into steps of at most [`WHOLE_PATH_MAX`] bytes (a component is at most 255).
+fn path_steps(dir: &str) -> Vec<String> {
+    let mut steps: Vec<String> = Vec::new();
+    for component in dir.split('/') {
+        match steps.last_mut() {
+            Some(step) if step.len() + 1 + component.len() <= WHOLE_PATH_MAX => {
+                step.push('/');
+                step.push_str(component);
+            }
+            _ => steps.push(component.to_owned()),
+        }
+    }
+    steps
+}
+
 /// Streams a tar of `paths` in `dir` into `staging`, within `limits`. With what was staged comes the remote tar's
 /// complaint when it could not read some paths (they are missing from what was staged).
 async fn download(
@@ -839,9 +1123,15 @@ async fn download(
     staging: &Path,
     limits: &SyncBackLimits,
 ) -> Result<(Unpacked, Option<String>), DriverError> {
+    let list = TarList::new(paths);
     let script = format!(
-        "cd -- {} && exec tar -c -f - --no-recursion --null -T -",
-        shell_quote(dir)
+        "cd -- {} && exec tar -c -f - --no-recursion --null{} -T -",
+        shell_quote(dir),
+        if list.has_steps() {
+            " --no-verbatim-files-from"
+        } else {
+            ""
+        }
     );
     let (chunks, received) = mpsc::channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
     let progress = Arc::new(AtomicU64::new(0));
@@ -861,18 +1151,22 @@ async fn download(
     let root = staging.to_path_buf();
     let wanted: HashSet<String> = paths.iter().cloned().collect();
     let budget = Budget::new(limits);
+    let TarList {
+        bytes: list,
+        segments,
+    } = list;
     let unpacker = tokio::task::spawn_blocking(move || {
         let limit_mb = budget.limit_mb();
-        let unpacked = unpack(reader, &root, &wanted, budget);
+        let unpacked = unpack_segments(reader, &root, &wanted, &segments, budget);
         if overflow.load(Ordering::Relaxed) {
             return Err(DriverError::SyncBackTooLarge { limit_mb });
         }
         unpacked
     });
     // The list of paths is the remote tar's stdin.
-    let (list, list_received) = mpsc::channel(1);
-    let _ = list.send(nul_list(paths)).await;
-    drop(list);
+    let (list_sender, list_received) = mpsc::channel(1);
+    let _ = list_sender.send(list).await;
+    drop(list_sender);
     let stop = limits.stop_flag();
     let transferred = tokio::select! {
         output = shell.run_script(&script, list_received, Some(chunks), TRANSFER_TIMEOUT) => output,
@@ -930,12 +1224,26 @@ async fn idle(progress: &AtomicU64, limit: Duration) {
 /// by berth (mode 0600; their mode is kept aside, permission bits only), symlinks are kept in memory, and
 /// everything else — devices, FIFOs, hard links, paths not asked for — is never written. File content is counted
 /// against `budget` while it is read, before it is written.
+#[cfg(test)]
 fn unpack(
     reader: impl Read,
     staging: &Path,
     wanted: &HashSet<String>,
+    budget: Budget,
+) -> Result<Unpacked, DriverError> {
+    unpack_segments(reader, staging, wanted, &[String::new()], budget)
+}
+
+/// [`unpack`] of an archive made from a [`TarList`] with these `segments`: a name in segment `i > 0` is relative to
+/// `segments[i]`. Each marker (a directory entry `./`) starts the next segment; with one segment there are none.
+fn unpack_segments(
+    reader: impl Read,
+    staging: &Path,
+    wanted: &HashSet<String>,
+    segments: &[String],
     mut budget: Budget,
 ) -> Result<Unpacked, DriverError> {
+    let mut segment = 0_usize;
     let reading = || io_error("reading the remote workspace archive");
     let mut archive = tar::Archive::new(reader);
     let mut unpacked = Unpacked::default();
@@ -958,6 +1266,19 @@ fn unpack(
                     .to_owned()
             })
         });
+        if segments.len() > 1
+            && kind == tar::EntryType::Directory
+            && matches!(path.as_deref(), Some("" | "."))
+        {
+            segment += 1;
+            continue;
+        }
+        let path = match (path, segments.get(segment)) {
+            (Some(path), Some(prefix)) if !prefix.is_empty() => Some(format!("{prefix}/{path}")),
+            (path, Some(_)) => path,
+            // More markers than groups: a remote that sends what it was not asked for.
+            (_, None) => None,
+        };
         let Some(path) = path.filter(|path| wanted.contains(path)) else {
             // Not asked for: its content is read past (and counted), never written.
             budget.take(size)?;
@@ -1612,7 +1933,7 @@ mod tests {
         let (chunks, mut received) = mpsc::channel(CHUNKS_IN_FLIGHT);
         let root = source.clone();
         let packer = tokio::task::spawn_blocking(move || {
-            pack(&root, &["dir".to_owned(), "dir/f".to_owned()], chunks)
+            pack(&root, &["dir".to_owned(), "dir/f".to_owned()], None, chunks)
         });
         let mut archive = Vec::new();
         while let Some(chunk) = received.recv().await {
@@ -1722,5 +2043,239 @@ mod tests {
             ["edited.txt"],
             "{changes:?}"
         );
+    }
+}
+
+#[cfg(test)]
+mod deep_path_tests {
+    use std::collections::HashSet;
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+
+    use super::{Staged, TarList, WHOLE_PATH_MAX, path_steps, unpack_segments};
+    use crate::sync::{Budget, SyncBackLimits};
+
+    /// Makes `depth` directories of 200-byte names below `root` one `cd` at a time (no call sees the whole path),
+    /// writes `f` (content `deep`) at the bottom, and returns its relative path.
+    fn deep_file(root: &std::path::Path, depth: usize, tag: &str) -> String {
+        let name = format!("{tag}{}", "P".repeat(199));
+        let script = format!(
+            "i=0; while [ $i -lt {depth} ]; do mkdir -p {name} && cd -P {name} || exit 1; i=$((i+1)); done; echo deep-{tag} > f; printf x > -C"
+        );
+        let status = Command::new("sh")
+            .args(["-c", &script])
+            .current_dir(root)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        format!("{}/f", vec![name; depth].join("/"))
+    }
+
+    #[test]
+    fn steps_stay_below_the_limit_and_rejoin_to_the_directory() {
+        let dir = vec!["D".repeat(200); 40].join("/");
+        let steps = path_steps(&dir);
+        assert!(steps.len() > 1);
+        assert!(steps.iter().all(|step| step.len() <= WHOLE_PATH_MAX));
+        assert_eq!(steps.join("/"), dir);
+        assert_eq!(path_steps("a/b"), ["a/b"]);
+    }
+
+    /// The remote's GNU tar (here, this host's) reads a list with deep paths and sends them all; the reader puts each
+    /// name back under its group, and a name that looks like an option is archived as a file.
+    #[test]
+    fn gnu_tar_sends_paths_past_path_max_by_the_list() {
+        let temp = tempfile::tempdir().unwrap();
+        let root = temp.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(root.join("top"), "top").unwrap();
+        let first = deep_file(&root, 25, "a");
+        let second = deep_file(&root, 30, "b");
+        let option_like = format!("{}/-C", first.rsplit_once('/').unwrap().0);
+        assert!(first.len() > 4096 && second.len() > 4096);
+        let paths = vec![
+            "top".to_owned(),
+            first.clone(),
+            second.clone(),
+            option_like.clone(),
+        ];
+        let list = TarList::new(&paths);
+        assert!(list.has_steps());
+        let mut tar = Command::new("tar")
+            .args([
+                "-c",
+                "-f",
+                "-",
+                "--no-recursion",
+                "--null",
+                "--no-verbatim-files-from",
+                "-T",
+                "-",
+            ])
+            .current_dir(&root)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        tar.stdin.take().unwrap().write_all(&list.bytes).unwrap();
+        let output = tar.wait_with_output().unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+
+        let staging = temp.path().join("staging");
+        std::fs::create_dir(&staging).unwrap();
+        let wanted: HashSet<String> = paths.iter().cloned().collect();
+        let unpacked = unpack_segments(
+            &output.stdout[..],
+            &staging,
+            &wanted,
+            &list.segments,
+            Budget::new(&SyncBackLimits::default()),
+        )
+        .unwrap();
+        assert!(unpacked.skipped.is_empty(), "{:?}", unpacked.skipped);
+        let content = |path: &str| match unpacked.staged.get(path) {
+            Some(Staged::File { staged, .. }) => std::fs::read_to_string(staged).unwrap(),
+            other => panic!("{path}: {other:?}"),
+        };
+        assert_eq!(content("top"), "top");
+        assert_eq!(content(&first), "deep-a\n");
+        assert_eq!(content(&second), "deep-b\n");
+        assert_eq!(content(&option_like), "x");
+        assert_eq!(unpacked.staged.len(), 4);
+    }
+
+    /// Sync-in's two halves with this host standing in for the remote: a host tree deeper than PATH_MAX (files, a
+    /// link, a directory, names that need quoting) is packed and unpacked by the very script the remote runs, and
+    /// arrives whole, mtimes to the nanosecond, with nothing of the placement left behind.
+    #[tokio::test]
+    async fn deep_host_paths_are_packed_and_placed_by_the_remote_script() {
+        use std::sync::Arc;
+
+        use crate::sync::{HashCache, scan_tree_cached};
+
+        let temp = tempfile::tempdir().unwrap();
+        let source = temp.path().join("source");
+        std::fs::create_dir(&source).unwrap();
+        std::fs::write(source.join("top"), "top").unwrap();
+        let deep = deep_file(&source, 30, "s");
+        let bottom = deep.rsplit_once('/').unwrap().0.to_owned();
+        let status = Command::new("sh")
+            .args([
+                "-c",
+                &format!(
+                    "{}; ln -s f link; echo q > \"it's\"; mkdir sub; chmod 750 sub; echo in > sub/g",
+                    descend_to(&bottom)
+                ),
+            ])
+            .current_dir(&source)
+            .status()
+            .unwrap();
+        assert!(status.success());
+
+        let cache = Arc::new(HashCache::default());
+        let (host, _) = scan_tree_cached(&source, &cache).await.unwrap();
+        let paths: Vec<String> = host.entries().keys().cloned().collect();
+        let placement = super::DeepPlacement::plan(&host, &paths);
+        assert!(placement.is_some());
+        let (chunks, mut received) = tokio::sync::mpsc::channel(super::CHUNKS_IN_FLIGHT);
+        let (root, packed_paths) = (source.clone(), paths.clone());
+        let packer = tokio::task::spawn_blocking(move || {
+            super::pack(&root, &packed_paths, placement.as_ref(), chunks).map(|()| placement)
+        });
+        let mut archive = Vec::new();
+        while let Some(chunk) = received.recv().await {
+            archive.extend_from_slice(&chunk);
+        }
+        let placement = packer.await.unwrap().unwrap();
+
+        let target = temp.path().join("target");
+        let script = super::unpack_script(&target.display().to_string(), placement.as_ref());
+        let mut remote = Command::new("sh")
+            .args(["-c", &script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        remote.stdin.take().unwrap().write_all(&archive).unwrap();
+        let output = remote.wait_with_output().unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(super::parse_clock(&output.stdout).is_some());
+
+        let (arrived, _) = scan_tree_cached(&target, &cache).await.unwrap();
+        assert_eq!(arrived.entries(), host.entries());
+        let names: Vec<String> = std::fs::read_dir(&target)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            names.iter().all(|name| !name.starts_with(".berth-deep")),
+            "{names:?}"
+        );
+        // The deep file's mtime came through the rename whole.
+        let mtime = |root: &std::path::Path| {
+            let output = Command::new("sh")
+                .args(["-c", &format!("{}; stat -c %Y.%y f", descend_to(&bottom))])
+                .current_dir(root)
+                .output()
+                .unwrap();
+            String::from_utf8(output.stdout).unwrap()
+        };
+        assert_eq!(mtime(&target), mtime(&source));
+    }
+
+    /// What sync-in must clear (something of another kind in the way) goes, however deep, and nothing else does.
+    #[test]
+    fn the_removal_script_reaches_paths_past_path_max() {
+        let temp = tempfile::tempdir().unwrap();
+        let deep = deep_file(temp.path(), 30, "r");
+        let bottom = deep.rsplit_once('/').unwrap().0.to_owned();
+        std::fs::write(temp.path().join("it's"), "x").unwrap();
+        let script = super::removal_script(&[deep.clone(), "it's".to_owned()]);
+        let mut shell = Command::new("sh")
+            .arg("-s")
+            .current_dir(temp.path())
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        shell
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        assert!(shell.wait().unwrap().success());
+        assert!(!temp.path().join("it's").exists());
+        let listing = Command::new("sh")
+            .args(["-c", &format!("{} && ls -A", descend_to(&bottom))])
+            .current_dir(temp.path())
+            .output()
+            .unwrap();
+        assert!(listing.status.success());
+        assert_eq!(String::from_utf8(listing.stdout).unwrap(), "-C\n");
+    }
+
+    /// Shell that walks down `dir` one component at a time.
+    fn descend_to(dir: &str) -> String {
+        dir.split('/')
+            .map(|name| format!("cd -P {name}"))
+            .collect::<Vec<_>>()
+            .join(" && ")
+    }
+
+    #[test]
+    fn lists_without_deep_paths_are_as_before() {
+        let list = TarList::new(&["a".to_owned(), "-b".to_owned()]);
+        assert!(!list.has_steps());
+        assert_eq!(list.bytes, b"a\0-b\0");
     }
 }

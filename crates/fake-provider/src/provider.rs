@@ -18,7 +18,7 @@ use berth_core::probe::ProbeResult;
 use berth_core::provider::{BoxFuture, ProviderDescriptor, ProviderSpec, SandboxProvider};
 use berth_drivers::contain::Containment;
 use berth_drivers::fs::{blocking, create_private_dir, io_error};
-use berth_drivers::process::{ProcessSpec, command_cwd, run_process};
+use berth_drivers::process::{ProcessSpec, command_cwd, run_process_tracked};
 use berth_drivers::sync::{self, Manifest};
 use serde_json::{Map, Value, json};
 
@@ -536,7 +536,7 @@ impl SandboxProvider for FakeProvider {
             } else {
                 sink
             };
-            run_process(spec, sink, cancel).await
+            run_process_tracked(spec, self.containment.tracking(), sink, cancel).await
         })
     }
 

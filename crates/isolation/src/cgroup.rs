@@ -295,6 +295,27 @@ impl Layout {
         dirs
     }
 
+    /// Where a command that needs no limits can still get a cgroup of its own, only so that every process it
+    /// starts is found and killed whole (one that calls `setsid` leaves its process group, never its cgroup): the
+    /// unified v2 hierarchy where berth may write it (membership and `cgroup.kill` need no controller), else the
+    /// first v1 hierarchy berth may write. `None`: berth cannot make cgroups here (not root, nothing delegated).
+    pub fn tracking(&self) -> Option<Hierarchy> {
+        let unified = self.unified.as_ref().filter(|unified| {
+            fs::create_dir_all(unified).is_ok()
+                && rustix::fs::access(*unified, rustix::fs::Access::WRITE_OK).is_ok()
+        });
+        match unified {
+            Some(unified) => Some(Hierarchy {
+                version: Version::V2,
+                base: unified.clone(),
+            }),
+            None => Controller::ALL
+                .into_iter()
+                .find_map(|controller| self.get(controller))
+                .cloned(),
+        }
+    }
+
     /// Every directory a run cgroup named `name` could occupy, for cleanup.
     fn all_dirs_for(&self, name: &str) -> Vec<(Version, PathBuf)> {
         let mut dirs = self.dirs_for(name, &Controller::ALL, false);
@@ -383,6 +404,21 @@ fn delegate_v2(own: &Path, controllers: &[Controller]) -> Result<PathBuf, String
     Ok(base)
 }
 
+impl Hierarchy {
+    /// Creates the cgroup `name` directly below [`Hierarchy::base`], with no limits: a tracking cgroup (see
+    /// [`Layout::tracking`]). Fails when it exists already: names are the caller's to keep unique.
+    pub fn create_child(&self, name: &str) -> Result<RunCgroup, Error> {
+        let dir = self.base.join(name);
+        fs::create_dir(&dir).map_err(|source| Error::Cgroup {
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(RunCgroup {
+            dirs: vec![(self.version, dir)],
+        })
+    }
+}
+
 /// One run's cgroup, present in each hierarchy the layout uses.
 #[derive(Debug)]
 pub struct RunCgroup {
@@ -453,6 +489,11 @@ impl RunCgroup {
             .iter()
             .map(|(_, dir)| dir.join("cgroup.procs"))
             .collect()
+    }
+
+    /// Its directories, one per hierarchy.
+    pub fn dirs(&self) -> impl Iterator<Item = &Path> {
+        self.dirs.iter().map(|(_, dir)| dir.as_path())
     }
 
     /// Whether any of its directories exists.

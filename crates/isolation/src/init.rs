@@ -178,20 +178,26 @@ pub fn dispatch(args: &[OsString]) -> Option<ExitCode> {
     })
 }
 
-/// `berth sandbox enter [--cgroup PROCS_FILE]... -- PROGRAM ARGS...`: join the cgroups, become PROGRAM.
+/// `berth sandbox enter [--cgroup PROCS_FILE]... [--arg0 NAME] -- PROGRAM ARGS...`: join the cgroups, become
+/// PROGRAM (with `NAME` as its `argv[0]` when given: an uncontained Local command keeps the name it was asked by).
 pub fn enter_main(args: &[OsString]) -> ExitCode {
     let mut rest = args.iter();
     let mut procs_files = Vec::new();
+    let mut arg0 = None;
     loop {
         match rest.next().and_then(|arg| arg.to_str()) {
             Some("--cgroup") => match rest.next() {
                 Some(path) => procs_files.push(PathBuf::from(path)),
                 None => return fail_early("--cgroup needs a path"),
             },
+            Some("--arg0") => match rest.next() {
+                Some(name) => arg0 = Some(name),
+                None => return fail_early("--arg0 needs a name"),
+            },
             Some("--") => break,
             _ => {
                 return fail_early(
-                    "usage: berth sandbox enter [--cgroup FILE]... -- PROGRAM ARGS...",
+                    "usage: berth sandbox enter [--cgroup FILE]... [--arg0 NAME] -- PROGRAM ARGS...",
                 );
             }
         }
@@ -208,7 +214,12 @@ pub fn enter_main(args: &[OsString]) -> ExitCode {
     let Some(program) = rest.next() else {
         return fail_early("no program to run");
     };
-    let err = Command::new(program).args(rest).exec();
+    let mut command = Command::new(program);
+    if let Some(name) = arg0 {
+        command.arg0(name);
+    }
+    // `exec` is execvp: a script without `#!` still runs through /bin/sh, as it would have without this step.
+    let err = command.args(rest).exec();
     fail_early(&format!(
         "cannot start {}: {err}",
         Path::new(program).display()

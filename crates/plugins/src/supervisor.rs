@@ -270,6 +270,7 @@ impl Supervisor {
             self.consecutive = self.consecutive.saturating_add(1);
             let retry = format!("{reason}; restarting in {} ms", delay.as_millis());
             tracing::warn!(plugin.id = %id, reason = %retry, "plugin down");
+            metrics::counter!("berth_plugin_restarts_total", "plugin" => id.clone()).increment(1);
             self.state.send_replace(if failed {
                 PluginState::Failed(retry)
             } else {

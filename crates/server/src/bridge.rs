@@ -199,6 +199,7 @@ struct AuditChannel(mpsc::UnboundedSender<AuditEntry>);
 
 impl AuditSink for AuditChannel {
     fn record(&self, _run_id: RunId, entry: AuditEntry) {
+        crate::metrics::bridge_request(entry.status, entry.code, entry.latency);
         // Unbounded is bounded in practice: one entry per request, and requests are limited per run.
         let _ = self.0.send(entry);
     }

@@ -57,7 +57,7 @@ pub enum Command {
     /// Inspect leases.
     #[command(subcommand)]
     Lease(LeaseCommand),
-    /// Companies (admin).
+    /// Companies: list and create them (admin), show and update one (its keys; updates need a manager key).
     #[command(subcommand)]
     Company(CompanyCommand),
     /// A company's API keys (admin).
@@ -170,6 +170,19 @@ pub struct ServeArgs {
     /// API connections served at once; past it, a connection is answered 503 `too_many_connections`.
     #[arg(long, default_value_t = 1024, value_name = "N")]
     pub max_connections: usize,
+    /// The timeout of a run that gives none (`timeoutMs`) in an environment whose config names none: a whole
+    /// number with ms, s, m or h (bare: seconds), 1ms to 24h. A run that reaches it is `timed_out`. Default: none.
+    #[arg(
+        long,
+        env = "BERTH_DEFAULT_RUN_TIMEOUT",
+        value_name = "DURATION",
+        value_parser = crate::runs::accept::parse_run_timeout
+    )]
+    pub default_run_timeout: Option<std::time::Duration>,
+    /// Serve `GET /metrics` without a token. By default it needs the admin token; use this only where the API
+    /// port is reachable by nothing but your Prometheus (or a proxy in front restricts `/metrics`).
+    #[arg(long)]
+    pub metrics_public: bool,
 }
 
 impl Cli {
@@ -246,6 +259,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             max_connections: args.max_connections.max(1),
             ..berth_listen::Limits::default()
         },
+        metrics_public: args.metrics_public,
+        default_run_timeout: args.default_run_timeout,
         sweep_interval: std::env::var("BERTH_SWEEP_INTERVAL_MS")
             .ok()
             .and_then(|value| value.parse::<u64>().ok())

@@ -85,6 +85,11 @@ pub struct ServeOptions {
     pub plugin_deadlines: Deadlines,
     /// The API listener's connection limits: header-read timeout, connection bound, lingering close.
     pub connections: berth_listen::Limits,
+    /// `--metrics-public`: serve `GET /metrics` without the admin token.
+    pub metrics_public: bool,
+    /// `--default-run-timeout` / `BERTH_DEFAULT_RUN_TIMEOUT`: the timeout of runs that give none, in environments
+    /// whose config names none.
+    pub default_run_timeout: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +125,8 @@ pub enum ServeError {
     Bridge(#[from] berth_bridge::BridgeError),
     #[error(transparent)]
     WorkspaceRoot(#[from] RootError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
 }
 
 /// Starts berth and serves until `shutdown` resolves, then drains for up to [`SHUTDOWN_GRACE`].
@@ -146,6 +153,7 @@ pub async fn serve(
     let runs = state.runs().clone();
     let plugins = state.plugins().clone();
     runs.spawn_background();
+    let metrics_upkeep = state.metrics().spawn_upkeep();
     let router = crate::api::router(state);
     let http = berth_listen::Listener::tcp(listener, options.connections.clone(), move |_| {
         TowerToHyperService::new(router.clone())
@@ -168,6 +176,7 @@ pub async fn serve(
         }
         Err(error) => tracing::warn!(%error, "the API listener failed while draining"),
     }
+    metrics_upkeep.abort();
     store.close().await;
     Ok(())
 }
@@ -195,7 +204,9 @@ fn host_containment(
         }
         hidden.dirs.push(PathBuf::from(format!("{path}-output")));
     }
-    let containment = Containment::new(support, hidden, options.allow_uncontained_local);
+    // Uncontained commands each get a cgroup (joined through berth's own binary) where the host allows it.
+    let containment = Containment::new(support, hidden, options.allow_uncontained_local)
+        .track_processes(init_program());
     if options.allow_uncontained_local {
         tracing::warn!(
             "--allow-uncontained-local: Local and fake-provider commands run as the server's user and can read its \
@@ -244,6 +255,7 @@ pub async fn prepare(options: &ServeOptions) -> Result<AppState, ServeError> {
         support,
     )?;
     let plugins = Arc::new(start_plugins(options, &mut providers));
+    let metrics = crate::metrics::Metrics::install(providers.keys(), options.metrics_public)?;
     let local = LocalDriver::new(options.data_dir.join("workspaces"), containment);
     let drivers = Arc::new(DriverRegistry::new(local, Arc::new(providers)));
     let node_id = load_or_create_node_id(&options.data_dir)?;
@@ -257,6 +269,9 @@ pub async fn prepare(options: &ServeOptions) -> Result<AppState, ServeError> {
         node_id,
         options.sweep_interval.unwrap_or(DEFAULT_SWEEP_INTERVAL),
     );
+    if let Some(timeout) = options.default_run_timeout {
+        runs.set_default_run_timeout(timeout);
+    }
     // Leases made by plugins are cleaned up through them: give them a moment to come up first. One that takes
     // longer is cleaned up by the periodic sweep once it is ready.
     futures::future::join_all(
@@ -274,6 +289,7 @@ pub async fn prepare(options: &ServeOptions) -> Result<AppState, ServeError> {
         drivers,
         plugins,
         runs,
+        metrics,
     ))
 }
 

@@ -7,6 +7,7 @@ use berth_drivers::registry::DriverRegistry;
 use berth_plugins::PluginHost;
 
 use crate::host_policy::HostPolicy;
+use crate::metrics::Metrics;
 use crate::runs::RunManager;
 use crate::secrets::SecretCipher;
 use crate::tokens::token_digest;
@@ -25,6 +26,7 @@ struct Inner {
     drivers: Arc<DriverRegistry>,
     plugins: Arc<PluginHost>,
     runs: RunManager,
+    metrics: Metrics,
 }
 
 impl AppState {
@@ -35,6 +37,7 @@ impl AppState {
         drivers: Arc<DriverRegistry>,
         plugins: Arc<PluginHost>,
         runs: RunManager,
+        metrics: Metrics,
     ) -> Self {
         let admin_token_digest = token_digest(admin_token);
         Self {
@@ -45,6 +48,7 @@ impl AppState {
                 drivers,
                 plugins,
                 runs,
+                metrics,
             }),
         }
     }
@@ -81,6 +85,11 @@ impl AppState {
     pub fn host(&self) -> &HostPolicy {
         // Held by the runs, which check it when they accept one.
         self.inner.runs.host()
+    }
+
+    /// The metrics recorder, and whether `/metrics` needs the admin token.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// The SHA-256 of the admin token; the token itself is not kept in memory.

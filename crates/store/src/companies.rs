@@ -1,7 +1,7 @@
 //! Companies and their API keys.
 
 use berth_core::company::{ApiKey, Company};
-use berth_core::ids::{ApiKeyId, CompanyId};
+use berth_core::ids::{ApiKeyId, CompanyId, EnvironmentId};
 use berth_core::time::Timestamp;
 
 use super::Store;
@@ -11,12 +11,41 @@ use super::rows::{ApiKeyRow, CompanyRow, convert_all};
 /// PostgreSQL's name for the unique constraint on `companies.name` (see the migrations).
 const COMPANY_NAME_CONSTRAINT: &str = "companies_name_key";
 
-const INSERT_COMPANY: &str = "INSERT INTO companies (id, name, created_at) VALUES ($1, $2, $3)";
+macro_rules! company_columns {
+    () => {
+        "id, name, created_at, default_environment_id"
+    };
+}
+
+const INSERT_COMPANY: &str = concat!(
+    "INSERT INTO companies (",
+    company_columns!(),
+    ") VALUES ($1, $2, $3, $4)"
+);
 const INSERT_COMPANY_IF_ABSENT: &str = "INSERT INTO companies (id, name, created_at) VALUES ($1, $2, $3) \
      ON CONFLICT (name) DO NOTHING";
-const LIST_COMPANIES: &str = "SELECT id, name, created_at FROM companies ORDER BY created_at, id";
-const GET_COMPANY: &str = "SELECT id, name, created_at FROM companies WHERE id = $1";
-const COMPANY_BY_NAME: &str = "SELECT id, name, created_at FROM companies WHERE name = $1";
+const LIST_COMPANIES: &str = concat!(
+    "SELECT ",
+    company_columns!(),
+    " FROM companies ORDER BY created_at, id"
+);
+const GET_COMPANY: &str = concat!(
+    "SELECT ",
+    company_columns!(),
+    " FROM companies WHERE id = $1"
+);
+const COMPANY_BY_NAME: &str = concat!(
+    "SELECT ",
+    company_columns!(),
+    " FROM companies WHERE name = $1"
+);
+/// Conditional on the environment being one of the company's, checked by the write itself: no read-then-write gap
+/// in which the environment could move or vanish (a delete racing this fails one of the two on the foreign key).
+const SET_DEFAULT_ENVIRONMENT: &str = concat!(
+    "UPDATE companies SET default_environment_id = $2 WHERE id = $1 AND ($2 IS NULL OR EXISTS \
+     (SELECT 1 FROM environments WHERE environments.id = $2 AND environments.company_id = $1)) RETURNING ",
+    company_columns!()
+);
 
 const INSERT_API_KEY: &str = "INSERT INTO api_keys (id, company_id, name, role, token_hash, created_at) \
      VALUES ($1, $2, $3, $4, $5, $6)";
@@ -34,6 +63,7 @@ impl Store {
                 .bind(company.id.to_string())
                 .bind(&company.name)
                 .bind(company.created_at.unix_millis())
+                .bind(company.default_environment_id.map(|id| id.to_string()))
                 .execute(pool)
                 .await
                 .map_err(conflict_as(
@@ -90,6 +120,34 @@ impl Store {
                 .await?
         });
         row.map(Company::try_from).transpose()
+    }
+
+    /// Sets the company's default environment, or clears it with `None`. Returns the updated company, or `None`
+    /// when the company does not exist or the environment is not one of its own (it never was, or it was deleted
+    /// concurrently: the foreign key fails whichever of the two writes comes second).
+    pub async fn set_default_environment(
+        &self,
+        company_id: CompanyId,
+        environment_id: Option<EnvironmentId>,
+    ) -> Result<Option<Company>, StoreError> {
+        let result: Result<Option<CompanyRow>, sqlx::Error> = on_pool!(&self.db, |pool| {
+            sqlx::query_as(SET_DEFAULT_ENVIRONMENT)
+                .bind(company_id.to_string())
+                .bind(environment_id.map(|id| id.to_string()))
+                .fetch_optional(pool)
+                .await
+        });
+        match result {
+            Ok(row) => row.map(Company::try_from).transpose(),
+            Err(error)
+                if error
+                    .as_database_error()
+                    .is_some_and(|db| db.is_foreign_key_violation()) =>
+            {
+                Ok(None)
+            }
+            Err(error) => Err(error.into()),
+        }
     }
 
     /// Stores a key with the hash of its secret (the secret itself is never stored).

@@ -179,7 +179,8 @@ impl Store {
         updated?.map(Environment::try_from).transpose()
     }
 
-    /// Deletes an environment and its leases; returns the removed row, or `None` if there was none.
+    /// Deletes an environment and its leases; returns the removed row, or `None` if there was none. Fails with
+    /// `Conflict(EnvironmentIsDefault)` while it is its company's default environment.
     pub async fn delete_environment(
         &self,
         id: EnvironmentId,
@@ -188,7 +189,8 @@ impl Store {
             sqlx::query_as(DELETE_ENVIRONMENT)
                 .bind(id.to_string())
                 .fetch_optional(pool)
-                .await?
+                .await
+                .map_err(default_environment_conflict)?
         });
         row.map(Environment::try_from).transpose()
     }
@@ -223,5 +225,18 @@ impl Store {
                 .rows_affected()
         });
         Ok(inserted)
+    }
+}
+
+/// The only foreign key that refers to an environment without a delete action is a company's default environment
+/// (migration 0009): violating it on delete means the environment is still its company's default.
+fn default_environment_conflict(error: sqlx::Error) -> StoreError {
+    if error
+        .as_database_error()
+        .is_some_and(|db| db.is_foreign_key_violation())
+    {
+        StoreError::Conflict(ConflictKind::EnvironmentIsDefault)
+    } else {
+        StoreError::from(error)
     }
 }

@@ -53,6 +53,8 @@ pub enum ConflictKind {
     /// An environment holds at most one reusable (`reuse_by_environment`) lease at a time — active, or with its
     /// cleanup pending: another run (or its cleanup) holds it.
     ReusableLeaseHeld,
+    /// An environment that is its company's default environment cannot be deleted (the company's foreign key to it).
+    EnvironmentIsDefault,
     /// Any other unique constraint (a duplicate id or token hash).
     Other,
 }
@@ -69,6 +71,7 @@ impl StoreError {
             }
             StoreError::Conflict(ConflictKind::CompanyNameTaken) => "company_name_taken",
             StoreError::Conflict(ConflictKind::ReusableLeaseHeld) => "reusable_lease_held",
+            StoreError::Conflict(ConflictKind::EnvironmentIsDefault) => "environment_is_default",
             StoreError::Conflict(ConflictKind::Other) => "conflict",
             StoreError::ConcurrentUpdate => "concurrent_update",
             StoreError::CorruptRow { .. } => "corrupt_row",
@@ -124,6 +127,10 @@ impl fmt::Display for ConflictKind {
             ConflictKind::LocalEnvironmentExists => "the company already has a local environment",
             ConflictKind::CompanyNameTaken => "a company with this name already exists",
             ConflictKind::ReusableLeaseHeld => "another run holds the environment's reusable lease",
+            ConflictKind::EnvironmentIsDefault => {
+                "the environment is its company's default environment: clear or change the company's \
+                 defaultEnvironmentId first"
+            }
             ConflictKind::Other => "the row conflicts with an existing one",
         })
     }
@@ -215,6 +222,11 @@ mod tests {
             (
                 StoreError::Conflict(ConflictKind::ReusableLeaseHeld),
                 "reusable_lease_held",
+                ErrorKind::Conflict,
+            ),
+            (
+                StoreError::Conflict(ConflictKind::EnvironmentIsDefault),
+                "environment_is_default",
                 ErrorKind::Conflict,
             ),
             (

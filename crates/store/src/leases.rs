@@ -10,6 +10,7 @@
 use serde_json::{Map, Value};
 
 use berth_core::driver::ProcessIdentity;
+use berth_core::environment::Driver;
 use berth_core::ids::{EnvironmentId, LeaseId};
 use berth_core::lease::{CleanupStatus, Lease, LeaseStatus};
 use berth_core::time::Timestamp;
@@ -82,12 +83,12 @@ const ORPHANED_LEASES: &str = concat!(
      WHERE runs.id = environment_leases.run_id AND runs.status IN ('queued', 'running')) \
      ORDER BY acquired_at, id LIMIT $1"
 );
-/// Released or expired leases whose cleanup was started before `$1`, or by node `$3`'s runs (a node restarting knows
+/// Released, failed or expired leases whose cleanup was started before `$1`, or by node `$3`'s runs (a node restarting knows
 /// its own cleanups died with it), and never finished, and whose run is not alive.
 const STUCK_CLEANUPS: &str = concat!(
     "SELECT ",
     lease_columns!(),
-    " FROM environment_leases WHERE cleanup_status = 'pending' AND status IN ('released', 'expired') \
+    " FROM environment_leases WHERE cleanup_status = 'pending' AND status IN ('released', 'failed', 'expired') \
      AND (released_at < $1 OR EXISTS (SELECT 1 FROM runs WHERE runs.id = environment_leases.run_id \
      AND runs.owner_node = $3)) AND NOT EXISTS (SELECT 1 FROM runs \
      WHERE runs.id = environment_leases.run_id AND runs.status IN ('queued', 'running')) \
@@ -96,6 +97,8 @@ const STUCK_CLEANUPS: &str = concat!(
 /// Takes over a stuck cleanup: `released_at` doubles as the claim's version, so one sweeper wins.
 const CLAIM_STUCK_CLEANUP: &str = "UPDATE environment_leases SET released_at = $3 \
      WHERE id = $1 AND cleanup_status = 'pending' AND released_at = $2";
+const COUNT_HELD_LEASES: &str = "SELECT status, driver, provider, COUNT(*) FROM environment_leases \
+     WHERE status IN ('active', 'retained') GROUP BY status, driver, provider";
 /// `expires_at < $1` is never true for a `NULL` expiry: leases without one do not expire.
 const EXPIRED_LEASES: &str = concat!(
     "SELECT ",
@@ -401,5 +404,29 @@ impl Store {
             query.fetch_all(pool).await?
         });
         convert_all(rows)
+    }
+
+    /// How many leases are held (`active` or `retained`), by status, driver and provider: what the metrics report
+    /// at each scrape, read from the database so it holds across restarts and replicas.
+    pub async fn count_held_leases(
+        &self,
+    ) -> Result<Vec<(LeaseStatus, Driver, Option<String>, u64)>, StoreError> {
+        let rows: Vec<(String, String, Option<String>, i64)> = on_pool!(&self.db, |pool| {
+            sqlx::query_as(COUNT_HELD_LEASES).fetch_all(pool).await?
+        });
+        rows.into_iter()
+            .map(|(status, driver, provider, count)| {
+                let corrupt = |column| StoreError::CorruptRow {
+                    table: "environment_leases",
+                    column,
+                };
+                Ok((
+                    status.parse().map_err(|_| corrupt("status"))?,
+                    driver.parse().map_err(|_| corrupt("driver"))?,
+                    provider,
+                    u64::try_from(count).unwrap_or_default(),
+                ))
+            })
+            .collect()
     }
 }

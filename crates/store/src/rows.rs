@@ -22,6 +22,7 @@ pub(super) struct CompanyRow {
     id: String,
     name: String,
     created_at: i64,
+    default_environment_id: Option<String>,
 }
 
 #[derive(Debug, sqlx::FromRow)]
@@ -141,6 +142,11 @@ impl TryFrom<CompanyRow> for Company {
             id: parse(&row.id, TABLE, "id")?,
             name: row.name,
             created_at: Timestamp::from_unix_millis(row.created_at),
+            default_environment_id: parse_optional(
+                row.default_environment_id.as_deref(),
+                TABLE,
+                "default_environment_id",
+            )?,
         })
     }
 }

@@ -142,32 +142,78 @@ macro_rules! insert_event_rows {
     }};
 }
 
+/// The insert of one run, `$run` a `&Run` and `$command` its argv as JSON text, ready to execute on a pool or in a
+/// transaction.
+macro_rules! insert_run_query {
+    ($run:expr, $command:expr) => {{
+        let run: &Run = $run;
+        sqlx::query(INSERT_RUN)
+            .bind(run.id.to_string())
+            .bind(run.company_id.to_string())
+            .bind(run.environment_id.to_string())
+            .bind(run.lease_id.map(|id| id.to_string()))
+            .bind(run.status.as_str())
+            .bind($command)
+            .bind(run.exit_code.map(i64::from))
+            .bind(run.signal.as_deref())
+            .bind(run.error.as_deref())
+            .bind(&run.owner_node)
+            .bind(run.created_at.unix_millis())
+            .bind(run.started_at.map(Timestamp::unix_millis))
+            .bind(run.finished_at.map(Timestamp::unix_millis))
+            .bind(run.heartbeat_at.unix_millis())
+            .bind(flag_value(run.cancel_requested))
+    }};
+}
+
 // === impl Store ===
 
 impl Store {
     pub async fn insert_run(&self, run: &Run) -> Result<(), StoreError> {
         let command = json_value_text(&run.command)?;
         on_pool!(&self.db, |pool| {
-            sqlx::query(INSERT_RUN)
-                .bind(run.id.to_string())
-                .bind(run.company_id.to_string())
-                .bind(run.environment_id.to_string())
-                .bind(run.lease_id.map(|id| id.to_string()))
-                .bind(run.status.as_str())
-                .bind(&command)
-                .bind(run.exit_code.map(i64::from))
-                .bind(run.signal.as_deref())
-                .bind(run.error.as_deref())
-                .bind(&run.owner_node)
-                .bind(run.created_at.unix_millis())
-                .bind(run.started_at.map(Timestamp::unix_millis))
-                .bind(run.finished_at.map(Timestamp::unix_millis))
-                .bind(run.heartbeat_at.unix_millis())
-                .bind(flag_value(run.cancel_requested))
-                .execute(pool)
-                .await?;
+            insert_run_query!(run, &command).execute(pool).await?;
         });
         Ok(())
+    }
+
+    /// Inserts a new run together with its first events (`queued`), in one transaction: a crash can leave neither
+    /// or both, never a run whose log does not start where every run's does. The events get seqs 1, 2, ...; their
+    /// data is stored inline (never in a segment file: these are status events, not output). Returns them as
+    /// stored.
+    pub async fn insert_run_with_events(
+        &self,
+        run: &Run,
+        events: Vec<NewRunEvent>,
+    ) -> Result<Vec<RunEvent>, StoreError> {
+        let command = json_value_text(&run.command)?;
+        let rows = events
+            .iter()
+            .map(|event| EventRow::new(event, None))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let run_key = run.id.to_string();
+        let seqs: Vec<i64> = in_write_tx!(&self.db, |tx| {
+            insert_run_query!(run, &command).execute(&mut *tx).await?;
+            // Nobody else can append to a run before this transaction commits (the row is not visible yet), so
+            // no lock is needed for the seqs to be dense.
+            let mut seqs = Vec::with_capacity(rows.len());
+            for chunk in rows.chunks(EVENT_INSERT_CHUNK) {
+                seqs.extend(insert_event_rows!(&mut *tx, &run_key, chunk));
+            }
+            seqs
+        });
+        let first = seqs.iter().copied().min().unwrap_or(1);
+        Ok(events
+            .into_iter()
+            .zip(first..)
+            .map(|(event, seq)| RunEvent {
+                run_id: run.id,
+                seq,
+                at: event.at,
+                kind: event.kind,
+                data: event.data,
+            })
+            .collect())
     }
 
     pub async fn get_run(&self, id: RunId) -> Result<Option<Run>, StoreError> {

@@ -24,6 +24,7 @@ both_backends!(
     leases_are_listed_by_statuses,
     unfinished_leases_keep_the_configs_they_were_acquired_with,
     a_lease_records_the_process_group_of_its_command,
+    stuck_cleanups_of_failed_leases_are_found_and_claimed_once,
 );
 
 async fn leases_round_trip_and_listing(db: &TestDb) {
@@ -834,4 +835,47 @@ async fn a_lease_records_the_process_group_of_its_command(db: &TestDb) {
     let missing = LeaseId::new();
     store.set_lease_process(missing, None).await.unwrap();
     assert_eq!(store.lease_process(missing).await.unwrap(), None);
+}
+
+/// A failed lease's cleanup (its run failed) that a dead node left pending is retried like a released one's.
+async fn stuck_cleanups_of_failed_leases_are_found_and_claimed_once(db: &TestDb) {
+    let store = db.store();
+    let acme = new_company(store, "acme").await;
+    let env = environment(acme.id, "sandbox", Driver::Sandbox, 1_000);
+    store.insert_environment(&env).await.unwrap();
+    let pending = |status: LeaseStatus, released_at: i64| Lease {
+        released_at: Some(at(released_at)),
+        cleanup_status: Some(CleanupStatus::Pending),
+        failure_reason: (status == LeaseStatus::Failed).then(|| "run_failed".to_owned()),
+        ..lease(&env, status, 100)
+    };
+    let failed = pending(LeaseStatus::Failed, 1_000);
+    let released = pending(LeaseStatus::Released, 2_000);
+    let recent = pending(LeaseStatus::Failed, 9_000);
+    let done = Lease {
+        cleanup_status: Some(CleanupStatus::Success),
+        ..pending(LeaseStatus::Failed, 500)
+    };
+    for lease in [&failed, &released, &recent, &done] {
+        store.insert_lease(lease).await.unwrap();
+    }
+
+    let stuck = store
+        .stuck_cleanups(at(5_000), "node-x", 100)
+        .await
+        .unwrap();
+    assert_eq!(ids(&stuck, |lease| lease.id), vec![failed.id, released.id]);
+    assert_eq!(stuck[0].failure_reason.as_deref(), Some("run_failed"));
+    assert!(
+        store
+            .claim_stuck_cleanup(&stuck[0], at(6_000))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .claim_stuck_cleanup(&stuck[0], at(6_001))
+            .await
+            .unwrap()
+    );
 }

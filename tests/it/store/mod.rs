@@ -72,6 +72,7 @@ fn company(name: &str, created_at: i64) -> Company {
         id: CompanyId::new(),
         name: name.to_owned(),
         created_at: at(created_at),
+        default_environment_id: None,
     }
 }
 

@@ -92,7 +92,7 @@ fn ssh_base() -> serde_json::Value {
 fn local_accepts_only_an_empty_object() {
     assert!(matches!(
         DriverConfig::parse(Driver::Local, &json!({}), &catalog()),
-        Ok(DriverConfig::Local)
+        Ok(DriverConfig::Local(LocalConfig { timeout_ms: None }))
     ));
     let errors = DriverConfig::parse(Driver::Local, &json!({"x": 1}), &catalog()).unwrap_err();
     assert_eq!(paths(&errors), ["config.x"]);
@@ -441,4 +441,84 @@ fn bad_secret_references_and_values_are_refused_at_their_path() {
         assert_eq!(paths(&errors), [path], "{config}");
         assert!(!format!("{errors:?}").contains("abc\""), "{errors:?}");
     }
+}
+
+#[test]
+fn every_driver_takes_a_default_command_timeout_outside_the_provider_fields() {
+    let mut ssh = ssh_base();
+    ssh["timeoutMs"] = json!(1500);
+    let configs = [
+        (Driver::Local, json!({"timeoutMs": 1500})),
+        (Driver::Ssh, ssh),
+        (
+            Driver::Sandbox,
+            json!({"provider": "fake", "timeoutMs": 1500}),
+        ),
+        (
+            Driver::Plugin,
+            json!({"pluginKey": "acme.sandbox", "driverKey": "acme-vm", "timeoutMs": 1500}),
+        ),
+    ];
+    for (driver, config) in configs {
+        let parsed = DriverConfig::parse(driver, &config, &catalog())
+            .unwrap_or_else(|errors| panic!("{driver}: {errors}"));
+        assert_eq!(parsed.timeout_ms(), Some(1500), "{driver}");
+        let stored = parsed.to_stored().unwrap();
+        assert_eq!(stored[TIMEOUT_MS_KEY], json!(1500), "{driver}");
+        // Read back from the stored shape: the same value (an environment's config round-trips).
+        let again = DriverConfig::parse(driver, &Value::Object(stored), &catalog()).unwrap();
+        assert_eq!(again.timeout_ms(), Some(1500), "{driver}");
+    }
+    // A provider's schema (additionalProperties: false) never sees the key; a plugin driver's fields neither.
+    let DriverConfig::Sandbox(sandbox) = DriverConfig::parse(
+        Driver::Sandbox,
+        &json!({"provider": "fake", "timeoutMs": 5}),
+        &catalog(),
+    )
+    .unwrap() else {
+        panic!("not a sandbox config")
+    };
+    assert!(!sandbox.fields.contains_key(TIMEOUT_MS_KEY));
+    let DriverConfig::Plugin(plugin) = DriverConfig::parse(
+        Driver::Plugin,
+        &json!({"pluginKey": "acme.sandbox", "driverKey": "acme-vm", "timeoutMs": 5}),
+        &catalog(),
+    )
+    .unwrap() else {
+        panic!("not a plugin config")
+    };
+    assert!(!plugin.driver_config.contains_key(TIMEOUT_MS_KEY));
+    // Absent: no timeout, and no key in the stored shape.
+    let local = DriverConfig::parse(Driver::Local, &json!({}), &catalog()).unwrap();
+    assert_eq!(local.timeout_ms(), None);
+    assert!(local.to_stored().unwrap().is_empty());
+}
+
+#[test]
+fn default_command_timeouts_out_of_bounds_are_refused_at_their_path() {
+    for bad in [
+        json!(0),
+        json!(-5),
+        json!(86_400_001),
+        json!(1.5),
+        json!("10s"),
+        json!(true),
+    ] {
+        for driver in [Driver::Local, Driver::Sandbox] {
+            let mut config = match driver {
+                Driver::Sandbox => json!({"provider": "fake"}),
+                _ => json!({}),
+            };
+            config["timeoutMs"] = bad.clone();
+            let errors = DriverConfig::parse(driver, &config, &catalog()).unwrap_err();
+            assert_eq!(paths(&errors), ["config.timeoutMs"], "{driver} {bad}");
+        }
+    }
+    let max = DriverConfig::parse(
+        Driver::Local,
+        &json!({"timeoutMs": MAX_TIMEOUT_MS}),
+        &catalog(),
+    )
+    .unwrap();
+    assert_eq!(max.timeout_ms(), Some(86_400_000));
 }

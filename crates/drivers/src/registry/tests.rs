@@ -362,7 +362,7 @@ async fn the_sandbox_driver_delegates_to_the_lease_provider() {
     assert!(driver.matches_reusable_lease(&sandbox("stub"), &kept));
     assert!(!driver.matches_reusable_lease(&sandbox("stub"), &lease));
     assert!(!driver.matches_reusable_lease(&sandbox("no-runs"), &kept));
-    assert!(!driver.matches_reusable_lease(&DriverConfig::Local, &kept));
+    assert!(!driver.matches_reusable_lease(&DriverConfig::local(), &kept));
     assert_eq!(
         driver
             .resume(&sandbox("stub"), &kept, &request)
@@ -413,7 +413,7 @@ async fn the_sandbox_driver_delegates_to_the_lease_provider() {
     );
     assert!(
         driver
-            .acquire(&DriverConfig::Local, &request)
+            .acquire(&DriverConfig::local(), &request)
             .await
             .is_err()
     );

@@ -13,7 +13,9 @@
 //! the bootstrap `exec`s down to the command, so the command's pid is its process group id: timeouts and cancels
 //! kill the whole group with `kill -KILL -PGID` on a second channel (no `--`: dash's `kill` takes none). So does a
 //! command that exits while something it started still holds its output open (the channel would never close). On
-//! a runner, the command `setsid`s into a group of its own, and the runner kills what is left of it when it exits.
+//! a runner, the command `setsid`s into a group of its own, and the runner kills what is left of it when it exits;
+//! what escaped into a session of its own and keeps the output open gets the runner retired instead of reused (see
+//! [`super::runner`]: it can never write into another job's output).
 //! Either way the command's identity (group, session, start time, boot id) goes to the sink's `started` before its
 //! output, so a crash of berth leaves enough behind to kill exactly its processes later.
 
@@ -126,16 +128,16 @@ pub async fn execute(
             return execute_in_session(pool, target, preamble, request, sink, cancel).await;
         };
         let result = match runner.send_job(&body, JobInput::Bytes(stdin.clone())).await {
-            Ok(()) => {
-                supervise_runner(
+            Ok(feed) => {
+                let supervised = supervise_runner(
                     pool,
                     target,
                     &mut runner,
                     sink,
                     request.timeout,
                     &mut cancel,
-                )
-                .await
+                );
+                runner::feeding(feed, supervised).await
             }
             Err(lost) => Supervised::Lost(lost),
         };
@@ -678,7 +680,16 @@ async fn run_job(
     output: Option<&mpsc::Sender<Vec<u8>>>,
     pgid: &mut Option<u32>,
 ) -> Result<Option<ScriptOutput>, runner::Lost> {
-    runner.send_job(body, JobInput::Stream(input)).await?;
+    let feed = runner.send_job(body, JobInput::Stream(input)).await?;
+    runner::feeding(feed, collect_job(runner, output, pgid)).await
+}
+
+/// The events of a script job on `runner` (see [`run_job`]).
+async fn collect_job(
+    runner: &mut Runner,
+    output: Option<&mpsc::Sender<Vec<u8>>>,
+    pgid: &mut Option<u32>,
+) -> Result<Option<ScriptOutput>, runner::Lost> {
     let mut collected = ScriptOutput {
         status: None,
         stdout: Vec::new(),

@@ -286,15 +286,23 @@ fn handle_for(config: &SshConfig, request: &LeaseRequest, dir: &str) -> LeaseHan
     metadata.insert(META_DIR.to_owned(), json!(dir));
     metadata.insert(META_MODE.to_owned(), json!(config.workspace_mode.as_str()));
     LeaseHandle {
-        provider: None,
-        provider_lease_id: Some(format!(
-            "{}@{}:{}:{dir}",
-            config.username, config.host, config.port
-        )),
+        provider: Some(Driver::Ssh.as_str().to_owned()),
+        provider_lease_id: Some(lease_url(config, dir)),
         metadata,
         expires_at: None,
         process: None,
     }
+}
+
+/// The lease's id as a client reads it: `ssh://user@host:port/remote/workspace/dir` (an IPv6 host in brackets). For
+/// people and logs only: the driver finds a lease by its metadata, never by parsing this.
+fn lease_url(config: &SshConfig, dir: &str) -> String {
+    let host = if config.host.contains(':') {
+        format!("[{}]", config.host)
+    } else {
+        config.host.clone()
+    };
+    format!("ssh://{}@{host}:{}{dir}", config.username, config.port)
 }
 
 impl EnvironmentDriver for SshDriver {
@@ -574,5 +582,30 @@ mod tests {
         ] {
             assert!(!names_same_place(&original, &lease, bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_lease_id_is_an_ssh_url_naming_the_remote_workspace() {
+        let request = LeaseRequest {
+            company_id: CompanyId::new(),
+            environment_id: EnvironmentId::new(),
+            run_id: RunId::new(),
+        };
+        let named = config("build.internal", "/srv/berth/");
+        let dir = workspace_dir(&named, &request);
+        let lease = handle_for(&named, &request, &dir);
+        assert_eq!(
+            lease.provider_lease_id.as_deref(),
+            Some(
+                format!(
+                    "ssh://agent@build.internal:22/srv/berth/runs/{}",
+                    request.run_id
+                )
+                .as_str()
+            )
+        );
+        assert_eq!(lease.provider.as_deref(), Some("ssh"));
+        let v6 = config("::1", "/w");
+        assert_eq!(lease_url(&v6, "/w/envs/e"), "ssh://agent@[::1]:22/w/envs/e");
     }
 }

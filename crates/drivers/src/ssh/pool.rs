@@ -107,6 +107,13 @@ impl fmt::Debug for Connection {
     }
 }
 
+/// The connection has closed (the pool dropped it and its last user let go): one fewer open.
+impl Drop for Connection {
+    fn drop(&mut self) {
+        metrics::gauge!("berth_ssh_connections_open").decrement(1.0);
+    }
+}
+
 impl Connection {
     pub fn handle(&self) -> &client::Handle<ClientHandler> {
         &self.handle
@@ -215,6 +222,7 @@ impl Pool {
             connection.touch();
             let error = match connection.handle.channel_open_session().await {
                 Ok(channel) => {
+                    metrics::counter!("berth_ssh_sessions_opened_total").increment(1);
                     return Ok(SessionChannel {
                         channel,
                         connection,
@@ -368,6 +376,8 @@ impl Pool {
             runner_unsupported: Mutex::new(None),
         });
         tracing::debug!(target = %connection.target, "new pooled ssh connection");
+        metrics::counter!("berth_ssh_connections_opened_total").increment(1);
+        metrics::gauge!("berth_ssh_connections_open").increment(1.0);
         if let Ok(mut connections) = self.connections.lock() {
             connections
                 .entry(key.clone())

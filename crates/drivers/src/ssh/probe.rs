@@ -1,9 +1,10 @@
 //! Probing an SSH host: connect within the deadline, check the host key against the pinned `knownHosts` (strict by
 //! default: an unknown or changed key refuses the connection, and the summary shows the presented fingerprint so the
 //! operator can pin it), authenticate with the key or password the server decrypted for this call, then report OS,
-//! architecture, shell, `tar`, free disk in the workspace, round-trip latency, and whether a remote runner starts
-//! there (`runner`: without one, every command pays the login shell's start-up). A probe opens a connection of its
-//! own (not a pooled one): it answers "can berth connect now?".
+//! architecture, shell, `tar`, free disk in the workspace, the workspace path as configured and as the host
+//! resolves it (`remoteWorkspacePath`, `remoteWorkingDirectory`), the login directory, round-trip latency, and
+//! whether a remote runner starts there (`runner`: without one, every command pays the login shell's start-up). A
+//! probe opens a connection of its own (not a pooled one): it answers "can berth connect now?".
 
 use std::time::{Duration, Instant};
 
@@ -39,9 +40,12 @@ pub async fn probe(config: &SshConfig) -> ProbeResult {
         .unwrap_or_default();
     let handshake = started.elapsed();
 
+    // Lines: OS, arch, shell, tar, the workspace's `df` line, then the login directory and the workspace path with
+    // every symlink resolved (where commands really work), both optional.
     let script = format!(
-        "uname -s; uname -m; printf '%s\\n' \"${{SHELL:-unknown}}\"; if command -v tar >/dev/null 2>&1; then echo yes; else echo no; fi; \
-         mkdir -p -- {path} && df -Pk -- {path} | tail -n 1",
+        "berth_login_dir=$(pwd); uname -s; uname -m; printf '%s\\n' \"${{SHELL:-unknown}}\"; \
+         if command -v tar >/dev/null 2>&1; then echo yes; else echo no; fi; \
+         mkdir -p -- {path} && df -Pk -- {path} | tail -n 1 && printf '%s\\n' \"$berth_login_dir\" && cd -- {path} && pwd -P",
         path = shell_quote(&config.remote_workspace_path)
     );
     let facts = exec(&session, &script).await;
@@ -89,6 +93,24 @@ pub async fn probe(config: &SshConfig) -> ProbeResult {
     details.insert("shell".to_owned(), json!(lines[2]));
     details.insert("tar".to_owned(), json!(lines[3] == "yes"));
     details.insert("workspace".to_owned(), json!(config.remote_workspace_path));
+    details.insert(
+        "remoteWorkspacePath".to_owned(),
+        json!(config.remote_workspace_path),
+    );
+    details.insert(
+        "workspaceMode".to_owned(),
+        json!(config.workspace_mode.as_str()),
+    );
+    // Where runs work: `remoteWorkspacePath` as the host resolves it (a symlinked root shows its target).
+    details.insert(
+        "remoteWorkingDirectory".to_owned(),
+        lines.get(6).map_or(Value::Null, |dir| json!(dir)),
+    );
+    // Where a login session starts (usually the user's home): what the user sees in an interactive `ssh`.
+    details.insert(
+        "loginDirectory".to_owned(),
+        lines.get(5).map_or(Value::Null, |dir| json!(dir)),
+    );
     details.insert(
         "freeDiskBytes".to_owned(),
         free_bytes.map_or(Value::Null, |bytes| json!(bytes)),

@@ -5,18 +5,29 @@
 //! Why: sshd starts every session through the user's login shell (`$SHELL -c …`), and a shell whose rc files do real
 //! work (`pyenv init`, nvm, conda) costs that work again for every session. A runner pays it once, when it starts.
 //!
-//! How (the host needs only `sh`, `setsid`, `head`, `cat`, `mkdir` and a Linux `/proc`):
+//! How (the host needs only `sh`, `setsid`, `cat`, `mkdir`, `mkfifo`, `dd` with `iflag=fullblock` and a Linux
+//! `/proc`):
 //!
 //! - A runner starts like a per-session command ([`super::exec`]'s fixed bootstrap: `env -i`, then a script read
 //!   from stdin), so nothing of it is in any argv. Its script is [`runner_script`]: it checks what it needs, makes a
-//!   private (0700) runtime directory, prints a *ready* marker with its boot id, then reads jobs from stdin forever.
+//!   private (0700) runtime directory with two FIFOs, prints a *ready* marker with its boot id, then reads jobs from
+//!   stdin forever.
 //! - A job is a line count and that many lines of shell (env `export`s, `cd`, `exec setsid ARGV` — values quoted,
-//!   read into the runner's memory, never in an argv or a file), then the command's stdin in length-prefixed frames
-//!   ending with `0`. The runner starts `stdin-decoder | child`: the child reports its own pid and start time from
-//!   `/proc/self/stat` (a *started* marker), then `exec setsid`s into the command, which so leads a process group
-//!   and session of its own. The command writes straight to the runner's stdout and stderr: the channel carries
-//!   its output at full speed. When it exits, the runner kills what is left of its group, then prints an *exit*
-//!   marker with the status on stdout and an *end* marker on stderr; everything the group wrote is before them.
+//!   read into the runner's memory, never in an argv or a file), then, when the job has stdin, length-prefixed
+//!   frames ending with `0`. The runner starts the command in the background (`exec setsid`, so it leads a process
+//!   group and session of its own) and prints a *started* marker with its pid and start time from `/proc`. Its
+//!   stdin is a pipe from the frame decoder (`dd`, straight through, never on disk), or `/dev/null` without stdin
+//!   (no decoder then).
+//! - **Containment.** The command never gets a descriptor of the channel: its stdout and stderr are fresh pipes
+//!   (opened through the FIFOs) that a `cat` each forwards onto the channel. When it exits, the runner kills what is
+//!   left of its group and prints *exited* (`c`) with the status; once both `cat`s reached end of file (nobody holds
+//!   the pipes any more) it prints the *exit* (`x`) marker on stdout and an *end* marker on stderr, everything the
+//!   command wrote before them. A descendant that left the group (`setsid`) and kept the output open holds a `cat`
+//!   open: after `c`, the client waits for `x` only while output keeps arriving ([`STRAGGLER_QUIET`]), then ends
+//!   the job and *retires* the runner — never parked, `TERM` to its group (runner and `cat`s) through sshd and its
+//!   channel closed — so what the straggler writes later reaches nothing: not the next job of this connection,
+//!   which may be another run's or another company's. This costs two `cat`s per job and no `/proc` scan; a scan of
+//!   other processes' descriptors would miss holders the user cannot see (another uid, `hidepid`).
 //! - Markers are `\x01` + a random per-runner nonce + a letter and fields + `\n`. The command never sees the nonce
 //!   (an unexported variable of the runner), so it cannot forge one; the client takes them out of the streams
 //!   wherever they land (small writes to a pipe are atomic, so a marker is never split by another writer).
@@ -26,7 +37,7 @@
 //! - A runner that died (killed on the host, its connection lost) is noticed when it is taken from the idle list
 //!   (an end-of-channel message is waiting) and replaced; if it dies before a job printed anything, the job is
 //!   started on a fresh one.
-//! - A host without what the runner needs (no `setsid`, no `/proc`, `/tmp` not writable) answers an *unsupported*
+//! - A host without what the runner needs (no `setsid`, no `/proc`, `/tmp` not writable, no FIFO) answers an *unsupported*
 //!   marker: the connection then runs everything one session per command, as before ([`super::exec`]), and the
 //!   probe says why.
 //!
@@ -43,6 +54,7 @@ use std::time::Duration;
 use berth_core::driver::{DriverError, OutputStream};
 use russh::ChannelMsg;
 use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use super::pool::{IdleRunner, Pool, PoolKey, SessionChannel};
@@ -54,52 +66,83 @@ use crate::remote_shell::shell_quote;
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// What a login shell may print before the runner's ready marker before berth gives up on it.
 const MAX_START_NOISE: usize = 256 * 1024;
-/// Stdin frames are coalesced up to this size: each frame costs the runner a `head` and a `cat`.
+/// Stdin frames are coalesced up to this size (and larger stdin split): each frame costs the runner a `dd`, whose
+/// block is the frame.
 const MAX_FRAME: usize = 4 * 1024 * 1024;
 /// How long a stdin frame waits for more input before it goes.
 const FRAME_LINGER: Duration = Duration::from_millis(2);
+/// After the command exited (`c`), how long its output may stay quiet without reaching its end (`x`) before the
+/// runner is retired: a process that left the command's group still holds the output open. The command's own last
+/// output is at most a pipe's worth behind `c`, so it arrives well within this.
+const STRAGGLER_QUIET: Duration = Duration::from_millis(300);
+/// After the command exited, how long output may keep coming before the runner is retired all the same.
+const STRAGGLER_LIMIT: Duration = Duration::from_secs(3);
 
 /// The runner's shell: see the module docs. `@NONCE@` is replaced by the runner's nonce, `@DIR@` by a name for its
 /// private directory.
+///
+/// Per job (`berth_run`): the two FIFOs are opened without blocking (read-write first, so the read-only and
+/// write-only opens that follow find the other side) into fresh pipes; the command starts first (its output waits
+/// in the pipes meanwhile), then a `cat` drains each pipe onto the channel; the command gets only their write ends (and its stdin: the decoder's pipe, or `/dev/null` when the job has none),
+/// never a descriptor of the channel. When it exits its group is killed and `c` is printed; the `cat`s end when
+/// nobody holds the write ends any more, and only then come `x` and `e`. A process that left the group
+/// (`setsid`) and kept its output open holds a `cat` open: the client sees `c` without `x`, retires the runner, and
+/// the straggler's writes never reach the framing stream of another job. A FIFO is only reopened after its `cat`
+/// saw end of file, so no writer from an earlier job is left on it. A FIFO gone (a `/tmp` cleaner) ends the runner
+/// before the job starts (the job goes to a fresh one): `<>` would create a regular file in its place.
+///
+/// The decoder reads each stdin frame with one `dd` block (`iflag=fullblock`): the whole frame is read before any
+/// of it is written, so a command that stopped reading (`dd` dies of `SIGPIPE`) cannot leave part of a frame on the
+/// channel. Nothing of stdin touches the disk.
 const RUNNER_SCRIPT: &str = r#"unset berth_s
 berth_k='@NONCE@'
 berth_m() { printf '\001%s %s\n' "$berth_k" "$*"; }
-for berth_c in setsid head cat mkdir; do
+for berth_c in setsid cat mkdir mkfifo dd; do
   command -v "$berth_c" >/dev/null 2>&1 || { berth_m u "the host has no $berth_c"; exit 0; }
 done
 [ -r /proc/self/stat ] || { berth_m u "the host has no /proc"; exit 0; }
+[ "$(printf ab | dd bs=1 count=1 iflag=fullblock 2>/dev/null)" = a ] || { berth_m u "the host's dd has no iflag=fullblock"; exit 0; }
 umask 077
 berth_d="${TMPDIR:-/tmp}/berth-runner-$$-@DIR@"
 mkdir "$berth_d" 2>/dev/null || { berth_m u "cannot create a private directory in ${TMPDIR:-/tmp}"; exit 0; }
 trap 'rm -rf "$berth_d"' EXIT
+trap 'exit 143' TERM
+mkfifo "$berth_d/o" "$berth_d/e" 2>/dev/null && true 5<>"$berth_d/o" 6<"$berth_d/o" 2>/dev/null ||
+  { berth_m u "cannot use a FIFO in ${TMPDIR:-/tmp}"; exit 0; }
+hash setsid cat dd 2>/dev/null
 berth_b=
 [ -r /proc/sys/kernel/random/boot_id ] && IFS= read -r berth_b </proc/sys/kernel/random/boot_id
 exec 3<&0
 berth_in() {
-  while IFS= read -r berth_c; do
-    [ "$berth_c" -gt 0 ] 2>/dev/null || break
-    head -c "$berth_c" >"$berth_d/in"
-    cat "$berth_d/in" 2>/dev/null
+  while IFS= read -r berth_f; do
+    [ "$berth_f" -gt 0 ] 2>/dev/null || break
+    dd bs="$berth_f" count=1 iflag=fullblock 2>/dev/null
   done
-  : >"$berth_d/in"
-}
-berth_child() {
-  exec 3<&-
-  if IFS= read -r berth_l </proc/self/stat; then
-    berth_p=${berth_l%% *}
-    set -- ${berth_l##*') '}
-    printf '%s\n' "$berth_p" >"$berth_d/pid"
-    berth_m p "$berth_p ${20}"
-  fi
-  berth_go
 }
 berth_run() {
-  : >"$berth_d/pid"
-  { berth_in <&3 | berth_child 2>&4 4>&-; } 4>&2 2>/dev/null
+  [ -p "$berth_d/o" ] && [ -p "$berth_d/e" ] || exit 1
+  exec 5<>"$berth_d/o" 6<"$berth_d/o" 7>"$berth_d/o" 5>&- 5<>"$berth_d/e" 8<"$berth_d/e" 9>"$berth_d/e" 5>&-
+  if [ -n "$berth_i" ]; then
+    berth_in <&3 2>/dev/null 3<&- 6<&- 7>&- 8<&- 9>&- | berth_go >&7 2>&9 3<&- 6<&- 7>&- 8<&- 9>&- &
+  else
+    berth_go </dev/null >&7 2>&9 3<&- 6<&- 7>&- 8<&- 9>&- &
+  fi
+  berth_c=$!
+  exec 7>&- 9>&-
+  cat <&6 2>/dev/null 3<&- 6<&- 8<&- &
+  berth_o=$!
+  cat <&8 >&2 2>/dev/null 3<&- 6<&- 8<&- &
+  berth_e=$!
+  exec 6<&- 8<&-
+  berth_t=0
+  IFS= read -r berth_l </proc/"$berth_c"/stat && set -- ${berth_l##*') '} && berth_t=${20}
+  berth_m p "$berth_c $berth_t"
+  wait "$berth_c"
   berth_x=$?
-  berth_p=
-  IFS= read -r berth_p <"$berth_d/pid"
-  [ -n "$berth_p" ] && kill -KILL -"$berth_p" 2>/dev/null
+  kill -KILL -"$berth_c" 2>/dev/null
+  berth_m c "$berth_x"
+  wait "$berth_o"
+  wait "$berth_e"
   berth_m x "$berth_x"
   printf '\001%s e\n' "$berth_k" >&2
 }
@@ -112,6 +155,7 @@ while IFS= read -r berth_n; do
 "
     berth_n=$((berth_n - 1))
   done
+  berth_i=
   eval "$berth_s"
   berth_run
 done
@@ -189,10 +233,20 @@ pub struct Runner {
     stdout: Vec<u8>,
     stderr: Vec<u8>,
     events: VecDeque<Event>,
+    /// Output that came before the started marker (the runner prints it while its `cat`s may already forward
+    /// output): held so the command's identity always reaches the sink first.
+    early_output: Vec<Event>,
+    started: bool,
+    /// The command's status from the `c` marker (it exited, its group is gone) and when that came.
+    exited: Option<(u32, tokio::time::Instant)>,
+    /// When output last arrived after `c`.
+    quiet_since: Option<tokio::time::Instant>,
     exit: Option<u32>,
     stderr_ended: bool,
     job_began: bool,
-    input_taken: bool,
+    input_taken: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Something the command left behind held its output past its end: never give this runner another job.
+    retired: bool,
     done: bool,
 }
 
@@ -381,10 +435,15 @@ impl Runner {
             stdout: Vec::new(),
             stderr: Vec::new(),
             events: VecDeque::new(),
+            early_output: Vec::new(),
+            started: false,
+            exited: None,
+            quiet_since: None,
             exit: None,
             stderr_ended: false,
             job_began: false,
-            input_taken: false,
+            input_taken: Default::default(),
+            retired: false,
             done: true,
         };
         let ready = await_ready(&mut runner.session.channel, &runner.marker, &target);
@@ -426,70 +485,57 @@ impl Runner {
         self.session.connection.sessions_free()
     }
 
-    /// Starts a job: `body` defines the shell function `berth_go` (which must end by `exec setsid …`), then the
-    /// stdin frames from `input`, then the end of stdin.
-    pub async fn send_job(&mut self, body: &str, input: JobInput<'_>) -> Result<(), Lost> {
+    /// Starts a job: `body` defines the shell function `berth_go` (which must end by `exec setsid …`). Its stdin, if
+    /// it has any, is the returned [`JobFeed`]: run it alongside reading the job's events ([`feeding`]), since a
+    /// command that reads its stdin slowly (or never, until it exits) holds the feed back — stdin goes straight
+    /// into the command's pipe, never spooled. Without one the command's stdin is `/dev/null`, and the runner
+    /// starts no decoder.
+    pub async fn send_job<'a>(
+        &mut self,
+        body: &str,
+        input: JobInput<'a>,
+    ) -> Result<Option<JobFeed<'a>>, Lost> {
         self.reset();
-        let function = format!("berth_go() {{\n{body}\n}}\n");
-        let mut head = format!("{}\n{function}", function.matches('\n').count()).into_bytes();
-        match input {
-            JobInput::Bytes(bytes) => {
-                if !bytes.is_empty() {
-                    head.extend_from_slice(format!("{}\n", bytes.len()).as_bytes());
-                    head.extend_from_slice(&bytes);
-                }
-                head.extend_from_slice(b"0\n");
-                self.write(head).await
-            }
-            JobInput::Stream(chunks) => {
-                self.write(head).await?;
-                let mut frame = Vec::new();
-                loop {
-                    let next = if frame.is_empty() {
-                        chunks.recv().await
-                    } else {
-                        // A producer that is keeping up fills a frame; one that pauses gets what it gave so far.
-                        match tokio::time::timeout(FRAME_LINGER, chunks.recv()).await {
-                            Ok(next) => next,
-                            Err(_) => {
-                                self.write_frame(&mut frame).await?;
-                                continue;
-                            }
-                        }
-                    };
-                    let Some(chunk) = next else { break };
-                    self.input_taken = true;
-                    frame.extend_from_slice(&chunk);
-                    if frame.len() >= MAX_FRAME {
-                        self.write_frame(&mut frame).await?;
-                    }
-                }
-                if !frame.is_empty() {
-                    self.write_frame(&mut frame).await?;
-                }
-                self.write(b"0\n".to_vec()).await
-            }
+        let source = match input {
+            JobInput::Bytes(bytes) if bytes.is_empty() => None,
+            JobInput::Bytes(bytes) => Some(FeedSource::Bytes(bytes)),
+            // A producer that already finished without a chunk gives the command no stdin at all.
+            JobInput::Stream(chunks) => match chunks.try_recv() {
+                Err(mpsc::error::TryRecvError::Disconnected) => None,
+                Err(mpsc::error::TryRecvError::Empty) => Some(FeedSource::Stream {
+                    first: None,
+                    chunks,
+                }),
+                Ok(first) => Some(FeedSource::Stream {
+                    first: Some(first),
+                    chunks,
+                }),
+            },
+        };
+        if matches!(source, Some(FeedSource::Stream { first: Some(_), .. })) {
+            self.input_taken
+                .store(true, std::sync::atomic::Ordering::Relaxed);
         }
-    }
-
-    async fn write_frame(&mut self, frame: &mut Vec<u8>) -> Result<(), Lost> {
-        let mut bytes = format!("{}\n", frame.len()).into_bytes();
-        bytes.append(frame);
-        self.write(bytes).await
-    }
-
-    async fn write(&mut self, bytes: Vec<u8>) -> Result<(), Lost> {
-        match self.session.channel.data_bytes(bytes).await {
-            Ok(()) => Ok(()),
-            Err(_) => Err(self.lost()),
+        let function = format!(
+            "{}berth_go() {{\n{body}\n}}\n",
+            if source.is_some() { "berth_i=1\n" } else { "" }
+        );
+        let head = format!("{}\n{function}", function.matches('\n').count()).into_bytes();
+        if self.session.channel.data_bytes(head).await.is_err() {
+            return Err(self.lost());
         }
+        Ok(source.map(|source| JobFeed {
+            writer: Box::pin(self.session.channel.make_writer()),
+            source,
+            taken: self.input_taken.clone(),
+        }))
     }
 
     fn lost(&self) -> Lost {
         Lost {
             job_began: self.job_began,
             connection_lost: !self.session.connection.is_usable(),
-            input_taken: self.input_taken,
+            input_taken: self.input_taken.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -497,11 +543,62 @@ impl Runner {
         self.stdout.clear();
         self.stderr.clear();
         self.events.clear();
+        self.early_output.clear();
+        self.started = false;
+        self.exited = None;
+        self.quiet_since = None;
         self.exit = None;
         self.stderr_ended = false;
         self.job_began = false;
-        self.input_taken = false;
+        self.input_taken = Default::default();
         self.done = false;
+    }
+
+    /// When the runner is to be retired unless the job's end arrives first: the command exited, and its output has
+    /// been quiet (or kept coming) too long since.
+    fn straggler_deadline(&self) -> Option<tokio::time::Instant> {
+        let (_, exited_at) = self.exited?;
+        let quiet_since = self.quiet_since.unwrap_or(exited_at);
+        Some((quiet_since + STRAGGLER_QUIET).min(exited_at + STRAGGLER_LIMIT))
+    }
+
+    /// Ends the job without its end markers: something the command left behind (outside its group) holds its
+    /// output. The runner is never parked again, and what its `cat`s forward later goes nowhere: its channel is
+    /// closed, and with it the pipe the straggler writes into.
+    fn retire(&mut self) {
+        let status = self.exited.map_or(255, |(status, _)| status);
+        tracing::warn!(
+            target = %self.session.connection.target(),
+            "a process the remote command left behind in a session of its own still holds its output: retiring the runner"
+        );
+        self.retired = true;
+        self.finish(status);
+    }
+
+    /// The job's end: what was held back as a possible marker start was output after all.
+    fn finish(&mut self, status: u32) {
+        for stream in [OutputStream::Stdout, OutputStream::Stderr] {
+            let held = match stream {
+                OutputStream::Stdout => std::mem::take(&mut self.stdout),
+                OutputStream::Stderr => std::mem::take(&mut self.stderr),
+            };
+            if !held.is_empty() {
+                self.output_event(stream, held);
+            }
+        }
+        self.events.extend(self.early_output.drain(..));
+        self.done = true;
+        self.events.push_back(Event::Done(status));
+    }
+
+    fn output_event(&mut self, stream: OutputStream, bytes: Vec<u8>) {
+        self.job_began = true;
+        let event = Event::Output(stream, bytes);
+        if self.started {
+            self.events.push_back(event);
+        } else {
+            self.early_output.push(event);
+        }
     }
 
     /// The job's next event. Cancel-safe: it awaits only the channel, and keeps what it parsed in `self`.
@@ -513,7 +610,19 @@ impl Runner {
             if self.done {
                 return Err(self.lost());
             }
-            let Some(message) = self.session.channel.wait().await else {
+            let message = match self.straggler_deadline() {
+                None => self.session.channel.wait().await,
+                Some(deadline) => {
+                    match tokio::time::timeout_at(deadline, self.session.channel.wait()).await {
+                        Ok(message) => message,
+                        Err(_) => {
+                            self.retire();
+                            continue;
+                        }
+                    }
+                }
+            };
+            let Some(message) = message else {
                 return Err(self.lost());
             };
             match message {
@@ -552,26 +661,21 @@ impl Runner {
             match piece {
                 Piece::Output(bytes) => {
                     if !bytes.is_empty() {
-                        self.job_began = true;
-                        self.events.push_back(Event::Output(stream, bytes));
+                        if self.exited.is_some() {
+                            self.quiet_since = Some(tokio::time::Instant::now());
+                        }
+                        self.output_event(stream, bytes);
                     }
                 }
                 Piece::Marker(body) => self.marker_seen(stream, &body),
             }
         }
-        if self.exit.is_some() && self.stderr_ended && !self.done {
-            // Both streams ended: anything held back as a possible marker start was output after all.
-            for stream in [OutputStream::Stdout, OutputStream::Stderr] {
-                let held = match stream {
-                    OutputStream::Stdout => std::mem::take(&mut self.stdout),
-                    OutputStream::Stderr => std::mem::take(&mut self.stderr),
-                };
-                if !held.is_empty() {
-                    self.events.push_back(Event::Output(stream, held));
-                }
-            }
-            self.done = true;
-            self.events.push_back(Event::Done(self.exit.unwrap_or(255)));
+        if let Some(status) = self.exit
+            && self.stderr_ended
+            && !self.done
+        {
+            // Both streams ended.
+            self.finish(status);
         }
     }
 
@@ -583,11 +687,17 @@ impl Runner {
                 let start_ticks = fields.next().and_then(|ticks| ticks.parse().ok());
                 if let Some(pid) = pid {
                     self.job_began = true;
+                    self.started = true;
                     self.events.push_back(Event::Started(Started {
                         pid,
                         start_ticks: start_ticks.unwrap_or(0),
                     }));
+                    self.events.extend(self.early_output.drain(..));
                 }
+            }
+            (OutputStream::Stdout, Some("c")) => {
+                let status = fields.next().and_then(|s| s.parse().ok()).unwrap_or(255);
+                self.exited = Some((status, tokio::time::Instant::now()));
             }
             (OutputStream::Stdout, Some("x")) => {
                 self.exit = Some(fields.next().and_then(|s| s.parse().ok()).unwrap_or(255));
@@ -599,7 +709,7 @@ impl Runner {
 
     /// Whether the job ran to its end (the runner is ready for the next one).
     pub fn is_between_jobs(&self) -> bool {
-        self.done && self.exit.is_some() && self.stderr_ended
+        self.done && self.exit.is_some() && self.stderr_ended && !self.retired
     }
 
     /// Back to the idle state the pool keeps.
@@ -666,16 +776,26 @@ impl Runner {
             stdout: Vec::new(),
             stderr: Vec::new(),
             events: VecDeque::new(),
+            early_output: Vec::new(),
+            started: false,
+            exited: None,
+            quiet_since: None,
             exit: None,
             stderr_ended: false,
             job_began: false,
-            input_taken: false,
+            input_taken: Default::default(),
+            retired: false,
             done: true,
         })
     }
 
-    /// Ends the runner (its session closes; its shell reads end of file and exits).
+    /// Ends the runner: `TERM` to its process group through sshd (the runner and its `cat`s; a command is in a
+    /// session of its own), so a runner waiting on a straggler's output does not linger; then its session closes
+    /// (a runner between jobs reads end of file and exits anyway). An sshd that refuses signals just closes.
     pub async fn close(self) {
+        if !self.is_between_jobs() {
+            let _ = self.session.channel.signal(russh::Sig::TERM).await;
+        }
         self.session.close().await;
     }
 }
@@ -685,6 +805,96 @@ impl Runner {
 pub enum JobInput<'a> {
     Bytes(Vec<u8>),
     Stream(&'a mut mpsc::Receiver<Vec<u8>>),
+}
+
+enum FeedSource<'a> {
+    Bytes(Vec<u8>),
+    Stream {
+        first: Option<Vec<u8>>,
+        chunks: &'a mut mpsc::Receiver<Vec<u8>>,
+    },
+}
+
+/// A started job's stdin on its way: length-prefixed frames of at most [`MAX_FRAME`], then `0`, written through a
+/// writer of its own on the runner's channel (so the job's events are read meanwhile).
+pub struct JobFeed<'a> {
+    writer: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
+    source: FeedSource<'a>,
+    taken: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl fmt::Debug for JobFeed<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JobFeed").finish_non_exhaustive()
+    }
+}
+
+impl JobFeed<'_> {
+    /// Writes every frame and the end of stdin. An error means the channel is gone (the job's events say so).
+    pub async fn run(mut self) -> std::io::Result<()> {
+        match std::mem::replace(&mut self.source, FeedSource::Bytes(Vec::new())) {
+            FeedSource::Bytes(bytes) => {
+                for frame in bytes.chunks(MAX_FRAME) {
+                    self.write_frame(frame).await?;
+                }
+            }
+            FeedSource::Stream { first, chunks } => {
+                let mut frame = first.unwrap_or_default();
+                loop {
+                    let next = if frame.is_empty() {
+                        chunks.recv().await
+                    } else {
+                        // A producer that is keeping up fills a frame; one that pauses gets what it gave so far.
+                        match tokio::time::timeout(FRAME_LINGER, chunks.recv()).await {
+                            Ok(next) => next,
+                            Err(_) => {
+                                self.write_frame(&frame).await?;
+                                frame.clear();
+                                continue;
+                            }
+                        }
+                    };
+                    let Some(chunk) = next else { break };
+                    self.taken.store(true, std::sync::atomic::Ordering::Relaxed);
+                    frame.extend_from_slice(&chunk);
+                    if frame.len() >= MAX_FRAME {
+                        self.write_frame(&frame).await?;
+                        frame.clear();
+                    }
+                }
+                if !frame.is_empty() {
+                    self.write_frame(&frame).await?;
+                }
+            }
+        }
+        self.writer.write_all(b"0\n").await
+    }
+
+    async fn write_frame(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        self.writer
+            .write_all(format!("{}\n", frame.len()).as_bytes())
+            .await?;
+        self.writer.write_all(frame).await
+    }
+}
+
+/// Runs `work` (reading a job's events) while `feed` writes the job's stdin; `work`'s end is the job's. A feed
+/// that fails (the channel went away) leaves `work` to find out.
+pub async fn feeding<T>(feed: Option<JobFeed<'_>>, work: impl Future<Output = T>) -> T {
+    let Some(feed) = feed else {
+        return work.await;
+    };
+    let feed = feed.run();
+    tokio::pin!(feed);
+    tokio::pin!(work);
+    let mut fed = false;
+    loop {
+        tokio::select! {
+            biased;
+            value = &mut work => return value,
+            _ = &mut feed, if !fed => fed = true,
+        }
+    }
 }
 
 /// The body of `berth_go` for a berth-written script: run by `/bin/sh` in its own session, in the login directory.
@@ -876,5 +1086,163 @@ mod tests {
         assert!(script.contains("berth_k='n0nce'"));
         assert_ne!(new_nonce(), new_nonce());
         assert_eq!(new_nonce().len(), 32);
+    }
+
+    /// The runner's script under this host's `/bin/sh`, fed and read directly (no sshd): the shell half of the
+    /// protocol.
+    struct LocalRunner {
+        child: std::process::Child,
+        stdin: std::process::ChildStdin,
+        stdout: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+        stderr: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    }
+
+    impl LocalRunner {
+        fn start() -> LocalRunner {
+            use std::io::Read;
+            use std::process::{Command, Stdio};
+            let script = RUNNER_SCRIPT
+                .replace("@NONCE@", "NONCE")
+                .replace("@DIR@", "TESTDIR");
+            let mut child = Command::new("/bin/sh")
+                .args(["-c", &script])
+                .env_clear()
+                .env("PATH", DEFAULT_PATH)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let collect = |mut from: Box<dyn Read + Send>| {
+                let into = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+                let sink = into.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 65536];
+                    while let Ok(n @ 1..) = from.read(&mut buf) {
+                        sink.lock().unwrap().extend_from_slice(&buf[..n]);
+                    }
+                });
+                into
+            };
+            let stdout = collect(Box::new(child.stdout.take().unwrap()));
+            let stderr = collect(Box::new(child.stderr.take().unwrap()));
+            let stdin = child.stdin.take().unwrap();
+            let runner = LocalRunner {
+                child,
+                stdin,
+                stdout,
+                stderr,
+            };
+            assert!(runner.wait_for(b"\x01NONCE r ", Duration::from_secs(10)));
+            runner.stdout.lock().unwrap().clear();
+            runner
+        }
+
+        fn job(&mut self, body: &str, stdin: Option<&[u8]>) {
+            use std::io::Write;
+            self.stdout.lock().unwrap().clear();
+            self.stderr.lock().unwrap().clear();
+            let function = format!(
+                "{}berth_go() {{\n{body}\n}}\n",
+                if stdin.is_some() { "berth_i=1\n" } else { "" }
+            );
+            let mut bytes = format!("{}\n{function}", function.matches('\n').count()).into_bytes();
+            if let Some(stdin) = stdin {
+                for frame in stdin.chunks(1 << 20) {
+                    bytes.extend_from_slice(format!("{}\n", frame.len()).as_bytes());
+                    bytes.extend_from_slice(frame);
+                }
+                bytes.extend_from_slice(b"0\n");
+            }
+            self.stdin.write_all(&bytes).unwrap();
+        }
+
+        /// Whether stdout shows `needle` within `limit`.
+        fn wait_for(&self, needle: &[u8], limit: Duration) -> bool {
+            let deadline = std::time::Instant::now() + limit;
+            loop {
+                let stdout = self.stdout.lock().unwrap().clone();
+                if stdout.windows(needle.len()).any(|window| window == needle) {
+                    return true;
+                }
+                if std::time::Instant::now() >= deadline {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+
+        /// The job's stdout once it ended, its markers taken out.
+        fn output(&self) -> String {
+            assert!(self.wait_for(b"\x01NONCE x ", Duration::from_secs(20)));
+            let mut buf = self.stdout.lock().unwrap().clone();
+            let mut pieces = Vec::new();
+            split_markers(&mut buf, b"\x01NONCE ", &mut pieces);
+            pieces
+                .into_iter()
+                .filter_map(|piece| match piece {
+                    Piece::Output(bytes) => Some(String::from_utf8_lossy(&bytes).into_owned()),
+                    Piece::Marker(_) => None,
+                })
+                .collect()
+        }
+    }
+
+    impl Drop for LocalRunner {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    #[test]
+    fn a_job_ends_only_when_nothing_holds_its_output_and_a_straggler_shows_as_exited_without_an_end()
+     {
+        let mut runner = LocalRunner::start();
+        runner.job("exec setsid sh -c 'echo out; echo err >&2; exit 3'", None);
+        assert_eq!(runner.output(), "out\n");
+        assert!(runner.wait_for(b"\x01NONCE c 3\n", Duration::ZERO));
+        assert!(String::from_utf8_lossy(&runner.stderr.lock().unwrap()).starts_with("err\n"));
+
+        // A descendant that left the group holds the output: `c` comes, `x` waits for it.
+        let up = std::env::temp_dir().join(format!("berth-runner-test-{}", new_nonce()));
+        let up = up.display();
+        runner.job(
+            &format!(
+                "exec setsid sh -c \"setsid sh -c 'touch {up}; sleep 1; echo late' & while [ ! -e {up} ]; do sleep 0.01; done; echo first\""
+            ),
+            None,
+        );
+        assert!(runner.wait_for(b"\x01NONCE c 0\n", Duration::from_secs(10)));
+        assert!(!runner.wait_for(b"\x01NONCE x ", Duration::from_millis(500)));
+        assert_eq!(runner.output(), "first\nlate\n");
+        let _ = std::fs::remove_file(up.to_string());
+    }
+
+    #[test]
+    fn stdin_goes_straight_to_the_command_and_what_it_leaves_unread_never_reaches_the_next_job() {
+        use std::os::unix::fs::FileTypeExt;
+        let mut runner = LocalRunner::start();
+        let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        runner.job("exec setsid wc -c", Some(&big));
+        let output = runner.output();
+        assert!(output.starts_with("3000000\n"), "{output}");
+        runner.job("exec setsid head -c 5", Some(&big));
+        assert_eq!(runner.output().as_bytes(), &big[..5]);
+        runner.job("exec setsid sh -c 'sleep 0.2; echo ignored'", Some(&big));
+        assert_eq!(runner.output(), "ignored\n");
+        runner.job("exec setsid cat", Some(b"0\n3\nabc"));
+        assert_eq!(runner.output(), "0\n3\nabc");
+        runner.job("exec setsid cat", None);
+        assert_eq!(runner.output(), "");
+        // The private directory holds the two FIFOs, nothing else.
+        let dir = format!("/tmp/berth-runner-{}-TESTDIR", runner.child.id());
+        let entries: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().collect();
+        assert_eq!(entries.len(), 2);
+        assert!(
+            entries
+                .iter()
+                .all(|entry| entry.file_type().unwrap().is_fifo())
+        );
     }
 }

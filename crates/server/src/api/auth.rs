@@ -1,7 +1,8 @@
 //! Who is calling, and what they may do.
 //!
-//! Every `/api` route extracts a [`Principal`] from `Authorization: Bearer <token>`. Tokens are looked up by their
-//! SHA-256 digest, so the database never holds a usable token; the admin token is compared in constant time.
+//! Every `/api` route extracts a [`Principal`] from `Authorization: Bearer <token>` (or, from the operator console,
+//! its session cookie: `console::session`). Tokens are looked up by their SHA-256 digest, so the database never holds
+//! a usable token; the admin token is compared in constant time.
 
 use axum::extract::FromRequestParts;
 use axum::http::header;
@@ -80,23 +81,37 @@ impl FromRequestParts<AppState> for Principal {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = bearer_token(parts)?;
-        let digest = token_digest(token);
-        if bool::from(digest.ct_eq(state.admin_token_digest())) {
-            return Ok(Principal::Admin);
-        }
-        match state
-            .store()
-            .api_key_by_token_hash(&hex::encode(digest))
-            .await?
-        {
-            Some(key) => Ok(Principal::ApiKey(key)),
-            None => Err(ApiError::unauthenticated("the bearer token is not valid")),
-        }
+        // A bearer token wins; without one, the console's session cookie, under its CSRF rule (`console::session`).
+        let digest = match bearer_token(parts) {
+            Ok(token) => token_digest(token),
+            Err(missing) if !parts.headers.contains_key(header::AUTHORIZATION) => {
+                crate::console::session::request_digest(parts, state.cipher()).ok_or(missing)?
+            }
+            Err(malformed) => return Err(malformed),
+        };
+        principal_for_digest(state, &digest).await
     }
 }
 
-fn bearer_token(parts: &Parts) -> Result<&str, ApiError> {
+/// Whose token has this SHA-256 digest: the admin's, a company key's, or nobody's (401).
+pub(crate) async fn principal_for_digest(
+    state: &AppState,
+    digest: &[u8; 32],
+) -> Result<Principal, ApiError> {
+    if bool::from(digest.ct_eq(state.admin_token_digest())) {
+        return Ok(Principal::Admin);
+    }
+    match state
+        .store()
+        .api_key_by_token_hash(&hex::encode(digest))
+        .await?
+    {
+        Some(key) => Ok(Principal::ApiKey(key)),
+        None => Err(ApiError::unauthenticated("the bearer token is not valid")),
+    }
+}
+
+pub(crate) fn bearer_token(parts: &Parts) -> Result<&str, ApiError> {
     let header = parts
         .headers
         .get(header::AUTHORIZATION)

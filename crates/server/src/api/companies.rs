@@ -1,4 +1,5 @@
-//! Companies and their API keys (admin only), and `whoami` (any token).
+//! Companies and their API keys (admin only; a company's own keys may read it, and its managers set its default
+//! environment), and `whoami` (any token).
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -6,8 +7,8 @@ use axum::http::StatusCode;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use berth_core::company::{ApiKey, ApiKeyRole, Company};
-use berth_core::environment::normalize_name;
-use berth_core::ids::{ApiKeyId, CompanyId};
+use berth_core::environment::{Driver, Environment, EnvironmentStatus, normalize_name};
+use berth_core::ids::{ApiKeyId, CompanyId, EnvironmentId};
 use berth_core::time::Timestamp;
 use berth_core::validation::ValidationErrors;
 use serde_json::json;
@@ -15,10 +16,10 @@ use serde_json::json;
 use super::auth::Principal;
 use super::dto::{
     ApiKeyResponse, CompanyResponse, CreateApiKeyRequest, CreateCompanyRequest, DeletedResponse,
-    WhoAmIResponse,
+    PatchCompanyRequest, WhoAmIResponse,
 };
 use super::error::ApiError;
-use super::json::ApiJson;
+use super::json::{ApiJson, Patch};
 use super::support::{load_company, parse_path_id, record_activity};
 use crate::state::AppState;
 use crate::tokens::token_digest_hex;
@@ -67,6 +68,7 @@ pub async fn create(
         id: CompanyId::new(),
         name,
         created_at: Timestamp::now(),
+        default_environment_id: None,
     };
     state.store().insert_company(&company).await?;
     // With `--local-environments all`, every company can run on this machine from the start.
@@ -85,6 +87,161 @@ pub async fn create(
     )
     .await;
     Ok((StatusCode::CREATED, Json(CompanyResponse::from(&company))))
+}
+
+/// Where `defaultEnvironmentId` errors point.
+const DEFAULT_ENVIRONMENT_PATH: &str = "defaultEnvironmentId";
+
+#[utoipa::path(
+    get,
+    path = "/api/companies/{company_id}",
+    tag = "companies",
+    security(("bearer" = [])),
+    params(
+        ("company_id" = String, Path, description = "The company's id"),
+    ),
+    responses(
+        (status = 200, description = "The company (admin, or any key of the company)", body = CompanyResponse),
+    )
+)]
+pub async fn get(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(company_id): Path<String>,
+) -> Result<Json<CompanyResponse>, ApiError> {
+    let company_id: CompanyId = parse_path_id(&company_id, "company")?;
+    principal.access(company_id)?;
+    let company = load_company(&state, company_id).await?;
+    Ok(Json(CompanyResponse::from(&company)))
+}
+
+#[utoipa::path(
+    patch,
+    path = "/api/companies/{company_id}",
+    tag = "companies",
+    security(("bearer" = [])),
+    params(
+        ("company_id" = String, Path, description = "The company's id"),
+    ),
+    request_body = PatchCompanyRequest,
+    responses(
+        (status = 200, description = "The updated company (admin, or a manager key of the company)", body = CompanyResponse),
+    )
+)]
+pub async fn patch(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(company_id): Path<String>,
+    ApiJson(request): ApiJson<PatchCompanyRequest>,
+) -> Result<Json<CompanyResponse>, ApiError> {
+    let company_id: CompanyId = parse_path_id(&company_id, "company")?;
+    principal.manage(company_id)?;
+    let company = load_company(&state, company_id).await?;
+    let (updated, details) = match request.default_environment_id {
+        Patch::Missing => return Ok(Json(CompanyResponse::from(&company))),
+        Patch::Null => (
+            state
+                .store()
+                .set_default_environment(company_id, None)
+                .await?
+                .ok_or_else(|| ApiError::not_found("company"))?,
+            json!({"changedFields": [DEFAULT_ENVIRONMENT_PATH], "defaultEnvironmentId": null}),
+        ),
+        Patch::Value(text) => {
+            let environment = usable_default(&state, company_id, &text).await?;
+            // The write re-checks that the environment is the company's, so a delete racing this one cannot leave
+            // the company pointing at nothing.
+            let updated = state
+                .store()
+                .set_default_environment(company_id, Some(environment.id))
+                .await?
+                .ok_or_else(no_such_environment)?;
+            (
+                updated,
+                json!({
+                    "changedFields": [DEFAULT_ENVIRONMENT_PATH],
+                    "defaultEnvironmentId": environment.id.to_string(),
+                    "driver": environment.driver.as_str(),
+                }),
+            )
+        }
+    };
+    tracing::info!(
+        company.id = %company_id,
+        env.id = ?updated.default_environment_id.map(|id| id.to_string()),
+        "company default environment changed"
+    );
+    record_activity(
+        &state,
+        &principal,
+        Some(company_id),
+        "company",
+        company_id.to_string(),
+        "company.updated",
+        details,
+    )
+    .await;
+    Ok(Json(CompanyResponse::from(&updated)))
+}
+
+fn no_such_environment() -> ApiError {
+    ApiError::validation(ValidationErrors::single(
+        DEFAULT_ENVIRONMENT_PATH,
+        "no such environment in this company",
+    ))
+}
+
+/// The environment `text` names, if the company can run in it: one of its own, active, and not a Local one the
+/// host denies it (`--local-environments`). Anything else is a 422 at `defaultEnvironmentId`, so a default that
+/// would refuse every run is never set.
+async fn usable_default(
+    state: &AppState,
+    company_id: CompanyId,
+    text: &str,
+) -> Result<Environment, ApiError> {
+    let id: EnvironmentId = text.parse().map_err(|_| no_such_environment())?;
+    let environment = state
+        .store()
+        .get_environment(id)
+        .await?
+        .filter(|environment| environment.company_id == company_id)
+        .ok_or_else(no_such_environment)?;
+    let problem = if environment.status == EnvironmentStatus::Archived {
+        Some("is archived: runs cannot use it")
+    } else if environment.driver == Driver::Local && !state.host().may_use_local(company_id) {
+        Some(
+            "is a Local environment, which this company may not use (berth serve --local-environments)",
+        )
+    } else {
+        None
+    };
+    match problem {
+        Some(message) => Err(ApiError::validation(ValidationErrors::single(
+            DEFAULT_ENVIRONMENT_PATH,
+            message,
+        ))),
+        None => Ok(environment),
+    }
+}
+
+/// Refuses to delete an environment that is its company's default (409 `environment_is_default`), before anything
+/// of it is stopped or released. The store's foreign key refuses it too, for a PATCH racing the delete.
+pub(crate) async fn refuse_deleting_default(
+    state: &AppState,
+    environment: &Environment,
+) -> Result<(), ApiError> {
+    let is_default = state
+        .store()
+        .get_company(environment.company_id)
+        .await?
+        .is_some_and(|company| company.default_environment_id == Some(environment.id));
+    if is_default {
+        return Err(berth_store::StoreError::Conflict(
+            berth_store::ConflictKind::EnvironmentIsDefault,
+        )
+        .into());
+    }
+    Ok(())
 }
 
 #[utoipa::path(

@@ -46,6 +46,8 @@ pub struct CompanyResponse {
     pub id: String,
     pub name: String,
     pub created_at: String,
+    /// Where a run that names no environment runs; `null`: the company's Local environment.
+    pub default_environment_id: Option<String>,
 }
 
 impl From<&Company> for CompanyResponse {
@@ -54,8 +56,20 @@ impl From<&Company> for CompanyResponse {
             id: company.id.to_string(),
             name: company.name.clone(),
             created_at: rfc3339(company.created_at),
+            default_environment_id: company.default_environment_id.map(|id| id.to_string()),
         }
     }
+}
+
+/// `PATCH /api/companies/{id}`: fields left out keep their value.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PatchCompanyRequest {
+    /// One of the company's environments, used by runs that name none; `null` clears it (runs go to the Local
+    /// environment again).
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub default_environment_id: Patch<String>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -358,15 +372,26 @@ pub struct LeaseResponse {
     pub company_id: String,
     pub environment_id: String,
     pub run_id: Option<String>,
+    /// `active`, `released`, `expired`, `failed` (the run failed or timed out, or the lease could not be taken; see
+    /// `failureReason`) or `retained`.
     pub status: &'static str,
     pub lease_policy: &'static str,
     pub driver: &'static str,
+    /// Where the lease lives: `local`, `ssh`, the sandbox provider's key (`fake`, `isolated`, a plugin's provider),
+    /// or a plugin driver's plugin key. `null` only for leases recorded before berth named it for every driver.
+    #[schema(examples("isolated"))]
     pub provider: Option<String>,
+    /// The provider's id for the resource. An ssh lease's reads `ssh://user@host:port/<remote workspace path>`.
     pub provider_lease_id: Option<String>,
     pub acquired_at: String,
     pub last_used_at: String,
     pub expires_at: Option<String>,
     pub released_at: Option<String>,
+    /// Why the lease is `failed`: `lease_acquire_failed`, `workspace_realization_failed`, `bridge_failed`,
+    /// `sync_back_failed`, another code of the error that failed the run (`spawn_failed`, `limit_exceeded`, ...),
+    /// `run_failed` (the command failed) or `timed_out`. `null` on a lease its run released or kept; the sweeps note
+    /// why they ended a lease here too (`expired`, an orphan's release).
+    #[schema(examples("run_failed"))]
     pub failure_reason: Option<String>,
     pub cleanup_status: Option<&'static str>,
     #[schema(value_type = Option<Object>)]

@@ -317,6 +317,7 @@ pub async fn patch(
     ),
     responses(
         (status = 200, description = "The removed environment; its active leases were released first", body = EnvironmentResponse),
+        (status = 409, description = "`environment_is_default`: it is its company's default environment", body = crate::api::openapi::ErrorDoc),
     )
 )]
 pub async fn delete(
@@ -326,6 +327,8 @@ pub async fn delete(
 ) -> Result<Json<EnvironmentResponse>, ApiError> {
     let environment = load_environment(&state, &id).await?;
     principal.manage(environment.company_id)?;
+    // A company's default environment stays until the default is changed: refused before its runs are stopped.
+    super::companies::refuse_deleting_default(&state, &environment).await?;
     state.runs().retire_environment(&environment).await?;
     let removed = state
         .store()

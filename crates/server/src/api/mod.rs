@@ -13,6 +13,7 @@ pub mod error;
 pub mod health;
 pub mod json;
 pub mod leases;
+pub mod metrics;
 pub mod openapi;
 pub mod request_id;
 pub mod runs;
@@ -28,7 +29,7 @@ use tower_http::trace::TraceLayer;
 use self::error::ApiError;
 use crate::state::AppState;
 
-/// The whole HTTP application: health probes and the `/api` routes.
+/// The whole HTTP application: health probes, the `/api` routes and the operator console.
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/openapi.json", get(openapi::openapi_json))
@@ -36,6 +37,10 @@ pub fn router(state: AppState) -> Router {
         .route("/agent/run", get(agent::run))
         .route("/agent/events", post(agent::post_event))
         .route("/companies", get(companies::list).post(companies::create))
+        .route(
+            "/companies/{company_id}",
+            get(companies::get).patch(companies::patch),
+        )
         .route(
             "/companies/{company_id}/api-keys",
             post(companies::create_api_key),
@@ -71,14 +76,20 @@ pub fn router(state: AppState) -> Router {
         .route("/runs/{id}/events", get(runs::events))
         .route("/runs/{id}/cancel", post(runs::cancel))
         .fallback(no_route)
-        .method_not_allowed_fallback(method_not_allowed);
+        .method_not_allowed_fallback(method_not_allowed)
+        // Here too: only inside the nested router is the route template (`/api/runs/{id}`) known.
+        .layer(axum::middleware::from_fn(crate::metrics::track_http));
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route("/metrics", get(metrics::scrape))
         .nest("/api", api)
+        // The operator console at `/`: static files and its sign-in, reading everything through `/api`.
+        .merge(crate::console::router())
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(json::MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(crate::metrics::track_http))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         // Outermost: the id exists before the trace span opens, and every answer carries it.
         .layer(axum::middleware::from_fn(request_id::assign))

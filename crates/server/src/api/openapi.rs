@@ -13,7 +13,7 @@ use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use super::error::ErrorBody;
-use super::{activity, agent, companies, environments, health, leases, runs};
+use super::{activity, agent, companies, environments, health, leases, metrics, runs};
 
 /// The error body, as the document names it (`Error`).
 pub(crate) type ErrorDoc = ErrorBody<'static>;
@@ -29,10 +29,13 @@ pub(crate) type ErrorDoc = ErrorBody<'static>;
     paths(
         health::healthz,
         health::readyz,
+        metrics::scrape,
         openapi_json,
         companies::whoami,
         companies::list,
         companies::create,
+        companies::get,
+        companies::patch,
         companies::create_api_key,
         companies::delete_api_key,
         activity::list,
@@ -59,10 +62,11 @@ pub(crate) type ErrorDoc = ErrorBody<'static>;
     tags(
         (name = "companies", description = "Companies, API keys, the activity log (API.md §3)"),
         (name = "environments", description = "Where runs execute: local, ssh, sandbox, plugin (API.md §4)"),
-        (name = "leases", description = "Leases on environments (API.md §4)"),
+        (name = "leases", description = "Leases on environments (API.md §4; docs/api.md, \"Leases around a run\": `provider`, `failureReason`)"),
         (name = "runs", description = "Commands run in an environment, and their events (API.md §5)"),
         (name = "agent", description = "Called by a running agent through its callback bridge (API.md §6)"),
         (name = "health", description = "Liveness and readiness, no token"),
+        (name = "metrics", description = "Prometheus metrics (docs/api.md, \"Metrics\"): the admin token unless the server runs with `--metrics-public`"),
     )
 )]
 #[derive(Debug)]

@@ -1,9 +1,11 @@
-//! `berth company` and `berth key`: companies and their API keys (admin token only).
+//! `berth company` and `berth key`: companies and their API keys (admin token; a company's own keys may show it, and
+//! its manager keys update it).
 
 use std::process::ExitCode;
 
+use anyhow::bail;
 use clap::Subcommand;
-use serde_json::json;
+use serde_json::{Map, Value, json};
 
 use super::output::{path_segment, print_json, print_table};
 use crate::client::{ClientArgs, Session};
@@ -19,6 +21,22 @@ pub enum CompanyCommand {
     Create {
         #[arg(long)]
         name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show a company (admin, or any key of the company).
+    Get {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Change a company (admin, or a manager key of the company).
+    Update {
+        id: String,
+        /// The environment runs use when they name none (`berth run` without --env): one of the company's own
+        /// environments, active. `none` clears it, so such runs go to the company's Local environment again.
+        #[arg(long, value_name = "ENV_ID|none")]
+        default_environment: Option<String>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -55,7 +73,12 @@ pub(super) async fn company(command: CompanyCommand) -> anyhow::Result<ExitCode>
             } else {
                 print_table(
                     &companies,
-                    &[("ID", "id"), ("NAME", "name"), ("CREATED", "createdAt")],
+                    &[
+                        ("ID", "id"),
+                        ("NAME", "name"),
+                        ("DEFAULT ENV", "defaultEnvironmentId"),
+                        ("CREATED", "createdAt"),
+                    ],
                 );
             }
         }
@@ -71,8 +94,68 @@ pub(super) async fn company(command: CompanyCommand) -> anyhow::Result<ExitCode>
                 println!("{}", created["id"].as_str().unwrap_or_default());
             }
         }
+        CompanyCommand::Get { id, client } => {
+            let session = Session::connect(client)?;
+            let company = session
+                .api
+                .get(&format!("/api/companies/{}", path_segment(&id)?))
+                .await?;
+            if session.json {
+                print_json(&company);
+            } else {
+                print_company(&company);
+            }
+        }
+        CompanyCommand::Update {
+            id,
+            default_environment,
+            client,
+        } => {
+            let mut body = Map::new();
+            match default_environment.as_deref() {
+                None => bail!("nothing to change: give --default-environment ENV_ID (or none)"),
+                Some("none") => {
+                    body.insert("defaultEnvironmentId".to_owned(), Value::Null);
+                }
+                Some(environment) => {
+                    body.insert(
+                        "defaultEnvironmentId".to_owned(),
+                        Value::String(path_segment(environment)?.to_owned()),
+                    );
+                }
+            }
+            let session = Session::connect(client)?;
+            let company = session
+                .api
+                .patch(
+                    &format!("/api/companies/{}", path_segment(&id)?),
+                    &Value::Object(body),
+                )
+                .await?;
+            if session.json {
+                print_json(&company);
+            } else {
+                print_company(&company);
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A company as `key: value` lines.
+fn print_company(company: &Value) {
+    println!("id: {}", company["id"].as_str().unwrap_or_default());
+    println!("name: {}", company["name"].as_str().unwrap_or_default());
+    match company["defaultEnvironmentId"].as_str() {
+        Some(environment) => println!("default environment: {environment}"),
+        None => {
+            println!("default environment: none (runs that name none use the Local environment)")
+        }
+    }
+    println!(
+        "created: {}",
+        company["createdAt"].as_str().unwrap_or_default()
+    );
 }
 
 pub(super) async fn key(command: KeyCommand) -> anyhow::Result<ExitCode> {

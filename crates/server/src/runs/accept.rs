@@ -1,5 +1,7 @@
-//! Accepting a run: the request checked field by field, the host's rules applied, the environment chosen and its
-//! config opened, the run stored as `queued` with its first event, and its execution started on this node.
+//! Accepting a run: the request checked field by field, the host's rules applied, the environment chosen (the given
+//! one, else the company's default, else its Local one) and its config opened, the timeout settled (the run's, else
+//! the environment's `timeoutMs`, else the server's default), the run stored as `queued` with its first event in one
+//! transaction, and its execution started on this node.
 //!
 //! Everything that can refuse a run refuses it here, before it is stored: once [`RunManager::accept`] returns a run,
 //! every later failure is that run's status and events.
@@ -9,12 +11,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use berth_core::ErrorKind;
-use berth_core::config::DriverConfig;
+use berth_core::config::{DriverConfig, MAX_TIMEOUT_MS};
 use berth_core::driver::ExecRequest;
 use berth_core::environment::{Driver, Environment, EnvironmentStatus};
 use berth_core::ids::{CompanyId, EnvironmentId, RunId};
 use berth_core::lease::LeasePolicy;
-use berth_core::run::{Run, RunStatus, check_env_name, check_no_nul};
+use berth_core::run::{NewRunEvent, Run, RunStatus, check_env_name, check_no_nul};
 use berth_core::time::Timestamp;
 use berth_core::validation::ValidationErrors;
 use berth_store::StoreError;
@@ -26,8 +28,6 @@ use super::manager::RunManager;
 use crate::host_policy::{HostPolicyError, WorkspaceCaller};
 use crate::vault::{self, ResolvedConfig, VaultError};
 
-/// Longest accepted run timeout: one day.
-const MAX_TIMEOUT_MS: u64 = 86_400_000;
 /// Variables the callback bridge sets whenever it is on; a request may not set them itself.
 const RESERVED_ENV: [&str; 3] = ["BERTH_API_URL", "BERTH_API_TOKEN", "BERTH_RUN_ID"];
 
@@ -39,7 +39,7 @@ pub struct AcceptRun {
     pub caller: WorkspaceCaller,
     /// Who asked, as logs name them (`admin`, `api_key:<id>`).
     pub actor: String,
-    /// `None`: the company's Local environment, if it may have one.
+    /// `None`: the company's default environment, else its Local one (if it may have one).
     pub environment_id: Option<String>,
     pub command: Vec<String>,
     pub env: BTreeMap<String, String>,
@@ -103,7 +103,8 @@ impl AcceptError {
 // === impl RunManager ===
 
 impl RunManager {
-    /// Checks a run request, stores the run (`queued`, with its first event) and starts executing it on this node.
+    /// Checks a run request, stores the run (`queued`, with its first event, in one transaction) and starts executing
+    /// it on this node.
     /// The company must exist; whether the caller may manage it is the caller's check.
     pub async fn accept(&self, request: AcceptRun) -> Result<Run, AcceptError> {
         let company_id = request.company_id;
@@ -130,6 +131,8 @@ impl RunManager {
         }
         let environment = self.resolve_environment(company_id, environment_id).await?;
         let config = self.runnable_config(&environment).await?;
+        let (timeout, timeout_from) = self.effective_timeout(plan.exec.timeout, config.as_config());
+        plan.exec.timeout = timeout;
 
         let store = &self.context().store;
         let now = Timestamp::now();
@@ -150,10 +153,24 @@ impl RunManager {
             heartbeat_at: now,
             cancel_requested: false,
         };
-        store.insert_run(&run).await?;
+        // The run and its `queued` event together: a crash between two writes would leave a run whose log does not
+        // start like every run's (the orphan sweep still adds a missing `queued`, for databases written before).
+        let queued = EventData::Status(RunStatus::Queued);
+        let first = NewRunEvent {
+            at: now,
+            kind: queued.kind(),
+            data: queued.into_value(),
+        };
+        store.insert_run_with_events(&run, vec![first]).await?;
+        crate::metrics::run_accepted(environment.driver);
         let events = EventWriter::new(store.clone(), run.id);
-        events.record(EventData::Status(RunStatus::Queued)).await;
-        tracing::info!(run.id = %run.id, env.id = %environment.id, "run accepted");
+        tracing::info!(
+            run.id = %run.id,
+            env.id = %environment.id,
+            timeout_ms = timeout.map(|timeout| u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
+            timeout_from,
+            "run accepted"
+        );
         let accepted = run.clone();
         self.start(run, environment, config, plan, events);
         Ok(accepted)
@@ -170,14 +187,42 @@ impl RunManager {
         names
     }
 
-    /// The given environment (of this company, active), else the company's Local one — if the company may have one
-    /// (`--local-environments`).
+    /// The timeout a run gets, and where it comes from (for the log): its own, else its environment's `timeoutMs`,
+    /// else the server's `--default-run-timeout`, else none.
+    fn effective_timeout(
+        &self,
+        requested: Option<Duration>,
+        config: &DriverConfig,
+    ) -> (Option<Duration>, &'static str) {
+        if let Some(timeout) = requested {
+            return (Some(timeout), "run");
+        }
+        if let Some(ms) = config.timeout_ms() {
+            return (Some(Duration::from_millis(ms)), "environment");
+        }
+        match self.default_run_timeout() {
+            Some(timeout) => (Some(timeout), "server"),
+            None => (None, "none"),
+        }
+    }
+
+    /// The given environment (of this company, active), else the company's default environment, else its Local
+    /// one — if the company may have one (`--local-environments`).
     async fn resolve_environment(
         &self,
         company_id: CompanyId,
         environment_id: Option<String>,
     ) -> Result<Environment, AcceptError> {
         let store = &self.context().store;
+        let environment_id = match environment_id {
+            Some(id) => Some(id),
+            // Read per run, so a change applies to the next run, on every replica.
+            None => store
+                .get_company(company_id)
+                .await?
+                .and_then(|company| company.default_environment_id)
+                .map(|id| id.to_string()),
+        };
         let environment = match environment_id {
             None if !self.host().may_use_local(company_id) => {
                 return Err(HostPolicyError::NoLocalEnvironment.into());
@@ -290,7 +335,7 @@ fn validate(
         }
     }
     let timeout = match request.timeout_ms {
-        Some(ms) if !(1..=MAX_TIMEOUT_MS).contains(&ms) => {
+        Some(ms) if !(1..=MAX_TIMEOUT_MS.unsigned_abs()).contains(&ms) => {
             errors.push(
                 "timeoutMs",
                 format!("must be between 1 and {MAX_TIMEOUT_MS}"),
@@ -337,4 +382,64 @@ fn validate(
         },
         request.environment_id,
     ))
+}
+
+/// Parses a run timeout given on the command line (`berth serve --default-run-timeout`): a whole number with a unit
+/// — `ms`, `s`, `m`, `h` — or bare seconds (`90` is `90s`), between 1 ms and one day, like a run's `timeoutMs`.
+pub fn parse_run_timeout(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let per_unit: u64 = match unit.trim() {
+        "ms" => 1,
+        "" | "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => {
+            return Err(format!(
+                "`{text}` is not a duration: use a whole number with ms, s, m or h (e.g. 30s, 10m, 2h)"
+            ));
+        }
+    };
+    let number: u64 = number.parse().map_err(|_| {
+        format!(
+            "`{text}` is not a duration: use a whole number with ms, s, m or h (e.g. 30s, 10m, 2h)"
+        )
+    })?;
+    let max = MAX_TIMEOUT_MS.unsigned_abs();
+    match number.checked_mul(per_unit) {
+        Some(ms) if (1..=max).contains(&ms) => Ok(Duration::from_millis(ms)),
+        _ => Err(format!(
+            "`{text}` is out of range: a run timeout is between 1ms and 24h ({max} ms)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_timeouts_parse_with_units_and_within_bounds() {
+        assert_eq!(parse_run_timeout("1500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_run_timeout("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_run_timeout("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_run_timeout("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_run_timeout("24h"), Ok(Duration::from_secs(86_400)));
+        for bad in [
+            "",
+            "0",
+            "0s",
+            "25h",
+            "-5s",
+            "1.5s",
+            "10 minutes",
+            "s",
+            "99999999999999999999h",
+        ] {
+            assert!(parse_run_timeout(bad).is_err(), "{bad:?}");
+        }
+    }
 }

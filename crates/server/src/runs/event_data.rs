@@ -28,7 +28,7 @@ pub enum EventData<'a> {
         provider_lease_id: Option<&'a str>,
         resumed: bool,
     },
-    /// The lease after release: released, retained, failed.
+    /// The lease after release: released, retained, or failed (with its `failureReason`).
     LeaseEnded(&'a Lease),
     WorkspaceRealized(&'a RealizedWorkspace),
     WorkspaceSynced(&'a SyncReport),
@@ -94,6 +94,7 @@ impl EventData<'_> {
             Self::LeaseEnded(lease) => json!({
                 "leaseId": lease.id.to_string(),
                 "status": lease.status.as_str(),
+                "failureReason": lease.failure_reason,
                 "cleanupStatus": lease.cleanup_status.map(|status| status.as_str()),
             }),
             Self::WorkspaceRealized(workspace) => {

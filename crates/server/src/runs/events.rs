@@ -246,6 +246,7 @@ async fn write_output(
             .into_iter()
             .filter_map(|(stream, data)| {
                 let text = take_complete_utf8_owned(carry.entry(stream).or_default(), data);
+                crate::metrics::output_stored(kind_of(stream).as_str(), text.len());
                 (!text.is_empty()).then(|| NewRunEvent {
                     at: now,
                     kind: kind_of(stream),

@@ -9,7 +9,7 @@ use berth_core::driver::{
     CancelSignal, ExecOutcome, ExecRequest, RealizedWorkspace, WorkspaceRequest,
 };
 use berth_core::environment::Environment;
-use berth_core::lease::LeasePolicy;
+use berth_core::lease::{LeasePolicy, failure};
 use berth_core::run::{Run, RunStatus};
 use berth_core::time::Timestamp;
 use tokio_util::sync::CancellationToken;
@@ -57,7 +57,10 @@ pub async fn execute(
         };
         let held = match held {
             Ok(held) => held,
-            Err(error) => return Finish::berth_failed("lease_failed", error.to_string()),
+            Err(error) => {
+                crate::metrics::lease_acquire_failed(environment.driver, config);
+                return Finish::berth_failed(failure::LEASE_ACQUIRE_FAILED, error.to_string());
+            }
         };
         // The lease may follow another policy than asked (a busy reusable sandbox yields an ephemeral one).
         let policy = held.lease.lease_policy;
@@ -67,7 +70,7 @@ pub async fn execute(
             .record(EventData::LeaseActive {
                 lease_id: held.lease.id,
                 policy,
-                provider: held.handle.provider.as_deref(),
+                provider: held.lease.provider.as_deref(),
                 provider_lease_id: held.handle.provider_lease_id.as_deref(),
                 resumed: held.resumed,
             })
@@ -85,7 +88,9 @@ pub async fn execute(
             DriverConfig::Sandbox(sandbox) => sandbox.timeout_ms.map(Duration::from_millis),
             _ => None,
         };
-        match leases::release(&context, &held, config, keep, keep_for).await {
+        // A kept lease's status says it is kept; any other ends `failed` when the run did.
+        let failure = if keep { None } else { finish.lease_failure() };
+        match leases::release(&context, &held, config, keep, keep_for, failure).await {
             Ok(Some(lease)) => events.record(EventData::LeaseEnded(&lease)).await,
             Ok(None) => {}
             Err(error) => {
@@ -117,6 +122,7 @@ pub async fn execute(
         })
         .await;
     save(&context, &run).await;
+    crate::metrics::run_finished(environment.driver, &run);
     tracing::info!(run.id = %run_id, status = %run.status, exit_code = ?run.exit_code, "run finished");
 }
 
@@ -142,7 +148,7 @@ async fn with_lease(
         Ok(workspace) => workspace,
         Err(error) => {
             return Finish::berth_failed(
-                "workspace_failed",
+                failure::WORKSPACE_REALIZATION_FAILED,
                 format!("could not realize the workspace: {error}"),
             );
         }
@@ -157,6 +163,7 @@ async fn with_lease(
 
     run.status = RunStatus::Running;
     run.started_at = Some(Timestamp::now());
+    crate::metrics::run_command_started(held.lease.driver, run);
     save(context, run).await;
     events.record(EventData::Status(RunStatus::Running)).await;
 
@@ -176,7 +183,7 @@ async fn with_lease(
                             {
                                 bridge.stop().await;
                                 return Finish::berth_failed(
-                                    "bridge_failed",
+                                    failure::BRIDGE_FAILED,
                                     format!(
                                         "could not serve the callback bridge on the environment's socket: {error}"
                                     ),
@@ -189,7 +196,7 @@ async fn with_lease(
                         Err(error) => {
                             bridge.stop().await;
                             return Finish::berth_failed(
-                                "bridge_failed",
+                                failure::BRIDGE_FAILED,
                                 format!(
                                     "could not carry the callback bridge into the environment: {error}"
                                 ),
@@ -201,7 +208,7 @@ async fn with_lease(
                 }
                 Err(error) => {
                     return Finish::berth_failed(
-                        "bridge_failed",
+                        failure::BRIDGE_FAILED,
                         format!("could not start the callback bridge: {error}"),
                     );
                 }
@@ -240,7 +247,7 @@ async fn with_lease(
     };
     if let Some(message) = lost {
         tracing::warn!(run.id = %run.id, lease.id = %held.lease.id, message, "sync-back did not bring back every change");
-        events.error("sync_back_failed", &message).await;
+        events.error(failure::SYNC_BACK_FAILED, &message).await;
         finish.sync_back_failed(message);
     }
     finish
@@ -284,6 +291,8 @@ struct Finish {
     signal: Option<String>,
     error: Option<String>,
     error_event: Option<(String, String)>,
+    /// The code of the step that failed the run, when berth (not the command on its own) failed it.
+    failure: Option<String>,
 }
 
 impl Finish {
@@ -309,6 +318,10 @@ impl Finish {
                 .limit_exceeded
                 .clone()
                 .map(|message| ("limit_exceeded".to_owned(), message)),
+            failure: outcome
+                .limit_exceeded
+                .as_ref()
+                .map(|_| "limit_exceeded".to_owned()),
         }
     }
 
@@ -319,6 +332,7 @@ impl Finish {
             signal: None,
             error: None,
             error_event: None,
+            failure: None,
         }
     }
 
@@ -328,6 +342,18 @@ impl Finish {
         if self.status == RunStatus::Succeeded {
             self.status = RunStatus::Failed;
             self.error = Some(message);
+            self.failure = Some(failure::SYNC_BACK_FAILED.to_owned());
+        }
+    }
+
+    /// The `failureReason` of the run's lease when it is not kept: the failed step's code (`bridge_failed`,
+    /// `sync_back_failed`, a driver's `spawn_failed`, ...), `run_failed` for a command that failed on its own,
+    /// `timed_out`; none for a run that succeeded or was cancelled (its lease is `released`).
+    fn lease_failure(&self) -> Option<&str> {
+        match self.status {
+            RunStatus::TimedOut => Some(failure::TIMED_OUT),
+            RunStatus::Failed => Some(self.failure.as_deref().unwrap_or(failure::RUN_FAILED)),
+            _ => None,
         }
     }
 
@@ -339,6 +365,7 @@ impl Finish {
             signal: None,
             error: Some(message.clone()),
             error_event: Some((code.to_owned(), message)),
+            failure: Some(code.to_owned()),
         }
     }
 }

@@ -8,13 +8,15 @@ use std::sync::Arc;
 
 use berth_core::config::DriverConfig;
 use berth_core::driver::{EnvironmentDriver, LeaseHandle, LeaseRequest, ProcessIdentity};
+use berth_core::environment::Driver;
 use berth_core::environment::Environment;
 use berth_core::ids::{LeaseId, RunId};
-use berth_core::lease::{CleanupStatus, Lease, LeasePolicy, LeaseStatus};
+use berth_core::lease::{self as lease_model, CleanupStatus, Lease, LeasePolicy, LeaseStatus};
 use berth_core::time::Timestamp;
 
 use super::context::RunContext;
 use crate::error_chain::DisplayChain;
+use crate::metrics::LeaseOperation;
 use crate::vault::{self, ResolvedConfig, VaultError};
 use berth_store::{ConflictKind, Store, StoreError};
 
@@ -51,6 +53,7 @@ pub async fn record_activity(store: &Store, lease: &Lease, action: &str, actor: 
             "policy": lease.lease_policy.as_str(),
             "provider": lease.provider,
             "status": lease.status.as_str(),
+            "failureReason": lease.failure_reason,
             "cleanupStatus": lease.cleanup_status.map(|status| status.as_str()),
         }),
     };
@@ -77,12 +80,32 @@ fn actor_of(lease: &Lease) -> String {
 /// resume it. Cleanup takes [`stored_handle`], which has it.
 pub fn handle_of(lease: &Lease) -> LeaseHandle {
     LeaseHandle {
-        provider: lease.provider.clone(),
+        provider: dispatch_key(lease),
         provider_lease_id: lease.provider_lease_id.clone(),
         metadata: lease.metadata.clone().unwrap_or_default(),
         expires_at: lease.expires_at,
         process: None,
     }
+}
+
+/// Where a stored plugin config keeps its driver key (`DriverConfig::to_stored`).
+const STORED_DRIVER_KEY: &str = "driverKey";
+
+/// The key the lease's driver finds its provider by. A plugin driver's lease names its plugin as `provider` (what a
+/// client wants to see), but the `plugin` driver dispatches on the plugin's driver key, which the config the lease
+/// was acquired with records; every other lease dispatches on `provider` itself.
+fn dispatch_key(lease: &Lease) -> Option<String> {
+    let driver_key = match lease.driver {
+        Driver::Plugin => lease
+            .acquired_config
+            .as_ref()
+            .and_then(|config| config.get(STORED_DRIVER_KEY))
+            .and_then(serde_json::Value::as_str),
+        _ => None,
+    };
+    driver_key
+        .map(str::to_owned)
+        .or_else(|| lease.provider.clone())
 }
 
 /// [`handle_of`] with the process group recorded for the lease's command, if its command did not end normally (a
@@ -140,7 +163,8 @@ pub async fn acquire(
         run_id,
     };
     let now = Timestamp::now();
-    let mut lease = new_lease(environment, run_id, policy, now);
+    let provider = lease_model::provider_of(config);
+    let mut lease = new_lease(environment, run_id, policy, &provider, now);
     let mut fresh_config = None;
     match store.insert_lease(&lease).await {
         Ok(()) => {}
@@ -148,7 +172,7 @@ pub async fn acquire(
         // workspace, so this run gets a sandbox of its own that is not kept.
         Err(StoreError::Conflict(ConflictKind::ReusableLeaseHeld)) => {
             tracing::info!(env.id = %environment.id, run.id = %run_id, "the reusable lease is held by another run; taking an ephemeral one");
-            lease = new_lease(environment, run_id, LeasePolicy::Ephemeral, now);
+            lease = new_lease(environment, run_id, LeasePolicy::Ephemeral, &provider, now);
             store.insert_lease(&lease).await?;
             fresh_config = not_reusable(config);
         }
@@ -179,13 +203,14 @@ pub async fn acquire(
             })
         }
         Err(error) => {
-            let reason = error.to_string();
+            // The code, not the message: the message (which may name hosts and paths) is the run's `error`.
+            tracing::info!(lease.id = %lease.id, run.id = %run_id, env.id = %environment.id, error = %DisplayChain(&error), "could not acquire a lease");
             store
                 .transition_lease(
                     lease.id,
                     LeaseStatus::Active,
                     LeaseStatus::Failed,
-                    Some(&reason),
+                    Some(lease_model::failure::LEASE_ACQUIRE_FAILED),
                     None,
                     Timestamp::now(),
                 )
@@ -275,6 +300,7 @@ fn new_lease(
     environment: &Environment,
     run_id: RunId,
     policy: LeasePolicy,
+    provider: &str,
     now: Timestamp,
 ) -> Lease {
     Lease {
@@ -285,7 +311,7 @@ fn new_lease(
         status: LeaseStatus::Active,
         lease_policy: policy,
         driver: environment.driver,
-        provider: None,
+        provider: Some(provider.to_owned()),
         provider_lease_id: None,
         acquired_at: now,
         last_used_at: now,
@@ -305,17 +331,20 @@ async fn record_handle(
     expires_at: Option<Timestamp>,
 ) -> Result<(), StoreError> {
     let now = Timestamp::now();
+    // The provider named when the row went in stays: for a plugin driver the handle names the driver key, which is
+    // what the driver dispatches on, not what the lease shows.
+    let provider = lease.provider.clone().or_else(|| handle.provider.clone());
     store
         .update_lease_handle(
             lease.id,
-            handle.provider.as_deref(),
+            provider.as_deref(),
             handle.provider_lease_id.as_deref(),
             Some(&handle.metadata),
             expires_at,
             now,
         )
         .await?;
-    lease.provider = handle.provider.clone();
+    lease.provider = provider;
     lease.provider_lease_id = handle.provider_lease_id.clone();
     lease.metadata = Some(handle.metadata.clone());
     lease.expires_at = expires_at;
@@ -331,14 +360,17 @@ fn lifetime(config: &DriverConfig) -> Option<std::time::Duration> {
     }
 }
 
-/// Ends a run's hold on its lease: kept (`retained`) or cleaned up (`released`), per `keep`. Release dispatches on the
-/// driver captured on the lease. Returns the lease as it ended up, or `None` if someone else already released it.
+/// Ends a run's hold on its lease: kept (`retained`) per `keep`; else cleaned up and `released`, or `failed` with
+/// `failure` as its `failureReason` when the run failed or timed out (a kept lease's status says it is kept, whatever
+/// the run did). Release dispatches on the driver captured on the lease. Returns the lease as it ended up, or `None`
+/// if someone else already released it.
 pub async fn release(
     context: &RunContext,
     held: &HeldLease,
     config: &DriverConfig,
     keep: bool,
     keep_for: Option<std::time::Duration>,
+    failure: Option<&str>,
 ) -> Result<Option<Lease>, StoreError> {
     let store = &context.store;
     let now = Timestamp::now();
@@ -363,6 +395,11 @@ pub async fn release(
         };
         if let Err(error) = driver.release(&handle, true, Some(config)).await {
             tracing::warn!(lease.id = %held.lease.id, error = %DisplayChain(&error), "provider release (keep) failed");
+            crate::metrics::lease_failed(
+                LeaseOperation::Release,
+                held.lease.driver,
+                held.lease.provider.as_deref(),
+            );
         }
         if let Some(ttl) = keep_for {
             let expires_at = now.saturating_add(ttl);
@@ -381,12 +418,17 @@ pub async fn release(
         record_activity(store, &kept, "lease.retained", &actor_of(&kept)).await;
         return Ok(Some(kept));
     }
+    // Cleanup is the same either way: a failed lease's resource is released like any other.
+    let (to, action) = match failure {
+        Some(_) => (LeaseStatus::Failed, "lease.failed"),
+        None => (LeaseStatus::Released, "lease.released"),
+    };
     let Some(released) = store
         .transition_lease(
             held.lease.id,
             LeaseStatus::Active,
-            LeaseStatus::Released,
-            None,
+            to,
+            failure,
             Some(CleanupStatus::Pending),
             now,
         )
@@ -399,7 +441,7 @@ pub async fn release(
         cleanup_status: Some(cleanup),
         ..released
     };
-    record_activity(store, &released, "lease.released", &actor_of(&released)).await;
+    record_activity(store, &released, action, &actor_of(&released)).await;
     Ok(Some(released))
 }
 
@@ -440,6 +482,11 @@ pub async fn cleanup(
         Ok(()) => CleanupStatus::Success,
         Err(error) => {
             tracing::warn!(lease.id = %lease.id, error = %DisplayChain(&error), "lease cleanup failed");
+            let operation = match kind {
+                CleanupKind::Release => LeaseOperation::Release,
+                CleanupKind::Destroy => LeaseOperation::Destroy,
+            };
+            crate::metrics::lease_failed(operation, lease.driver, lease.provider.as_deref());
             CleanupStatus::Failed
         }
     };
@@ -528,44 +575,140 @@ async fn current_config(context: &RunContext, lease: &Lease) -> Option<ResolvedC
 /// The lease half of retiring an environment (`RunManager::retire_environment`, once its runs are cancelled): release
 /// or destroy every lease still active or kept, with provider cleanup. The environment's lease rows vanish with it,
 /// so nothing may be left for a later sweep to find.
+///
+/// Leases can change under this: a cancelled run keeps its reusable lease (`active → retained`) as this reads, a sweep
+/// releases an orphan. So it re-reads until nothing is held, and a lease whose compare-and-set lost is looked at again
+/// in its new status rather than skipped (skipping lost a lease kept just then). Active leases go first: while an
+/// environment's reusable lease is active (a run that outlived the wait for it) or its cleanup is pending, moving a
+/// kept reusable one to a pending cleanup breaks the one-held-reusable-lease rule (`ReusableLeaseHeld`).
 pub async fn release_all_of_environment(
     context: &RunContext,
     environment: &Environment,
 ) -> Result<(), StoreError> {
+    /// Passes that honour the one-held-reusable-lease rule (about 2 s of waiting, for another node's cleanup).
+    const POLITE_PASSES: usize = 20;
+    /// After those, a pass ends a blocked lease without marking its cleanup pending (see [`end_for_deletion`]).
+    const MAX_PASSES: usize = POLITE_PASSES + 5;
     let store = &context.store;
-    let held = store
-        .leases_in_statuses(
-            environment.id,
-            &[LeaseStatus::Active, LeaseStatus::Retained],
-        )
-        .await?;
-    for lease in held {
-        let now = Timestamp::now();
-        let reason = "the environment was deleted";
-        if let Some(released) = store
-            .transition_lease(
-                lease.id,
-                lease.status,
-                LeaseStatus::Released,
-                Some(reason),
-                Some(CleanupStatus::Pending),
-                now,
+    let mut settled = false;
+    for pass in 0..MAX_PASSES {
+        let mut held = store
+            .leases_in_statuses(
+                environment.id,
+                &[LeaseStatus::Active, LeaseStatus::Retained],
             )
-            .await?
-        {
-            let status = cleanup(context, &released, CleanupKind::Destroy, None).await;
-            let released = Lease {
-                cleanup_status: Some(status),
-                ..released
-            };
-            record_activity(
-                store,
-                &released,
-                "lease.released",
-                "system:environment-deleted",
-            )
-            .await;
+            .await?;
+        if held.is_empty() {
+            settled = true;
+            break;
+        }
+        // Stable: within each status, most recently used first, as read.
+        held.sort_by_key(|lease| lease.status != LeaseStatus::Active);
+        let mut blocked = false;
+        for lease in &held {
+            blocked |= !end_for_deletion(context, lease, pass >= POLITE_PASSES).await?;
+        }
+        if blocked {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
     }
+    if !settled {
+        tracing::warn!(env.id = %environment.id, "leases kept changing while their environment was deleted; what is left goes with it");
+    }
+    finish_pending_cleanups(context, environment).await
+}
+
+/// Retries the cleanups of the environment's ended leases that never finished (a node died mid-cleanup): the sweep
+/// that would retry them finds nothing once the environment's rows are gone. Each is claimed first (the sweep's
+/// compare-and-set), so a cleanup is never taken from whoever claimed it since this read.
+async fn finish_pending_cleanups(
+    context: &RunContext,
+    environment: &Environment,
+) -> Result<(), StoreError> {
+    let store = &context.store;
+    let ended = store
+        .leases_in_statuses(
+            environment.id,
+            &[
+                LeaseStatus::Released,
+                LeaseStatus::Failed,
+                LeaseStatus::Expired,
+            ],
+        )
+        .await?;
+    for lease in ended
+        .into_iter()
+        .filter(|lease| lease.cleanup_status == Some(CleanupStatus::Pending))
+    {
+        if !store.claim_stuck_cleanup(&lease, Timestamp::now()).await? {
+            continue;
+        }
+        let status = cleanup(context, &lease, CleanupKind::Destroy, None).await;
+        tracing::info!(lease.id = %lease.id, env.id = %environment.id, cleanup = %status, "finished a pending cleanup of a deleted environment's lease");
+        let lease = Lease {
+            cleanup_status: Some(status),
+            ..lease
+        };
+        record_activity(
+            store,
+            &lease,
+            "lease.cleaned_up",
+            "system:environment-deleted",
+        )
+        .await;
+    }
     Ok(())
+}
+
+/// Releases one of a deleted environment's leases and destroys its resource. `false` when the one-held-reusable-lease
+/// rule refused it (another reusable lease of the environment is held); `true` otherwise, also when the lease changed
+/// under this call (the next pass sees its new status).
+///
+/// With `force`, a refused lease is released without marking its cleanup pending. The rule keeps a run from taking
+/// the environment's sandbox while it is destroyed; no run will take this environment's sandbox again (its runs were
+/// cancelled and the environment is about to go), so it guards nothing here, and the outcome is still recorded.
+async fn end_for_deletion(
+    context: &RunContext,
+    lease: &Lease,
+    force: bool,
+) -> Result<bool, StoreError> {
+    let store = &context.store;
+    let transition = |cleanup_status| {
+        store.transition_lease(
+            lease.id,
+            lease.status,
+            LeaseStatus::Released,
+            None,
+            cleanup_status,
+            Timestamp::now(),
+        )
+    };
+    let released = match transition(Some(CleanupStatus::Pending)).await {
+        Ok(released) => released,
+        Err(StoreError::Conflict(ConflictKind::ReusableLeaseHeld)) if force => {
+            tracing::warn!(lease.id = %lease.id, env.id = %lease.environment_id, "another reusable lease of the deleted environment is still held; destroying this one anyway");
+            transition(None).await?
+        }
+        Err(StoreError::Conflict(ConflictKind::ReusableLeaseHeld)) => {
+            tracing::debug!(lease.id = %lease.id, env.id = %lease.environment_id, "another reusable lease of the deleted environment is held; retrying");
+            return Ok(false);
+        }
+        Err(error) => return Err(error),
+    };
+    let Some(released) = released else {
+        return Ok(true);
+    };
+    let status = cleanup(context, &released, CleanupKind::Destroy, None).await;
+    let released = Lease {
+        cleanup_status: Some(status),
+        ..released
+    };
+    record_activity(
+        store,
+        &released,
+        "lease.released",
+        "system:environment-deleted",
+    )
+    .await;
+    Ok(true)
 }

@@ -24,6 +24,7 @@ use super::leases::{self, CleanupKind};
 use crate::bridge::BridgeSettings;
 use crate::error_chain::DisplayChain;
 use crate::host_policy::HostPolicy;
+use crate::metrics::{self, SweepAction, SweepStep};
 use crate::secrets::SecretCipher;
 use crate::vault::ResolvedConfig;
 
@@ -70,6 +71,9 @@ struct Inner {
     tasks: TaskTracker,
     stopping: CancellationToken,
     sweep_interval: Duration,
+    /// `berth serve --default-run-timeout`: the timeout of a run that gives none, in an environment that names none.
+    /// Set once at start-up.
+    default_run_timeout: std::sync::OnceLock<Duration>,
 }
 
 impl RunManager {
@@ -96,6 +100,7 @@ impl RunManager {
                 tasks: TaskTracker::new(),
                 stopping: CancellationToken::new(),
                 sweep_interval,
+                default_run_timeout: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -116,6 +121,16 @@ impl RunManager {
     /// What of this host the companies may use: workspace roots and Local environments.
     pub fn host(&self) -> &HostPolicy {
         &self.inner.host
+    }
+
+    /// Sets the server-wide default run timeout (`--default-run-timeout`); only the first call counts.
+    pub fn set_default_run_timeout(&self, timeout: Duration) {
+        let _ = self.inner.default_run_timeout.set(timeout);
+    }
+
+    /// The server-wide default run timeout, if the operator set one.
+    pub fn default_run_timeout(&self) -> Option<Duration> {
+        self.inner.default_run_timeout.get().copied()
     }
 
     /// Starts executing an accepted (stored, `queued`) run in the background. Only accepting a run starts one.
@@ -365,7 +380,8 @@ impl RunManager {
             .await
         {
             Ok(true) => {
-                tracing::warn!(run.id = %run.id, status = %status, "settled an orphaned run as its final event says")
+                tracing::warn!(run.id = %run.id, status = %status, "settled an orphaned run as its final event says");
+                metrics::sweep_action(SweepAction::RunSettled);
             }
             Ok(false) => {}
             Err(error) => {
@@ -381,6 +397,7 @@ impl RunManager {
         let store = &context.store;
         let now = Timestamp::now();
         let stale_before = Timestamp::from_unix_millis(now.unix_millis() - millis(STALE_AFTER));
+        metrics::sweep_started();
 
         match store.orphaned_runs(owner_node, stale_before).await {
             Ok(orphans) => {
@@ -398,9 +415,11 @@ impl RunManager {
                     {
                         Ok(true) => {
                             tracing::warn!(run.id = %run.id, "failed an orphaned run");
+                            metrics::sweep_action(SweepAction::RunFailed);
                             let events = EventWriter::new(store.clone(), run.id);
-                            // A node killed between storing the run and its first event left none: the run was
-                            // queued all the same, and its log starts there like every run's.
+                            // A run and its first event are stored in one transaction now; this is the fallback for
+                            // runs stored by older versions, whose node may have died between the two writes. The run
+                            // was queued all the same, and its log starts there like every run's.
                             if matches!(store.list_events(run.id, 0, 1).await, Ok(first) if first.is_empty())
                             {
                                 events.record(EventData::Status(RunStatus::Queued)).await;
@@ -422,18 +441,22 @@ impl RunManager {
                     }
                 }
             }
-            Err(error) => tracing::warn!(error = %DisplayChain(&error), "orphan sweep failed"),
+            Err(error) => {
+                tracing::warn!(error = %DisplayChain(&error), "orphan sweep failed");
+                metrics::sweep_failed(SweepStep::Runs);
+            }
         }
 
         match store.orphaned_leases(100).await {
             Ok(orphans) => {
                 for lease in orphans {
+                    let (ending, reason) = orphaned_lease_ending(store, &lease).await;
                     let claimed = store
                         .transition_lease(
                             lease.id,
                             LeaseStatus::Active,
-                            LeaseStatus::Released,
-                            Some("released by the orphan sweep: its run is not alive"),
+                            ending,
+                            reason,
                             Some(berth_core::lease::CleanupStatus::Pending),
                             now,
                         )
@@ -443,21 +466,25 @@ impl RunManager {
                         let status =
                             leases::cleanup(context, &released, CleanupKind::Destroy, None).await;
                         tracing::info!(lease.id = %released.id, cleanup = %status, "released an orphaned lease");
+                        metrics::sweep_action(SweepAction::LeaseReleased);
                         let released = berth_core::lease::Lease {
                             cleanup_status: Some(status),
                             ..released
                         };
-                        leases::record_activity(
-                            store,
-                            &released,
-                            "lease.released",
-                            leases::SWEEPER_ACTOR,
-                        )
-                        .await;
+                        let action = if released.status == LeaseStatus::Failed {
+                            "lease.failed"
+                        } else {
+                            "lease.released"
+                        };
+                        leases::record_activity(store, &released, action, leases::SWEEPER_ACTOR)
+                            .await;
                     }
                 }
             }
-            Err(error) => tracing::warn!(error = %DisplayChain(&error), "lease sweep failed"),
+            Err(error) => {
+                tracing::warn!(error = %DisplayChain(&error), "lease sweep failed");
+                metrics::sweep_failed(SweepStep::Leases);
+            }
         }
 
         // A node that died between releasing a lease and finishing its cleanup left it `pending`: try again.
@@ -471,6 +498,7 @@ impl RunManager {
                     }
                     let status = leases::cleanup(context, &lease, CleanupKind::Destroy, None).await;
                     tracing::info!(lease.id = %lease.id, cleanup = %status, "retried an unfinished lease cleanup");
+                    metrics::sweep_action(SweepAction::CleanupRetried);
                     let lease = berth_core::lease::Lease {
                         cleanup_status: Some(status),
                         ..lease
@@ -485,12 +513,14 @@ impl RunManager {
                 }
             }
             Err(error) => {
-                tracing::warn!(error = %DisplayChain(&error), "cleanup retry sweep failed")
+                tracing::warn!(error = %DisplayChain(&error), "cleanup retry sweep failed");
+                metrics::sweep_failed(SweepStep::Cleanups);
             }
         }
 
         if let Err(error) = store.sweep_nonces(now).await {
             tracing::warn!(error = %DisplayChain(&error), "nonce sweep failed");
+            metrics::sweep_failed(SweepStep::Nonces);
         }
 
         match store.expired_leases(now, 100).await {
@@ -501,7 +531,7 @@ impl RunManager {
                             lease.id,
                             lease.status,
                             LeaseStatus::Expired,
-                            Some("expired"),
+                            Some(berth_core::lease::failure::EXPIRED),
                             Some(berth_core::lease::CleanupStatus::Pending),
                             now,
                         )
@@ -524,6 +554,7 @@ impl RunManager {
                     let status =
                         leases::cleanup(context, &expired, CleanupKind::Destroy, None).await;
                     tracing::info!(lease.id = %expired.id, cleanup = %status, "expired a lease");
+                    metrics::sweep_action(SweepAction::LeaseExpired);
                     let expired = berth_core::lease::Lease {
                         cleanup_status: Some(status),
                         ..expired
@@ -537,11 +568,34 @@ impl RunManager {
                     .await;
                 }
             }
-            Err(error) => tracing::warn!(error = %DisplayChain(&error), "expiry sweep failed"),
+            Err(error) => {
+                tracing::warn!(error = %DisplayChain(&error), "expiry sweep failed");
+                metrics::sweep_failed(SweepStep::Expiry);
+            }
         }
     }
 }
 
 fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// How the orphan sweep ends a lease whose run is no longer alive, as that run ended: `released` after a run that
+/// succeeded or was cancelled (its node died between the run's end and the lease's), else `failed` — `timed_out` for a
+/// run that timed out, `orphaned` for one that failed (most often failed by the sweep itself, its node dead) or that
+/// cannot be read.
+async fn orphaned_lease_ending(
+    store: &Store,
+    lease: &berth_core::lease::Lease,
+) -> (LeaseStatus, Option<&'static str>) {
+    use berth_core::lease::failure;
+    let run = match lease.run_id {
+        Some(run_id) => store.get_run(run_id).await.ok().flatten(),
+        None => None,
+    };
+    match run.map(|run| run.status) {
+        Some(RunStatus::Succeeded | RunStatus::Cancelled) => (LeaseStatus::Released, None),
+        Some(RunStatus::TimedOut) => (LeaseStatus::Failed, Some(failure::TIMED_OUT)),
+        _ => (LeaseStatus::Failed, Some(failure::ORPHANED)),
+    }
 }
