@@ -91,6 +91,9 @@ const STRAGGLER_LIMIT: Duration = Duration::from_secs(3);
 /// saw end of file, so no writer from an earlier job is left on it. A FIFO gone (a `/tmp` cleaner) ends the runner
 /// before the job starts (the job goes to a fresh one): `<>` would create a regular file in its place.
 ///
+/// At start, a runner removes this user's runner directories whose runner is dead (killed with `KILL`, which no
+/// trap sees): a directory is named after its runner's pid, and only a live runner keeps one.
+///
 /// The decoder reads each stdin frame with one `dd` block (`iflag=fullblock`): the whole frame is read before any
 /// of it is written, so a command that stopped reading (`dd` dies of `SIGPIPE`) cannot leave part of a frame on the
 /// channel. Nothing of stdin touches the disk.
@@ -103,6 +106,13 @@ done
 [ -r /proc/self/stat ] || { berth_m u "the host has no /proc"; exit 0; }
 [ "$(printf ab | dd bs=1 count=1 iflag=fullblock 2>/dev/null)" = a ] || { berth_m u "the host's dd has no iflag=fullblock"; exit 0; }
 umask 077
+for berth_o in "${TMPDIR:-/tmp}"/berth-runner-*; do
+  [ -d "$berth_o" ] && [ -O "$berth_o" ] || continue
+  berth_p=${berth_o##*/berth-runner-}
+  berth_p=${berth_p%%-*}
+  case $berth_p in ''|*[!0-9]*) continue ;; esac
+  kill -0 "$berth_p" 2>/dev/null || rm -rf "$berth_o"
+done
 berth_d="${TMPDIR:-/tmp}/berth-runner-$$-@DIR@"
 mkdir "$berth_d" 2>/dev/null || { berth_m u "cannot create a private directory in ${TMPDIR:-/tmp}"; exit 0; }
 trap 'rm -rf "$berth_d"' EXIT
@@ -1217,6 +1227,34 @@ mod tests {
         assert!(!runner.wait_for(b"\x01NONCE x ", Duration::from_millis(500)));
         assert_eq!(runner.output(), "first\nlate\n");
         let _ = std::fs::remove_file(up.to_string());
+    }
+
+    #[test]
+    fn a_starting_runner_removes_the_directories_of_dead_runners_and_only_those() {
+        // A pid that is surely dead: a child that was reaped.
+        let mut exited = std::process::Command::new("true").spawn().unwrap();
+        let dead_pid = exited.id();
+        exited.wait().unwrap();
+        let dead = format!("/tmp/berth-runner-{dead_pid}-{}", new_nonce());
+        let live = format!("/tmp/berth-runner-{}-{}", std::process::id(), new_nonce());
+        let not_a_runners = format!("/tmp/berth-runner-test-{}", new_nonce());
+        for dir in [&dead, &live, &not_a_runners] {
+            std::fs::create_dir(dir).unwrap();
+        }
+        let runner = LocalRunner::start();
+        assert!(
+            !std::path::Path::new(&dead).exists(),
+            "a dead runner's directory was kept"
+        );
+        assert!(
+            std::path::Path::new(&live).exists(),
+            "a live runner's directory was removed"
+        );
+        assert!(std::path::Path::new(&not_a_runners).exists());
+        drop(runner);
+        for dir in [&live, &not_a_runners] {
+            std::fs::remove_dir(dir).unwrap();
+        }
     }
 
     #[test]
