@@ -335,6 +335,20 @@ impl Drop for SystemUser {
         let _ = Command::new("pkill")
             .args(["-KILL", "-u", &self.name])
             .status();
+        // What its runners kept in /tmp: a runner killed with KILL cannot clean up, and the next runner that would
+        // (one of the same user) never comes.
+        let _ = Command::new("find")
+            .args([
+                "/tmp",
+                "-maxdepth",
+                "1",
+                "-name",
+                "berth-runner-*",
+                "-user",
+                &self.name,
+            ])
+            .args(["-exec", "rm", "-rf", "{}", "+"])
+            .status();
         for _ in 0..50 {
             match Command::new("userdel").arg(&self.name).status() {
                 Ok(status) if status.success() => return,

@@ -117,6 +117,7 @@ berth_d="${TMPDIR:-/tmp}/berth-runner-$$-@DIR@"
 mkdir "$berth_d" 2>/dev/null || { berth_m u "cannot create a private directory in ${TMPDIR:-/tmp}"; exit 0; }
 trap 'rm -rf "$berth_d"' EXIT
 trap 'exit 143' TERM
+trap 'exit 129' HUP
 mkfifo "$berth_d/o" "$berth_d/e" 2>/dev/null && true 5<>"$berth_d/o" 6<"$berth_d/o" 2>/dev/null ||
   { berth_m u "cannot use a FIFO in ${TMPDIR:-/tmp}"; exit 0; }
 hash setsid cat dd 2>/dev/null
