@@ -276,6 +276,81 @@ async fn deleted_keys_stop_working_at_once() {
 }
 
 #[tokio::test]
+async fn an_environment_shows_its_last_probe_fully_to_managers_and_only_its_outcome_to_readers() {
+    let server = TestServer::start().await;
+    let company = server.default_company().await;
+    let reader = server.create_key(&company, "reader").await;
+    let env = create_env(
+        &server,
+        &company,
+        json!({"name": "probed", "driver": "sandbox", "config": {"provider": "fake"}}),
+    )
+    .await;
+    let id = env["id"].as_str().unwrap();
+    assert_eq!(env["lastProbe"], Value::Null, "{env}");
+    let (_, never) = server.get(&format!("/api/environments/{id}")).await;
+    assert_eq!(never["lastProbe"], Value::Null, "{never}");
+
+    let (status, probe) = server
+        .post(&format!("/api/environments/{id}/probe"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{probe}");
+    assert_eq!(probe["ok"], true, "{probe}");
+
+    let (_, seen) = server.get(&format!("/api/environments/{id}")).await;
+    let last = &seen["lastProbe"];
+    assert_eq!(last["ok"], true, "{seen}");
+    assert_eq!(last["driver"], "sandbox");
+    assert_eq!(last["summary"], probe["summary"]);
+    assert_eq!(last["details"], probe["details"]);
+    assert!(last["at"].as_str().unwrap().ends_with('Z'), "{last}");
+    let (_, list) = server
+        .get(&format!("/api/companies/{company}/environments"))
+        .await;
+    let listed = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|environment| environment["id"] == id)
+        .unwrap();
+    assert_eq!(&listed["lastProbe"], last);
+
+    // A reader learns when and whether, not what the probe found (its summary and details, like the config).
+    for route in [
+        format!("/api/environments/{id}"),
+        format!("/api/companies/{company}/environments"),
+    ] {
+        let (status, body) = server.call(Method::GET, &route, &reader, None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let environment = body.as_array().map_or(&body, |list| {
+            list.iter()
+                .find(|environment| environment["id"] == id)
+                .unwrap()
+        });
+        let last = environment["lastProbe"].as_object().unwrap();
+        let mut keys: Vec<&str> = last.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["at", "driver", "ok"], "{environment}");
+    }
+
+    // A failing probe is kept the same way: a host nobody listens on.
+    let dead = create_env(
+        &server,
+        &company,
+        json!({"name": "dead", "driver": "ssh", "config": {"host": "127.0.0.1", "port": 1, "username": "agent", "remoteWorkspacePath": "/srv/berth"}}),
+    )
+    .await;
+    let dead_id = dead["id"].as_str().unwrap();
+    let (_, failed) = server
+        .post(&format!("/api/environments/{dead_id}/probe"), json!({}))
+        .await;
+    assert_eq!(failed["ok"], false, "{failed}");
+    let (_, seen) = server.get(&format!("/api/environments/{dead_id}")).await;
+    assert_eq!(seen["lastProbe"]["ok"], false, "{seen}");
+    assert_eq!(seen["lastProbe"]["summary"], failed["summary"], "{seen}");
+}
+
+#[tokio::test]
 async fn readers_see_redacted_config_and_cannot_mutate_or_read_leases() {
     let server = TestServer::start().await;
     let company = server.default_company().await;

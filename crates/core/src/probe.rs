@@ -4,6 +4,8 @@
 use serde_json::{Map, Value};
 
 use crate::environment::Driver;
+use crate::ids::EnvironmentId;
+use crate::time::Timestamp;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProbeResult {
@@ -33,4 +35,12 @@ impl ProbeResult {
             details: Map::new(),
         }
     }
+}
+
+/// The newest probe of a stored environment, kept beside it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LastProbe {
+    pub environment_id: EnvironmentId,
+    pub at: Timestamp,
+    pub result: ProbeResult,
 }

@@ -307,29 +307,11 @@ async function route() {
 
 // --- environments ------------------------------------------------------------------------------------------------
 
-/** Probe results seen in this browser session, by environment id (the API keeps only ok/failed in the activity log). */
-const probeResults = new Map();
 
 function companyPath(suffix) {
   return `/api/companies/${enc(session.companyId)}${suffix}`;
 }
 
-/** The latest `environment.probed` activity of each environment: `{ok, at}`. */
-async function lastProbes() {
-  const latest = new Map();
-  let after = 0;
-  // The log is read oldest first and has no filter by action: at most 50 000 rows are read, so on a busier company
-  // the newest probes may be missed (an older result, or none, is shown) rather than the page stalling.
-  for (let page = 0; page < 5; page++) {
-    const entries = await api("GET", companyPath(`/activity?after=${after}&limit=10000`));
-    for (const entry of entries) {
-      if (entry.action === "environment.probed") latest.set(entry.entityId, { ok: entry.details.ok, at: entry.createdAt });
-      after = entry.id;
-    }
-    if (entries.length < 10000) break;
-  }
-  return latest;
-}
 
 function probeView(result) {
   return h(
@@ -344,10 +326,7 @@ function probeView(result) {
 async function environmentsPage(container) {
   container.append(h("h1", {}, "Environments"));
   if (isManager()) container.append(h("p", {}, link("/environments/new", "New environment", { class: "button", id: "new-environment" })));
-  const [environments, probes] = await Promise.all([
-    api("GET", companyPath("/environments")),
-    lastProbes().catch(() => new Map()),
-  ]);
+  const environments = await api("GET", companyPath("/environments"));
   const panel = h("div", { id: "env-panel" });
   const table = h(
     "table",
@@ -356,13 +335,15 @@ async function environmentsPage(container) {
   );
   const body = h("tbody");
   for (const environment of environments) {
-    const probe = probes.get(environment.id);
-    const seen = probeResults.get(environment.id);
+    // The newest probe, kept by the API: readers get when and whether it worked, managers its summary too.
+    const probe = environment.lastProbe;
     const provider = environment.config && (environment.config.provider || environment.config.driverKey);
     const probeCell = h("td", { class: "last-probe" });
-    if (seen) probeCell.append(h("span", { class: seen.ok ? "badge ok" : "badge bad" }, seen.ok ? "ok" : "failed"), " ", seen.summary);
-    else if (probe) probeCell.append(h("span", { class: probe.ok ? "badge ok" : "badge bad" }, probe.ok ? "ok" : "failed"), " ", h("span", { class: "muted" }, when(probe.at)));
-    else probeCell.append(h("span", { class: "muted" }, "never"));
+    if (probe) {
+      probeCell.append(h("span", { class: probe.ok ? "badge ok" : "badge bad" }, probe.ok ? "ok" : "failed"), " ");
+      if (probe.summary) probeCell.append(probe.summary, " ");
+      probeCell.append(h("span", { class: "muted" }, when(probe.at)));
+    } else probeCell.append(h("span", { class: "muted" }, "never"));
     const actions = h("td", { class: "actions" });
     actions.append(
       h("button", {
@@ -373,7 +354,6 @@ async function environmentsPage(container) {
           clear(panel).append(h("p", { class: "muted" }, `Testing ${environment.name}…`));
           try {
             const result = await api("POST", `/api/environments/${enc(environment.id)}/probe`);
-            probeResults.set(environment.id, result);
             clear(probeCell).append(h("span", { class: result.ok ? "badge ok" : "badge bad" }, result.ok ? "ok" : "failed"), " ", result.summary);
             clear(panel).append(h("h2", {}, `Test of ${environment.name}`), probeView(result));
           } catch (error) {

@@ -2,10 +2,11 @@
 
 use berth_core::environment::Environment;
 use berth_core::ids::{CompanyId, EnvironmentId};
+use berth_core::probe::{LastProbe, ProbeResult};
 use berth_core::time::Timestamp;
 
 use super::error::{ConflictKind, StoreError, conflict_as};
-use super::rows::{EnvironmentRow, convert_all, json_text, json_text_or_null};
+use super::rows::{EnvironmentRow, ProbeRow, convert_all, json_text, json_text_or_null};
 use super::{EnvironmentFilter, Store};
 
 /// The partial unique index that allows one `local` environment per company (see the migrations).
@@ -58,6 +59,22 @@ const UPDATE_ENVIRONMENT: &str = concat!(
     environment_columns!()
 );
 const ENVIRONMENT_REVISION: &str = "SELECT revision FROM environments WHERE id = $1";
+/// Keeps the newer probe: one that started earlier but finished later does not replace it. An environment deleted
+/// meanwhile makes the insert fail its foreign key, which the caller ignores.
+const RECORD_PROBE: &str = "INSERT INTO environment_probes (environment_id, probed_at, ok, driver, summary, details) \
+     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (environment_id) DO UPDATE SET probed_at = excluded.probed_at, \
+     ok = excluded.ok, driver = excluded.driver, summary = excluded.summary, details = excluded.details \
+     WHERE environment_probes.probed_at <= excluded.probed_at";
+macro_rules! probe_columns_from {
+    () => {
+        "SELECT environment_id, probed_at, ok, driver, summary, details FROM environment_probes"
+    };
+}
+const LAST_PROBE: &str = concat!(probe_columns_from!(), " WHERE environment_id = $1");
+const LAST_PROBES_OF_COMPANY: &str = concat!(
+    probe_columns_from!(),
+    " WHERE environment_id IN (SELECT id FROM environments WHERE company_id = $1)"
+);
 /// Leases go with the environment (`ON DELETE CASCADE`); secrets are removed separately.
 const DELETE_ENVIRONMENT: &str = concat!(
     "DELETE FROM environments WHERE id = $1 RETURNING ",
@@ -177,6 +194,57 @@ impl Store {
             }
         });
         updated?.map(Environment::try_from).transpose()
+    }
+
+    /// Keeps `result` as the environment's last probe, taken at `at`, unless a newer one is kept already.
+    pub async fn record_probe(
+        &self,
+        environment_id: EnvironmentId,
+        at: Timestamp,
+        result: &ProbeResult,
+    ) -> Result<(), StoreError> {
+        let details = json_text(&result.details)?;
+        on_pool!(&self.db, |pool| {
+            sqlx::query(RECORD_PROBE)
+                .bind(environment_id.to_string())
+                .bind(at.unix_millis())
+                .bind(i64::from(result.ok))
+                .bind(result.driver.as_str())
+                .bind(&result.summary)
+                .bind(&details)
+                .execute(pool)
+                .await
+                .map(|_| ())?
+        });
+        Ok(())
+    }
+
+    /// The environment's last probe, if it was ever probed.
+    pub async fn last_probe(
+        &self,
+        environment_id: EnvironmentId,
+    ) -> Result<Option<LastProbe>, StoreError> {
+        let row: Option<ProbeRow> = on_pool!(&self.db, |pool| {
+            sqlx::query_as(LAST_PROBE)
+                .bind(environment_id.to_string())
+                .fetch_optional(pool)
+                .await?
+        });
+        row.map(LastProbe::try_from).transpose()
+    }
+
+    /// The last probe of every environment of the company that was ever probed.
+    pub async fn last_probes_of_company(
+        &self,
+        company_id: CompanyId,
+    ) -> Result<Vec<LastProbe>, StoreError> {
+        let rows: Vec<ProbeRow> = on_pool!(&self.db, |pool| {
+            sqlx::query_as(LAST_PROBES_OF_COMPANY)
+                .bind(company_id.to_string())
+                .fetch_all(pool)
+                .await?
+        });
+        convert_all(rows)
     }
 
     /// Deletes an environment and its leases; returns the removed row, or `None` if there was none. Fails with

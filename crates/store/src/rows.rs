@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 use berth_core::company::{ApiKey, Company};
 use berth_core::environment::Environment;
 use berth_core::lease::Lease;
+use berth_core::probe::{LastProbe, ProbeResult};
 use berth_core::run::{Run, RunEvent};
 use berth_core::time::Timestamp;
 
@@ -47,6 +48,16 @@ pub(super) struct EnvironmentRow {
     created_at: i64,
     updated_at: i64,
     revision: i64,
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub(super) struct ProbeRow {
+    environment_id: String,
+    probed_at: i64,
+    ok: i64,
+    driver: String,
+    summary: String,
+    details: String,
 }
 
 #[derive(Debug, sqlx::FromRow)]
@@ -183,6 +194,24 @@ impl TryFrom<EnvironmentRow> for Environment {
             created_at: Timestamp::from_unix_millis(row.created_at),
             updated_at: Timestamp::from_unix_millis(row.updated_at),
             revision: row.revision,
+        })
+    }
+}
+
+impl TryFrom<ProbeRow> for LastProbe {
+    type Error = StoreError;
+
+    fn try_from(row: ProbeRow) -> Result<Self, StoreError> {
+        const TABLE: &str = "environment_probes";
+        Ok(LastProbe {
+            environment_id: parse(&row.environment_id, TABLE, "environment_id")?,
+            at: Timestamp::from_unix_millis(row.probed_at),
+            result: ProbeResult {
+                ok: row.ok != 0,
+                driver: parse(&row.driver, TABLE, "driver")?,
+                summary: row.summary,
+                details: json_object(&row.details, TABLE, "details")?,
+            },
         })
     }
 }

@@ -19,6 +19,7 @@ both_backends!(
     missing_environments_are_none,
     deleting_an_environment_cascades_to_its_leases,
     corrupt_rows_are_reported_by_column,
+    the_newest_probe_is_kept_beside_its_environment_and_goes_with_it,
 );
 
 async fn environments_round_trip_and_listing(db: &TestDb) {
@@ -364,4 +365,61 @@ async fn corrupt_rows_are_reported_by_column(db: &TestDb) {
     assert_eq!(err.code(), "corrupt_row");
     assert_eq!(err.kind(), ErrorKind::Internal);
     assert!(!err.to_string().contains("not an object"), "{err}");
+}
+
+async fn the_newest_probe_is_kept_beside_its_environment_and_goes_with_it(db: &TestDb) {
+    use berth_core::probe::ProbeResult;
+    let store = db.store();
+    let acme = new_company(store, "acme").await;
+    let other = new_company(store, "other").await;
+    let probed = environment(acme.id, "probed", Driver::Ssh, 1_000);
+    let never = environment(acme.id, "never", Driver::Ssh, 1_000);
+    let elsewhere = environment(other.id, "elsewhere", Driver::Ssh, 1_000);
+    for environment in [&probed, &never, &elsewhere] {
+        store.insert_environment(environment).await.unwrap();
+    }
+    let details = object(json!({"host": "example", "port": 22}));
+    let failed = ProbeResult {
+        details,
+        ..ProbeResult::failed(Driver::Ssh, "connection refused")
+    };
+    let ok = ProbeResult::ok(Driver::Ssh, "connected", Map::new());
+
+    store
+        .record_probe(probed.id, at(2_000), &failed)
+        .await
+        .unwrap();
+    let first = store.last_probe(probed.id).await.unwrap().unwrap();
+    assert_eq!((first.environment_id, first.at), (probed.id, at(2_000)));
+    assert_eq!(first.result, failed);
+    assert_eq!(store.last_probe(never.id).await.unwrap(), None);
+
+    // A newer probe replaces it; an older one finishing late does not.
+    store.record_probe(probed.id, at(3_000), &ok).await.unwrap();
+    store
+        .record_probe(probed.id, at(2_500), &failed)
+        .await
+        .unwrap();
+    let newest = store.last_probe(probed.id).await.unwrap().unwrap();
+    assert_eq!((newest.at, &newest.result), (at(3_000), &ok));
+
+    store
+        .record_probe(elsewhere.id, at(4_000), &ok)
+        .await
+        .unwrap();
+    let of_acme = store.last_probes_of_company(acme.id).await.unwrap();
+    assert_eq!(of_acme.len(), 1, "{of_acme:?}");
+    assert_eq!(of_acme[0].environment_id, probed.id);
+
+    // Recording for an environment that is gone fails (the caller logs it); deleting one takes its probe along.
+    store.delete_environment(probed.id).await.unwrap();
+    assert_eq!(store.last_probe(probed.id).await.unwrap(), None);
+    assert!(store.record_probe(probed.id, at(5_000), &ok).await.is_err());
+    assert!(
+        store
+            .last_probes_of_company(acme.id)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }

@@ -9,7 +9,7 @@ use berth_core::capabilities::{Capabilities, DriverCapability, SandboxProviderCa
 use berth_core::company::{ApiKey, Company};
 use berth_core::environment::{Driver, Environment, check_description};
 use berth_core::lease::Lease;
-use berth_core::probe::ProbeResult;
+use berth_core::probe::{LastProbe, ProbeResult};
 use berth_core::time::Timestamp;
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -218,9 +218,46 @@ pub struct EnvironmentResponse {
     pub metadata_redacted: bool,
     pub created_at: String,
     pub updated_at: String,
+    /// The newest probe (`POST /api/environments/{id}/probe`), or `null` if it was never probed.
+    pub last_probe: Option<LastProbeResponse>,
+}
+
+/// An environment's newest probe. Readers see when and whether it worked; its summary and details, like the config,
+/// only managers and the admin.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LastProbeResponse {
+    /// When the probe started.
+    pub at: String,
+    pub ok: bool,
+    pub driver: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub details: Option<Map<String, Value>>,
+}
+
+impl LastProbeResponse {
+    pub fn new(probe: &LastProbe, full: bool) -> Self {
+        Self {
+            at: rfc3339(probe.at),
+            ok: probe.result.ok,
+            driver: probe.result.driver.as_str(),
+            summary: full.then(|| probe.result.summary.clone()),
+            details: full.then(|| probe.result.details.clone()),
+        }
+    }
 }
 
 impl EnvironmentResponse {
+    /// This view with the environment's last probe, shown as fully as the view itself.
+    pub fn with_last_probe(mut self, probe: Option<&LastProbe>) -> Self {
+        let full = !self.config_redacted;
+        self.last_probe = probe.map(|probe| LastProbeResponse::new(probe, full));
+        self
+    }
+
     /// The full view, for admins and managers.
     pub fn full(environment: &Environment) -> Self {
         Self {
@@ -236,6 +273,7 @@ impl EnvironmentResponse {
             metadata_redacted: false,
             created_at: rfc3339(environment.created_at),
             updated_at: rfc3339(environment.updated_at),
+            last_probe: None,
         }
     }
 

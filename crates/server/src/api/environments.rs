@@ -1,5 +1,7 @@
 //! Environment routes: CRUD, probes and capabilities.
 
+use std::collections::HashMap;
+
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -8,7 +10,7 @@ use berth_core::environment::{
     Driver, Environment, EnvironmentStatus, MAX_DESCRIPTION_CHARS, normalize_name,
 };
 use berth_core::ids::{CompanyId, EnvironmentId};
-use berth_core::probe::ProbeResult;
+use berth_core::probe::{LastProbe, ProbeResult};
 use berth_core::time::Timestamp;
 use berth_core::validation::{ValidationErrors, json_type_name};
 use serde::Deserialize;
@@ -66,10 +68,19 @@ pub async fn list(
     };
     errors.into_result(()).map_err(ApiError::validation)?;
     let environments = state.store().list_environments(company_id, &filter).await?;
+    let probes: HashMap<EnvironmentId, LastProbe> = state
+        .store()
+        .last_probes_of_company(company_id)
+        .await?
+        .into_iter()
+        .map(|probe| (probe.environment_id, probe))
+        .collect();
     Ok(Json(
         environments
             .iter()
-            .map(|environment| view(environment, access))
+            .map(|environment| {
+                view(environment, access).with_last_probe(probes.get(&environment.id))
+            })
             .collect(),
     ))
 }
@@ -176,7 +187,10 @@ pub async fn get(
 ) -> Result<Json<EnvironmentResponse>, ApiError> {
     let environment = load_environment(&state, &id).await?;
     let access = principal.access(environment.company_id)?;
-    Ok(Json(view(&environment, access)))
+    let probe = state.store().last_probe(environment.id).await?;
+    Ok(Json(
+        view(&environment, access).with_last_probe(probe.as_ref()),
+    ))
 }
 
 #[utoipa::path(
@@ -304,7 +318,10 @@ pub async fn patch(
     let summary = change_summary(&current, &stored);
     tracing::info!(env.id = %stored.id, "environment updated");
     record_activity(&state, &principal, &stored, "environment.updated", summary).await;
-    Ok(Json(EnvironmentResponse::full(&stored)))
+    let probe = state.store().last_probe(stored.id).await?;
+    Ok(Json(
+        EnvironmentResponse::full(&stored).with_last_probe(probe.as_ref()),
+    ))
 }
 
 #[utoipa::path(
@@ -380,8 +397,17 @@ pub async fn probe(
         &environment,
     )
     .await;
+    let started = Timestamp::now();
     let result = run_probe(&state, environment.company_id, environment.driver, opened).await;
     tracing::info!(env.id = %environment.id, ok = result.ok, "environment probed");
+    // The probe's answer stands whether or not it could be kept (the environment may be gone by now).
+    if let Err(error) = state
+        .store()
+        .record_probe(environment.id, started, &result)
+        .await
+    {
+        tracing::warn!(env.id = %environment.id, error = %crate::error_chain::DisplayChain(&error), "could not keep the probe's result");
+    }
     record_activity(
         &state,
         &principal,
