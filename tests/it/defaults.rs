@@ -18,21 +18,10 @@ use berth_core::time::Timestamp;
 use berth_store::{Backend, ConflictKind, Store, StoreError};
 
 use crate::support::db::TestDb;
-use crate::support::runs::{all_events, start_run, text_of, wait_run};
+use crate::support::runs::{all_events, create_env, start_run, text_of, wait_run};
 use crate::support::server::{ServerOptions, TestServer, berth_bin, serve_refused};
 
 // === helpers ===
-
-async fn create_env(server: &TestServer, company: &str, driver: &str, config: Value) -> String {
-    let (status, env) = server
-        .post(
-            &format!("/api/companies/{company}/environments"),
-            json!({"name": format!("{driver}-{}", uuid::Uuid::new_v4()), "driver": driver, "config": config}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{env}");
-    env["id"].as_str().unwrap().to_owned()
-}
 
 async fn local_env(server: &TestServer, company: &str) -> String {
     let (status, envs) = server

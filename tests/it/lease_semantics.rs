@@ -3,7 +3,6 @@
 //! `ssh://` id and probe details, the error codes that name the step that failed, and deleting an environment while
 //! one of its reusable leases is held.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use berth_core::ids::LeaseId;
@@ -14,20 +13,11 @@ use serde_json::{Value, json};
 use tempfile::TempDir;
 
 use crate::plugins::{fake_plugin_dir, fake_plugin_dir_offering, server_with, wait_capability};
-use crate::support::runs::{all_events, start_run, wait_run, wait_status};
+use crate::support::runs::{
+    all_events, create_env, lease, sandbox_dir, start_run, wait_run, wait_status,
+};
 use crate::support::server::{ServerOptions, TestServer};
 use crate::support::sshd::TestSshd;
-
-async fn create_env(server: &TestServer, company: &str, driver: &str, config: Value) -> String {
-    let (status, env) = server
-        .post(
-            &format!("/api/companies/{company}/environments"),
-            json!({"name": format!("{driver}-{}", uuid::Uuid::new_v4()), "driver": driver, "config": config}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{env}");
-    env["id"].as_str().unwrap().to_owned()
-}
 
 /// Runs `body` to its end: the finished run, its events, and its lease.
 async fn run_with_lease(
@@ -41,10 +31,7 @@ async fn run_with_lease(
     let lease_id = run["leaseId"]
         .as_str()
         .unwrap_or_else(|| panic!("the run has no lease: {run}"));
-    let (status, lease) = server
-        .get(&format!("/api/environment-leases/{lease_id}"))
-        .await;
-    assert_eq!(status, StatusCode::OK, "{lease}");
+    let lease = lease(server, lease_id).await;
     (run, events, lease)
 }
 
@@ -68,14 +55,6 @@ fn lease_events(events: &[Value]) -> Vec<&Value> {
         .filter(|event| event["type"] == "lease")
         .map(|event| &event["data"])
         .collect()
-}
-
-fn sandbox_dir(lease: &Value) -> PathBuf {
-    PathBuf::from(
-        lease["metadata"]["sandboxDir"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no sandboxDir: {lease}")),
-    )
 }
 
 #[tokio::test]

@@ -326,6 +326,15 @@ async fn a_command_is_recorded_while_it_runs_and_forgotten_when_it_ends() {
 // === Uncontained Local commands in a cgroup of their own: `setsid` no longer escapes ===
 
 /// Whether this host lets berth (the tests' user) make cgroups: then every uncontained Local command gets one.
+/// These tests are about cgroups: where berth could not make one they would prove nothing, so they fail rather than
+/// skip (the README's test command runs as root, where the cgroup hierarchies are writable).
+fn require_cgroups() {
+    assert!(
+        cgroups_writable(),
+        "no writable cgroup hierarchy: run the tests as root (README), where berth can make cgroups"
+    );
+}
+
 fn cgroups_writable() -> bool {
     [
         "/sys/fs/cgroup/unified",
@@ -436,12 +445,7 @@ async fn run_with_a_daemon(
 
 #[tokio::test]
 async fn a_setsid_daemon_dies_when_its_run_ends_and_its_cgroup_goes() {
-    if !cgroups_writable() {
-        eprintln!(
-            "berth cannot make cgroups here; the process-group fallback is covered elsewhere"
-        );
-        return;
-    }
+    require_cgroups();
     let (server, _, run_id, _, daemon, cgroup, reaper) = run_with_a_daemon("sleep 1", None).await;
     let finished = crate::support::runs::wait_run(&server, &run_id, Duration::from_secs(30)).await;
     assert_eq!(finished["status"], "succeeded", "{finished}");
@@ -457,12 +461,7 @@ async fn a_setsid_daemon_dies_when_its_run_ends_and_its_cgroup_goes() {
 
 #[tokio::test]
 async fn a_setsid_daemon_dies_when_its_run_is_cancelled() {
-    if !cgroups_writable() {
-        eprintln!(
-            "berth cannot make cgroups here; the process-group fallback is covered elsewhere"
-        );
-        return;
-    }
+    require_cgroups();
     let (server, _, run_id, _, daemon, cgroup, reaper) =
         run_with_a_daemon("sleep 1000", None).await;
     let (status, body) = server
@@ -483,12 +482,7 @@ async fn a_setsid_daemon_dies_when_its_run_is_cancelled() {
 
 #[tokio::test]
 async fn a_setsid_daemon_of_a_crashed_run_is_killed_at_restart_and_its_cgroup_removed() {
-    if !cgroups_writable() {
-        eprintln!(
-            "berth cannot make cgroups here; the process-group fallback is covered elsewhere"
-        );
-        return;
-    }
+    require_cgroups();
     // In place in a user's directory, which no cleanup scans for processes: only the recorded cgroup finds the
     // daemon, which left the recorded process group and session.
     let user_dir = tempfile::tempdir().unwrap();

@@ -13,19 +13,11 @@ use crate::plugins::{
     ReadyPlugin, capability, error_message, fake_plugin_dir, plugin_env, ready_with_args, run_on,
     server_with_args, wait_capability,
 };
-use crate::support::runs::{all_events, start_run, text_of, wait_status};
+use crate::support::runs::{all_events, lease, start_run, text_of, wait_status};
 use crate::support::server::TestServer;
 
 /// The variable that switches the fake plugin's execute faults on for one run (`--execute-faults-with-env`).
 const FAULT_ENV: &str = "FAKE_PLUGIN_FAULT";
-
-async fn lease(server: &TestServer, lease_id: &str) -> Value {
-    let (status, lease) = server
-        .get(&format!("/api/environment-leases/{lease_id}"))
-        .await;
-    assert_eq!(status, StatusCode::OK, "{lease}");
-    lease
-}
 
 /// The lease of a run (which has one).
 async fn lease_of_run(server: &TestServer, run: &Value) -> Value {

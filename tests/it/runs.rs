@@ -1,14 +1,15 @@
 //! Runs end to end through the real binary: leases and their policies, workspaces, output, timeouts, cancel,
 //! orphans after a real `kill -9`, expiry, and many runs at once — on SQLite and PostgreSQL.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::support::db::TestDb;
-use crate::support::runs::{all_events, start_run, text_of, wait_run, wait_status};
+use crate::support::runs::{
+    all_events, create_env, lease, sandbox_dir, start_run, text_of, wait_run, wait_status,
+};
 use crate::support::server::{ServerOptions, TestServer};
 
 fn assert_dense(events: &[Value]) {
@@ -22,26 +23,7 @@ fn assert_dense(events: &[Value]) {
 }
 
 async fn sandbox_env(server: &TestServer, company: &str, config: Value) -> String {
-    let (status, env) =
-        server.post(&format!("/api/companies/{company}/environments"), json!({"name": format!("sb-{}", uuid::Uuid::new_v4()), "driver": "sandbox", "config": config})).await;
-    assert_eq!(status, StatusCode::CREATED, "{env}");
-    env["id"].as_str().unwrap().to_owned()
-}
-
-async fn lease(server: &TestServer, lease_id: &str) -> Value {
-    let (status, lease) = server
-        .get(&format!("/api/environment-leases/{lease_id}"))
-        .await;
-    assert_eq!(status, StatusCode::OK, "{lease}");
-    lease
-}
-
-fn sandbox_dir(lease: &Value) -> PathBuf {
-    PathBuf::from(
-        lease["metadata"]["sandboxDir"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no sandboxDir: {lease}")),
-    )
+    create_env(server, company, "sandbox", config).await
 }
 
 #[tokio::test]

@@ -870,18 +870,11 @@ pub async fn sync_back(
             trouble,
             &synced.host,
         );
-        for path in specials {
-            tracing::warn!(
-                path,
-                reason = SkipReason::SpecialFile.as_str(),
-                "sync-back skipped an entry"
-            );
-            changes.skipped.push(SkippedEntry {
-                path,
-                reason: SkipReason::SpecialFile,
-                detail: None,
-            });
-        }
+        changes.skipped.extend(
+            specials
+                .into_iter()
+                .map(|path| sync::skipped(path, SkipReason::SpecialFile)),
+        );
         let (host_dir, before, limits) = (local.to_path_buf(), synced.host.clone(), limits.clone());
         blocking("the workspace sync", move || {
             sync::apply(&host_dir, None, &before, changes, &limits)

@@ -876,12 +876,17 @@ fn already_there(current: &HostState, incoming: &Incoming) -> bool {
 
 /// Reports `path` as skipped for `reason`, and logs it.
 pub(crate) fn skip(report: &mut SyncReport, path: &str, reason: SkipReason) {
+    report.skipped.push(skipped(path.to_owned(), reason));
+}
+
+/// An entry sync-back skips for `reason`, logged as it is made.
+pub(crate) fn skipped(path: String, reason: SkipReason) -> SkippedEntry {
     tracing::warn!(path, reason = reason.as_str(), "sync-back skipped an entry");
-    report.skipped.push(SkippedEntry {
-        path: path.to_owned(),
+    SkippedEntry {
+        path,
         reason,
         detail: None,
-    });
+    }
 }
 
 /// The entries of `report` whose change the environment made did not arrive on the host: what makes a sync-back
@@ -1262,18 +1267,11 @@ fn sync_back_blocking(
     )?;
 
     let mut changes = Changes::default();
-    for path in specials {
-        tracing::warn!(
-            path,
-            reason = SkipReason::SpecialFile.as_str(),
-            "sync-back skipped an entry"
-        );
-        changes.skipped.push(SkippedEntry {
-            path,
-            reason: SkipReason::SpecialFile,
-            detail: None,
-        });
-    }
+    changes.skipped.extend(
+        specials
+            .into_iter()
+            .map(|path| skipped(path, SkipReason::SpecialFile)),
+    );
     changes.deleted = before
         .entries
         .keys()

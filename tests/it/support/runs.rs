@@ -1,13 +1,44 @@
 //! Runs through the API, as the tests and the benches drive them: start one, wait for it, read its events.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 
 use reqwest::StatusCode;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use super::server::TestServer;
+
+/// Creates an environment of `driver` with `config` under a unique name; its id.
+pub async fn create_env(server: &TestServer, company: &str, driver: &str, config: Value) -> String {
+    let (status, env) = server
+        .post(
+            &format!("/api/companies/{company}/environments"),
+            json!({"name": format!("{driver}-{}", uuid::Uuid::new_v4()), "driver": driver, "config": config}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{env}");
+    env["id"].as_str().unwrap().to_owned()
+}
+
+/// The lease `lease_id`, which must exist.
+pub async fn lease(server: &TestServer, lease_id: &str) -> Value {
+    let (status, lease) = server
+        .get(&format!("/api/environment-leases/{lease_id}"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{lease}");
+    lease
+}
+
+/// The directory a fake-provider lease's sandbox lives in.
+pub fn sandbox_dir(lease: &Value) -> PathBuf {
+    PathBuf::from(
+        lease["metadata"]["sandboxDir"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no sandboxDir: {lease}")),
+    )
+}
 
 pub async fn start_run(server: &TestServer, company: &str, body: Value) -> String {
     let (status, run) = server

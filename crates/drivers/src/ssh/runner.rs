@@ -414,6 +414,29 @@ fn poll_now<F: Future>(future: F) -> Option<F::Output> {
 }
 
 impl Runner {
+    /// A runner on `session` (whose script runs with `nonce`) with no job under way.
+    fn between_jobs(session: SessionChannel, nonce: String, boot_id: String) -> Runner {
+        Runner {
+            session,
+            marker: format!("\x01{nonce} ").into_bytes(),
+            nonce,
+            boot_id,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            events: VecDeque::new(),
+            early_output: Vec::new(),
+            started: false,
+            exited: None,
+            quiet_since: None,
+            exit: None,
+            stderr_ended: false,
+            job_began: false,
+            input_taken: Default::default(),
+            retired: false,
+            done: true,
+        }
+    }
+
     /// Starts a runner on `session`: the bootstrap, then the runner's script, then waits for its ready marker.
     pub async fn start(session: SessionChannel) -> Result<Runner, StartError> {
         let nonce = new_nonce();
@@ -438,25 +461,7 @@ impl Runner {
             session.close().await;
             return Err(failed(message));
         }
-        let mut runner = Runner {
-            session,
-            marker: format!("\x01{nonce} ").into_bytes(),
-            nonce,
-            boot_id: String::new(),
-            stdout: Vec::new(),
-            stderr: Vec::new(),
-            events: VecDeque::new(),
-            early_output: Vec::new(),
-            started: false,
-            exited: None,
-            quiet_since: None,
-            exit: None,
-            stderr_ended: false,
-            job_began: false,
-            input_taken: Default::default(),
-            retired: false,
-            done: true,
-        };
+        let mut runner = Runner::between_jobs(session, nonce, String::new());
         let ready = await_ready(&mut runner.session.channel, &runner.marker, &target);
         match tokio::time::timeout(START_TIMEOUT, ready).await {
             Ok(Ok(boot_id)) => {
@@ -779,25 +784,7 @@ impl Runner {
         if !alive || !session.connection.is_usable() {
             return Err(session);
         }
-        Ok(Runner {
-            session,
-            marker: format!("\x01{nonce} ").into_bytes(),
-            nonce,
-            boot_id,
-            stdout: Vec::new(),
-            stderr: Vec::new(),
-            events: VecDeque::new(),
-            early_output: Vec::new(),
-            started: false,
-            exited: None,
-            quiet_since: None,
-            exit: None,
-            stderr_ended: false,
-            job_began: false,
-            input_taken: Default::default(),
-            retired: false,
-            done: true,
-        })
+        Ok(Runner::between_jobs(session, nonce, boot_id))
     }
 
     /// Ends the runner: `TERM` to its process group through sshd (the runner and its `cat`s; a command is in a

@@ -7,7 +7,7 @@ use anyhow::bail;
 use clap::Subcommand;
 use serde_json::{Map, Value, json};
 
-use super::output::{path_segment, print_json, print_table};
+use super::output::{path_segment, print_table, show};
 use crate::client::{ClientArgs, Session};
 
 #[derive(Debug, Subcommand)]
@@ -68,11 +68,9 @@ pub(super) async fn company(command: CompanyCommand) -> anyhow::Result<ExitCode>
         CompanyCommand::List { client } => {
             let session = Session::connect(client)?;
             let companies = session.api.get("/api/companies").await?;
-            if session.json {
-                print_json(&companies);
-            } else {
+            show(session.json, &companies, |companies| {
                 print_table(
-                    &companies,
+                    companies,
                     &[
                         ("ID", "id"),
                         ("NAME", "name"),
@@ -80,7 +78,7 @@ pub(super) async fn company(command: CompanyCommand) -> anyhow::Result<ExitCode>
                         ("CREATED", "createdAt"),
                     ],
                 );
-            }
+            });
         }
         CompanyCommand::Create { name, client } => {
             let session = Session::connect(client)?;
@@ -88,11 +86,9 @@ pub(super) async fn company(command: CompanyCommand) -> anyhow::Result<ExitCode>
                 .api
                 .post("/api/companies", &json!({"name": name}))
                 .await?;
-            if session.json {
-                print_json(&created);
-            } else {
-                println!("{}", created["id"].as_str().unwrap_or_default());
-            }
+            show(session.json, &created, |created| {
+                println!("{}", created["id"].as_str().unwrap_or_default())
+            });
         }
         CompanyCommand::Get { id, client } => {
             let session = Session::connect(client)?;
@@ -100,11 +96,7 @@ pub(super) async fn company(command: CompanyCommand) -> anyhow::Result<ExitCode>
                 .api
                 .get(&format!("/api/companies/{}", path_segment(&id)?))
                 .await?;
-            if session.json {
-                print_json(&company);
-            } else {
-                print_company(&company);
-            }
+            show(session.json, &company, print_company);
         }
         CompanyCommand::Update {
             id,
@@ -132,11 +124,7 @@ pub(super) async fn company(command: CompanyCommand) -> anyhow::Result<ExitCode>
                     &Value::Object(body),
                 )
                 .await?;
-            if session.json {
-                print_json(&company);
-            } else {
-                print_company(&company);
-            }
+            show(session.json, &company, print_company);
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -169,9 +157,7 @@ pub(super) async fn key(command: KeyCommand) -> anyhow::Result<ExitCode> {
                     &json!({"name": name, "role": role}),
                 )
                 .await?;
-            if session.json {
-                print_json(&created);
-            } else {
+            show(session.json, &created, |created| {
                 // The token alone on stdout, so `TOKEN=$(berth key create ...)` works; what it is goes to stderr.
                 eprintln!(
                     "created {} key {} ({}); the token is shown only this once:",
@@ -180,7 +166,7 @@ pub(super) async fn key(command: KeyCommand) -> anyhow::Result<ExitCode> {
                     created["id"].as_str().unwrap_or_default(),
                 );
                 println!("{}", created["token"].as_str().unwrap_or_default());
-            }
+            });
         }
         KeyCommand::Rm { id, client } => {
             let session = Session::connect(client)?;
@@ -188,11 +174,9 @@ pub(super) async fn key(command: KeyCommand) -> anyhow::Result<ExitCode> {
                 .api
                 .delete(&format!("/api/api-keys/{}", path_segment(&id)?))
                 .await?;
-            if session.json {
-                print_json(&removed);
-            } else {
-                println!("removed {}", removed["id"].as_str().unwrap_or(&id));
-            }
+            show(session.json, &removed, |removed| {
+                println!("removed {}", removed["id"].as_str().unwrap_or(&id))
+            });
         }
     }
     Ok(ExitCode::SUCCESS)

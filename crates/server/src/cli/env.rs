@@ -7,7 +7,7 @@ use clap::Subcommand;
 use serde_json::{Map, Value, json};
 
 use super::output::{
-    parse_json_argument, path_segment, print_fields, print_json, print_table, show, with_query,
+    parse_json_argument, path_segment, print_fields, print_table, show, with_query,
 };
 use crate::client::{ClientArgs, Session};
 
@@ -146,11 +146,9 @@ pub(super) async fn run(command: EnvCommand) -> anyhow::Result<ExitCode> {
                     &body,
                 )
                 .await?;
-            if session.json {
-                print_json(&created);
-            } else {
-                println!("{}", created["id"].as_str().unwrap_or_default());
-            }
+            show(session.json, &created, |created| {
+                println!("{}", created["id"].as_str().unwrap_or_default())
+            });
         }
         EnvCommand::Update {
             id,
@@ -206,11 +204,9 @@ pub(super) async fn run(command: EnvCommand) -> anyhow::Result<ExitCode> {
                     &Value::Object(body),
                 )
                 .await?;
-            if session.json {
-                print_json(&updated);
-            } else {
-                println!("updated {}", updated["id"].as_str().unwrap_or_default());
-            }
+            show(session.json, &updated, |updated| {
+                println!("updated {}", updated["id"].as_str().unwrap_or_default())
+            });
         }
         EnvCommand::Probe { id, client } => {
             let session = Session::connect(client)?;
@@ -222,15 +218,13 @@ pub(super) async fn run(command: EnvCommand) -> anyhow::Result<ExitCode> {
                 )
                 .await?;
             let ok = result["ok"].as_bool().unwrap_or(false);
-            if session.json {
-                print_json(&result);
-            } else {
+            show(session.json, &result, |result| {
                 println!(
                     "{}: {}",
                     if ok { "ok" } else { "failed" },
                     result["summary"].as_str().unwrap_or_default()
                 );
-            }
+            });
             if !ok {
                 return Ok(ExitCode::FAILURE);
             }
@@ -241,11 +235,9 @@ pub(super) async fn run(command: EnvCommand) -> anyhow::Result<ExitCode> {
                 .api
                 .delete(&format!("/api/environments/{}", path_segment(&id)?))
                 .await?;
-            if session.json {
-                print_json(&removed);
-            } else {
-                println!("removed {}", removed["id"].as_str().unwrap_or_default());
-            }
+            show(session.json, &removed, |removed| {
+                println!("removed {}", removed["id"].as_str().unwrap_or_default())
+            });
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Subcommand;
 use serde_json::json;
 
-use super::output::{path_segment, print_fields, print_json, print_table, show, with_query};
+use super::output::{path_segment, print_fields, print_table, show, with_query};
 use crate::client::{ClientArgs, Session};
 use crate::run_command::{OnInterrupt, follow_from, render};
 
@@ -117,15 +117,13 @@ pub(super) async fn run(command: RunsCommand) -> anyhow::Result<ExitCode> {
                     &json!({}),
                 )
                 .await?;
-            if session.json {
-                print_json(&run);
-            } else {
+            show(session.json, &run, |run| {
                 println!(
                     "{} {}",
                     run["id"].as_str().unwrap_or_default(),
                     run["status"].as_str().unwrap_or_default()
                 );
-            }
+            });
         }
     }
     Ok(ExitCode::SUCCESS)
